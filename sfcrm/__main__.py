@@ -1,0 +1,3 @@
+from sfcrm.cli import main
+
+main()

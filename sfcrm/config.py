@@ -1,0 +1,398 @@
+"""Settings: where each one comes from, its default, and which ones are secret.
+
+Precedence, highest first: command-line flag > process environment > ``.env`` in the current
+directory > ``sfcrm.toml`` > built-in default. Secrets are read from the environment or ``.env``
+only; a secret found in ``sfcrm.toml`` is an error, so it cannot sit in a file that gets shared.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from sfcrm.errors import ConfigError
+
+Kind = Literal["str", "int", "float", "bool", "list", "path"]
+
+SANDBOX_URL = "https://sandbox.safaricom.co.ke"
+PRODUCTION_URL = "https://api.safaricom.co.ke"
+
+# Source addresses most published lists agree Daraja calls back from (see the README).
+SAFARICOM_CALLBACK_ADDRESSES = (
+    "196.201.214.200",
+    "196.201.214.206",
+    "196.201.213.114",
+    "196.201.214.207",
+    "196.201.214.208",
+    "196.201.213.44",
+    "196.201.212.127",
+    "196.201.212.138",
+    "196.201.212.129",
+    "196.201.212.136",
+    "196.201.212.74",
+    "196.201.212.69",
+)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting: its attribute, environment variable, TOML key and default."""
+
+    name: str
+    env: str
+    toml: str | None
+    default: str | None
+    kind: Kind = "str"
+    secret: bool = False
+    help: str = ""
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("mpesa_consumer_key", "MPESA_CONSUMER_KEY", None, None, secret=True,
+         help="Daraja app consumer key"),
+    Spec("mpesa_consumer_secret", "MPESA_CONSUMER_SECRET", None, None, secret=True,
+         help="Daraja app consumer secret"),
+    Spec("mpesa_business_short_code", "MPESA_BUSINESS_SHORT_CODE", "mpesa.business_short_code",
+         None, help="PayBill number, or the store number of a till (sandbox 174379)"),
+    Spec("mpesa_pass_key", "MPESA_PASS_KEY", None, None, secret=True,
+         help="Lipa na M-Pesa Online passkey"),
+    Spec("mpesa_initiator_name", "MPESA_INITIATOR_NAME", "mpesa.initiator_name", None,
+         help="API operator name (kept for the old .env; STK Push does not use it)"),
+    Spec("mpesa_initiator_password", "MPESA_INITIATOR_PASSWORD", None, None, secret=True,
+         help="API operator password (kept for the old .env; STK Push does not use it)"),
+    Spec("mpesa_environment", "MPESA_ENVIRONMENT", "mpesa.environment", "sandbox",
+         help="sandbox or production: chooses the Daraja host"),
+    Spec("mpesa_base_url", "MPESA_BASE_URL", "mpesa.base_url", None,
+         help="Daraja host, overriding MPESA_ENVIRONMENT (the emulator, tests)"),
+    Spec("mpesa_callback_url", "MPESA_CALLBACK_URL", None, None, secret=True,
+         help="public URL Daraja posts results to; its path holds a secret"),
+    Spec("mpesa_transaction_type", "MPESA_TRANSACTION_TYPE", "mpesa.transaction_type",
+         "CustomerPayBillOnline", help="CustomerPayBillOnline or CustomerBuyGoodsOnline"),
+    Spec("mpesa_till_number", "MPESA_TILL_NUMBER", "mpesa.till_number", None,
+         help="till number (PartyB) for CustomerBuyGoodsOnline"),
+    Spec("mpesa_timeout", "MPESA_TIMEOUT", "mpesa.timeout", "30", kind="float",
+         help="seconds to wait for any Daraja answer"),
+    Spec("mpesa_confirm_by_query", "MPESA_CONFIRM_BY_QUERY", "mpesa.confirm_by_query", "false",
+         kind="bool", help="confirm every 'paid' callback with an STK Push Query first"),
+    Spec("database_url", "SFCRM_DATABASE_URL", "database.url", None, kind="path",
+         help="SQLite file (path or sqlite:///path); default sfcrm.db beside the config"),
+    Spec("timezone", "SFCRM_TIMEZONE", "timezone", "Africa/Nairobi",
+         help="wall-clock time zone for dates shown and typed"),
+    Spec("log_file", "SFCRM_LOG_FILE", "logging.file", None, kind="path",
+         help="append one line per payment, callback and email to this file"),
+    Spec("templates_dir", "SFCRM_TEMPLATES_DIR", "templates_dir", None, kind="path",
+         help="folder of templates overriding the built-in ones"),
+    Spec("listener_allowlist", "SFCRM_CALLBACK_ALLOWLIST", "listener.allowlist", None,
+         kind="list", help="source addresses trusted for callbacks ('safaricom' = the list)"),
+    Spec("listener_trusted_proxies", "SFCRM_TRUSTED_PROXIES", "listener.trusted_proxies", None,
+         kind="list", help="proxy addresses whose X-Forwarded-For is believed"),
+    Spec("listener_max_body", "SFCRM_CALLBACK_MAX_BODY", "listener.max_body", "65536",
+         kind="int", help="largest callback body accepted, in bytes"),
+    Spec("listener_threads", "SFCRM_LISTENER_THREADS", "listener.threads", "8", kind="int",
+         help="worker threads of serve-callback"),
+    Spec("email_backend", "EMAIL_BACKEND", "email.backend", None,
+         help="smtp, console or file (Django names accepted)"),
+    Spec("email_host", "EMAIL_HOST", "email.host", "localhost", help="SMTP server"),
+    Spec("email_port", "EMAIL_PORT", "email.port", "25", kind="int", help="SMTP port"),
+    Spec("email_use_tls", "EMAIL_USE_TLS", "email.use_tls", "false", kind="bool",
+         help="STARTTLS after connecting"),
+    Spec("email_use_ssl", "EMAIL_USE_SSL", "email.use_ssl", "false", kind="bool",
+         help="TLS from the first byte (port 465)"),
+    Spec("email_host_user", "EMAIL_HOST_USER", "email.host_user", None,
+         help="SMTP login; none means no login"),
+    Spec("email_host_password", "EMAIL_HOST_PASSWORD", None, None, secret=True,
+         help="SMTP password"),
+    Spec("default_from_email", "DEFAULT_FROM_EMAIL", "email.default_from",
+         "Sound Fusion <noreply@soundfusion.invalid>", help="From: of every email"),
+    Spec("public_url", "SFCRM_PUBLIC_URL", "public_url", None,
+         help="address where serve-callback is reachable (crew RSVP links)"),
+    Spec("secret_key", "SFCRM_SECRET_KEY", None, None, secret=True,
+         help="signs crew RSVP links"),
+    Spec("org_name", "SFCRM_ORG_NAME", "org.name", "Sound Fusion", help="company name"),
+    Spec("org_phone", "SFCRM_ORG_PHONE", "org.phone", None, help="office contact phone"),
+    Spec("org_email", "SFCRM_ORG_EMAIL", "org.email", None, help="office contact email"),
+)  # fmt: skip
+
+SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
+SECRET_MASK = "********"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Setting:
+    spec: Spec
+    raw: str | None
+    source: str  # "flag", "environment", ".env", "sfcrm.toml", "default"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective settings. Values are typed; ``repr`` never shows a secret."""
+
+    values: Mapping[str, Any] = field(repr=False)
+    sources: Mapping[str, str]
+    config_path: Path | None
+    base_dir: Path
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def require(self, *names: str) -> None:
+        """Raise ConfigError naming the first missing setting's variable."""
+        for name in names:
+            if self.values.get(name) in (None, ""):
+                spec = SPECS_BY_NAME[name]
+                where = "the environment or .env" if spec.secret else f"{spec.env} or sfcrm.toml"
+                raise ConfigError(
+                    f"{spec.env} is not set",
+                    hint=f"set {spec.env} in {where}; see `sfcrm config show`",
+                )
+
+    def secret_values(self) -> list[str]:
+        """Every secret string in force, for redaction of output and logs."""
+        out: list[str] = []
+        for spec in SPECS:
+            value = self.values.get(spec.name)
+            if spec.secret and isinstance(value, str) and value:
+                out.append(value)
+        callback = self.values.get("mpesa_callback_url")
+        if isinstance(callback, str) and callback:
+            path = urlsplit(callback).path.strip("/")
+            if path:
+                out.append(path)
+        return out
+
+    @property
+    def daraja_base_url(self) -> str:
+        base = self.values.get("mpesa_base_url")
+        if base:
+            return str(base).rstrip("/")
+        return PRODUCTION_URL if self.values["mpesa_environment"] == "production" else SANDBOX_URL
+
+    @property
+    def database_path(self) -> Path:
+        path = self.values.get("database_url")
+        return Path(path) if path else self.base_dir / "sfcrm.db"
+
+    @property
+    def callback_path(self) -> str | None:
+        """The path of MPESA_CALLBACK_URL, which is all the listener serves for Daraja."""
+        url = self.values.get("mpesa_callback_url")
+        if not url:
+            return None
+        return urlsplit(str(url)).path or "/"
+
+    def shown(self, name: str) -> str:
+        """A value fit to print: secrets masked, the callback URL's path hidden."""
+        spec = SPECS_BY_NAME[name]
+        value = self.values.get(name)
+        if value is None or value == "":
+            return ""
+        if name == "mpesa_callback_url":
+            parts = urlsplit(str(value))
+            return f"{parts.scheme}://{parts.netloc}/{SECRET_MASK}"
+        if spec.secret:
+            return SECRET_MASK
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, tuple):
+            return ",".join(value)
+        return str(value)
+
+
+def find_config_file(
+    explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]
+) -> Path | None:
+    """--config PATH, else SFCRM_CONFIG, else ./sfcrm.toml when it exists."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError("config file not found", value=str(path))
+        return path
+    if environ.get("SFCRM_CONFIG"):
+        path = Path(environ["SFCRM_CONFIG"])
+        if not path.is_file():
+            raise ConfigError("config file named by SFCRM_CONFIG not found", value=str(path))
+        return path
+    local = Path("sfcrm.toml")
+    return local if local.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _toml_lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_toml_has_no_secrets(data: Mapping[str, Any], path: Path) -> None:
+    secret_keys = {
+        "consumer_key", "consumer_secret", "pass_key", "passkey", "initiator_password",
+        "callback_url", "password", "host_password", "secret_key",
+    }  # fmt: skip
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(value, f"{prefix}{key}.")
+            elif key.lower() in secret_keys:
+                raise ConfigError(
+                    f"{path} holds a secret ({prefix}{key})",
+                    hint="remove it from the file and set it in the environment or .env",
+                )
+
+    walk(data, "")
+
+
+def _convert(spec: Spec, raw: str, base: Path) -> Any:
+    if spec.kind == "str":
+        return raw
+    if spec.kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{spec.env} must be a whole number", value=raw) from None
+    if spec.kind == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{spec.env} must be a number", value=raw) from None
+    if spec.kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{spec.env} must be true or false", value=raw)
+    if spec.kind == "list":
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    # path: relative paths from sfcrm.toml are relative to that file
+    text = raw.removeprefix("sqlite:///") if spec.name == "database_url" else raw
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the effective settings from every source; nothing here touches the network."""
+    env = dict(os.environ if environ is None else environ)
+    path = find_config_file(config_path, env)
+    toml_data = _read_toml(path) if path else {}
+    if path:
+        _check_toml_has_no_secrets(toml_data, path)
+    dotenv: dict[str, str] = {}
+    dotenv_file = Path(".env") if dotenv_path is None else dotenv_path
+    if dotenv_file.is_file():
+        from dotenv import dotenv_values
+
+        dotenv = {k: v for k, v in dotenv_values(dotenv_file).items() if v is not None}
+
+    toml_base = path.parent.resolve() if path else Path.cwd()
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for spec in SPECS:
+        raw: str | None = None
+        source = "default"
+        base = Path.cwd()
+        if overrides and overrides.get(spec.name) is not None:
+            raw, source = _as_text(overrides[spec.name]), "flag"
+        elif spec.env in env:
+            raw, source = env[spec.env], "environment"
+        elif spec.env in dotenv:
+            raw, source = dotenv[spec.env], ".env"
+        elif spec.toml and _toml_lookup(toml_data, spec.toml) is not None:
+            raw, source = _as_text(_toml_lookup(toml_data, spec.toml)), "sfcrm.toml"
+            base = toml_base
+        else:
+            raw = spec.default
+        values[spec.name] = None if raw is None or raw == "" else _convert(spec, raw, base)
+        sources[spec.name] = source
+
+    _validate(values)
+    return Settings(values=values, sources=sources, config_path=path, base_dir=toml_base)
+
+
+def _validate(values: Mapping[str, Any]) -> None:
+    if values["mpesa_environment"] not in ("sandbox", "production"):
+        raise ConfigError(
+            "MPESA_ENVIRONMENT must be sandbox or production", value=values["mpesa_environment"]
+        )
+    if values["mpesa_transaction_type"] not in ("CustomerPayBillOnline", "CustomerBuyGoodsOnline"):
+        raise ConfigError(
+            "MPESA_TRANSACTION_TYPE must be CustomerPayBillOnline or CustomerBuyGoodsOnline",
+            value=values["mpesa_transaction_type"],
+        )
+    url = values.get("mpesa_callback_url")
+    if url:
+        parts = urlsplit(str(url))
+        if parts.scheme not in ("http", "https") or not parts.netloc or " " in str(url):
+            raise ConfigError(
+                "MPESA_CALLBACK_URL must be an http(s) URL without spaces",
+                hint="for example https://pay.example.co.ke/cb/<long random secret>",
+            )
+    base = values.get("mpesa_base_url")
+    if base and urlsplit(str(base)).scheme not in ("http", "https"):
+        raise ConfigError("MPESA_BASE_URL must be an http(s) URL", value=str(base))
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(values["timezone"])
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            "SFCRM_TIMEZONE is not a known time zone", value=values["timezone"]
+        ) from None
+    if values["listener_max_body"] <= 0:
+        raise ConfigError("SFCRM_CALLBACK_MAX_BODY must be positive")
+    if values["listener_threads"] <= 0:
+        raise ConfigError("SFCRM_LISTENER_THREADS must be positive")
+    if values["mpesa_timeout"] <= 0:
+        raise ConfigError("MPESA_TIMEOUT must be positive")
+
+
+def allowlist(settings: Settings) -> frozenset[str] | None:
+    """The callback source allowlist, or None when it is off."""
+    items: tuple[str, ...] = settings.values.get("listener_allowlist") or ()
+    if not items:
+        return None
+    expanded: set[str] = set()
+    for item in items:
+        if item.lower() == "safaricom":
+            expanded.update(SAFARICOM_CALLBACK_ADDRESSES)
+        else:
+            expanded.add(item)
+    return frozenset(expanded)

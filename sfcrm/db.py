@@ -1,0 +1,208 @@
+"""The SQLite file: connection settings, transactions and in-place schema upgrades.
+
+Every connection runs in WAL mode with a busy timeout and foreign keys on. Writes go through
+:meth:`Database.write`, which opens ``BEGIN IMMEDIATE``: the write lock is taken before the
+first read, so a read-modify-write (a balance, a status move) can never interleave with another
+process's, and SQLite waits for the lock instead of failing half-way with "database is locked".
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DatabaseError as SADatabaseError
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session
+
+from sfcrm.errors import DatabaseError
+
+BUSY_TIMEOUT_SECONDS = 60.0
+
+# Each entry upgrades the schema by one version; never edit one that has shipped, add another.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: people, payments, their pushes, the callback inbox and the token cache
+    """
+    CREATE TABLE person (
+        id INTEGER NOT NULL PRIMARY KEY,
+        name VARCHAR NOT NULL,
+        phone VARCHAR NOT NULL UNIQUE,
+        email VARCHAR UNIQUE,
+        balance_cents INTEGER NOT NULL,
+        created_at DATETIME NOT NULL
+    );
+    CREATE TABLE mpesa_payment (
+        id INTEGER NOT NULL PRIMARY KEY,
+        person_id INTEGER NOT NULL REFERENCES person (id),
+        phone_number VARCHAR NOT NULL,
+        amount INTEGER NOT NULL,
+        payment_purpose VARCHAR NOT NULL,
+        account_reference VARCHAR,
+        status VARCHAR NOT NULL,
+        checkout_request_id VARCHAR UNIQUE,
+        merchant_request_id VARCHAR,
+        result_code VARCHAR,
+        result_desc VARCHAR,
+        receipt_number VARCHAR,
+        transaction_date DATETIME,
+        initiated_at DATETIME NOT NULL,
+        completed_at DATETIME,
+        last_pushed_at DATETIME,
+        push_count INTEGER NOT NULL,
+        balance_applied BOOLEAN NOT NULL,
+        refund_due BOOLEAN NOT NULL,
+        resend_claimed_until DATETIME
+    );
+    CREATE INDEX ix_mpesa_payment_person_status ON mpesa_payment (person_id, status);
+    CREATE INDEX ix_mpesa_payment_status ON mpesa_payment (status);
+    CREATE TABLE mpesa_checkout (
+        id INTEGER NOT NULL PRIMARY KEY,
+        payment_id INTEGER NOT NULL REFERENCES mpesa_payment (id),
+        checkout_request_id VARCHAR NOT NULL UNIQUE,
+        merchant_request_id VARCHAR,
+        pushed_at DATETIME NOT NULL,
+        result_code VARCHAR,
+        result_desc VARCHAR,
+        result_source VARCHAR,
+        result_at DATETIME,
+        receipt_number VARCHAR,
+        paid_amount VARCHAR
+    );
+    CREATE INDEX ix_mpesa_checkout_payment_id ON mpesa_checkout (payment_id);
+    CREATE TABLE mpesa_callback (
+        id INTEGER NOT NULL PRIMARY KEY,
+        received_at DATETIME NOT NULL,
+        source_addr VARCHAR,
+        body BLOB NOT NULL,
+        checkout_request_id VARCHAR,
+        result_code VARCHAR,
+        outcome VARCHAR NOT NULL,
+        detail VARCHAR,
+        payment_id INTEGER REFERENCES mpesa_payment (id),
+        processed_at DATETIME
+    );
+    CREATE INDEX ix_mpesa_callback_checkout_request_id ON mpesa_callback (checkout_request_id);
+    CREATE INDEX ix_mpesa_callback_outcome ON mpesa_callback (outcome);
+    CREATE TABLE daraja_token (
+        cache_key VARCHAR NOT NULL PRIMARY KEY,
+        access_token VARCHAR NOT NULL,
+        expires_at DATETIME NOT NULL,
+        fetched_at DATETIME NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    # Take transaction control away from the driver so BEGIN IMMEDIATE can be ours.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _on_begin(conn: Any) -> None:
+    immediate = conn.get_execution_options().get("sfcrm_immediate", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Database:
+    """One SQLite file. Cheap to build; the engine and schema are set up on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._open()
+        return self._engine
+
+    def _open(self) -> Engine:
+        if not self.path.parent.is_dir():
+            raise DatabaseError(
+                "the database folder does not exist",
+                value=str(self.path.parent),
+                hint="create it, or point SFCRM_DATABASE_URL somewhere else",
+            )
+        engine = create_engine(
+            f"sqlite:///{self.path}",
+            connect_args={"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _on_connect)
+        event.listen(engine, "begin", _on_begin)
+        try:
+            migrate(engine)
+        except SADatabaseError as exc:
+            engine.dispose()
+            raise _database_error(exc, self.path) from None
+        return engine
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading (a deferred transaction: one consistent snapshot)."""
+        with self._guard(), Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One ``BEGIN IMMEDIATE`` transaction, committed on success, rolled back on error."""
+        bind = self.engine.execution_options(sfcrm_immediate=True)
+        with self._guard(), Session(bind, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except SADatabaseError as exc:
+            raise _database_error(exc, self.path) from None
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+
+def _database_error(exc: SADatabaseError, path: Path) -> DatabaseError:
+    text = str(exc.orig) if exc.orig is not None else str(exc)
+    if isinstance(exc, OperationalError) and "locked" in text:
+        return DatabaseError(
+            "the database stayed busy for too long",
+            value=str(path),
+            hint="another sfcrm is holding a long write; try again",
+        )
+    return DatabaseError(f"database error: {text}", value=str(path))
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the file up to SCHEMA_VERSION in place; returns the version found before."""
+    with engine.connect() as conn:
+        found = int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
+        conn.rollback()
+        if found == SCHEMA_VERSION:
+            return found
+        if found > SCHEMA_VERSION:
+            raise DatabaseError(
+                f"the database has schema {found}, newer than this sfcrm knows ({SCHEMA_VERSION})",
+                hint="upgrade sfcrm",
+            )
+        # Two processes may start on a new file at once: the second waits, then sees the work done.
+        conn = conn.execution_options(sfcrm_immediate=True)
+        with conn.begin():
+            current = int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version - 1].split(";"):
+                    if statement.strip():
+                        conn.exec_driver_sql(statement)
+            conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return found

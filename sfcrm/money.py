@@ -1,0 +1,51 @@
+"""Money: KES amounts as exact integers of cents, shown with two decimals."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+from sfcrm.errors import ValidationError
+
+MAX_STK_AMOUNT = 250_000
+
+
+def parse_kes(text: str | int | Decimal, *, what: str = "amount") -> int:
+    """Parse a KES amount (``1500``, ``1500.5``, ``"1,500.00"``) into cents."""
+    try:
+        value = Decimal(str(text).replace(",", "").strip())
+    except InvalidOperation:
+        raise ValidationError(f"{what} must be a number", value=str(text)) from None
+    if not value.is_finite():
+        raise ValidationError(f"{what} must be a number", value=str(text))
+    cents = value * 100
+    if cents != cents.to_integral_value():
+        raise ValidationError(f"{what} has more than two decimals", value=str(text))
+    if abs(cents) >= Decimal(10) ** 15:
+        raise ValidationError(f"{what} is too large", value=str(text))
+    return int(cents)
+
+
+def parse_stk_amount(text: str | int | Decimal) -> int:
+    """Parse an STK Push amount: whole shillings from 1 to 250,000."""
+    cents = parse_kes(text)
+    if cents % 100:
+        raise ValidationError(
+            "amount must be whole shillings (M-Pesa takes no cents)", value=str(text)
+        )
+    shillings = cents // 100
+    if shillings <= 0:
+        raise ValidationError("amount must be at least 1", value=str(text))
+    if shillings > MAX_STK_AMOUNT:
+        raise ValidationError("amount is over M-Pesa's 250,000 limit per payment", value=str(text))
+    return shillings
+
+
+def format_cents(cents: int) -> str:
+    """``150050`` -> ``"1500.50"``."""
+    sign = "-" if cents < 0 else ""
+    whole, part = divmod(abs(cents), 100)
+    return f"{sign}{whole}.{part:02d}"
+
+
+def format_kes(shillings: int) -> str:
+    return format_cents(shillings * 100)
