@@ -80,6 +80,7 @@ MIGRATIONS: tuple[str, ...] = (
         body BLOB NOT NULL,
         checkout_request_id VARCHAR,
         result_code VARCHAR,
+        trusted BOOLEAN NOT NULL,
         outcome VARCHAR NOT NULL,
         detail VARCHAR,
         payment_id INTEGER REFERENCES mpesa_payment (id),

@@ -127,6 +127,8 @@ class MpesaCallback(SQLModel, table=True):
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     checkout_request_id: str | None = Field(default=None, index=True)
     result_code: str | None = None
+    # false when it came from outside the allowlist: a "paid" then needs a query to confirm it
+    trusted: bool = True
     outcome: str = Field(default=CallbackOutcome.RECEIVED, index=True)
     detail: str | None = None
     payment_id: int | None = Field(default=None, foreign_key="mpesa_payment.id")

@@ -1,0 +1,56 @@
+"""The ``sfcrm`` command: a thin layer that parses options, calls the core, renders results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sfcrm import __version__
+from sfcrm.cli import config_cmd, mpesa, people, system
+from sfcrm.cli.runtime import RootOptions, set_root_options
+
+app = typer.Typer(
+    name="sfcrm",
+    help="Sound Fusion operations: M-Pesa STK Push collections and the event crew CRM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sfcrm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="sfcrm.toml to use (default: $SFCRM_CONFIG, ./sfcrm.toml)"),
+    ] = None,
+    traceback: Annotated[
+        bool, typer.Option("--traceback", help="show the full traceback of an unexpected error")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """Sound Fusion operations: M-Pesa STK Push collections and the event crew CRM."""
+    set_root_options(RootOptions(config=config, traceback=traceback))
+
+
+system.register(app)
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(people.app, name="people")
+app.add_typer(mpesa.app, name="mpesa")
+
+
+def main() -> None:
+    app()

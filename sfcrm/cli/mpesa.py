@@ -1,0 +1,322 @@
+"""``sfcrm mpesa``: STK Push collections."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from sfcrm.cli.runtime import JsonOption, command, text_cell
+from sfcrm.errors import BatchError, SfcrmError, ValidationError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sfcrm.cli.runtime import Runtime
+    from sfcrm.models import MpesaPayment
+
+app = typer.Typer(
+    help="Request, resend, check and reconcile M-Pesa payments.", no_args_is_help=True
+)
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``2m``, ``1h``, ``1d``; a bare number is seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValidationError("not a duration; use e.g. 90s, 2m, 1h", value=text)
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _payments_table(rt: Runtime, payments: Sequence[MpesaPayment]) -> None:
+    from rich.table import Table
+
+    from sfcrm.money import format_kes
+
+    table = Table("id", "person", "phone", "amount", "status", "receipt", "initiated", "purpose")
+    for p in payments:
+        table.add_row(
+            text_cell(p.id),
+            text_cell(p.person_id),
+            text_cell(p.phone_number),
+            text_cell(format_kes(p.amount)),
+            text_cell(p.status + (" (refund due)" if p.refund_due else "")),
+            text_cell(p.receipt_number or ""),
+            text_cell(p.initiated_at.astimezone(rt.tz).strftime("%Y-%m-%d %H:%M")),
+            text_cell(p.payment_purpose),
+        )
+    rt.out.print(table)
+
+
+def _payment_detail(rt: Runtime, payment: MpesaPayment) -> None:
+    from rich.table import Table
+
+    from sfcrm.payments import payment_json
+
+    table = Table(show_header=False, box=None)
+    for key, value in payment_json(payment, rt.tz).items():
+        table.add_row(text_cell(key), text_cell("" if value is None else value))
+    rt.out.print(table)
+
+
+@app.command("request")
+def request(
+    person: Annotated[str, typer.Option("--person", help="id, phone or email of the payer")],
+    amount: Annotated[str, typer.Option("--amount", help="whole KES, 1 to 250000")],
+    purpose: Annotated[str, typer.Option("--purpose", help="what the payment is for")],
+    phone: Annotated[
+        str | None, typer.Option("--phone", help="phone to prompt (default: the person's)")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Send an STK Push: the person gets an M-Pesa PIN prompt on their phone.
+
+    Example: sfcrm mpesa request --person 0712345678 --amount 500 --purpose "Crew deposit"
+    """
+    with command(json_output) as rt:
+        payment = rt.payments.request(person, amount, purpose, phone)
+        doc = {
+            "success": True,
+            "payment_id": payment.id,
+            "checkout_request_id": payment.checkout_request_id,
+            "message": "STK push initiated successfully",
+        }
+        rt.emit(
+            doc,
+            lambda: rt.print(
+                f"Payment {payment.id}: STK push sent to {payment.phone_number} for KES "
+                f"{payment.amount} (checkout {payment.checkout_request_id}); status "
+                f"{payment.status}. Check it with `sfcrm mpesa status {payment.id}`."
+            ),
+        )
+
+
+@app.command("resend")
+def resend(
+    payment_ids: Annotated[
+        list[int] | None, typer.Argument(help="payment ids", show_default=False)
+    ] = None,
+    all_pending: Annotated[
+        bool, typer.Option("--all-pending", help="every payment still pending")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="push even when the last push's outcome is unknown"),
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Push payments again. A completed payment never is; a pending one is first checked with
+    Daraja and pushed only when its last push did not complete.
+
+    Example: sfcrm mpesa resend 12 13
+    """
+    with command(json_output) as rt:
+        from sfcrm.payments import payment_json
+
+        if bool(payment_ids) == all_pending:
+            raise ValidationError("give payment ids or --all-pending (one of the two)")
+        ids = rt.payments.pending_ids() if all_pending else list(payment_ids or [])
+        results: list[dict[str, object]] = []
+        failed = 0
+        for pid in ids:
+            try:
+                report = rt.payments.resend(pid, force=force)
+            except SfcrmError as exc:
+                failed += 1
+                results.append(
+                    {"payment_id": pid, "pushed": False, "error": rt.redact(str(exc)),
+                     "code": exc.code}
+                )  # fmt: skip
+                rt.say(f"payment {pid}: {exc}")
+                continue
+            results.append(
+                {"payment_id": pid, "pushed": report.pushed, "message": report.message,
+                 "payment": payment_json(report.payment, rt.tz)}
+            )  # fmt: skip
+            rt.say(f"payment {pid}: {report.message} (status {report.payment.status})")
+        rt.emit(
+            {"results": results, "pushed": sum(1 for r in results if r.get("pushed")),
+             "failed": failed},
+            lambda: rt.print(
+                f"{sum(1 for r in results if r.get('pushed'))} pushed, {failed} not pushed."
+            ),
+        )  # fmt: skip
+        if failed and len(ids) == 1:
+            raise typer.Exit(int(_single_error_code(results[0])))
+        if failed:
+            raise BatchError(f"{failed} of {len(ids)} payments were not pushed")
+
+
+def _single_error_code(result: dict[str, object]) -> int:
+    from sfcrm import errors
+
+    code = str(result.get("code"))
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, SfcrmError) and cls.code == code:
+            return int(cls.exit_code)
+    return int(errors.ExitCode.FAILED)
+
+
+@app.command("status")
+def status(
+    payment_id: Annotated[int | None, typer.Argument(help="one payment's id")] = None,
+    status_filter: Annotated[
+        str | None, typer.Option("--status", help="initiated, pending, completed, failed, ...")
+    ] = None,
+    person: Annotated[str | None, typer.Option("--person", help="id, phone or email")] = None,
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="ask Daraja about pending payments first")
+    ] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="rows to show")] = 50,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="rows to skip")] = 0,
+    json_output: JsonOption = False,
+) -> None:
+    """Show one payment, or a filtered list (newest first).
+
+    Example: sfcrm mpesa status --status pending --refresh
+    """
+    with command(json_output) as rt:
+        from sfcrm.payments import payment_json
+
+        if payment_id is not None:
+            if refresh:
+                for problem in rt.payments.refresh([payment_id]):
+                    rt.say(f"refresh: {problem}")
+            payment = rt.payments.get(payment_id)
+            rt.emit(payment_json(payment, rt.tz), lambda: _payment_detail(rt, payment))
+            return
+        payments = rt.payments.find(
+            status=status_filter, person_ref=person, limit=limit, offset=offset
+        )
+        if refresh:
+            for problem in rt.payments.refresh([p.id for p in payments if p.id is not None]):
+                rt.say(f"refresh: {problem}")
+            payments = rt.payments.find(
+                status=status_filter, person_ref=person, limit=limit, offset=offset
+            )
+        rt.emit([payment_json(p, rt.tz) for p in payments], lambda: _payments_table(rt, payments))
+
+
+@app.command("reconcile")
+def reconcile(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="only pushes at least this old (90s, 2m, 1h)")
+    ] = "2m",
+    json_output: JsonOption = False,
+) -> None:
+    """Settle stale pending payments by STK Push Query, and act on stored callbacks.
+
+    Safe to run from cron: every result is applied once.
+
+    Example: sfcrm mpesa reconcile --older-than 5m
+    """
+    with command(json_output) as rt:
+        from sfcrm.payments import payment_json
+
+        age = parse_duration(older_than)
+        report = rt.payments.reconcile(age)
+        doc = {
+            "checked": report.checked,
+            "settled": [payment_json(p, rt.tz) for p in report.settled],
+            "still_pending": report.still_pending,
+            "callbacks_applied": report.callbacks_applied,
+            "unknown_outcome": report.unqueryable,
+            "errors": [rt.redact(e) for e in report.errors],
+        }
+
+        def render() -> None:
+            for p in report.settled:
+                rt.print(f"payment {p.id}: {p.status}")
+            for e in report.errors:
+                rt.say(f"error: {e}")
+            if report.unqueryable:
+                rt.say(
+                    "unknown outcome, no CheckoutRequestID to ask about: "
+                    + ", ".join(str(i) for i in report.unqueryable)
+                )
+            rt.print(
+                f"{report.checked} checked, {len(report.settled)} settled, "
+                f"{len(report.still_pending)} still pending, "
+                f"{report.callbacks_applied} stored callbacks applied, "
+                f"{len(report.errors)} errors."
+            )
+
+        rt.emit(doc, render)
+        if report.errors:
+            raise BatchError(f"{len(report.errors)} payments could not be checked")
+
+
+@app.command("callbacks")
+def callbacks(
+    unmatched: Annotated[
+        bool, typer.Option("--unmatched", help="only callbacks no payment claims")
+    ] = False,
+    outcome: Annotated[
+        str | None, typer.Option("--outcome", help="applied, duplicate, rejected, ...")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
+    json_output: JsonOption = False,
+) -> None:
+    """List stored callbacks (the inbox), newest first.
+
+    Example: sfcrm mpesa callbacks --unmatched
+    """
+    with command(json_output) as rt:
+        from sfcrm.models import CallbackOutcome
+        from sfcrm.payments import callback_json
+
+        rows = rt.payments.callbacks(
+            outcome=CallbackOutcome.UNMATCHED if unmatched else outcome, limit=limit
+        )
+        docs = [callback_json(r, rt.tz) for r in rows]
+
+        def render() -> None:
+            from rich.table import Table
+
+            table = Table("id", "received", "from", "checkout", "code", "outcome", "detail")
+            for d in docs:
+                table.add_row(
+                    *(text_cell(d[k]) for k in ("id", "received_at", "source_addr",
+                                                "checkout_request_id", "result_code", "outcome",
+                                                "detail"))
+                )  # fmt: skip
+            rt.out.print(table)
+
+        rt.emit(docs, render)
+
+
+@app.command("emulator")
+def emulator(
+    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8900,
+    host: Annotated[str, typer.Option("--host", help="address to bind")] = "127.0.0.1",
+    callback_delay: Annotated[
+        float, typer.Option("--callback-delay", help="seconds before the callback is posted")
+    ] = 3.0,
+) -> None:
+    """Run a local Daraja emulator for training and demos (never Safaricom's money).
+
+    Point sfcrm at it with MPESA_BASE_URL=http://127.0.0.1:8900. The test phone numbers that
+    choose each outcome are listed in the README.
+
+    Example: sfcrm mpesa emulator --port 8900
+    """
+    with command(False) as rt:
+        from sfcrm.emulator import DarajaEmulator, EmulatorSettings
+
+        server = DarajaEmulator(
+            EmulatorSettings(callback_delay=callback_delay), host=host, port=port
+        )
+        rt.say(
+            f"Daraja emulator on {server.url} (shortcode 174379, sandbox passkey). Ctrl-C stops it."
+        )
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            rt.say("Stopped.")
+        finally:
+            server.stop()

@@ -1,0 +1,110 @@
+"""``sfcrm people``: the people who owe Sound Fusion money, and the crew."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from sfcrm.cli.runtime import JsonOption, command, text_cell
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sfcrm.cli.runtime import Runtime
+    from sfcrm.models import Person
+
+app = typer.Typer(help="Add, list, show and import people.", no_args_is_help=True)
+
+
+def _table(rt: Runtime, people: Sequence[Person]) -> None:
+    from rich.table import Table
+
+    from sfcrm.money import format_cents
+
+    table = Table("id", "name", "phone", "email", "balance (KES)")
+    for p in people:
+        table.add_row(
+            text_cell(p.id),
+            text_cell(p.name),
+            text_cell(p.phone),
+            text_cell(p.email or ""),
+            text_cell(format_cents(p.balance_cents)),
+        )
+    rt.out.print(table)
+
+
+@app.command("add")
+def add(
+    name: Annotated[str, typer.Option("--name", help="full name")],
+    phone: Annotated[str, typer.Option("--phone", help="Kenyan mobile, e.g. 0712345678")],
+    email: Annotated[str | None, typer.Option("--email", help="email address")] = None,
+    balance: Annotated[
+        str | None, typer.Option("--balance", help="what the person owes, in KES")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Add a person.
+
+    Example: sfcrm people add --name "Achieng Otieno" --phone 0712345678 --balance 1500
+    """
+    with command(json_output) as rt:
+        from sfcrm.people import person_json
+
+        person = rt.people.add(name, phone, email, balance)
+        rt.emit(person_json(person), lambda: _table(rt, [person]))
+        rt.say(f"Added person {person.id}.")
+
+
+@app.command("list")
+def list_people(
+    search: Annotated[
+        str | None, typer.Option("--search", help="part of a name, phone or email")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List people, by name.
+
+    Example: sfcrm people list --search achieng
+    """
+    with command(json_output) as rt:
+        from sfcrm.people import person_json
+
+        people = rt.people.find(search)
+        rt.emit([person_json(p) for p in people], lambda: _table(rt, people))
+
+
+@app.command("show")
+def show(
+    ref: Annotated[str, typer.Argument(help="id, phone number or email")],
+    json_output: JsonOption = False,
+) -> None:
+    """Show one person.
+
+    Example: sfcrm people show 0712345678
+    """
+    with command(json_output) as rt:
+        from sfcrm.people import person_json
+
+        person = rt.people.show(ref)
+        rt.emit(person_json(person), lambda: _table(rt, [person]))
+
+
+@app.command("import")
+def import_csv(
+    file: Annotated[Path, typer.Argument(help="CSV with the header name,phone,email,balance")],
+    json_output: JsonOption = False,
+) -> None:
+    """Import people from a CSV file: every row, or none when any row is bad.
+
+    Example: sfcrm people import crew.csv
+    """
+    with command(json_output) as rt:
+        from sfcrm.people import person_json
+
+        people = rt.people.import_csv(file)
+        rt.emit(
+            {"imported": len(people), "people": [person_json(p) for p in people]},
+            lambda: rt.print(f"Imported {len(people)} people from {file}."),
+        )

@@ -1,0 +1,193 @@
+"""What every command shares: the error boundary, lazy services, and output."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from sfcrm.errors import ExitCode, SfcrmError
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
+
+    from rich.console import Console
+
+    from sfcrm.config import Settings
+    from sfcrm.db import Database
+    from sfcrm.logs import Redactor
+    from sfcrm.payments import Payments
+    from sfcrm.people import People
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="print one JSON document on stdout instead of text")
+]
+
+
+@dataclass
+class RootOptions:
+    config: Path | None = None
+    traceback: bool = False
+
+
+# Set by the root callback for the command about to run (one command per process or
+# CliRunner invocation).
+current_options = RootOptions()
+
+
+def set_root_options(options: RootOptions) -> None:
+    global current_options
+    current_options = options
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Runtime:
+    """Built per command; settings, database and services load on first use, inside the
+    error boundary, so a bad config is reported like any other error."""
+
+    def __init__(self, options: RootOptions, json_output: bool) -> None:
+        self.options = options
+        self.json = json_output
+        self.clock: Callable[[], datetime] = utcnow
+        self._redactor: Redactor | None = None
+
+    @cached_property
+    def settings(self) -> Settings:
+        from sfcrm.config import load_settings
+        from sfcrm.logs import Redactor, configure_logging
+
+        settings = load_settings(self.options.config)
+        self._redactor = Redactor(settings.secret_values())
+        configure_logging(settings.log_file, self._redactor)
+        return settings
+
+    @cached_property
+    def db(self) -> Database:
+        from sfcrm.db import Database
+
+        return Database(self.settings.database_path)
+
+    @cached_property
+    def tz(self) -> ZoneInfo:
+        from zoneinfo import ZoneInfo
+
+        return ZoneInfo(self.settings.timezone)
+
+    @cached_property
+    def people(self) -> People:
+        from sfcrm.people import People
+
+        return People(self.db, self.clock)
+
+    @cached_property
+    def payments(self) -> Payments:
+        from sfcrm.payments import Payments, build_daraja_client
+
+        return Payments(
+            self.db,
+            callback_url=self.settings.mpesa_callback_url,
+            clock=self.clock,
+            client_factory=lambda: build_daraja_client(self.settings, self.db, self.clock),
+            confirm_by_query=self.settings.mpesa_confirm_by_query,
+        )
+
+    # -- output ----------------------------------------------------------------------------
+
+    @cached_property
+    def out(self) -> Console:
+        from rich.console import Console
+
+        return Console(highlight=False, soft_wrap=True)
+
+    @cached_property
+    def err(self) -> Console:
+        from rich.console import Console
+
+        return Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def redact(self, text: str) -> str:
+        return self._redactor(text) if self._redactor else text
+
+    def emit(self, doc: Any, render: Callable[[], None]) -> None:
+        """Data: JSON on stdout under --json, else whatever ``render`` prints."""
+        if self.json:
+            sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
+            sys.stdout.flush()
+        else:
+            render()
+
+    def say(self, text: str) -> None:
+        """A message for the person at the terminal (stderr, never under --json)."""
+        if not self.json:
+            self.err.print(self.redact(text), markup=False)
+
+    def print(self, text: str) -> None:
+        """A line of plain text output on stdout."""
+        self.out.print(text, markup=False)
+
+    def close(self) -> None:
+        if "db" in self.__dict__:
+            self.db.close()
+
+    # -- errors ----------------------------------------------------------------------------
+
+    def fail(self, error: SfcrmError) -> typer.Exit:
+        message = self.redact(str(error))
+        hint = self.redact(error.hint) if error.hint else None
+        if self.json:
+            doc: dict[str, Any] = {"error": message, "status": "failed", "code": error.code}
+            if hint:
+                doc["hint"] = hint
+            sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        else:
+            self.err.print(f"Error: {message}", markup=False, style="red")
+            if hint:
+                self.err.print(f"Hint: {hint}", markup=False)
+        return typer.Exit(int(error.exit_code))
+
+
+@contextmanager
+def command(json_output: bool = False) -> Iterator[Runtime]:
+    """The one error boundary: SfcrmError becomes a line and its exit code."""
+    options = current_options
+    rt = Runtime(options, json_output)
+    try:
+        yield rt
+    except (typer.Exit, typer.Abort):
+        raise
+    except SfcrmError as exc:
+        raise rt.fail(exc) from None
+    except KeyboardInterrupt:
+        rt.say("Interrupted.")
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    except Exception as exc:
+        if options.traceback or os.environ.get("SFCRM_TRACEBACK") == "1":
+            raise
+        error = SfcrmError(
+            f"unexpected {type(exc).__name__}: {exc}",
+            hint="rerun with --traceback and report it",
+        )
+        error.exit_code = ExitCode.INTERNAL
+        error.code = "INTERNAL_ERROR"
+        raise rt.fail(error) from None
+    finally:
+        rt.close()
+
+
+def text_cell(value: object) -> Any:
+    """A table cell showing user data literally (no rich markup)."""
+    from rich.text import Text
+
+    return Text("" if value is None else str(value))

@@ -1,0 +1,157 @@
+"""Top-level commands: ``init``, ``serve-callback`` and ``demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sfcrm.cli.runtime import JsonOption, command
+from sfcrm.errors import ConfigError
+
+
+def init(json_output: JsonOption = False) -> None:
+    """Write a starter sfcrm.toml and .env.example here (when absent) and create the database.
+
+    Example: sfcrm init
+    """
+    with command(json_output) as rt:
+        from sfcrm.resources import example_config, template_path
+
+        written: list[str] = []
+        for target, source in (
+            (Path("sfcrm.toml"), example_config()),
+            (Path(".env.example"), template_path("env.example")),
+        ):
+            if not target.exists():
+                target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+                written.append(str(target))
+        rt.options.config = rt.options.config or (
+            Path("sfcrm.toml") if Path("sfcrm.toml").is_file() else None
+        )
+        db_path = rt.db.path
+        _ = rt.db.engine  # creates and upgrades the file
+        rt.emit(
+            {"written": written, "database": str(db_path)},
+            lambda: rt.print(
+                (f"Wrote {', '.join(written)}. " if written else "Config files already there. ")
+                + f"Database ready at {db_path}. Put your secrets in .env (see .env.example)."
+            ),
+        )
+
+
+def serve_callback(
+    host: Annotated[str, typer.Option("--host", help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8000,
+    json_output: JsonOption = False,
+) -> None:
+    """Run the listener Daraja posts payment results to (put it behind HTTPS).
+
+    It serves only the path of MPESA_CALLBACK_URL; keep a long random secret in that path.
+
+    Example: sfcrm serve-callback --host 127.0.0.1 --port 8000
+    """
+    with command(json_output) as rt:
+        import logging
+
+        from sfcrm.config import allowlist
+        from sfcrm.logs import RedactingFilter, Redactor
+        from sfcrm.server import CallbackApp, make_server
+
+        settings = rt.settings
+        path = settings.callback_path
+        if path is None:
+            raise ConfigError(
+                "MPESA_CALLBACK_URL is not set",
+                hint="the listener serves that URL's path; set it in the environment or .env",
+            )
+        _ = rt.db.engine
+        app = CallbackApp(
+            rt.payments,
+            callback_path=path,
+            max_body=settings.listener_max_body,
+            allowlist=allowlist(settings),
+            trusted_proxies=settings.listener_trusted_proxies or (),
+        )
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+        handler.addFilter(RedactingFilter(Redactor(settings.secret_values())))
+        for name in ("sfcrm", "waitress"):
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).setLevel(logging.INFO)
+        try:
+            server = make_server(app, host, port, settings.listener_threads)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        rt.say(
+            f"Listening on http://{host}:{server.effective_port}/******** "
+            f"(the path of MPESA_CALLBACK_URL). Ctrl-C stops."
+        )
+        try:
+            server.run()
+        except KeyboardInterrupt:
+            rt.say("Stopping.")
+        finally:
+            server.close()
+            app.worker.stop()
+
+
+def demo(
+    keep: Annotated[
+        bool, typer.Option("--keep", help="keep the demo folder and print where it is")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Run the whole payment flow against the built-in emulator, with no configuration.
+
+    Example: sfcrm demo
+    """
+    import shutil
+    import tempfile
+
+    with command(json_output) as rt:
+        from sfcrm.demo import run_demo
+        from sfcrm.money import format_cents
+        from sfcrm.payments import payment_json
+        from sfcrm.people import person_json
+
+        folder = Path(tempfile.mkdtemp(prefix="sfcrm-demo-"))
+        try:
+            result = run_demo(folder, progress=rt.say)
+            import zoneinfo
+
+            tz = zoneinfo.ZoneInfo("Africa/Nairobi")
+            doc = {
+                "folder": str(folder) if keep else None,
+                "payment": payment_json(result.payment, tz),
+                "person_before": person_json(result.person_before),
+                "person_after": person_json(result.person_after),
+                "seconds": round(result.seconds, 2),
+            }
+
+            def render() -> None:
+                p = result.payment
+                rt.print(
+                    f"Payment {p.id}: {p.status}, receipt {p.receipt_number}, "
+                    f"KES {p.amount} from {p.phone_number}."
+                )
+                rt.print(
+                    f"{result.person_after.name} owed KES "
+                    f"{format_cents(result.person_before.balance_cents)}, now owes KES "
+                    f"{format_cents(result.person_after.balance_cents)}."
+                )
+                rt.print(f"Done in {result.seconds:.1f} s.")
+                if keep:
+                    rt.print(f"Demo database: {folder / 'sfcrm.db'}")
+
+            rt.emit(doc, render)
+        finally:
+            if not keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("serve-callback")(serve_callback)
+    app.command("demo")(demo)

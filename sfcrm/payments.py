@@ -1,0 +1,746 @@
+"""M-Pesa collections: request, resend, status, reconcile, and applying an outcome.
+
+The rules that keep money right live here once, and the CLI, the callback listener and
+``reconcile`` all go through them:
+
+- the payment row is written before Daraja is called;
+- every callback body is stored before it is acted on;
+- :func:`apply_result` applies each push's outcome once, inside one ``BEGIN IMMEDIATE``
+  transaction, and the balance moves only with ``balance_applied`` going from false to true;
+- a push is never retried blindly: a pending payment is queried before it is pushed again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from sqlmodel import Session, col, select
+
+from sfcrm.daraja import STILL_PROCESSING, DarajaClient, QueryResult, StkResult, parse_stk_callback
+from sfcrm.db import Database
+from sfcrm.errors import (
+    CallbackFormatError,
+    ConflictError,
+    DarajaError,
+    DarajaTimeoutError,
+    DarajaUnreachableError,
+    NotFoundError,
+    ValidationError,
+)
+from sfcrm.logs import mask_phone
+from sfcrm.models import (
+    CallbackOutcome,
+    DarajaToken,
+    MpesaCallback,
+    MpesaCheckout,
+    MpesaPayment,
+    PaymentStatus,
+    Person,
+)
+from sfcrm.money import format_cents, format_kes, parse_stk_amount
+from sfcrm.people import find_person
+from sfcrm.phone import normalise_phone
+
+if TYPE_CHECKING:
+    from sfcrm.config import Settings
+
+log = logging.getLogger("sfcrm.payments")
+
+CANCELLED_CODES = frozenset({"1031", "1032"})
+MAX_PURPOSE = 200
+DEFAULT_RECONCILE_AGE = timedelta(minutes=2)
+
+
+# -- JSON views --------------------------------------------------------------------------------
+
+
+def _iso(value: datetime | None, tz: ZoneInfo) -> str | None:
+    return value.astimezone(tz).isoformat(timespec="seconds") if value else None
+
+
+def payment_json(payment: MpesaPayment, tz: ZoneInfo) -> dict[str, Any]:
+    return {
+        "payment_id": payment.id,
+        "status": payment.status,
+        "amount": format_kes(payment.amount),
+        "receipt_number": payment.receipt_number,
+        "completed_at": _iso(payment.completed_at, tz),
+        "person_id": payment.person_id,
+        "phone_number": payment.phone_number,
+        "payment_purpose": payment.payment_purpose,
+        "account_reference": payment.account_reference,
+        "checkout_request_id": payment.checkout_request_id,
+        "merchant_request_id": payment.merchant_request_id,
+        "result_code": payment.result_code,
+        "result_desc": payment.result_desc,
+        "transaction_date": _iso(payment.transaction_date, tz),
+        "initiated_at": _iso(payment.initiated_at, tz),
+        "push_count": payment.push_count,
+        "refund_due": payment.refund_due,
+    }
+
+
+def callback_json(row: MpesaCallback, tz: ZoneInfo) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "received_at": _iso(row.received_at, tz),
+        "source_addr": row.source_addr,
+        "checkout_request_id": row.checkout_request_id,
+        "result_code": row.result_code,
+        "outcome": row.outcome,
+        "detail": row.detail,
+        "payment_id": row.payment_id,
+        "size": len(row.body),
+    }
+
+
+# -- applying an outcome -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Applied:
+    outcome: str  # a CallbackOutcome value
+    detail: str
+    payment_id: int | None = None
+
+
+def apply_result(
+    session: Session, result: StkResult, *, source: str, trusted: bool, now: datetime
+) -> Applied:
+    """Apply one push outcome. Call inside ``Database.write()``; safe to call again.
+
+    ``source`` is "callback" or "query". An untrusted "paid" (unlisted sender, confirmation by
+    query required, or a success after a recorded failure) changes nothing and answers
+    NEEDS_QUERY: the caller confirms it with an STK Push Query and applies that instead.
+    """
+    checkout = session.exec(
+        select(MpesaCheckout).where(MpesaCheckout.checkout_request_id == result.checkout_request_id)
+    ).first()
+    if checkout is None:
+        return Applied(CallbackOutcome.UNMATCHED, "no payment has this CheckoutRequestID")
+    payment = session.get(MpesaPayment, checkout.payment_id)
+    assert payment is not None and payment.id is not None
+    pid = payment.id
+    if result.result_code == STILL_PROCESSING:
+        return Applied(CallbackOutcome.IGNORED, "still processing", pid)
+    prior = checkout.result_code
+
+    if not result.paid:
+        if prior is not None:
+            same = prior == result.result_code
+            return Applied(
+                CallbackOutcome.DUPLICATE if same else CallbackOutcome.IGNORED,
+                "same outcome already recorded" if same else f"outcome {prior} already recorded",
+                pid,
+            )
+        _record(checkout, result, source, now)
+        if payment.status in (PaymentStatus.COMPLETED, PaymentStatus.NEEDS_REVIEW):
+            return Applied(CallbackOutcome.IGNORED, "payment already settled", pid)
+        if payment.checkout_request_id != checkout.checkout_request_id:
+            return Applied(CallbackOutcome.IGNORED, "superseded by a newer push", pid)
+        payment.status = (
+            PaymentStatus.CANCELLED
+            if result.result_code in CANCELLED_CODES
+            else PaymentStatus.FAILED
+        )
+        payment.result_code = result.result_code
+        payment.result_desc = result.result_desc
+        session.add(payment)
+        log.info(
+            "payment %s %s: code %s %s (%s)",
+            pid, payment.status, result.result_code, result.result_desc, source,
+        )  # fmt: skip
+        return Applied(CallbackOutcome.APPLIED, payment.status, pid)
+
+    # a "paid" outcome
+    if prior == "0":
+        return Applied(CallbackOutcome.DUPLICATE, "already recorded as paid", pid)
+    if source != "query" and (not trusted or prior is not None):
+        why = "sender not trusted" if prior is None else f"outcome {prior} recorded before"
+        return Applied(CallbackOutcome.NEEDS_QUERY, f"paid; to be confirmed by query ({why})", pid)
+    _record(checkout, result, source, now)
+    if payment.balance_applied or payment.status == PaymentStatus.NEEDS_REVIEW:
+        payment.refund_due = True
+        session.add(payment)
+        log.warning(
+            "payment %s paid twice (checkout %s, receipt %s): refund due",
+            pid, checkout.checkout_request_id, result.receipt_number,
+        )  # fmt: skip
+        return Applied(CallbackOutcome.REFUND, "paid again by another push: refund due", pid)
+    payment.checkout_request_id = checkout.checkout_request_id
+    payment.merchant_request_id = checkout.merchant_request_id
+    payment.receipt_number = result.receipt_number or payment.receipt_number
+    payment.transaction_date = result.transaction_date
+    payment.result_code = "0"
+    if result.amount is not None and result.amount != Decimal(payment.amount):
+        payment.status = PaymentStatus.NEEDS_REVIEW
+        payment.result_desc = f"paid {result.amount}, but {payment.amount} was asked"
+        session.add(payment)
+        log.warning("payment %s needs review: %s", pid, payment.result_desc)
+        return Applied(CallbackOutcome.REVIEW, payment.result_desc, pid)
+    person = session.get(Person, payment.person_id)
+    assert person is not None
+    person.balance_cents -= payment.amount * 100
+    payment.balance_applied = True
+    payment.status = PaymentStatus.COMPLETED
+    payment.result_desc = result.result_desc
+    payment.completed_at = now
+    session.add(person)
+    session.add(payment)
+    log.info(
+        "payment %s completed: receipt %s, KES %s, person %s balance now %s (%s)",
+        pid, payment.receipt_number, payment.amount, person.id, format_cents(person.balance_cents),
+            source,
+    )  # fmt: skip
+    return Applied(CallbackOutcome.APPLIED, PaymentStatus.COMPLETED, pid)
+
+
+def _record(checkout: MpesaCheckout, result: StkResult, source: str, now: datetime) -> None:
+    checkout.result_code = result.result_code
+    checkout.result_desc = result.result_desc
+    checkout.result_source = source
+    checkout.result_at = now
+    checkout.receipt_number = result.receipt_number or checkout.receipt_number
+    if result.amount is not None:
+        checkout.paid_amount = str(result.amount)
+
+
+def query_as_result(query: QueryResult, callback: StkResult | None = None) -> StkResult:
+    """A query's verdict, keeping the receipt and amount a callback brought (a query has none)."""
+    assert query.result_code is not None
+    if callback is not None and query.result_code == "0":
+        return StkResult(
+            checkout_request_id=query.checkout_request_id,
+            result_code="0",
+            result_desc=query.result_desc,
+            merchant_request_id=callback.merchant_request_id,
+            amount=callback.amount,
+            receipt_number=callback.receipt_number,
+            transaction_date=callback.transaction_date,
+            phone=callback.phone,
+        )
+    return StkResult(query.checkout_request_id, query.result_code, query.result_desc)
+
+
+# -- the token cache, shared by every sfcrm process on this database ----------------------------
+
+
+class DatabaseTokenCache:
+    """Keeps the Daraja token in the database so short CLI runs do not knock each other's out."""
+
+    def __init__(self, db: Database) -> None:
+        import threading
+
+        self.db = db
+        self._thread_lock = threading.Lock()
+
+    def load(self, key: str) -> tuple[str, datetime] | None:
+        with self.db.read() as session:
+            row = session.get(DarajaToken, key)
+            return (row.access_token, row.expires_at) if row else None
+
+    def store(self, key: str, token: str, expires_at: datetime) -> None:
+        from datetime import UTC
+
+        with self.db.write() as session:
+            row = session.get(DarajaToken, key) or DarajaToken(
+                cache_key=key, access_token=token, expires_at=expires_at, fetched_at=expires_at
+            )
+            row.access_token = token
+            row.expires_at = expires_at
+            row.fetched_at = datetime.now(UTC)
+            session.add(row)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One token fetch at a time across threads, and across processes where flock exists."""
+        with (
+            self._thread_lock,
+            _file_lock(self.db.path.with_name(self.db.path.name + ".token-lock")),
+        ):
+            yield
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: threads are still serialised by the caller
+        yield
+        return
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_daraja_client(
+    settings: Settings, db: Database, clock: Callable[[], datetime]
+) -> DarajaClient:
+    """The client for the configured Daraja; a missing credential fails here, before any call."""
+    settings.require(
+        "mpesa_consumer_key", "mpesa_consumer_secret", "mpesa_business_short_code", "mpesa_pass_key"
+    )
+    if settings.mpesa_transaction_type == "CustomerBuyGoodsOnline":
+        settings.require("mpesa_till_number")
+    import requests
+
+    return DarajaClient(
+        settings.daraja_base_url,
+        settings.mpesa_consumer_key,
+        settings.mpesa_consumer_secret,
+        str(settings.mpesa_business_short_code),
+        settings.mpesa_pass_key,
+        session=requests.Session(),
+        timeout=settings.mpesa_timeout,
+        clock=clock,
+        token_cache=DatabaseTokenCache(db),
+        transaction_type=settings.mpesa_transaction_type,
+        till_number=settings.mpesa_till_number,
+    )
+
+
+# -- the service -------------------------------------------------------------------------------
+
+
+@dataclass
+class PushReport:
+    payment: MpesaPayment
+    pushed: bool
+    message: str
+
+
+@dataclass
+class ReconcileReport:
+    checked: int = 0
+    settled: list[MpesaPayment] = field(default_factory=list)
+    still_pending: list[int] = field(default_factory=list)
+    callbacks_applied: int = 0
+    unqueryable: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Payments:
+    """Everything the office does with M-Pesa payments. Dependencies are passed in."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        callback_url: str | None,
+        clock: Callable[[], datetime],
+        client_factory: Callable[[], DarajaClient],
+        confirm_by_query: bool = False,
+    ) -> None:
+        self.db = db
+        self.callback_url = callback_url
+        self.clock = clock
+        self._client_factory = client_factory
+        self._client: DarajaClient | None = None
+        self.confirm_by_query = confirm_by_query
+
+    @property
+    def client(self) -> DarajaClient:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def _require_callback_url(self) -> str:
+        if not self.callback_url:
+            from sfcrm.errors import ConfigError
+
+            raise ConfigError(
+                "MPESA_CALLBACK_URL is not set",
+                hint="set MPESA_CALLBACK_URL in the environment or .env to the public URL of "
+                "`sfcrm serve-callback`, with a long random secret in its path",
+            )
+        return self.callback_url
+
+    # -- request ---------------------------------------------------------------------------
+
+    def request(
+        self, person_ref: str, amount: str | int, purpose: str, phone: str | None = None
+    ) -> MpesaPayment:
+        """Write the payment row, then push. Bad input is refused before any row or request."""
+        shillings = parse_stk_amount(amount)
+        purpose_text = " ".join(purpose.split())
+        if not purpose_text:
+            raise ValidationError("purpose must not be empty")
+        if len(purpose_text) > MAX_PURPOSE:
+            raise ValidationError(f"purpose is longer than {MAX_PURPOSE} characters")
+        number = normalise_phone(phone) if phone else None
+        callback_url = self._require_callback_url()
+        client = self.client  # missing credentials fail here, before the row exists
+        with self.db.write() as session:
+            person = find_person(session, person_ref)
+            assert person.id is not None
+            payment = MpesaPayment(
+                person_id=person.id,
+                phone_number=number or person.phone,
+                amount=shillings,
+                payment_purpose=purpose_text,
+                status=PaymentStatus.INITIATED,
+                initiated_at=self.clock(),
+            )
+            session.add(payment)
+            session.flush()
+            payment.account_reference = f"SF-{payment.id}"
+            session.add(payment)
+        log.info(
+            "payment %s initiated: person %s, KES %s, phone %s, purpose %r",
+            payment.id, payment.person_id, shillings, mask_phone(payment.phone_number),
+            purpose_text,
+        )  # fmt: skip
+        return self._push(payment, client, callback_url)
+
+    def _push(self, payment: MpesaPayment, client: DarajaClient, callback_url: str) -> MpesaPayment:
+        pid = payment.id
+        assert pid is not None
+        try:
+            accepted = client.stk_push(
+                phone=payment.phone_number,
+                amount=payment.amount,
+                callback_url=callback_url,
+                account_reference=payment.account_reference or f"SF-{pid}",
+                transaction_desc=payment.payment_purpose,
+            )
+        except DarajaError as exc:
+            with self.db.write() as session:
+                row = session.get(MpesaPayment, pid)
+                assert row is not None
+                if isinstance(exc, DarajaTimeoutError):
+                    row.status = PaymentStatus.UNKNOWN
+                    row.push_count += 1
+                    row.last_pushed_at = self.clock()
+                elif row.status in (PaymentStatus.INITIATED, PaymentStatus.UNKNOWN):
+                    row.status = PaymentStatus.FAILED
+                row.result_code = exc.code if not isinstance(exc, DarajaUnreachableError) else None
+                row.result_desc = exc.message
+                session.add(row)
+            log.warning("payment %s push failed: %s", pid, exc)
+            raise
+        now = self.clock()
+        with self.db.write() as session:
+            row = session.get(MpesaPayment, pid)
+            assert row is not None
+            session.add(
+                MpesaCheckout(
+                    payment_id=pid,
+                    checkout_request_id=accepted.checkout_request_id,
+                    merchant_request_id=accepted.merchant_request_id,
+                    pushed_at=now,
+                )
+            )
+            row.checkout_request_id = accepted.checkout_request_id
+            row.merchant_request_id = accepted.merchant_request_id
+            row.status = PaymentStatus.PENDING
+            row.result_code = None
+            row.result_desc = None
+            row.push_count += 1
+            row.last_pushed_at = now
+            session.add(row)
+        log.info("payment %s pushed: checkout %s", pid, accepted.checkout_request_id)
+        # The callback can beat the push's own answer: apply any that is already waiting.
+        self.replay_callbacks(accepted.checkout_request_id)
+        return self.get(pid)
+
+    # -- resend ----------------------------------------------------------------------------
+
+    def resend(self, payment_id: int, *, force: bool = False) -> PushReport:
+        """Push a payment again, only when Daraja confirms the last push did not complete."""
+        callback_url = self._require_callback_url()
+        client = self.client
+        now = self.clock()
+        with self.db.write() as session:
+            payment = session.get(MpesaPayment, payment_id)
+            if payment is None:
+                raise NotFoundError("no such payment", value=str(payment_id))
+            if payment.balance_applied or payment.status in (
+                PaymentStatus.COMPLETED,
+                PaymentStatus.NEEDS_REVIEW,
+            ):
+                raise ConflictError(
+                    f"payment {payment_id} is {payment.status}; it is never pushed again",
+                    hint="request a new payment if more is owed",
+                )
+            if payment.resend_claimed_until and payment.resend_claimed_until > now:
+                raise ConflictError(
+                    f"payment {payment_id} is being resent by another sfcrm right now"
+                )
+            unknown = payment.status == PaymentStatus.INITIATED or (
+                payment.status == PaymentStatus.UNKNOWN and not payment.checkout_request_id
+            )
+            if unknown and not force:
+                raise ConflictError(
+                    f"the last push of payment {payment_id} has an unknown outcome",
+                    hint="the prompt may have reached the phone; wait for its callback, or check "
+                    "the M-Pesa statement and use --force to push anyway",
+                )
+            payment.resend_claimed_until = now + timedelta(seconds=2 * client.timeout + 30)
+            session.add(payment)
+        try:
+            if payment.checkout_request_id and payment.status in PaymentStatus.OPEN:
+                query = client.stk_query(payment.checkout_request_id)
+                if query.processing:
+                    raise ConflictError(
+                        f"payment {payment_id} is still being processed on the phone; "
+                        "not pushed again",
+                        hint="wait a minute and check with `sfcrm mpesa status --refresh`",
+                    )
+                with self.db.write() as session:
+                    apply_result(
+                        session, query_as_result(query), source="query", trusted=True, now=now
+                    )
+                if query.result_code == "0":
+                    settled = self.get(payment_id)
+                    return PushReport(settled, False, "already paid: not pushed again")
+            log.info("payment %s resend", payment_id)
+            pushed = self._push(payment, client, callback_url)
+            return PushReport(pushed, True, "STK push sent again")
+        finally:
+            with self.db.write() as session:
+                row = session.get(MpesaPayment, payment_id)
+                if row is not None:
+                    row.resend_claimed_until = None
+                    session.add(row)
+
+    def pending_ids(self) -> list[int]:
+        with self.db.read() as session:
+            rows = session.exec(
+                select(MpesaPayment.id)
+                .where(MpesaPayment.status == PaymentStatus.PENDING)
+                .order_by(col(MpesaPayment.id))
+            ).all()
+            return [r for r in rows if r is not None]
+
+    # -- status ----------------------------------------------------------------------------
+
+    def get(self, payment_id: int) -> MpesaPayment:
+        with self.db.read() as session:
+            payment = session.get(MpesaPayment, payment_id)
+            if payment is None:
+                raise NotFoundError("no such payment", value=str(payment_id))
+            return payment
+
+    def find(
+        self,
+        *,
+        status: str | None = None,
+        person_ref: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Sequence[MpesaPayment]:
+        if status is not None and status not in PaymentStatus.ALL:
+            raise ValidationError(
+                "unknown status", value=status, hint="one of " + ", ".join(PaymentStatus.ALL)
+            )
+        with self.db.read() as session:
+            query = select(MpesaPayment).order_by(col(MpesaPayment.id).desc())
+            if status:
+                query = query.where(MpesaPayment.status == status)
+            if person_ref:
+                person = find_person(session, person_ref)
+                query = query.where(MpesaPayment.person_id == person.id)
+            return session.exec(query.offset(offset).limit(limit)).all()
+
+    def refresh(self, payment_ids: Sequence[int]) -> list[str]:
+        """Ask Daraja about the given payments that are still open; returns errors."""
+        errors: list[str] = []
+        for pid in payment_ids:
+            payment = self.get(pid)
+            if payment.status not in PaymentStatus.OPEN or not payment.checkout_request_id:
+                continue
+            try:
+                self.settle_by_query(payment.checkout_request_id)
+            except DarajaError as exc:
+                errors.append(f"payment {pid}: {exc}")
+        return errors
+
+    def settle_by_query(
+        self, checkout_request_id: str, callback: StkResult | None = None
+    ) -> Applied | None:
+        """Query one push and apply its verdict; None while Daraja still processes it."""
+        query = self.client.stk_query(checkout_request_id)
+        if query.processing:
+            return None
+        with self.db.write() as session:
+            return apply_result(
+                session,
+                query_as_result(query, callback),
+                source="query",
+                trusted=True,
+                now=self.clock(),
+            )
+
+    # -- callbacks -------------------------------------------------------------------------
+
+    def store_callback(self, body: bytes, source_addr: str | None, *, trusted: bool) -> int:
+        """Step one for every callback: keep the raw body. Returns the inbox id."""
+        with self.db.write() as session:
+            row = MpesaCallback(
+                received_at=self.clock(),
+                source_addr=source_addr,
+                body=body,
+                trusted=trusted,
+                outcome=CallbackOutcome.RECEIVED,
+            )
+            session.add(row)
+            session.flush()
+            assert row.id is not None
+            return row.id
+
+    def process_callback(self, callback_id: int) -> Applied:
+        """Act on a stored callback (no network). NEEDS_QUERY asks the caller to confirm it."""
+        with self.db.write() as session:
+            row = session.get(MpesaCallback, callback_id)
+            if row is None:
+                raise NotFoundError("no such callback", value=str(callback_id))
+            try:
+                result = parse_stk_callback(row.body)
+            except CallbackFormatError as exc:
+                row.outcome = CallbackOutcome.REJECTED
+                row.detail = exc.message
+                row.processed_at = self.clock()
+                session.add(row)
+                return Applied(CallbackOutcome.REJECTED, exc.message)
+            row.checkout_request_id = result.checkout_request_id
+            row.result_code = result.result_code
+            trusted = row.trusted and not self.confirm_by_query
+            applied = apply_result(
+                session, result, source="callback", trusted=trusted, now=self.clock()
+            )
+            row.outcome = applied.outcome
+            row.detail = applied.detail
+            row.payment_id = applied.payment_id
+            row.processed_at = self.clock()
+            session.add(row)
+        log.info(
+            "callback %s for %s code %s: %s (%s)",
+            callback_id, result.checkout_request_id, result.result_code, applied.outcome,
+            applied.detail,
+        )  # fmt: skip
+        return applied
+
+    def confirm_callback(self, callback_id: int) -> Applied:
+        """Settle a NEEDS_QUERY callback with an STK Push Query (network)."""
+        with self.db.read() as session:
+            row = session.get(MpesaCallback, callback_id)
+            if row is None:
+                raise NotFoundError("no such callback", value=str(callback_id))
+            body = row.body
+        result = parse_stk_callback(body)
+        applied = self.settle_by_query(result.checkout_request_id, result)
+        if applied is None:
+            return Applied(CallbackOutcome.NEEDS_QUERY, "Daraja is still processing it")
+        with self.db.write() as session:
+            checkout = session.exec(
+                select(MpesaCheckout).where(
+                    MpesaCheckout.checkout_request_id == result.checkout_request_id
+                )
+            ).first()
+            query_code = checkout.result_code if checkout else None
+            if query_code == "0":
+                final = Applied(
+                    applied.outcome, "confirmed by query: " + applied.detail, applied.payment_id
+                )
+            else:
+                final = Applied(
+                    CallbackOutcome.IGNORED,
+                    f"query says {query_code}: the 'paid' was not confirmed",
+                    applied.payment_id,
+                )
+            row = session.get(MpesaCallback, callback_id)
+            assert row is not None
+            row.outcome = final.outcome
+            row.detail = final.detail
+            row.payment_id = final.payment_id
+            row.processed_at = self.clock()
+            session.add(row)
+        log.info(
+            "callback %s confirmed by query: %s (%s)", callback_id, final.outcome, final.detail
+        )
+        return final
+
+    def replay_callbacks(self, checkout_request_id: str | None = None) -> int:
+        """Act on stored callbacks not yet applied (no network); returns how many changed."""
+        with self.db.read() as session:
+            query = select(MpesaCallback.id).where(
+                col(MpesaCallback.outcome).in_(
+                    [CallbackOutcome.RECEIVED, CallbackOutcome.UNMATCHED, CallbackOutcome.ERROR]
+                )
+            )
+            if checkout_request_id is not None:
+                query = query.where(MpesaCallback.checkout_request_id == checkout_request_id)
+            ids = [i for i in session.exec(query.order_by(col(MpesaCallback.id))).all() if i]
+        changed = 0
+        for callback_id in ids:
+            applied = self.process_callback(callback_id)
+            if applied.outcome != CallbackOutcome.UNMATCHED:
+                changed += 1
+        return changed
+
+    def callbacks(self, *, outcome: str | None = None, limit: int = 50) -> Sequence[MpesaCallback]:
+        with self.db.read() as session:
+            query = select(MpesaCallback).order_by(col(MpesaCallback.id).desc()).limit(limit)
+            if outcome:
+                query = query.where(MpesaCallback.outcome == outcome)
+            return session.exec(query).all()
+
+    # -- reconcile -------------------------------------------------------------------------
+
+    def reconcile(self, older_than: timedelta = DEFAULT_RECONCILE_AGE) -> ReconcileReport:
+        """Settle everything left open: stored callbacks first, then stale pushes by query."""
+        report = ReconcileReport()
+        report.callbacks_applied = self.replay_callbacks()
+        with self.db.read() as session:
+            waiting = session.exec(
+                select(MpesaCallback.id).where(MpesaCallback.outcome == CallbackOutcome.NEEDS_QUERY)
+            ).all()
+        for callback_id in waiting:
+            assert callback_id is not None
+            try:
+                if self.confirm_callback(callback_id).outcome != CallbackOutcome.NEEDS_QUERY:
+                    report.callbacks_applied += 1
+            except DarajaError as exc:
+                report.errors.append(f"callback {callback_id}: {exc}")
+        cutoff = self.clock() - older_than
+        with self.db.read() as session:
+            stale = session.exec(
+                select(MpesaPayment)
+                .where(col(MpesaPayment.status).in_(PaymentStatus.OPEN))
+                .where(col(MpesaPayment.last_pushed_at) <= cutoff)
+                .order_by(col(MpesaPayment.id))
+            ).all()
+        for payment in stale:
+            assert payment.id is not None
+            if not payment.checkout_request_id:
+                report.unqueryable.append(payment.id)
+                continue
+            report.checked += 1
+            try:
+                applied = self.settle_by_query(payment.checkout_request_id)
+            except DarajaError as exc:
+                report.errors.append(f"payment {payment.id}: {exc}")
+                continue
+            if applied is None:
+                report.still_pending.append(payment.id)
+            else:
+                after = self.get(payment.id)
+                if after.status not in PaymentStatus.OPEN:
+                    report.settled.append(after)
+        log.info(
+            "reconcile: %s checked, %s settled, %s still pending, %s callbacks applied, %s errors",
+            report.checked, len(report.settled), len(report.still_pending),
+            report.callbacks_applied, len(report.errors),
+        )  # fmt: skip
+        return report

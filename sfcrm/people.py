@@ -1,0 +1,224 @@
+"""People: the crew, clients and anyone else who owes Sound Fusion money."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, or_
+from sqlmodel import Session, col, select
+
+from sfcrm.db import Database
+from sfcrm.errors import ConflictError, NotFoundError, SfcrmError, ValidationError
+from sfcrm.models import Person
+from sfcrm.money import format_cents, parse_kes
+from sfcrm.phone import normalise_phone
+
+MAX_NAME = 120
+CSV_HEADER = ["name", "phone", "email", "balance"]
+
+
+def person_json(person: Person) -> dict[str, Any]:
+    return {
+        "id": person.id,
+        "name": person.name,
+        "phone": person.phone,
+        "email": person.email,
+        "balance": format_cents(person.balance_cents),
+    }
+
+
+def clean_name(name: str) -> str:
+    # Names end up in emails and logs: one line, no control characters.
+    cleaned = " ".join("".join(ch if ch.isprintable() else " " for ch in name).split())
+    if not cleaned:
+        raise ValidationError("name must not be empty")
+    if len(cleaned) > MAX_NAME:
+        raise ValidationError(f"name is longer than {MAX_NAME} characters")
+    return cleaned
+
+
+def clean_email(email: str | None) -> str | None:
+    if email is None or not email.strip():
+        return None
+    text = email.strip().lower()
+    local, at, domain = text.rpartition("@")
+    if (
+        not at
+        or not local
+        or "." not in domain
+        or any(ch.isspace() or not ch.isprintable() for ch in text)
+        or len(text) > 254
+    ):
+        raise ValidationError("not an email address", value=email)
+    return text
+
+
+def find_person(session: Session, ref: str) -> Person:
+    """REF is an id, a phone number in any accepted form, or an email address."""
+    text = ref.strip()
+    if "@" in text:
+        person = session.exec(select(Person).where(Person.email == text.lower())).first()
+    else:
+        person = None
+        try:
+            phone = normalise_phone(text)
+        except ValidationError:
+            phone = None
+        if phone:
+            person = session.exec(select(Person).where(Person.phone == phone)).first()
+        if person is None and text.isdigit() and len(text) < 10:
+            person = session.get(Person, int(text))
+        if person is None and phone is None and not text.isdigit():
+            raise NotFoundError(
+                "no such person", value=ref, hint="give an id, a phone number or an email"
+            )
+    if person is None:
+        raise NotFoundError("no such person", value=ref, hint="see `sfcrm people list`")
+    return person
+
+
+@dataclass(frozen=True)
+class NewPerson:
+    name: str
+    phone: str
+    email: str | None
+    balance_cents: int
+
+
+def validate_new_person(
+    name: str, phone: str, email: str | None = None, balance: str | None = None
+) -> NewPerson:
+    return NewPerson(
+        name=clean_name(name),
+        phone=normalise_phone(phone),
+        email=clean_email(email),
+        balance_cents=parse_kes(balance, what="balance") if balance not in (None, "") else 0,
+    )
+
+
+class People:
+    def __init__(self, db: Database, clock: Callable[[], datetime]) -> None:
+        self.db = db
+        self.clock = clock
+
+    def add(
+        self, name: str, phone: str, email: str | None = None, balance: str | None = None
+    ) -> Person:
+        new = validate_new_person(name, phone, email, balance)
+        with self.db.write() as session:
+            self._check_unique(session, new)
+            person = Person(
+                name=new.name,
+                phone=new.phone,
+                email=new.email,
+                balance_cents=new.balance_cents,
+                created_at=self.clock(),
+            )
+            session.add(person)
+            session.flush()
+        return person
+
+    def _check_unique(self, session: Session, new: NewPerson) -> None:
+        same = [col(Person.phone) == new.phone]
+        if new.email is not None:
+            same.append(col(Person.email) == new.email)
+        clash = session.exec(select(Person).where(or_(*same))).first()
+        if clash is not None:
+            what = "phone" if clash.phone == new.phone else "email"
+            raise ConflictError(
+                f"person {clash.id} ({clash.name}) already has this {what}",
+                value=new.phone if what == "phone" else new.email,
+            )
+
+    def show(self, ref: str) -> Person:
+        with self.db.read() as session:
+            return find_person(session, ref)
+
+    def find(self, search: str | None = None, limit: int = 500) -> Sequence[Person]:
+        with self.db.read() as session:
+            query = select(Person).order_by(col(Person.name), col(Person.id)).limit(limit)
+            if search:
+                pattern = f"%{search.lower()}%"
+                query = query.where(
+                    or_(
+                        func.lower(Person.name).like(pattern),
+                        col(Person.phone).like(pattern),
+                        func.lower(Person.email).like(pattern),
+                    )
+                )
+            return session.exec(query).all()
+
+    def import_csv(self, path: Path) -> list[Person]:
+        """All rows or none: every bad row is reported by its line number."""
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise NotFoundError("file not found", value=str(path)) from None
+        except UnicodeDecodeError:
+            raise ValidationError("file is not UTF-8 text", value=str(path)) from None
+        except OSError as exc:
+            raise ValidationError(f"cannot read file: {exc.strerror}", value=str(path)) from None
+        reader = csv.reader(io.StringIO(text))
+        rows = list(enumerate(reader, start=1))
+        if not rows or [h.strip().lower() for h in rows[0][1]] != CSV_HEADER:
+            raise ValidationError(
+                "the first line must be the header name,phone,email,balance", value=str(path)
+            )
+        problems: list[str] = []
+        parsed: list[tuple[int, NewPerson]] = []
+        seen_phone: dict[str, int] = {}
+        seen_email: dict[str, int] = {}
+        for line, row in rows[1:]:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(CSV_HEADER):
+                problems.append(f"line {line}: expected 4 columns, found {len(row)}")
+                continue
+            try:
+                new = validate_new_person(*row)
+            except SfcrmError as exc:
+                problems.append(f"line {line}: {exc}")
+                continue
+            if new.phone in seen_phone:
+                problems.append(f"line {line}: phone repeats line {seen_phone[new.phone]}")
+                continue
+            if new.email and new.email in seen_email:
+                problems.append(f"line {line}: email repeats line {seen_email[new.email]}")
+                continue
+            seen_phone[new.phone] = line
+            if new.email:
+                seen_email[new.email] = line
+            parsed.append((line, new))
+        created: list[Person] = []
+        with self.db.write() as session:
+            for line, new in parsed:
+                try:
+                    self._check_unique(session, new)
+                except ConflictError as exc:
+                    problems.append(f"line {line}: {exc}")
+            if problems:
+                raise ValidationError(
+                    f"{path.name} was not imported: "
+                    + "; ".join(problems[:20])
+                    + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""),
+                    hint="fix the lines named and import the file again; nothing was added",
+                )
+            now = self.clock()
+            for _line, new in parsed:
+                person = Person(
+                    name=new.name,
+                    phone=new.phone,
+                    email=new.email,
+                    balance_cents=new.balance_cents,
+                    created_at=now,
+                )
+                session.add(person)
+                created.append(person)
+            session.flush()
+        return created

@@ -1,0 +1,239 @@
+"""The callback listener: a WSGI app that takes Daraja's STK results.
+
+One route: POST on the path of MPESA_CALLBACK_URL (a secret, compared in constant time). The raw
+body is stored before anything else, then acted on by :meth:`Payments.process_callback`, the
+same code ``reconcile`` uses. Nothing a client sends can make it answer 500: a stored body
+is answered 200 even when acting on it fails (``reconcile`` retries it), and a body that is not
+a Daraja callback is stored and answered 400.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from sfcrm.models import CallbackOutcome
+
+if TYPE_CHECKING:
+    from sfcrm.payments import Payments
+
+log = logging.getLogger("sfcrm.listener")
+
+StartResponse = Callable[..., Any]
+ACCEPTED = {"ResultCode": 0, "ResultDesc": "Accepted"}
+
+
+class ConfirmWorker:
+    """Confirms 'paid' callbacks by STK Push Query off the request thread, so Daraja is
+    answered at once. What is left when it stops stays NEEDS_QUERY for ``reconcile``."""
+
+    def __init__(self, payments: Payments) -> None:
+        self.payments = payments
+        self._queue: queue.Queue[int | None] = queue.Queue(maxsize=10_000)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, callback_id: int) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sfcrm-confirm", daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait(callback_id)
+        except queue.Full:
+            log.warning("confirmation queue full; callback %s waits for reconcile", callback_id)
+
+    def _run(self) -> None:
+        while True:
+            callback_id = self._queue.get()
+            if callback_id is None:
+                return
+            try:
+                self.payments.confirm_callback(callback_id)
+            except Exception as exc:  # keep the worker alive; reconcile picks the row up
+                log.warning("callback %s not confirmed yet: %s", callback_id, exc)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+
+def _parse_networks(items: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(item.strip(), strict=False) for item in items if item.strip()]
+
+
+def _in(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+class CallbackApp:
+    """The WSGI application; also importable for gunicorn or waitress with more workers."""
+
+    def __init__(
+        self,
+        payments: Payments,
+        *,
+        callback_path: str,
+        max_body: int = 65536,
+        allowlist: Iterable[str] | None = None,
+        trusted_proxies: Iterable[str] = (),
+        worker: ConfirmWorker | None = None,
+    ) -> None:
+        self.payments = payments
+        self._path = self._normal(unquote(callback_path)).encode("utf-8")
+        self.max_body = max_body
+        self._allow = _parse_networks(allowlist) if allowlist is not None else None
+        self._proxies = _parse_networks(trusted_proxies)
+        self.worker = worker or ConfirmWorker(payments)
+
+    @staticmethod
+    def _normal(path: str) -> str:
+        return path.rstrip("/") or "/"
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            return self._handle(environ, start_response)
+        except Exception:
+            log.exception("listener error")
+            return _reply(
+                start_response,
+                "503 Service Unavailable",
+                {"ResultCode": 1, "ResultDesc": "Try again"},
+            )
+
+    def _handle(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        raw_path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode(
+            "latin-1", "replace"
+        )
+        path = self._normal(raw_path.decode("latin-1")).encode("latin-1", "replace")
+        if not hmac.compare_digest(path, self._path):
+            return _reply(start_response, "404 Not Found", {"error": "not found"})
+        if environ.get("REQUEST_METHOD") != "POST":
+            return _reply(
+                start_response,
+                "405 Method Not Allowed",
+                {"error": "POST only"},
+                [("Allow", "POST")],
+            )
+        body = self._read_body(environ)
+        if body is None:
+            return _reply(
+                start_response,
+                "413 Content Too Large",
+                {"ResultCode": 1, "ResultDesc": "Body too large"},
+            )
+        if isinstance(body, str):
+            return _reply(start_response, "400 Bad Request", {"ResultCode": 1, "ResultDesc": body})
+        source = self._source(environ)
+        trusted = self._allow is None or _in(source, self._allow)
+        callback_id = self.payments.store_callback(body, source, trusted=trusted)
+        try:
+            applied = self.payments.process_callback(callback_id)
+        except Exception as exc:
+            # The body is stored: answer 200 so Daraja does not resend; reconcile retries it.
+            log.exception("callback %s stored, acting on it failed", callback_id)
+            self._mark_error(callback_id, exc)
+            return _reply(start_response, "200 OK", ACCEPTED)
+        if applied.outcome == CallbackOutcome.REJECTED:
+            log.info("callback %s from %s rejected: %s", callback_id, source, applied.detail)
+            return _reply(
+                start_response,
+                "400 Bad Request",
+                {"ResultCode": 1, "ResultDesc": f"Rejected: {applied.detail}"},
+            )
+        if applied.outcome == CallbackOutcome.NEEDS_QUERY:
+            self.worker.submit(callback_id)
+        log.info("callback %s from %s: %s", callback_id, source, applied.outcome)
+        return _reply(start_response, "200 OK", ACCEPTED)
+
+    def _read_body(self, environ: dict[str, Any]) -> bytes | str | None:
+        """The body, None when over the limit (unread), or an error text."""
+        length_text = environ.get("CONTENT_LENGTH") or ""
+        stream = environ["wsgi.input"]
+        if length_text:
+            try:
+                length = int(length_text)
+            except ValueError:
+                return "bad Content-Length"
+            if length < 0:
+                return "bad Content-Length"
+            if length > self.max_body:
+                return None
+            return bytes(stream.read(length))
+        # No length (chunked): read at most one byte past the limit.
+        data = bytes(stream.read(self.max_body + 1))
+        return None if len(data) > self.max_body else data
+
+    def _source(self, environ: dict[str, Any]) -> str:
+        peer = str(environ.get("REMOTE_ADDR") or "")
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+        if not forwarded or not _in(peer, self._proxies):
+            return peer
+        # The right-most address not added by one of our own proxies is the real sender.
+        for hop in reversed([h.strip() for h in str(forwarded).split(",") if h.strip()]):
+            if not _in(hop, self._proxies):
+                return hop[:64]
+        return peer
+
+    def _mark_error(self, callback_id: int, exc: Exception) -> None:
+        from sfcrm.models import MpesaCallback
+
+        try:
+            with self.payments.db.write() as session:
+                row = session.get(MpesaCallback, callback_id)
+                if row is not None:
+                    row.outcome = CallbackOutcome.ERROR
+                    row.detail = type(exc).__name__
+                    session.add(row)
+        except Exception:
+            log.exception("callback %s could not be marked for retry", callback_id)
+
+
+def _reply(
+    start_response: StartResponse,
+    status: str,
+    doc: dict[str, Any],
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    body = json.dumps(doc).encode()
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            *(headers or []),
+        ],
+    )
+    return [body]
+
+
+def make_server(app: CallbackApp, host: str, port: int, threads: int) -> Any:
+    """A waitress server for ``app``; ``.effective_port`` tells the port, ``.run()`` serves."""
+    from waitress.server import create_server
+
+    return create_server(
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        max_request_body_size=app.max_body,
+        # waitress's own 413 for a declared or chunked body over the limit: it never buffers it
+        channel_timeout=30,
+        connection_limit=1000,
+        ident="sfcrm",
+        clear_untrusted_proxy_headers=False,
+    )
