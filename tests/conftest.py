@@ -19,3 +19,159 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+# -- real parts: database, Daraja emulator over HTTP, the listener on a loopback socket ---------
+
+import secrets  # noqa: E402
+import threading  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
+from typing import Any  # noqa: E402
+
+import requests  # noqa: E402
+
+from sfcrm.daraja import DarajaClient  # noqa: E402
+from sfcrm.db import Database  # noqa: E402
+from sfcrm.emulator import (  # noqa: E402
+    SANDBOX_PASSKEY,
+    SANDBOX_SHORTCODE,
+    DarajaEmulator,
+    EmulatorSettings,
+)
+from sfcrm.models import Person  # noqa: E402
+from sfcrm.payments import DatabaseTokenCache, Payments  # noqa: E402
+from sfcrm.people import People  # noqa: E402
+from sfcrm.server import CallbackApp, make_server  # noqa: E402
+
+CONSUMER_KEY = "test-consumer-key"
+CONSUMER_SECRET = "test-consumer-secret"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "sfcrm.db"
+
+
+@pytest.fixture
+def db(db_path: Path) -> Iterator[Database]:
+    database = Database(db_path)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def people(db: Database) -> People:
+    return People(db, utcnow)
+
+
+@pytest.fixture
+def person_with_balance(people: People) -> Person:
+    return people.add("Achieng Otieno", "0708374149", "achieng@example.com", "1500")
+
+
+@pytest.fixture
+def emulator_settings() -> EmulatorSettings:
+    """Override in a test module to change the emulator's behaviour."""
+    return EmulatorSettings(callback_delay=0.05, prompt_seconds=1.0)
+
+
+@pytest.fixture
+def emulator(emulator_settings: EmulatorSettings) -> Iterator[DarajaEmulator]:
+    with DarajaEmulator(emulator_settings) as running:
+        yield running
+
+
+@pytest.fixture
+def daraja_client(emulator: DarajaEmulator, db: Database) -> DarajaClient:
+    return DarajaClient(
+        emulator.url,
+        CONSUMER_KEY,
+        CONSUMER_SECRET,
+        SANDBOX_SHORTCODE,
+        SANDBOX_PASSKEY,
+        session=requests.Session(),
+        timeout=5,
+        clock=utcnow,
+        token_cache=DatabaseTokenCache(db),
+    )
+
+
+@pytest.fixture
+def payments(db: Database, daraja_client: DarajaClient) -> Payments:
+    """Payments wired to the emulator; callback_url is set by the ``listener`` fixture."""
+    return Payments(
+        db, callback_url="http://127.0.0.1:9/unused", clock=utcnow,
+        client_factory=lambda: daraja_client,
+    )  # fmt: skip
+
+
+@dataclass
+class Listener:
+    url: str  # the full callback URL, secret path included
+    base: str  # http://127.0.0.1:PORT
+    path: str
+    app: CallbackApp
+    server: Any
+
+    def post(self, body: bytes | str | dict[str, Any], **kwargs: Any) -> requests.Response:
+        import json
+
+        data = json.dumps(body) if isinstance(body, dict) else body
+        headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+        return requests.post(self.url, data=data, headers=headers, timeout=10, **kwargs)
+
+
+def start_listener(payments: Payments, **app_options: Any) -> Listener:
+    path = "/cb/" + secrets.token_urlsafe(16)
+    app = CallbackApp(payments, callback_path=path, **app_options)
+    server = make_server(app, "127.0.0.1", 0, threads=8)
+    threading.Thread(target=server.run, daemon=True).start()
+    base = f"http://127.0.0.1:{server.effective_port}"
+    payments.callback_url = base + path
+    return Listener(url=base + path, base=base, path=path, app=app, server=server)
+
+
+@pytest.fixture
+def listener(payments: Payments) -> Iterator[Listener]:
+    running = start_listener(payments)
+    yield running
+    running.server.close()
+    running.app.worker.stop()
+
+
+@pytest.fixture
+def cli_env(
+    monkeypatch: pytest.MonkeyPatch, emulator: DarajaEmulator, listener: Listener, db_path: Path
+) -> dict[str, str]:
+    """Environment for CLI runs: Daraja is the emulator, results come back to the listener."""
+    env = {
+        "MPESA_CONSUMER_KEY": CONSUMER_KEY,
+        "MPESA_CONSUMER_SECRET": CONSUMER_SECRET,
+        "MPESA_PASS_KEY": SANDBOX_PASSKEY,
+        "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
+        "MPESA_BASE_URL": emulator.url,
+        "MPESA_CALLBACK_URL": listener.url,
+        "SFCRM_DATABASE_URL": str(db_path),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll until predicate() is truthy; fail the test after timeout seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
