@@ -428,6 +428,7 @@ class Payments:
                 row.result_desc = exc.message
                 session.add(row)
             log.warning("payment %s push failed: %s", pid, exc)
+            exc.message = f"payment {pid}: {exc.message}"
             raise
         now = self.clock()
         with self.db.write() as session:

@@ -1,0 +1,339 @@
+"""The command line as office staff and cron use it: exit codes, exact messages, --json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from sfcrm.cli import app
+from sfcrm.emulator import DarajaEmulator
+from tests.conftest import Listener, wait_for
+
+runner = CliRunner()
+
+
+def run(*args: str) -> Any:
+    return runner.invoke(app, list(args))
+
+
+def run_json(*args: str, code: int = 0) -> Any:
+    result = run(*args, "--json")
+    assert result.exit_code == code, result.output + result.stderr
+    return json.loads(result.stdout)
+
+
+# -- people ------------------------------------------------------------------------------------
+
+
+def test_people_add_prints_the_person_as_json_with_money_as_text() -> None:
+    doc = run_json("people", "add", "--name", "Achieng Otieno", "--phone", "0712 345 678",
+                   "--email", "Achieng@Example.com", "--balance", "1500")  # fmt: skip
+    assert doc == {
+        "id": 1,
+        "name": "Achieng Otieno",
+        "phone": "254712345678",
+        "email": "achieng@example.com",
+        "balance": "1500.00",
+    }
+
+
+def test_people_show_finds_by_id_phone_and_email() -> None:
+    run_json("people", "add", "--name", "Otieno", "--phone", "0712345678", "--email", "o@x.co.ke")
+    for ref in ("1", "0712345678", "+254 712 345 678", "712345678", "O@X.co.ke"):
+        assert run_json("people", "show", ref)["id"] == 1
+
+
+def test_people_show_unknown_person_exits_5_with_one_line() -> None:
+    result = run("people", "show", "0799999999")
+    assert result.exit_code == 5
+    assert result.stderr.splitlines()[0] == "Error: no such person (0799999999)"
+
+
+def test_people_add_refuses_a_foreign_phone_with_exit_4_and_no_row() -> None:
+    result = run("people", "add", "--name", "X", "--phone", "255712345678")
+    assert result.exit_code == 4
+    assert result.stderr.splitlines()[0] == "Error: not a Kenyan mobile number (255712345678)"
+    assert run_json("people", "list") == []
+
+
+def test_people_add_refuses_a_duplicate_phone() -> None:
+    run_json("people", "add", "--name", "A", "--phone", "0712345678")
+    result = run("people", "add", "--name", "B", "--phone", "+254712345678")
+    assert result.exit_code == 6
+    assert "already has this phone" in result.stderr
+
+
+def test_errors_under_json_are_one_document_on_stdout() -> None:
+    doc = run_json("people", "show", "42", code=5)
+    assert doc["status"] == "failed"
+    assert doc["code"] == "NOT_FOUND"
+    assert doc["error"] == "no such person (42)"
+
+
+def test_people_import_adds_every_row(tmp_path: Path) -> None:
+    csv = tmp_path / "crew.csv"
+    csv.write_text("name,phone,email,balance\nA One,0712000001,a@x.co.ke,100\nB Two,0712000002,,\n")
+    doc = run_json("people", "import", str(csv))
+    assert doc["imported"] == 2
+    assert [p["balance"] for p in run_json("people", "list")] == ["100.00", "0.00"]
+
+
+def test_people_import_with_a_bad_row_names_its_line_and_imports_nothing(tmp_path: Path) -> None:
+    csv = tmp_path / "crew.csv"
+    csv.write_text(
+        "name,phone,email,balance\n"
+        "A One,0712000001,a@x.co.ke,100\n"
+        "B Two,0812000002,,\n"
+        "C Three,0712000003,,abc\n"
+    )
+    result = run("people", "import", str(csv))
+    assert result.exit_code == 4
+    assert "line 3: not a Kenyan mobile number (must be 07.. or 01..) (0812000002)" in result.stderr
+    assert "line 4: balance must be a number (abc)" in result.stderr
+    assert run_json("people", "list") == []
+
+
+def test_people_import_refuses_a_file_without_the_header(tmp_path: Path) -> None:
+    csv = tmp_path / "crew.csv"
+    csv.write_text("A One,0712000001,a@x.co.ke,100\n")
+    result = run("people", "import", str(csv))
+    assert result.exit_code == 4
+    assert "header name,phone,email,balance" in result.stderr
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def test_config_show_masks_secrets_and_names_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPESA_CONSUMER_SECRET", "canary-consumer-secret")
+    monkeypatch.setenv("MPESA_CALLBACK_URL", "https://pay.example.co.ke/cb/canary-path-secret")
+    Path(".env").write_text("MPESA_PASS_KEY=canary-passkey\nMPESA_CONSUMER_SECRET=from-dotenv\n")
+    Path("sfcrm.toml").write_text('[mpesa]\nbusiness_short_code = "600100"\n')
+    for args in (("config", "show"), ("config", "show", "--json")):
+        result = run(*args)
+        assert result.exit_code == 0, result.output
+        for canary in ("canary-consumer-secret", "canary-path-secret", "canary-passkey"):
+            assert canary not in result.output
+    doc = run_json("config", "show")
+    rows = {row["setting"]: row for row in doc["settings"]}
+    secret = rows["MPESA_CONSUMER_SECRET"]
+    assert (secret["value"], secret["source"]) == ("********", "environment")
+    assert rows["MPESA_PASS_KEY"]["source"] == ".env"
+    assert rows["MPESA_BUSINESS_SHORT_CODE"]["value"] == "600100"
+    assert rows["MPESA_BUSINESS_SHORT_CODE"]["source"] == "sfcrm.toml"
+    assert rows["MPESA_CALLBACK_URL"]["value"] == "https://pay.example.co.ke/********"
+    timezone = rows["SFCRM_TIMEZONE"]
+    assert (timezone["value"], timezone["source"]) == ("Africa/Nairobi", "default")
+
+
+def test_a_secret_in_sfcrm_toml_is_refused() -> None:
+    Path("sfcrm.toml").write_text('[mpesa]\nconsumer_secret = "oops"\n')
+    result = run("config", "show")
+    assert result.exit_code == 3
+    assert (
+        result.stderr.splitlines()[0] == "Error: sfcrm.toml holds a secret (mpesa.consumer_secret)"
+    )
+    assert "oops" not in result.output
+
+
+def test_request_without_credentials_names_the_variable_and_leaves_no_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run_json("people", "add", "--name", "A", "--phone", "0712345678", "--balance", "900")
+    monkeypatch.setenv("MPESA_CALLBACK_URL", "https://pay.example.co.ke/cb/secret")
+    result = run("mpesa", "request", "--person", "1", "--amount", "500", "--purpose", "Deposit")
+    assert result.exit_code == 3
+    assert result.stderr.splitlines()[0] == "Error: MPESA_CONSUMER_KEY is not set"
+    assert run_json("mpesa", "status") == []
+
+
+def test_init_writes_starter_files_and_the_database() -> None:
+    doc = run_json("init")
+    assert sorted(doc["written"]) == [".env.example", "sfcrm.toml"]
+    assert Path(doc["database"]).is_file()
+    assert "MPESA_CONSUMER_KEY=" in Path(".env.example").read_text()
+    # a second run keeps the user's edits
+    Path("sfcrm.toml").write_text("# mine\n")
+    assert run_json("init")["written"] == []
+    assert Path("sfcrm.toml").read_text() == "# mine\n"
+
+
+# -- payments through the emulator and the listener --------------------------------------------
+
+
+@pytest.fixture
+def payer(cli_env: dict[str, str]) -> dict[str, Any]:
+    doc: dict[str, Any] = run_json(
+        "people", "add", "--name", "Wanjiru", "--phone", "0708374149", "--balance", "1500"
+    )
+    return doc
+
+
+def test_request_answers_like_the_old_api_and_the_callback_completes_it(
+    payer: dict[str, Any],
+) -> None:
+    doc = run_json("mpesa", "request", "--person", "0708374149", "--amount", "500",
+                   "--purpose", "Crew deposit")  # fmt: skip
+    assert doc["success"] is True
+    assert doc["message"] == "STK push initiated successfully"
+    assert doc["checkout_request_id"].startswith("ws_CO_")
+    pid = str(doc["payment_id"])
+    status = wait_for(
+        lambda: (s := run_json("mpesa", "status", pid))["status"] == "completed" and s
+    )
+    assert status["amount"] == "500.00"
+    assert len(status["receipt_number"]) == 10
+    assert status["completed_at"].endswith("+03:00")
+    assert status["checkout_request_id"] == doc["checkout_request_id"]
+    assert status["result_code"] == "0"
+    assert run_json("people", "show", "0708374149")["balance"] == "1000.00"
+
+
+@pytest.mark.parametrize(
+    ("amount", "message"),
+    [
+        ("0", "Error: amount must be at least 1 (0)"),
+        ("500.50", "Error: amount must be whole shillings (M-Pesa takes no cents) (500.50)"),
+        ("250001", "Error: amount is over M-Pesa's 250,000 limit per payment (250001)"),
+        ("-3", "Error: amount must be at least 1 (-3)"),
+    ],
+)
+def test_request_refuses_bad_amounts_before_any_network_call(
+    payer: dict[str, Any], emulator: DarajaEmulator, amount: str, message: str
+) -> None:
+    result = run("mpesa", "request", "--person", "1", "--amount", amount, "--purpose", "x")
+    assert result.exit_code == 4
+    assert result.stderr.splitlines()[0] == message
+    assert emulator.token_requests == 0
+    assert run_json("mpesa", "status") == []
+
+
+def test_request_refuses_a_foreign_phone_before_any_network_call(
+    payer: dict[str, Any], emulator: DarajaEmulator
+) -> None:
+    result = run("mpesa", "request", "--person", "1", "--amount", "10", "--purpose", "x",
+                 "--phone", "255712345678")  # fmt: skip
+    assert result.exit_code == 4
+    assert emulator.token_requests == 0
+    assert run_json("mpesa", "status") == []
+
+
+def test_request_for_an_unknown_person_exits_5(payer: dict[str, Any]) -> None:
+    result = run("mpesa", "request", "--person", "77", "--amount", "10", "--purpose", "x")
+    assert result.exit_code == 5
+    assert result.stderr.splitlines()[0] == "Error: no such person (77)"
+
+
+def test_a_refused_push_prints_daraja_hint_and_keeps_a_failed_row(cli_env: dict[str, str]) -> None:
+    run_json("people", "add", "--name", "Busy", "--phone", "0700000500")
+    result = run("mpesa", "request", "--person", "1", "--amount", "10", "--purpose", "x")
+    assert result.exit_code == 7
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Error: payment 1: Daraja refused the STK push: Unable to lock")
+    assert lines[1] == "Hint: another M-Pesa prompt is open on that phone; wait a minute or two"
+    assert run_json("mpesa", "status", "1")["status"] == "failed"
+
+
+def test_resend_of_a_completed_payment_is_refused(
+    payer: dict[str, Any], emulator: DarajaEmulator
+) -> None:
+    run_json("mpesa", "request", "--person", "1", "--amount", "500", "--purpose", "Deposit")
+    wait_for(lambda: run_json("mpesa", "status", "1")["status"] == "completed")
+    result = run("mpesa", "resend", "1")
+    assert result.exit_code == 6
+    assert "payment 1 is completed; it is never pushed again" in result.stderr
+    assert len(emulator.pushes) == 1
+
+
+def test_resend_after_a_cancelled_prompt_pushes_again(cli_env: dict[str, str]) -> None:
+    run_json("people", "add", "--name", "Cancels", "--phone", "0700000032")
+    run_json("mpesa", "request", "--person", "1", "--amount", "20", "--purpose", "Deposit")
+    wait_for(lambda: run_json("mpesa", "status", "1")["status"] == "cancelled")
+    doc = run_json("mpesa", "resend", "1")
+    assert doc["pushed"] == 1
+    assert doc["results"][0]["payment"]["push_count"] == 2
+
+
+def test_status_lists_filter_by_status_and_person(payer: dict[str, Any]) -> None:
+    run_json("mpesa", "request", "--person", "1", "--amount", "500", "--purpose", "Deposit")
+    wait_for(lambda: run_json("mpesa", "status", "1")["status"] == "completed")
+    assert [p["payment_id"] for p in run_json("mpesa", "status", "--status", "completed")] == [1]
+    assert run_json("mpesa", "status", "--status", "pending") == []
+    assert len(run_json("mpesa", "status", "--person", "0708374149")) == 1
+    result = run("mpesa", "status", "--status", "bogus")
+    assert result.exit_code == 4
+
+
+def test_status_of_an_unknown_payment_exits_5(cli_env: dict[str, str]) -> None:
+    result = run("mpesa", "status", "99")
+    assert result.exit_code == 5
+    assert result.stderr.splitlines()[0] == "Error: no such payment (99)"
+
+
+def test_reconcile_settles_a_payment_whose_callback_was_lost(
+    payer: dict[str, Any], emulator: DarajaEmulator, listener: Listener
+) -> None:
+    emulator.settings.send_callbacks = False
+    run_json("mpesa", "request", "--person", "1", "--amount", "500", "--purpose", "Deposit")
+    import time
+
+    time.sleep(0.2)  # let the emulator settle the push (callback_delay is 0.05 s)
+    doc = run_json("mpesa", "reconcile", "--older-than", "0s")
+    assert [p["status"] for p in doc["settled"]] == ["completed"]
+    assert run_json("people", "show", "1")["balance"] == "1000.00"
+    again = run_json("mpesa", "reconcile", "--older-than", "0s")
+    assert again["settled"] == []
+    assert run_json("people", "show", "1")["balance"] == "1000.00"
+
+
+def test_reconcile_refuses_a_bad_duration(cli_env: dict[str, str]) -> None:
+    result = run("mpesa", "reconcile", "--older-than", "soon")
+    assert result.exit_code == 4
+    assert result.stderr.splitlines()[0] == "Error: not a duration; use e.g. 90s, 2m, 1h (soon)"
+
+
+def test_callbacks_lists_unmatched_ones(cli_env: dict[str, str], listener: Listener) -> None:
+    body = json.loads(Path("/work/shared/daraja-samples/callback-cancelled.json").read_text())
+    assert listener.post(body).status_code == 200
+    rows = run_json("mpesa", "callbacks", "--unmatched")
+    assert [r["checkout_request_id"] for r in rows] == ["ws_CO_21072024125243250722943992"]
+
+
+# -- meta --------------------------------------------------------------------------------------
+
+
+def _commands() -> list[list[str]]:
+    import typer.main
+
+    found: list[list[str]] = []
+
+    def walk(command: Any, prefix: list[str]) -> None:
+        subcommands = getattr(command, "commands", None)
+        if subcommands:
+            for name, sub in subcommands.items():
+                walk(sub, [*prefix, name])
+        else:
+            found.append(prefix)
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    commands = _commands()
+    assert ["mpesa", "request"] in commands
+    for path in commands:
+        result = run(*path, "--help")
+        assert result.exit_code == 0, path
+        assert "Example: sfcrm " + " ".join(path) in result.output, path
+
+
+def test_every_command_takes_json() -> None:
+    for path in _commands():
+        if path == ["mpesa", "emulator"]:
+            continue  # a server, not a report
+        assert "--json" in run(*path, "--help").output, path
