@@ -200,7 +200,7 @@ class Settings:
             return ""
         if name == "mpesa_callback_url":
             parts = urlsplit(str(value))
-            return f"{parts.scheme}://{parts.netloc}/{SECRET_MASK}"
+            return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/{SECRET_MASK}"
         if spec.secret:
             return SECRET_MASK
         if isinstance(value, bool):
@@ -252,6 +252,7 @@ def _check_toml_has_no_secrets(data: Mapping[str, Any], path: Path) -> None:
         "consumer_key", "consumer_secret", "pass_key", "passkey", "initiator_password",
         "callback_url", "password", "host_password", "secret_key",
     }  # fmt: skip
+    secret_keys |= {spec.env.lower() for spec in SPECS if spec.secret}
 
     def walk(node: Mapping[str, Any], prefix: str) -> None:
         for key, value in node.items():
@@ -339,6 +340,9 @@ def load_settings(
             raw, source = _as_text(_toml_lookup(toml_data, spec.toml)), "sfcrm.toml"
             base = toml_base
         else:
+            raw = spec.default
+        if raw is not None and raw.strip() == "":
+            # An empty line in an old .env means "not set", not "set to nothing".
             raw = spec.default
         values[spec.name] = None if raw is None or raw == "" else _convert(spec, raw, base)
         sources[spec.name] = source

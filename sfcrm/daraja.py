@@ -585,7 +585,7 @@ def _amount(value: Any) -> Decimal | None:
         amount = Decimal(str(value).strip())
     except InvalidOperation:
         return None
-    return amount if amount.is_finite() and abs(amount) < 10**12 else None
+    return amount if amount.is_finite() and amount.copy_abs() < 10**12 else None
 
 
 def _short_text(value: Any) -> str | None:

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 
 from sfcrm.errors import ValidationError
 
 MAX_STK_AMOUNT = 250_000
+# thousands separators only where they belong: 1,500 or 1,500.50, never 1,5,0,0
+_GROUPED = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
 
 
 def parse_kes(text: str | int | Decimal, *, what: str = "amount") -> int:
     """Parse a KES amount (``1500``, ``1500.5``, ``"1,500.00"``) into cents."""
+    raw = str(text).strip()
+    if not raw.isascii() or ("," in raw and not _GROUPED.match(raw)):
+        raise ValidationError(f"{what} must be a number", value=str(text))
     try:
-        value = Decimal(str(text).replace(",", "").strip())
+        value = Decimal(raw.replace(",", ""))
     except InvalidOperation:
         raise ValidationError(f"{what} must be a number", value=str(text)) from None
     if not value.is_finite():
         raise ValidationError(f"{what} must be a number", value=str(text))
+    if value.copy_abs() >= Decimal(10) ** 13:
+        raise ValidationError(f"{what} is too large", value=str(text))
     cents = value * 100
     if cents != cents.to_integral_value():
         raise ValidationError(f"{what} has more than two decimals", value=str(text))

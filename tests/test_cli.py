@@ -297,7 +297,7 @@ def test_reconcile_refuses_a_bad_duration(cli_env: dict[str, str]) -> None:
 
 
 def test_callbacks_lists_unmatched_ones(cli_env: dict[str, str], listener: Listener) -> None:
-    body = json.loads(Path("/work/shared/daraja-samples/callback-cancelled.json").read_text())
+    body = json.loads(Path(__file__).parent / "samples" / "callback-cancelled.json".read_text())
     assert listener.post(body).status_code == 200
     rows = run_json("mpesa", "callbacks", "--unmatched")
     assert [r["checkout_request_id"] for r in rows] == ["ws_CO_21072024125243250722943992"]
