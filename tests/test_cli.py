@@ -297,7 +297,7 @@ def test_reconcile_refuses_a_bad_duration(cli_env: dict[str, str]) -> None:
 
 
 def test_callbacks_lists_unmatched_ones(cli_env: dict[str, str], listener: Listener) -> None:
-    body = json.loads(Path(__file__).parent / "samples" / "callback-cancelled.json".read_text())
+    body = json.loads((Path(__file__).parent / "samples" / "callback-cancelled.json").read_text())
     assert listener.post(body).status_code == 200
     rows = run_json("mpesa", "callbacks", "--unmatched")
     assert [r["checkout_request_id"] for r in rows] == ["ws_CO_21072024125243250722943992"]
@@ -337,3 +337,34 @@ def test_every_command_takes_json() -> None:
         if path == ["mpesa", "emulator"]:
             continue  # a server, not a report
         assert "--json" in run(*path, "--help").output, path
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_every_command_shown_in_the_readme_exists() -> None:
+    import re
+
+    commands = {" ".join(path) for path in _commands()}
+    code = "\n".join(re.findall(r"^```[a-z]*\n(.*?)^```", README.read_text(), re.M | re.S))
+    shown = re.findall(
+        r"(?:^|\$ |sfcrm/venv/bin/)sfcrm ([a-z][a-z-]*(?: [a-z][a-z-]*)?)", code, re.M
+    )
+    assert shown
+    for text in shown:
+        words = text.split()
+        assert " ".join(words) in commands or words[0] in commands, text
+
+
+def test_every_command_is_documented_in_the_readme() -> None:
+    text = README.read_text()
+    for path in _commands():
+        assert "sfcrm " + " ".join(path) in text, path
+
+
+def test_every_setting_is_in_the_readme_table() -> None:
+    from sfcrm.config import SPECS
+
+    text = README.read_text()
+    for spec in SPECS:
+        assert f"| `{spec.env}` |" in text, spec.env
