@@ -23,13 +23,16 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 # -- real parts: database, Daraja emulator over HTTP, the listener on a loopback socket ---------
 
-import secrets  # noqa: E402
-import threading  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from typing import Any  # noqa: E402
 
 import requests  # noqa: E402
+from support import (  # noqa: E402
+    CONSUMER_KEY,
+    CONSUMER_SECRET,
+    Listener,
+    start_listener,
+    utcnow,
+    wait_for,  # noqa: F401  (re-exported for test modules)
+)
 
 from sfcrm.daraja import DarajaClient  # noqa: E402
 from sfcrm.db import Database  # noqa: E402
@@ -42,14 +45,6 @@ from sfcrm.emulator import (  # noqa: E402
 from sfcrm.models import Person  # noqa: E402
 from sfcrm.payments import DatabaseTokenCache, Payments  # noqa: E402
 from sfcrm.people import People  # noqa: E402
-from sfcrm.server import CallbackApp, make_server  # noqa: E402
-
-CONSUMER_KEY = "test-consumer-key"
-CONSUMER_SECRET = "test-consumer-secret"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @pytest.fixture
@@ -110,32 +105,6 @@ def payments(db: Database, daraja_client: DarajaClient) -> Payments:
     )  # fmt: skip
 
 
-@dataclass
-class Listener:
-    url: str  # the full callback URL, secret path included
-    base: str  # http://127.0.0.1:PORT
-    path: str
-    app: CallbackApp
-    server: Any
-
-    def post(self, body: bytes | str | dict[str, Any], **kwargs: Any) -> requests.Response:
-        import json
-
-        data = json.dumps(body) if isinstance(body, dict) else body
-        headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
-        return requests.post(self.url, data=data, headers=headers, timeout=10, **kwargs)
-
-
-def start_listener(payments: Payments, **app_options: Any) -> Listener:
-    path = "/cb/" + secrets.token_urlsafe(16)
-    app = CallbackApp(payments, callback_path=path, **app_options)
-    server = make_server(app, "127.0.0.1", 0, threads=8)
-    threading.Thread(target=server.run, daemon=True).start()
-    base = f"http://127.0.0.1:{server.effective_port}"
-    payments.callback_url = base + path
-    return Listener(url=base + path, base=base, path=path, app=app, server=server)
-
-
 @pytest.fixture
 def listener(payments: Payments) -> Iterator[Listener]:
     running = start_listener(payments)
@@ -161,17 +130,3 @@ def cli_env(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
-
-
-def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until predicate() is truthy; fail the test after timeout seconds."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)

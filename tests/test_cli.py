@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import Listener, wait_for
 from typer.testing import CliRunner
 
 from sfcrm.cli import app
 from sfcrm.emulator import DarajaEmulator
-from tests.conftest import Listener, wait_for
 
 runner = CliRunner()
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import wait_for
 
 from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE
-from tests.conftest import wait_for
 
 
 def free_port() -> int:
