@@ -406,7 +406,10 @@ class Payments:
     def _push(self, payment: MpesaPayment, client: DarajaClient, callback_url: str) -> MpesaPayment:
         pid = payment.id
         assert pid is not None
+        may_have_reached_phone = False
         try:
+            client.token()  # a token that never came proves the push was never sent
+            may_have_reached_phone = True
             accepted = client.stk_push(
                 phone=payment.phone_number,
                 amount=payment.amount,
@@ -418,10 +421,14 @@ class Payments:
             with self.db.write() as session:
                 row = session.get(MpesaPayment, pid)
                 assert row is not None
-                if isinstance(exc, DarajaTimeoutError):
+                if may_have_reached_phone and isinstance(exc, DarajaTimeoutError):
                     row.status = PaymentStatus.UNKNOWN
                     row.push_count += 1
                     row.last_pushed_at = self.clock()
+                    # This push's CheckoutRequestID never came. Keeping the previous push's
+                    # would let resend/reconcile query that one and push blindly again.
+                    row.checkout_request_id = None
+                    row.merchant_request_id = None
                 elif row.status in (PaymentStatus.INITIATED, PaymentStatus.UNKNOWN):
                     row.status = PaymentStatus.FAILED
                 row.result_code = exc.code if not isinstance(exc, DarajaUnreachableError) else None

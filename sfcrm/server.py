@@ -171,9 +171,8 @@ class CallbackApp:
                 return "bad Content-Length"
             if length < 0:
                 return "bad Content-Length"
-            if length > self.max_body:
-                return None
-            return bytes(stream.read(length))
+            data = bytes(stream.read(length))
+            return None if length > self.max_body else data
         # No length (chunked): read at most one byte past the limit.
         data = bytes(stream.read(self.max_body + 1))
         return None if len(data) > self.max_body else data
@@ -230,8 +229,9 @@ def make_server(app: CallbackApp, host: str, port: int, threads: int) -> Any:
         host=host,
         port=port,
         threads=threads,
-        max_request_body_size=app.max_body,
-        # waitress's own 413 for a declared or chunked body over the limit: it never buffers it
+        # waitress's own 413 for a declared or chunked body over the limit: it never buffers it.
+        # waitress refuses a body *equal* to its limit, the app takes up to max_body: hence + 1.
+        max_request_body_size=app.max_body + 1,
         channel_timeout=30,
         connection_limit=1000,
         ident="sfcrm",

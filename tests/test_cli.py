@@ -334,8 +334,6 @@ def test_every_command_has_help_with_an_example() -> None:
 
 def test_every_command_takes_json() -> None:
     for path in _commands():
-        if path == ["mpesa", "emulator"]:
-            continue  # a server, not a report
         assert "--json" in run(*path, "--help").output, path
 
 
@@ -368,3 +366,10 @@ def test_every_setting_is_in_the_readme_table() -> None:
     text = README.read_text()
     for spec in SPECS:
         assert f"| `{spec.env}` |" in text, spec.env
+
+
+def test_a_number_without_a_safaricom_prefix_is_kept_with_a_note() -> None:
+    result = run("people", "add", "--name", "Airtel User", "--phone", "0730000000")
+    assert result.exit_code == 0
+    assert "does not have a Safaricom prefix" in result.stderr
+    assert run_json("people", "show", "0730000000")["phone"] == "254730000000"

@@ -142,3 +142,19 @@ def test_demo_runs_on_embedded_defaults_in_well_under_a_minute(tmp_path: Path) -
     assert doc["person_before"]["balance"] == "1500.00"
     assert doc["person_after"]["balance"] == "1000.00"
     assert list(tmp_path.iterdir()) == []  # the demo leaves nothing behind
+
+
+def test_listener_warns_when_the_callback_path_is_guessable(env: dict[str, str]) -> None:
+    port = free_port()
+    env = {**env, "MPESA_CALLBACK_URL": f"http://127.0.0.1:{port}/callback/"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sfcrm", "serve-callback", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_port(port)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "looks guessable" in err

@@ -33,6 +33,16 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
 
 
+def warn_if_not_safaricom(rt: Runtime, phone: str) -> None:
+    from sfcrm.phone import is_safaricom
+
+    if not is_safaricom(phone):
+        rt.say(
+            f"Note: {phone} does not have a Safaricom prefix; the prompt reaches it only if the "
+            "number was moved to Safaricom."
+        )
+
+
 def _payments_table(rt: Runtime, payments: Sequence[MpesaPayment]) -> None:
     from rich.table import Table
 
@@ -80,6 +90,7 @@ def request(
     """
     with command(json_output) as rt:
         payment = rt.payments.request(person, amount, purpose, phone)
+        warn_if_not_safaricom(rt, payment.phone_number)
         doc = {
             "success": True,
             "payment_id": payment.id,
@@ -297,22 +308,34 @@ def emulator(
     callback_delay: Annotated[
         float, typer.Option("--callback-delay", help="seconds before the callback is posted")
     ] = 3.0,
+    json_output: JsonOption = False,
 ) -> None:
     """Run a local Daraja emulator for training and demos (never Safaricom's money).
 
     Point sfcrm at it with MPESA_BASE_URL=http://127.0.0.1:8900. The test phone numbers that
-    choose each outcome are listed in the README.
+    choose each outcome are listed in the README. Under --json it prints one line with its
+    address once it is listening.
 
     Example: sfcrm mpesa emulator --port 8900
     """
-    with command(False) as rt:
-        from sfcrm.emulator import DarajaEmulator, EmulatorSettings
+    with command(json_output) as rt:
+        from sfcrm.emulator import SANDBOX_SHORTCODE, DarajaEmulator, EmulatorSettings
+        from sfcrm.errors import ConfigError
 
-        server = DarajaEmulator(
-            EmulatorSettings(callback_delay=callback_delay), host=host, port=port
-        )
-        rt.say(
-            f"Daraja emulator on {server.url} (shortcode 174379, sandbox passkey). Ctrl-C stops it."
+        try:
+            server = DarajaEmulator(
+                EmulatorSettings(callback_delay=callback_delay), host=host, port=port
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        rt.emit(
+            {"url": server.url, "shortcode": SANDBOX_SHORTCODE},
+            lambda: rt.say(
+                f"Daraja emulator on {server.url} (shortcode 174379, sandbox passkey). "
+                "Ctrl-C stops it."
+            ),
         )
         try:
             server.serve_forever()

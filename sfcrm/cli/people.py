@@ -53,6 +53,9 @@ def add(
         from sfcrm.people import person_json
 
         person = rt.people.add(name, phone, email, balance)
+        from sfcrm.cli.mpesa import warn_if_not_safaricom
+
+        warn_if_not_safaricom(rt, person.phone)
         rt.emit(person_json(person), lambda: _table(rt, [person]))
         rt.say(f"Added person {person.id}.")
 
