@@ -533,15 +533,15 @@ def parse_stk_callback(body: bytes) -> StkResult:
     if isinstance(code, bool) or not isinstance(code, int | str) or not str(code).strip():
         raise CallbackFormatError("no valid ResultCode")
     code_text = str(code).strip()
-    if len(code_text) > 32:
-        raise CallbackFormatError("ResultCode too long")
+    if len(code_text) > 32 or not code_text.isascii() or not code_text.isprintable():
+        raise CallbackFormatError("ResultCode is not a short printable code")
     desc = stk.get("ResultDesc")
     merchant = stk.get("MerchantRequestID")
     items = _metadata_items(stk.get("CallbackMetadata"))
     return StkResult(
         checkout_request_id=checkout,
         result_code=code_text,
-        result_desc=desc[:500] if isinstance(desc, str) else "",
+        result_desc=_clean_text(desc[:500]) if isinstance(desc, str) else "",
         merchant_request_id=merchant if _is_id(merchant) else None,
         amount=_amount(items.get("Amount")),
         receipt_number=_short_text(items.get("MpesaReceiptNumber")),
@@ -595,9 +595,14 @@ def _short_text(value: Any) -> str | None:
     return text if 0 < len(text) <= 40 and text.isprintable() else None
 
 
+def _clean_text(text: str) -> str:
+    # Lone surrogates from "\ud800" escapes cannot be stored as UTF-8.
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _transaction_date(value: Any) -> datetime | None:
     text = _short_text(value)
-    if text is None or len(text) != 14 or not text.isdigit():
+    if text is None or len(text) != 14 or not text.isdigit() or not "2000" <= text[:4] <= "2999":
         return None
     try:
         return datetime.strptime(text, "%Y%m%d%H%M%S").replace(tzinfo=NAIROBI)

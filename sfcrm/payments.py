@@ -692,7 +692,12 @@ class Payments:
             ids = [i for i in session.exec(query.order_by(col(MpesaCallback.id))).all() if i]
         changed = 0
         for callback_id in ids:
-            applied = self.process_callback(callback_id)
+            try:
+                applied = self.process_callback(callback_id)
+            except Exception:
+                # One bad row must not hold up the others; it stays for a person to look at.
+                log.exception("stored callback %s could not be applied", callback_id)
+                continue
             if applied.outcome != CallbackOutcome.UNMATCHED:
                 changed += 1
         return changed

@@ -171,8 +171,9 @@ class CallbackApp:
                 return "bad Content-Length"
             if length < 0:
                 return "bad Content-Length"
-            data = bytes(stream.read(length))
-            return None if length > self.max_body else data
+            if length > self.max_body:
+                return None
+            return bytes(stream.read(length))
         # No length (chunked): read at most one byte past the limit.
         data = bytes(stream.read(self.max_body + 1))
         return None if len(data) > self.max_body else data
