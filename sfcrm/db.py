@@ -95,6 +95,63 @@ MIGRATIONS: tuple[str, ...] = (
         fetched_at DATETIME NOT NULL
     );
     """,
+    # 2: events, crew assignments and the mail log
+    """
+    CREATE TABLE event (
+        id INTEGER NOT NULL PRIMARY KEY,
+        name VARCHAR NOT NULL,
+        date VARCHAR NOT NULL,
+        time VARCHAR,
+        end_time VARCHAR,
+        location VARCHAR NOT NULL,
+        details VARCHAR,
+        starts_at DATETIME NOT NULL,
+        ends_at DATETIME NOT NULL,
+        created_at DATETIME NOT NULL
+    );
+    CREATE INDEX ix_event_starts_at ON event (starts_at);
+    CREATE TABLE email_notification (
+        id INTEGER NOT NULL PRIMARY KEY,
+        recipient VARCHAR NOT NULL,
+        person_id INTEGER REFERENCES person (id),
+        assignment_id INTEGER REFERENCES event_crew (id),
+        notification_type VARCHAR NOT NULL,
+        subject VARCHAR NOT NULL,
+        message VARCHAR NOT NULL,
+        mime BLOB NOT NULL,
+        created_at DATETIME NOT NULL,
+        is_sent BOOLEAN NOT NULL,
+        sent_at DATETIME,
+        failed_attempts INTEGER NOT NULL,
+        last_error VARCHAR,
+        permanent_failure BOOLEAN NOT NULL,
+        claimed_until DATETIME,
+        claim_token VARCHAR
+    );
+    CREATE INDEX ix_email_notification_person_id ON email_notification (person_id);
+    CREATE INDEX ix_email_notification_notification_type ON email_notification (notification_type);
+    CREATE INDEX ix_email_notification_created_at ON email_notification (created_at);
+    CREATE INDEX ix_email_notification_is_sent ON email_notification (is_sent);
+    CREATE TABLE event_crew (
+        id INTEGER NOT NULL PRIMARY KEY,
+        event_id INTEGER NOT NULL REFERENCES event (id),
+        person_id INTEGER NOT NULL REFERENCES person (id),
+        role VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,
+        notes VARCHAR,
+        invitation_sent BOOLEAN NOT NULL,
+        invitation_sent_at DATETIME,
+        invitation_email_id INTEGER REFERENCES email_notification (id),
+        reminder_sent BOOLEAN NOT NULL,
+        reminder_sent_at DATETIME,
+        reminder_email_id INTEGER REFERENCES email_notification (id),
+        responded_at DATETIME,
+        created_at DATETIME NOT NULL
+    );
+    CREATE UNIQUE INDEX ux_event_crew_event_person ON event_crew (event_id, person_id);
+    CREATE INDEX ix_event_crew_event_status ON event_crew (event_id, status);
+    CREATE INDEX ix_event_crew_person_status ON event_crew (person_id, status);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

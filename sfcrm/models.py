@@ -144,3 +144,81 @@ class DarajaToken(SQLModel, table=True):
     access_token: str
     expires_at: datetime = _ts(nullable=False)
     fetched_at: datetime = _ts(nullable=False)
+
+
+class CrewStatus:
+    INVITED = "invited"
+    CONFIRMED = "confirmed"
+    DECLINED = "declined"
+    COMPLETED = "completed"
+
+    ALL = (INVITED, CONFIRMED, DECLINED, COMPLETED)
+
+
+class Event(SQLModel, table=True):
+    """An event Sound Fusion works. ``date``/``time`` are wall-clock in SFCRM_TIMEZONE as typed;
+    ``starts_at``/``ends_at`` are the same moments in UTC, for overlap and reminder queries."""
+
+    __tablename__ = "event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str
+    date: str  # YYYY-MM-DD
+    time: str | None = None  # HH:MM
+    end_time: str | None = None  # HH:MM
+    location: str
+    details: str | None = None
+    starts_at: datetime = Field(sa_type=UTCDateTime, nullable=False, index=True)
+    ends_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    created_at: datetime = _ts(nullable=False)
+
+
+class EventCrew(SQLModel, table=True):
+    """One person on one event, in one role."""
+
+    __tablename__ = "event_crew"
+    __table_args__ = (
+        Index("ux_event_crew_event_person", "event_id", "person_id", unique=True),
+        Index("ix_event_crew_event_status", "event_id", "status"),
+        Index("ix_event_crew_person_status", "person_id", "status"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: int = Field(foreign_key="event.id")
+    person_id: int = Field(foreign_key="person.id")
+    role: str
+    status: str = CrewStatus.INVITED
+    notes: str | None = None
+    invitation_sent: bool = False
+    invitation_sent_at: datetime | None = _ts()
+    # the email written for the invitation/reminder: set when it is queued, so two runs at
+    # once cannot both queue one
+    invitation_email_id: int | None = Field(default=None, foreign_key="email_notification.id")
+    reminder_sent: bool = False
+    reminder_sent_at: datetime | None = _ts()
+    reminder_email_id: int | None = Field(default=None, foreign_key="email_notification.id")
+    responded_at: datetime | None = _ts()
+    created_at: datetime = _ts(nullable=False)
+
+
+class EmailNotification(SQLModel, table=True):
+    """The mail log: every email is written here before it is sent, as the exact bytes sent."""
+
+    __tablename__ = "email_notification"
+
+    id: int | None = Field(default=None, primary_key=True)
+    recipient: str
+    person_id: int | None = Field(default=None, foreign_key="person.id", index=True)
+    assignment_id: int | None = Field(default=None, foreign_key="event_crew.id")
+    notification_type: str = Field(index=True)
+    subject: str
+    message: str  # the plain-text body, for people reading the log
+    mime: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(sa_type=UTCDateTime, nullable=False, index=True)
+    is_sent: bool = Field(default=False, index=True)
+    sent_at: datetime | None = _ts()
+    failed_attempts: int = 0
+    last_error: str | None = None
+    permanent_failure: bool = False  # a 5xx refusal: not retried without being named
+    claimed_until: datetime | None = _ts()  # a sender holds it until then
+    claim_token: str | None = None

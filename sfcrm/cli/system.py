@@ -84,19 +84,21 @@ def serve_callback(
             server = make_server(app, host, port, settings.listener_threads)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        if len(path.rstrip("/").rsplit("/", 1)[-1]) < 16:
-            rt.say(
-                "Warning: the path of MPESA_CALLBACK_URL looks guessable; anyone who guesses it "
-                "can post a fake payment. Put a long random secret in it (see the README)."
-            )
-        address = f"http://{host}:{server.effective_port}"
-        rt.emit(
-            {"listening": address, "threads": settings.listener_threads},
-            lambda: rt.say(
-                f"Listening on {address}/******** (the path of MPESA_CALLBACK_URL). Ctrl-C stops."
-            ),
-        )
         try:
+            if len(path.rstrip("/").rsplit("/", 1)[-1]) < 16:
+                rt.say(
+                    "Warning: the path of MPESA_CALLBACK_URL looks guessable; anyone who "
+                    "guesses it can post a fake payment. Put a long random secret in it "
+                    "(see the README)."
+                )
+            address = f"http://{host}:{server.effective_port}"
+            rt.emit(
+                {"listening": address, "threads": settings.listener_threads},
+                lambda: rt.say(
+                    f"Listening on {address}/******** (the path of MPESA_CALLBACK_URL). "
+                    "Ctrl-C stops."
+                ),
+            )
             server.run()
         except KeyboardInterrupt:
             rt.say("Stopping.")
