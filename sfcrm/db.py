@@ -203,6 +203,9 @@ class Database:
         except SADatabaseError as exc:
             engine.dispose()
             raise _database_error(exc, self.path) from None
+        except BaseException:
+            engine.dispose()  # a refused file (newer schema) must not stay open
+            raise
         return engine
 
     @contextmanager
