@@ -125,7 +125,11 @@ def apply_result(
         select(MpesaCheckout).where(MpesaCheckout.checkout_request_id == result.checkout_request_id)
     ).first()
     if checkout is None:
-        return Applied(CallbackOutcome.UNMATCHED, "no payment has this CheckoutRequestID")
+        checkout = _adopt(session, result, now)
+        if checkout is None:
+            return Applied(CallbackOutcome.UNMATCHED, "no payment has this CheckoutRequestID")
+        # Matched by phone and amount only: believe it once a query confirms it.
+        trusted = False
     payment = session.get(MpesaPayment, checkout.payment_id)
     assert payment is not None and payment.id is not None
     pid = payment.id
@@ -201,6 +205,58 @@ def apply_result(
             source,
     )  # fmt: skip
     return Applied(CallbackOutcome.APPLIED, PaymentStatus.COMPLETED, pid)
+
+
+def _adopt(session: Session, result: StkResult, now: datetime) -> MpesaCheckout | None:
+    """Give a "paid" result for an unknown CheckoutRequestID to the one payment it can be.
+
+    When a push's answer never came back, its CheckoutRequestID was never stored: the payment
+    is ``unknown`` with no checkout. Its callback still carries the amount and (unless M-Pesa
+    masked it) the phone. Exactly one such payment with that amount and phone takes the
+    CheckoutRequestID; the result must then be confirmed by a query before money moves.
+    """
+    if not result.paid or result.amount is None:
+        return None
+    candidates = session.exec(
+        select(MpesaPayment)
+        .where(MpesaPayment.status == PaymentStatus.UNKNOWN)
+        .where(col(MpesaPayment.checkout_request_id).is_(None))
+    ).all()
+    matches = [
+        p
+        for p in candidates
+        if Decimal(p.amount) == result.amount and _same_phone(p.phone_number, result.phone)
+    ]
+    if len(matches) != 1:
+        return None
+    payment = matches[0]
+    assert payment.id is not None
+    checkout = MpesaCheckout(
+        payment_id=payment.id,
+        checkout_request_id=result.checkout_request_id,
+        merchant_request_id=result.merchant_request_id,
+        pushed_at=payment.last_pushed_at or now,
+    )
+    session.add(checkout)
+    payment.checkout_request_id = result.checkout_request_id
+    payment.merchant_request_id = result.merchant_request_id
+    payment.status = PaymentStatus.PENDING
+    session.add(payment)
+    session.flush()
+    log.info(
+        "payment %s takes checkout %s by phone and amount (its push got no answer)",
+        payment.id, result.checkout_request_id,
+    )  # fmt: skip
+    return checkout
+
+
+def _same_phone(ours: str, theirs: str | None) -> bool:
+    """True when a callback's PhoneNumber can be ours; masked digits (``*``) match any."""
+    if theirs is None:
+        return False
+    if len(theirs) != len(ours):
+        return False
+    return all(t in ("*", o) for o, t in zip(ours, theirs, strict=True))
 
 
 def _record(checkout: MpesaCheckout, result: StkResult, source: str, now: datetime) -> None:
@@ -714,6 +770,14 @@ class Payments:
     def reconcile(self, older_than: timedelta = DEFAULT_RECONCILE_AGE) -> ReconcileReport:
         """Settle everything left open: stored callbacks first, then stale pushes by query."""
         report = ReconcileReport()
+        with self.db.read() as session:
+            open_before = [
+                i
+                for i in session.exec(
+                    select(MpesaPayment.id).where(col(MpesaPayment.status).in_(PaymentStatus.OPEN))
+                ).all()
+                if i is not None
+            ]
         report.callbacks_applied = self.replay_callbacks()
         with self.db.read() as session:
             waiting = session.exec(
@@ -747,10 +811,11 @@ class Payments:
                 continue
             if applied is None:
                 report.still_pending.append(payment.id)
-            else:
-                after = self.get(payment.id)
-                if after.status not in PaymentStatus.OPEN:
-                    report.settled.append(after)
+        # Settled by a query or by a stored callback, whichever came first.
+        for payment_id in open_before:
+            after = self.get(payment_id)
+            if after.status not in PaymentStatus.OPEN:
+                report.settled.append(after)
         log.info(
             "reconcile: %s checked, %s settled, %s still pending, %s callbacks applied, %s errors",
             report.checked, len(report.settled), len(report.still_pending),

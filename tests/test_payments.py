@@ -1092,3 +1092,66 @@ def test_reconcile_confirms_a_paid_callback_that_contradicts_a_recorded_failure(
     assert callback_row(db, callback_id).outcome == CallbackOutcome.APPLIED
     assert payments.get(id_of(payment)).status == PaymentStatus.COMPLETED
     assert balance(db, person_with_balance.id) == START_BALANCE - 500_00
+
+
+# -- a push whose answer was lost --------------------------------------------------------------
+
+
+def lose_push_answer(db: Database, payment_id: int) -> str:
+    """Make a pushed payment look as if Daraja's answer never arrived; returns its checkout."""
+    with db.write() as session:
+        payment = session.get(MpesaPayment, payment_id)
+        assert payment is not None and payment.checkout_request_id is not None
+        checkout_id = payment.checkout_request_id
+        for row in session.exec(
+            select(MpesaCheckout).where(MpesaCheckout.payment_id == payment_id)
+        ).all():
+            session.delete(row)
+        payment.checkout_request_id = None
+        payment.merchant_request_id = None
+        payment.status = PaymentStatus.UNKNOWN
+        session.add(payment)
+    return checkout_id
+
+
+def test_late_callback_of_a_push_without_answer_settles_it_once_a_query_confirms(
+    payments: Payments, db: Database, daraja_client: DarajaClient, person_with_balance: Person
+) -> None:
+    pushed = payments.request("1", 500, "Deposit")
+    checkout_id = lose_push_answer(db, id_of(pushed))
+    settled_at_emulator(daraja_client, checkout_id)
+
+    callback_id, applied = deliver(payments, callback_body(checkout_id))
+    assert applied.outcome == CallbackOutcome.NEEDS_QUERY  # matched by phone and amount only
+    assert balance(db, person_with_balance.id) == START_BALANCE
+
+    report = payments.reconcile(older_than=timedelta(0))
+    assert [p.status for p in report.settled] == [PaymentStatus.COMPLETED]
+    assert payments.get(id_of(pushed)).checkout_request_id == checkout_id
+    assert callback_row(db, callback_id).outcome == CallbackOutcome.APPLIED
+    assert balance(db, person_with_balance.id) == START_BALANCE - 500 * 100
+    # the same callback again changes nothing
+    assert deliver(payments, callback_body(checkout_id))[1].outcome == CallbackOutcome.DUPLICATE
+    assert balance(db, person_with_balance.id) == START_BALANCE - 500 * 100
+
+
+def test_late_callback_matching_two_unanswered_pushes_stays_unmatched(
+    payments: Payments, db: Database, person_with_balance: Person
+) -> None:
+    first = payments.request("1", 500, "Deposit")
+    second = payments.request("1", 500, "Deposit again")
+    checkout_id = lose_push_answer(db, id_of(first))
+    lose_push_answer(db, id_of(second))
+    _, applied = deliver(payments, callback_body(checkout_id))
+    assert applied.outcome == CallbackOutcome.UNMATCHED
+    assert balance(db, person_with_balance.id) == START_BALANCE
+
+
+def test_late_callback_with_another_amount_is_not_taken_by_an_unanswered_push(
+    payments: Payments, db: Database, person_with_balance: Person
+) -> None:
+    pushed = payments.request("1", 500, "Deposit")
+    checkout_id = lose_push_answer(db, id_of(pushed))
+    _, applied = deliver(payments, callback_body(checkout_id, amount=499))
+    assert applied.outcome == CallbackOutcome.UNMATCHED
+    assert payments.get(id_of(pushed)).status == PaymentStatus.UNKNOWN
