@@ -107,6 +107,8 @@ SPECS: tuple[Spec, ...] = (
          help="SMTP login; none means no login"),
     Spec("email_host_password", "EMAIL_HOST_PASSWORD", None, None, secret=True,
          help="SMTP password"),
+    Spec("email_file_path", "EMAIL_FILE_PATH", "email.file_path", None, kind="path",
+         help="folder of the file backend (default: outbox/ beside the database)"),
     Spec("default_from_email", "DEFAULT_FROM_EMAIL", "email.default_from",
          "Sound Fusion <noreply@soundfusion.invalid>", help="From: of every email"),
     Spec("public_url", "SFCRM_PUBLIC_URL", "public_url", None,

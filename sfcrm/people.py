@@ -44,19 +44,12 @@ def clean_name(name: str) -> str:
 
 
 def clean_email(email: str | None) -> str | None:
+    """A plain address sfcrm can send to, lower-cased; None when blank."""
     if email is None or not email.strip():
         return None
-    text = email.strip().lower()
-    local, at, domain = text.rpartition("@")
-    if (
-        not at
-        or not local
-        or "." not in domain
-        or any(ch.isspace() or not ch.isprintable() for ch in text)
-        or len(text) > 254
-    ):
-        raise ValidationError("not an email address", value=email)
-    return text
+    from sfcrm.mail import validate_address
+
+    return validate_address(email.strip().lower())
 
 
 def find_person(session: Session, ref: str) -> Person:

@@ -22,7 +22,11 @@ from urllib.parse import unquote
 from sfcrm.models import CallbackOutcome
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sfcrm.crew import Crew
     from sfcrm.payments import Payments
+    from sfcrm.render import Renderer
 
 log = logging.getLogger("sfcrm.listener")
 
@@ -87,14 +91,17 @@ class CallbackApp:
         self,
         payments: Payments,
         *,
-        callback_path: str,
+        callback_path: str | None,
         max_body: int = 65536,
         allowlist: Iterable[str] | None = None,
         trusted_proxies: Iterable[str] = (),
         worker: ConfirmWorker | None = None,
+        rsvp: RsvpPages | None = None,
     ) -> None:
         self.payments = payments
-        self._path = self._normal(unquote(callback_path)).encode("utf-8")
+        self.rsvp = rsvp
+        # None: no payment route (a listener serving crew links only); b"" matches no path
+        self._path = self._normal(unquote(callback_path)).encode("utf-8") if callback_path else b""
         self.max_body = max_body
         self._allow = _parse_networks(allowlist) if allowlist is not None else None
         self._proxies = _parse_networks(trusted_proxies)
@@ -121,6 +128,11 @@ class CallbackApp:
         )
         path = self._normal(raw_path.decode("latin-1")).encode("latin-1", "replace")
         if not hmac.compare_digest(path, self._path):
+            text = path.decode("latin-1")
+            if self.rsvp is not None and RSVP_PREFIX in text:
+                token = text.rsplit(RSVP_PREFIX, 1)[1]
+                if token and "/" not in token:
+                    return self.rsvp(environ, start_response, token)
             return _reply(start_response, "404 Not Found", {"error": "not found"})
         if environ.get("REQUEST_METHOD") != "POST":
             return _reply(
@@ -201,6 +213,116 @@ class CallbackApp:
                     session.add(row)
         except Exception:
             log.exception("callback %s could not be marked for retry", callback_id)
+
+
+RSVP_PREFIX = "/crew/rsvp/"
+RSVP_MAX_BODY = 1024
+
+
+class RsvpPages:
+    """The crew member's confirm/decline page behind the personal link in an invitation.
+
+    GET shows the event and two buttons and changes nothing (mail scanners open links);
+    POST from that page records the answer. A forged, tampered or expired link gets 403.
+    """
+
+    def __init__(
+        self,
+        crew: Crew,
+        renderer: Renderer,
+        *,
+        secret_key: str,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.crew = crew
+        self.renderer = renderer
+        self._secret = secret_key
+        self.clock = clock
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: StartResponse, token: str
+    ) -> Iterable[bytes]:
+        from sfcrm.errors import ConflictError, NotFoundError, ValidationError
+        from sfcrm.rsvp import InvalidToken, read_token
+
+        org = {
+            "name": self.crew.org.name,
+            "phone": self.crew.org.phone,
+            "email": self.crew.org.email,
+        }
+        try:
+            assignment_id = read_token(self._secret, token, self.clock())
+            row = self.crew.get(assignment_id)
+        except (InvalidToken, NotFoundError) as exc:
+            reason = (
+                "This link has expired: the event is over."
+                if str(exc) == "expired"
+                else "This link is not a valid invitation link."
+            )
+            return self._page(
+                start_response, "403 Forbidden", "rsvp_denied.html.j2", org=org, reason=reason
+            )
+        context = self.crew.context(row)
+        method = environ.get("REQUEST_METHOD")
+        if method in ("GET", "HEAD"):
+            return self._page(
+                start_response, "200 OK", "rsvp_page.html.j2", status=row.crew.status, **context
+            )
+        if method != "POST":
+            return self._page(
+                start_response, "405 Method Not Allowed", "rsvp_denied.html.j2", org=org,
+                reason="Use the buttons on the invitation page.",
+            )  # fmt: skip
+        answer = self._answer(environ)
+        try:
+            row = self.crew.respond(assignment_id, answer or "", via="rsvp link")
+        except ValidationError:
+            return self._page(
+                start_response, "400 Bad Request", "rsvp_denied.html.j2", org=org,
+                reason="Please use the Confirm or Decline button.",
+            )  # fmt: skip
+        except ConflictError as exc:
+            return self._page(
+                start_response, "409 Conflict", "rsvp_denied.html.j2", org=org, reason=exc.message
+            )
+        log.info("assignment %s answered %s by link", assignment_id, row.crew.status)
+        return self._page(
+            start_response,
+            "200 OK",
+            "rsvp_done.html.j2",
+            status=row.crew.status,
+            **self.crew.context(row),
+        )
+
+    def _answer(self, environ: dict[str, Any]) -> str | None:
+        from urllib.parse import parse_qs
+
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return None
+        if length <= 0 or length > RSVP_MAX_BODY:
+            return None
+        body = environ["wsgi.input"].read(length)
+        values = parse_qs(body.decode("utf-8", "replace")).get("answer", [])
+        return values[0] if len(values) == 1 else None
+
+    def _page(
+        self, start_response: StartResponse, http_status: str, template: str, /, **context: Any
+    ) -> list[bytes]:
+        body = self.renderer.render(template, **context).encode("utf-8")
+        start_response(
+            http_status,
+            [
+                ("Content-Type", "text/html; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+                ("X-Robots-Tag", "noindex"),
+                ("Referrer-Policy", "no-referrer"),
+                ("X-Frame-Options", "DENY"),
+            ],
+        )
+        return [body]
 
 
 def _reply(

@@ -29,6 +29,8 @@ from support import (  # noqa: E402
     CONSUMER_KEY,
     CONSUMER_SECRET,
     Listener,
+    Recorder,
+    SmtpSink,
     start_listener,
     utcnow,
     wait_for,  # noqa: F401  (re-exported for test modules)
@@ -130,3 +132,13 @@ def cli_env(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    """A real SMTP server on 127.0.0.1 recording every message."""
+    sink = SmtpSink(Recorder())
+    sink.handler.on_stop = sink.stop
+    sink.start()
+    yield sink
+    sink.stop()

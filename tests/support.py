@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import email
+import email.message
+import email.policy
 import json
 import secrets
+import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import requests
+from aiosmtpd.controller import Controller
 
 from sfcrm.payments import Payments
 from sfcrm.server import CallbackApp, make_server
@@ -57,3 +64,102 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> A
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+# -- a real SMTP server on loopback (aiosmtpd) ------------------------------------------
+
+
+@dataclass
+class Received:
+    peer: Any  # (host, port) of the client connection
+    mail_from: str
+    recipients: list[str]
+    content: bytes
+
+    @property
+    def message(self) -> email.message.EmailMessage:
+        parsed = email.message_from_bytes(self.content, policy=email.policy.default)
+        assert isinstance(parsed, email.message.EmailMessage)
+        return parsed
+
+    @property
+    def message_id(self) -> str:
+        return str(self.message["Message-ID"])
+
+
+@dataclass
+class Recorder:
+    """aiosmtpd handler: keeps every message; faults are switched per test."""
+
+    messages: list[Received] = field(default_factory=list)
+    temp_fail: set[str] = field(default_factory=set)  # answered 451 at RCPT
+    perm_fail: set[str] = field(default_factory=set)  # answered 550 at RCPT
+    delay: float = 0.0  # seconds before accepting each message
+    stop_after: int | None = None  # stop the server when the next message starts after this
+    on_stop: Callable[[], None] | None = None
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if self.stop_after is not None and len(self.messages) >= self.stop_after:
+            self.stop_after = None
+            assert self.on_stop is not None
+            threading.Thread(target=self.on_stop, daemon=True).start()
+            await asyncio.sleep(30)  # never answers: stopping the server cancels this
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address in self.perm_fail:
+            return "550 5.1.1 mailbox unavailable"
+        if address in self.temp_fail:
+            return "451 4.3.0 try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.messages.append(
+            Received(session.peer, envelope.mail_from, list(envelope.rcpt_tos), envelope.content)
+        )
+        return "250 2.0.0 accepted"
+
+    def message_ids(self) -> list[str]:
+        return [m.message_id for m in self.messages]
+
+    def connections(self) -> int:
+        return len({m.peer for m in self.messages})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class SmtpSink:
+    """An aiosmtpd server that can be stopped and started again on the same port."""
+
+    def __init__(self, handler: Recorder, **options: Any) -> None:
+        self.handler = handler
+        self.port = free_port()
+        self.options = options
+        self.controller: Controller | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            self.controller = Controller(
+                self.handler, hostname="127.0.0.1", port=self.port, **self.options
+            )
+            self.controller.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self.controller is not None:
+                self.controller.stop()
+                self.controller = None

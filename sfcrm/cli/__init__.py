@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sfcrm import __version__
-from sfcrm.cli import config_cmd, mpesa, people, system
+from sfcrm.cli import config_cmd, crew, events, mail, mpesa, people, system
 from sfcrm.cli.runtime import RootOptions, set_root_options
 
 app = typer.Typer(
@@ -50,6 +50,9 @@ system.register(app)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(people.app, name="people")
 app.add_typer(mpesa.app, name="mpesa")
+app.add_typer(events.app, name="events")
+app.add_typer(crew.app, name="crew")
+app.add_typer(mail.app, name="mail")
 
 
 def main() -> None:

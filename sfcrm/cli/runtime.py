@@ -23,10 +23,14 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from sfcrm.config import Settings
+    from sfcrm.crew import Crew
     from sfcrm.db import Database
+    from sfcrm.events import Events
     from sfcrm.logs import Redactor
+    from sfcrm.mail import Mailer
     from sfcrm.payments import Payments
     from sfcrm.people import People
+    from sfcrm.render import Renderer
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="print one JSON document on stdout instead of text")
@@ -102,6 +106,69 @@ class Runtime:
             client_factory=lambda: build_daraja_client(self.settings, self.db, self.clock),
             confirm_by_query=self.settings.mpesa_confirm_by_query,
         )
+
+    @cached_property
+    def events(self) -> Events:
+        from sfcrm.events import Events
+
+        return Events(self.db, self.clock, self.tz)
+
+    @cached_property
+    def renderer(self) -> Renderer:
+        from sfcrm.render import Renderer
+
+        return Renderer(self.settings.templates_dir)
+
+    @cached_property
+    def mailer(self) -> Mailer:
+        from sfcrm.mail import Mailer, backend_from_settings
+
+        return Mailer(
+            self.db,
+            lambda: backend_from_settings(self.settings),
+            sender=self.settings.default_from_email,
+            clock=self.clock,
+        )
+
+    @cached_property
+    def crew(self) -> Crew:
+        from sfcrm.crew import Crew, Org
+
+        settings = self.settings
+        return Crew(
+            self.db,
+            clock=self.clock,
+            tz=self.tz,
+            mailer=lambda: self.mailer,
+            renderer=lambda: self.renderer,
+            org=Org(settings.org_name, settings.org_phone, settings.org_email),
+            rsvp=self.rsvp_link,
+        )
+
+    def rsvp_link(self, assignment_id: int, expires: datetime) -> str | None:
+        """The personal confirm/decline link, when SFCRM_PUBLIC_URL and the key are set."""
+        from sfcrm.rsvp import make_token, rsvp_url
+
+        public, key = self.settings.public_url, self.settings.secret_key
+        if not public or not key:
+            return None
+        return rsvp_url(public, make_token(key, assignment_id, expires, self.clock()))
+
+    @contextmanager
+    def progress(self, label: str) -> Iterator[Callable[[int, int], None] | None]:
+        """A progress bar on a terminal; nothing for cron logs or --json."""
+        if self.json or not sys.stderr.isatty():
+            yield None
+            return
+        from rich.progress import Progress
+
+        with Progress(console=self.err, transient=True) as bar:
+            task = bar.add_task(label, total=None)
+
+            def update(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            yield update
 
     # -- output ----------------------------------------------------------------------------
 

@@ -48,7 +48,8 @@ def serve_callback(
 ) -> None:
     """Run the listener Daraja posts payment results to (put it behind HTTPS).
 
-    It serves only the path of MPESA_CALLBACK_URL; keep a long random secret in that path.
+    It serves the path of MPESA_CALLBACK_URL (keep a long random secret in that path) and,
+    when SFCRM_SECRET_KEY is set, the crew's confirm/decline pages under /crew/rsvp/.
 
     Example: sfcrm serve-callback --host 127.0.0.1 --port 8000
     """
@@ -57,22 +58,28 @@ def serve_callback(
 
         from sfcrm.config import allowlist
         from sfcrm.logs import RedactingFilter, Redactor
-        from sfcrm.server import CallbackApp, make_server
+        from sfcrm.server import CallbackApp, RsvpPages, make_server
 
         settings = rt.settings
         path = settings.callback_path
-        if path is None:
+        if path is None and not settings.secret_key:
             raise ConfigError(
                 "MPESA_CALLBACK_URL is not set",
                 hint="the listener serves that URL's path; set it in the environment or .env",
             )
         _ = rt.db.engine
+        rsvp = (
+            RsvpPages(rt.crew, rt.renderer, secret_key=settings.secret_key, clock=rt.clock)
+            if settings.secret_key
+            else None
+        )
         app = CallbackApp(
             rt.payments,
             callback_path=path,
             max_body=settings.listener_max_body,
             allowlist=allowlist(settings),
             trusted_proxies=settings.listener_trusted_proxies or (),
+            rsvp=rsvp,
         )
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
@@ -85,7 +92,7 @@ def serve_callback(
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         try:
-            if len(path.rstrip("/").rsplit("/", 1)[-1]) < 16:
+            if path is not None and len(path.rstrip("/").rsplit("/", 1)[-1]) < 16:
                 rt.say(
                     "Warning: the path of MPESA_CALLBACK_URL looks guessable; anyone who "
                     "guesses it can post a fake payment. Put a long random secret in it "

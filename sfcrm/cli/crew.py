@@ -1,0 +1,265 @@
+"""``sfcrm crew``: put crew on events, invite, remind and brief them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from sfcrm.cli.runtime import JsonOption, command, text_cell
+from sfcrm.errors import MailError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sfcrm.cli.runtime import Runtime
+    from sfcrm.crew import CrewRow, MailRun
+
+app = typer.Typer(help="Assign crew, invite, remind and brief them.", no_args_is_help=True)
+
+DryRun = Annotated[bool, typer.Option("--dry-run", help="show what would be sent; send nothing")]
+
+
+def crew_table(rt: Runtime, rows: Sequence[CrewRow]) -> None:
+    from rich.table import Table
+
+    table = Table("id", "event", "name", "role", "status", "invited", "reminded")
+    for r in rows:
+        table.add_row(
+            text_cell(r.crew.id), text_cell(r.event.name), text_cell(r.person.name),
+            text_cell(r.crew.role), text_cell(r.crew.status),
+            text_cell("yes" if r.crew.invitation_sent else ""),
+            text_cell("yes" if r.crew.reminder_sent else ""),
+        )  # fmt: skip
+    rt.out.print(table)
+
+
+def report_mail_run(rt: Runtime, what: str, run: MailRun) -> None:
+    """Print a bulk send's result; exit non-zero when any email failed."""
+    doc: dict[str, Any]
+    if run.dry_run:
+        doc = {
+            "dry_run": True,
+            "emails": run.previews,
+            "skipped": [{"assignment_id": a, "reason": r} for a, r in run.skipped],
+        }
+        rt.emit(doc, lambda: _render_preview(rt, what, run))
+        return
+    report = run.report
+    failed = report.failed if report else []
+    doc = {
+        "queued": run.queued,
+        "sent": report.sent if report else [],
+        "failed": [{"id": i, "error": rt.redact(e)} for i, e in failed],
+        "skipped": [{"assignment_id": a, "reason": r} for a, r in run.skipped],
+    }
+
+    def render() -> None:
+        for email_id, error in failed:
+            rt.say(f"email {email_id} failed: {error}")
+        for assignment_id, reason in run.skipped:
+            rt.say(f"assignment {assignment_id} skipped: {reason}")
+        rt.print(f"{what}: {run.sent} sent, {len(failed)} failed, {len(run.skipped)} skipped.")
+
+    rt.emit(doc, render)
+    if failed:
+        raise MailError(
+            f"{len(failed)} of {len(run.queued)} emails failed",
+            hint="see `sfcrm mail list --failed`; `sfcrm mail retry` sends them again",
+        )
+
+
+def _render_preview(rt: Runtime, what: str, run: MailRun) -> None:
+    for preview in run.previews:
+        rt.print(f"--- to {preview['recipient']}: {preview['subject']}")
+        rt.print(preview["message"])
+    for assignment_id, reason in run.skipped:
+        rt.say(f"assignment {assignment_id} skipped: {reason}")
+    rt.print(f"{what} (dry run): {len(run.previews)} would be sent, {len(run.skipped)} skipped.")
+
+
+@app.command("assign")
+def assign(
+    event: Annotated[int, typer.Option("--event", help="event id")],
+    person: Annotated[str, typer.Option("--person", help="id, phone or email")],
+    role: Annotated[str, typer.Option("--role", help="e.g. Sound Engineer")],
+    notes: Annotated[str | None, typer.Option("--notes", help="special instructions")] = None,
+    allow_overlap: Annotated[
+        bool, typer.Option("--allow-overlap", help="allow a clash with another event")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Put a person on an event in a role (status: invited).
+
+    Example: sfcrm crew assign --event 3 --person 0712345678 --role "Sound Engineer"
+    """
+    with command(json_output) as rt:
+        row = rt.crew.assign(event, person, role, notes=notes, allow_overlap=allow_overlap)
+        rt.emit(row.json(rt.tz), lambda: crew_table(rt, [row]))
+        rt.say(f"Assignment {row.crew.id}: invite with `sfcrm crew invite {row.crew.id}`.")
+
+
+@app.command("list")
+def list_crew(
+    event: Annotated[int | None, typer.Option("--event", help="event id")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="invited, confirmed, declined, completed")
+    ] = None,
+    search: Annotated[
+        str | None, typer.Option("--search", help="name, email, event or role")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List crew assignments.
+
+    Example: sfcrm crew list --event 3 --status confirmed
+    """
+    with command(json_output) as rt:
+        rows = rt.crew.find(event_id=event, status=status, search=search)
+        rt.emit([r.json(rt.tz) for r in rows], lambda: crew_table(rt, rows))
+
+
+def _respond(assignment_id: int, answer: str, json_output: bool) -> None:
+    with command(json_output) as rt:
+        row = rt.crew.respond(assignment_id, answer)
+        rt.emit(
+            row.json(rt.tz),
+            lambda: rt.print(
+                f"{row.person.name} is {row.crew.status} for {row.event.name} ({row.crew.role})."
+            ),
+        )
+
+
+@app.command("confirm")
+def confirm(
+    assignment_id: Annotated[int, typer.Argument(help="assignment id")],
+    json_output: JsonOption = False,
+) -> None:
+    """Record that a crew member confirmed.
+
+    Example: sfcrm crew confirm 12
+    """
+    _respond(assignment_id, "confirm", json_output)
+
+
+@app.command("decline")
+def decline(
+    assignment_id: Annotated[int, typer.Argument(help="assignment id")],
+    json_output: JsonOption = False,
+) -> None:
+    """Record that a crew member declined.
+
+    Example: sfcrm crew decline 12
+    """
+    _respond(assignment_id, "decline", json_output)
+
+
+@app.command("complete")
+def complete(
+    event: Annotated[int, typer.Option("--event", help="event id")],
+    json_output: JsonOption = False,
+) -> None:
+    """After the event: mark every confirmed crew member completed.
+
+    Example: sfcrm crew complete --event 3
+    """
+    with command(json_output) as rt:
+        rows = rt.crew.complete(event)
+        rt.emit(
+            [r.json(rt.tz) for r in rows],
+            lambda: rt.print(f"{len(rows)} crew marked completed."),
+        )
+
+
+@app.command("assignments")
+def assignments(
+    person: Annotated[str, typer.Option("--person", help="id, phone or email")],
+    json_output: JsonOption = False,
+) -> None:
+    """A crew member's own view: pending invitations, confirmed, completed, declined.
+
+    Example: sfcrm crew assignments --person 0712345678
+    """
+    with command(json_output) as rt:
+        from sfcrm.people import person_json
+
+        who, groups = rt.crew.assignments_of(person)
+        doc = {
+            "person": person_json(who),
+            **{name: [r.json(rt.tz) for r in rows] for name, rows in groups.items()},
+        }
+
+        def render() -> None:
+            titles = {
+                "pending": "Pending invitations", "confirmed": "Confirmed",
+                "completed": "Completed", "declined": "Declined",
+            }  # fmt: skip
+            for name, rows in groups.items():
+                rt.print(f"{titles[name]} ({len(rows)})")
+                for r in rows:
+                    rt.print(
+                        f"  [{r.crew.id}] {r.event.date} {r.event.name} at {r.event.location}"
+                        f" as {r.crew.role}"
+                    )
+
+        rt.emit(doc, render)
+
+
+@app.command("invite")
+def invite(
+    assignment_ids: Annotated[
+        list[int] | None, typer.Argument(help="assignment ids", show_default=False)
+    ] = None,
+    event: Annotated[int | None, typer.Option("--event", help="every assignment of it")] = None,
+    dry_run: DryRun = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Email invitations (with a calendar entry) to assignments not invited yet.
+
+    Example: sfcrm crew invite --event 3
+    """
+    with command(json_output) as rt:
+        with rt.progress("Invitations") as progress:
+            run = rt.crew.invite(
+                event_id=event, assignment_ids=assignment_ids or (), dry_run=dry_run,
+                progress=progress,
+            )  # fmt: skip
+        report_mail_run(rt, "Invitations", run)
+
+
+@app.command("remind")
+def remind(
+    event: Annotated[int | None, typer.Option("--event", help="only this event")] = None,
+    hours: Annotated[
+        float, typer.Option("--hours", help="events starting within this many hours")
+    ] = 24,
+    dry_run: DryRun = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Remind confirmed crew of events starting soon, once each. Meant for cron every hour.
+
+    Example: sfcrm crew remind --hours 24
+    """
+    with command(json_output) as rt:
+        with rt.progress("Reminders") as progress:
+            run = rt.crew.remind(event_id=event, hours=hours, dry_run=dry_run, progress=progress)
+        report_mail_run(rt, "Reminders", run)
+
+
+@app.command("brief")
+def brief(
+    event: Annotated[int, typer.Option("--event", help="event id")],
+    again: Annotated[
+        bool, typer.Option("--again", help="also send to those already briefed")
+    ] = False,
+    dry_run: DryRun = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Email the setup briefing, with the confirmed roster, to every confirmed crew member.
+
+    Example: sfcrm crew brief --event 3
+    """
+    with command(json_output) as rt:
+        with rt.progress("Briefings") as progress:
+            run = rt.crew.brief(event, again=again, dry_run=dry_run, progress=progress)
+        report_mail_run(rt, "Briefings", run)

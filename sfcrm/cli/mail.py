@@ -1,0 +1,126 @@
+"""``sfcrm mail``: the log of every email sent, and retrying the failed ones."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sfcrm.cli.runtime import JsonOption, command, text_cell
+from sfcrm.errors import MailError
+
+app = typer.Typer(help="The mail log: list, show and retry failed emails.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_mail(
+    failed: Annotated[bool, typer.Option("--failed", help="only emails not sent")] = False,
+    notification_type: Annotated[
+        str | None, typer.Option("--type", help="crew_invitation, crew_reminder, crew_briefing")
+    ] = None,
+    since: Annotated[str | None, typer.Option("--since", help="YYYY-MM-DD")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10000)] = 200,
+    json_output: JsonOption = False,
+) -> None:
+    """List logged emails, newest first.
+
+    Example: sfcrm mail list --failed
+    """
+    with command(json_output) as rt:
+        from datetime import datetime
+
+        from sfcrm.events import parse_date
+        from sfcrm.mail import notification_json
+
+        start = (
+            datetime.combine(parse_date(since), datetime.min.time(), tzinfo=rt.tz)
+            if since
+            else None
+        )
+        rows = rt.mailer.list(
+            failed=failed, notification_type=notification_type, since=start, limit=limit
+        )
+        docs = [notification_json(n, rt.tz) for n in rows]
+
+        def render() -> None:
+            from rich.table import Table
+
+            table = Table("id", "to", "type", "subject", "sent", "attempts", "last error")
+            for d in docs:
+                table.add_row(
+                    text_cell(d["id"]), text_cell(d["recipient"]),
+                    text_cell(d["notification_type"]), text_cell(d["subject"]),
+                    text_cell(d["sent_at"] or ("no" if not d["is_sent"] else "")),
+                    text_cell(d["failed_attempts"]), text_cell(d["last_error"] or ""),
+                )  # fmt: skip
+            rt.out.print(table)
+
+        rt.emit(docs, render)
+
+
+@app.command("show")
+def show(
+    email_id: Annotated[int, typer.Argument(help="email id")],
+    json_output: JsonOption = False,
+) -> None:
+    """Show one logged email with its text.
+
+    Example: sfcrm mail show 7
+    """
+    with command(json_output) as rt:
+        from sfcrm.mail import notification_json
+
+        n = rt.mailer.get(email_id)
+        doc = {**notification_json(n, rt.tz), "message": n.message}
+
+        def render() -> None:
+            for key in ("id", "recipient", "notification_type", "subject", "is_sent",
+                        "sent_at", "failed_attempts", "last_error"):  # fmt: skip
+                rt.print(f"{key}: {doc[key] if doc[key] is not None else ''}")
+            rt.print("")
+            rt.print(n.message)
+
+        rt.emit(doc, render)
+
+
+@app.command("retry")
+def retry(
+    email_ids: Annotated[
+        list[int] | None, typer.Argument(help="email ids (default: every failed one)")
+    ] = None,
+    max_attempts: Annotated[
+        int, typer.Option("--max-attempts", min=1, help="give up after this many attempts")
+    ] = 5,
+    json_output: JsonOption = False,
+) -> None:
+    """Send failed emails again; never one already sent. Safe for cron.
+
+    Permanent refusals (SMTP 5xx) are retried only when named by id.
+
+    Example: sfcrm mail retry --max-attempts 5
+    """
+    with command(json_output) as rt:
+        with rt.progress("Retrying") as progress:
+            report = rt.mailer.retry(
+                email_ids or None, max_attempts=max_attempts, progress=progress
+            )
+        doc = {
+            "sent": report.sent,
+            "failed": [{"id": i, "error": rt.redact(e)} for i, e in report.failed],
+            "skipped": report.skipped,
+        }
+
+        def render() -> None:
+            for email_id, error in report.failed:
+                rt.say(f"email {email_id} failed: {error}")
+            rt.print(
+                f"Retry: {len(report.sent)} sent, {len(report.failed)} failed, "
+                f"{len(report.skipped)} skipped."
+            )
+
+        rt.emit(doc, render)
+        if report.failed:
+            raise MailError(
+                f"{len(report.failed)} emails failed again",
+                hint="see `sfcrm mail list --failed`",
+            )

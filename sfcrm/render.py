@@ -1,0 +1,105 @@
+"""Email templates: jinja2 files, the ``templates_dir`` folder first, then the built-in ones.
+
+A variable a template uses but nobody passed is an error, never a blank line in an email sent to
+a crew member. HTML templates (``.html.j2``, ``.html``) are autoescaped, so a name like
+``<script>`` shows as text; plain-text templates (``.txt.j2``) keep it literally.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sfcrm.errors import ExitCode, SfcrmError
+from sfcrm.resources import templates_dir
+
+if TYPE_CHECKING:
+    import jinja2
+
+_HTML = ("html", "htm", "html.j2", "htm.j2")
+
+
+class TemplateError(SfcrmError):
+    """A template is missing, does not parse, or uses a variable it was not given."""
+
+    exit_code = ExitCode.CONFIG
+    code = "TEMPLATE_ERROR"
+
+
+class Renderer:
+    """Renders templates by name; the override folder wins over the built-in templates."""
+
+    def __init__(self, override_dir: Path | None) -> None:
+        self.override_dir = Path(override_dir) if override_dir is not None else None
+        self._env: jinja2.Environment | None = None
+
+    def __repr__(self) -> str:
+        return f"Renderer(override_dir={self.override_dir!r})"
+
+    @property
+    def folders(self) -> list[Path]:
+        """Where templates are looked for, in order."""
+        found = [templates_dir()]
+        if self.override_dir is not None:
+            found.insert(0, self.override_dir)
+        return found
+
+    @property
+    def environment(self) -> jinja2.Environment:
+        if self._env is None:
+            import jinja2
+
+            self._env = jinja2.Environment(
+                loader=jinja2.FileSystemLoader([str(p) for p in self.folders]),
+                undefined=jinja2.StrictUndefined,
+                autoescape=jinja2.select_autoescape(
+                    enabled_extensions=_HTML, default_for_string=False, default=False
+                ),
+                keep_trailing_newline=True,
+                auto_reload=False,
+            )
+        return self._env
+
+    def has(self, name: str) -> bool:
+        """Whether a template of this name exists in either folder."""
+        import jinja2
+
+        env = self.environment
+        assert env.loader is not None
+        try:
+            env.loader.get_source(env, name)
+        except jinja2.TemplateNotFound:
+            return False
+        return True
+
+    def render(self, name: str, /, **context: Any) -> str:
+        """The template filled in; :class:`TemplateError` names the template and the problem.
+
+        ``name`` is positional-only, so a template may use a variable called ``name``.
+        """
+        import jinja2
+
+        try:
+            return self.environment.get_template(name).render(**context)
+        except jinja2.TemplateNotFound as exc:
+            where = " or ".join(str(p) for p in self.folders)
+            raise TemplateError(
+                f"template {exc.name or name} not found",
+                value=where,
+                hint="check SFCRM_TEMPLATES_DIR, or remove it to use the built-in templates",
+            ) from None
+        except jinja2.UndefinedError as exc:
+            # jinja's text names the variable: "'person' is undefined" or
+            # "'dict object' has no attribute 'name'"
+            raise TemplateError(
+                f"template {name} uses a variable it was not given: {exc.message}",
+                hint="fix the template, or pass the variable",
+            ) from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(
+                f"template {exc.name or name} line {exc.lineno}: {exc.message}",
+                value=exc.filename,
+                hint="fix the template's syntax",
+            ) from None
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"template {name}: {exc.message or exc}") from None

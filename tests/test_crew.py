@@ -1,0 +1,390 @@
+"""Events and the crew CRM, as the office uses them: through the CLI, with mail landing in a
+real SMTP server on loopback (or the outbox folder when nothing is configured)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import requests
+from support import SmtpSink
+from typer.testing import CliRunner
+
+from sfcrm.cli import app
+
+runner = CliRunner()
+NAIROBI = ZoneInfo("Africa/Nairobi")
+
+
+def run(*args: str) -> Any:
+    return runner.invoke(app, list(args))
+
+
+def run_json(*args: str, code: int = 0) -> Any:
+    result = run(*args, "--json")
+    assert result.exit_code == code, result.output + result.stderr
+    return json.loads(result.stdout)
+
+
+def day(offset: int) -> str:
+    return (datetime.now(NAIROBI) + timedelta(days=offset)).date().isoformat()
+
+
+def add_person(name: str, phone: str, email_address: str | None = None) -> dict[str, Any]:
+    args = ["people", "add", "--name", name, "--phone", phone]
+    if email_address:
+        args += ["--email", email_address]
+    doc: dict[str, Any] = run_json(*args)
+    return doc
+
+
+def add_event(name: str, date: str, *extra: str) -> dict[str, Any]:
+    doc: dict[str, Any] = run_json(
+        "events", "add", "--name", name, "--date", date, "--location", "KICC, Nairobi", *extra
+    )
+    return doc
+
+
+@pytest.fixture
+def smtp_env(monkeypatch: pytest.MonkeyPatch, smtp_sink: SmtpSink) -> SmtpSink:
+    monkeypatch.setenv("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+    monkeypatch.setenv("EMAIL_HOST", "127.0.0.1")
+    monkeypatch.setenv("EMAIL_PORT", str(smtp_sink.port))
+    monkeypatch.setenv("DEFAULT_FROM_EMAIL", "Sound Fusion <office@soundfusion.test>")
+    monkeypatch.setenv("SFCRM_ORG_PHONE", "0711000111")
+    monkeypatch.setenv("SFCRM_ORG_EMAIL", "office@soundfusion.test")
+    return smtp_sink
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+def test_event_json_has_the_documented_fields() -> None:
+    doc = add_event("Gala", "2030-05-01", "--time", "18:00", "--end-time", "23:30",
+                    "--details", "Black clothes")  # fmt: skip
+    assert doc == {
+        "id": 1, "name": "Gala", "date": "2030-05-01", "time": "18:00", "end_time": "23:30",
+        "location": "KICC, Nairobi", "details": "Black clothes",
+    }  # fmt: skip
+
+
+BAD_EVENTS = [
+    (["--date", "2030-13-01"], "Error: date must be YYYY-MM-DD (2030-13-01)"),
+    (["--date", "2030-05-01", "--time", "25:00"], "Error: time must be HH:MM (24-hour) (25:00)"),
+    (
+        ["--date", "2030-05-01", "--end-time", "20:00"],
+        "Error: an end time needs a start time (--time)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_EVENTS)
+def test_events_add_refuses_bad_dates_and_times(args: list[str], message: str) -> None:
+    result = run("events", "add", "--name", "X", "--location", "Y", *args)
+    assert result.exit_code == 4
+    assert result.stderr.splitlines()[0] == message
+    assert run_json("events", "list") == []
+
+
+def test_events_list_upcoming_leaves_out_past_events() -> None:
+    add_event("Past", day(-3))
+    add_event("Future", day(3))
+    assert [e["name"] for e in run_json("events", "list")] == ["Past", "Future"]
+    assert [e["name"] for e in run_json("events", "list", "--upcoming")] == ["Future"]
+
+
+def test_events_show_includes_the_roster_with_status() -> None:
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound Engineer")
+    doc = run_json("events", "show", "1")
+    assert [(c["name"], c["role"], c["status"]) for c in doc["crew"]] == [
+        ("Achieng", "Sound Engineer", "invited")
+    ]
+
+
+# -- assignments -------------------------------------------------------------------------------
+
+
+def test_crew_assign_prints_the_assignment_with_every_documented_field() -> None:
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    doc = run_json("crew", "assign", "--event", "1", "--person", "a@x.co.ke",
+                   "--role", "Sound Engineer", "--notes", "Bring the DI boxes")  # fmt: skip
+    assert set(doc) == {
+        "id", "event_id", "event", "person_id", "name", "email", "role", "status",
+        "invitation_sent", "invitation_sent_at", "reminder_sent", "reminder_sent_at", "notes",
+    }  # fmt: skip
+    assert (doc["status"], doc["invitation_sent"], doc["notes"]) == (
+        "invited",
+        False,
+        "Bring the DI boxes",
+    )
+
+
+def test_a_person_is_assigned_to_an_event_once() -> None:
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    result = run("crew", "assign", "--event", "1", "--person", "1", "--role", "Lights")
+    assert result.exit_code == 6
+    assert "Achieng is already on Gala as Sound" in result.stderr
+
+
+def test_overlapping_events_are_refused_with_the_clash_named() -> None:
+    date = day(5)
+    add_event("Wedding", date, "--time", "14:00", "--end-time", "20:00")
+    add_event("Concert", date, "--time", "19:00", "--end-time", "23:00")
+    add_event("Breakfast", date, "--time", "07:00", "--end-time", "10:00")
+    add_person("Achieng", "0712000001")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    result = run("crew", "assign", "--event", "2", "--person", "1", "--role", "Sound")
+    assert result.exit_code == 6
+    assert f"Achieng is already on Wedding ({date} 14:00), which overlaps Concert" in result.stderr
+    run_json("crew", "assign", "--event", "3", "--person", "1", "--role", "Sound")  # no overlap
+    run_json("crew", "assign", "--event", "2", "--person", "1", "--role", "Sound",
+             "--allow-overlap")  # fmt: skip
+
+
+def test_events_on_one_date_without_times_overlap() -> None:
+    add_event("Fair A", day(6))
+    add_event("Fair B", day(6))
+    add_event("Fair C", day(7))
+    add_person("Achieng", "0712000001")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    assert run("crew", "assign", "--event", "2", "--person", "1", "--role", "Sound").exit_code == 6
+    run_json("crew", "assign", "--event", "3", "--person", "1", "--role", "Sound")
+
+
+def test_a_declined_assignment_does_not_clash() -> None:
+    add_event("Fair A", day(6))
+    add_event("Fair B", day(6))
+    add_person("Achieng", "0712000001")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    run_json("crew", "decline", "1")
+    run_json("crew", "assign", "--event", "2", "--person", "1", "--role", "Sound")
+
+
+def test_crew_list_filters_and_searches() -> None:
+    add_event("Gala", day(5))
+    add_event("Rally", day(9))
+    add_person("Achieng", "0712000001", "achieng@x.co.ke")
+    add_person("Baraka", "0712000002", "baraka@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound Engineer")
+    run_json("crew", "assign", "--event", "1", "--person", "2", "--role", "Lighting Tech")
+    run_json("crew", "assign", "--event", "2", "--person", "2", "--role", "Setup Lead")
+    run_json("crew", "confirm", "2")
+    assert len(run_json("crew", "list")) == 3
+    assert [c["id"] for c in run_json("crew", "list", "--event", "1")] == [1, 2]
+    assert [c["id"] for c in run_json("crew", "list", "--status", "confirmed")] == [2]
+    for term, ids in (("lighting", [2]), ("RALLY", [3]), ("achieng@", [1]), ("baraka", [2, 3])):
+        assert [c["id"] for c in run_json("crew", "list", "--search", term)] == ids, term
+    assert run("crew", "list", "--status", "maybe").exit_code == 4
+
+
+def test_confirm_decline_and_the_crew_members_own_view() -> None:
+    add_event("Gala", day(5))
+    add_event("Rally", day(9))
+    add_event("Old show", day(-9))
+    add_person("Achieng", "0712000001")
+    for event in ("1", "2", "3"):
+        run_json("crew", "assign", "--event", event, "--person", "1", "--role", "Sound")
+    assert run_json("crew", "confirm", "1")["status"] == "confirmed"
+    assert run_json("crew", "decline", "2")["status"] == "declined"
+    view = run_json("crew", "assignments", "--person", "0712000001")
+    assert [r["event"] for r in view["confirmed"]] == ["Gala"]
+    assert [r["event"] for r in view["declined"]] == ["Rally"]
+    assert [r["event"] for r in view["pending"]] == ["Old show"]
+    assert view["completed"] == []
+
+
+def test_complete_after_the_event_moves_confirmed_crew_only() -> None:
+    add_event("Old show", day(-2))
+    add_event("Next show", day(4))
+    add_person("Achieng", "0712000001")
+    add_person("Baraka", "0712000002")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    run_json("crew", "assign", "--event", "1", "--person", "2", "--role", "Lights")
+    run_json("crew", "assign", "--event", "2", "--person", "1", "--role", "Sound")
+    with_confirmed = run("crew", "confirm", "1")  # the event is over: too late to answer
+    assert with_confirmed.exit_code == 6
+    result = run("crew", "complete", "--event", "2")
+    assert result.exit_code == 6
+    assert "Next show has not ended yet" in result.stderr
+    assert run_json("crew", "complete", "--event", "1") == []  # nobody confirmed
+
+
+# -- invitations -------------------------------------------------------------------------------
+
+
+def test_invite_without_mail_settings_writes_eml_files_to_the_outbox(tmp_path: Path) -> None:
+    add_event("Gala", day(5), "--time", "18:00")
+    add_person("Achieng", "0712000001", "achieng@x.co.ke")
+    add_person("No Email", "0712000002")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound Engineer")
+    run_json("crew", "assign", "--event", "1", "--person", "2", "--role", "Rigger")
+    result = run("crew", "invite", "--event", "1")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == "Invitations: 1 sent, 0 failed, 1 skipped."
+    [eml] = list((tmp_path / "outbox").glob("*.eml"))
+    message = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert message["Subject"] == "You are invited to work on: Gala"
+    assert message["To"] == "achieng@x.co.ke"
+    crew = run_json("crew", "list")
+    assert crew[0]["invitation_sent"] is True and crew[0]["invitation_sent_at"]
+    assert crew[1]["invitation_sent"] is False
+
+
+def test_invite_sends_text_html_and_calendar_to_a_real_smtp_server(smtp_env: SmtpSink) -> None:
+    add_event("Gala", day(5), "--time", "18:00", "--end-time", "23:00",
+              "--details", "Load-in from 14:00")  # fmt: skip
+    add_person("Achieng", "0712000001", "achieng@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound Engineer",
+             "--notes", "Bring the DI boxes")  # fmt: skip
+    doc = run_json("crew", "invite", "1")
+    assert len(doc["sent"]) == 1 and doc["failed"] == []
+    [received] = smtp_env.handler.messages
+    message = received.message
+    assert message["Subject"] == "You are invited to work on: Gala"
+    text = message.get_body(("plain",)).get_content()
+    for expected in ("Dear Achieng", "Sound Engineer", "KICC, Nairobi", "Bring the DI boxes",
+                     "Load-in from 14:00", "Reply to this email", "0711000111"):  # fmt: skip
+        assert expected in text, expected
+    assert "Sound Engineer" in message.get_body(("html",)).get_content()
+    [calendar] = [p for p in message.iter_attachments() if p.get_content_type() == "text/calendar"]
+    ics = calendar.get_content()
+    assert "SUMMARY:Gala" in ics and "DTSTART:" in ics and "END:VEVENT" in ics
+    # invited once: a second run sends nothing
+    again = run_json("crew", "invite", "--event", "1")
+    assert again["sent"] == [] and len(smtp_env.handler.messages) == 1
+    assert run_json("mail", "list")[0]["notification_type"] == "crew_invitation"
+
+
+def test_invite_dry_run_sends_and_records_nothing(smtp_env: SmtpSink) -> None:
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "achieng@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    doc = run_json("crew", "invite", "--event", "1", "--dry-run")
+    assert doc["dry_run"] is True
+    assert [e["subject"] for e in doc["emails"]] == ["You are invited to work on: Gala"]
+    assert smtp_env.handler.messages == []
+    assert run_json("mail", "list") == []
+    assert run_json("crew", "list")[0]["invitation_sent"] is False
+
+
+def test_invite_of_an_unknown_event_exits_5() -> None:
+    result = run("crew", "invite", "--event", "9")
+    assert result.exit_code == 5
+    assert result.stderr.splitlines()[0] == "Error: no such event (9)"
+
+
+def test_hostile_names_are_escaped_in_html_and_cannot_add_headers(smtp_env: SmtpSink) -> None:
+    add_event("Gala <b>", day(5))
+    add_person("<script>alert(1)</script>\r\nBcc: x@evil.test", "0712000001", "a@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1",
+             "--role", "Robert'); DROP TABLE person;--")  # fmt: skip
+    run_json("crew", "invite", "--event", "1")
+    [received] = smtp_env.handler.messages
+    assert received.recipients == ["a@x.co.ke"]
+    message = received.message
+    assert message["Bcc"] is None
+    html = message.get_body(("html",)).get_content()
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "Robert&#39;); DROP TABLE person;--" in html
+    assert len(run_json("people", "list")) == 1  # the table is still there
+
+
+# -- RSVP links --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rsvp_listener(monkeypatch: pytest.MonkeyPatch, smtp_env: SmtpSink, tmp_path: Path) -> Any:
+    """The listener with crew links on, on a loopback socket; yields its base URL."""
+    import threading
+
+    from sfcrm.cli.runtime import RootOptions, Runtime
+    from sfcrm.server import CallbackApp, RsvpPages, make_server
+
+    monkeypatch.setenv("SFCRM_SECRET_KEY", "rsvp-test-secret-key")
+    rt = Runtime(RootOptions(), json_output=False)
+    pages = RsvpPages(rt.crew, rt.renderer, secret_key="rsvp-test-secret-key", clock=rt.clock)
+    server = make_server(
+        CallbackApp(rt.payments, callback_path=None, rsvp=pages), "127.0.0.1", 0, 4
+    )
+    threading.Thread(target=server.run, daemon=True).start()
+    base = f"http://127.0.0.1:{server.effective_port}"
+    monkeypatch.setenv("SFCRM_PUBLIC_URL", base)
+    yield base
+    server.close()
+    rt.close()
+
+
+def rsvp_link(smtp: SmtpSink) -> str:
+    text = smtp.handler.messages[-1].message.get_body(("plain",)).get_content()
+    match = re.search(r"(http://\S+/crew/rsvp/\S+)", text)
+    assert match, text
+    return match.group(1)
+
+
+def test_rsvp_link_page_shows_the_event_and_changes_nothing_until_posted(
+    rsvp_listener: str, smtp_env: SmtpSink
+) -> None:
+    add_event("Gala", day(5), "--time", "18:00")
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    run_json("crew", "invite", "1")
+    link = rsvp_link(smtp_env)
+    page = requests.get(link, timeout=10)
+    assert page.status_code == 200
+    assert "Gala" in page.text and 'value="confirm"' in page.text
+    assert run_json("crew", "list")[0]["status"] == "invited"
+    done = requests.post(link, data={"answer": "confirm"}, timeout=10)
+    assert done.status_code == 200 and "confirmed" in done.text
+    assert run_json("crew", "list")[0]["status"] == "confirmed"
+    requests.post(link, data={"answer": "decline"}, timeout=10)
+    assert run_json("crew", "list")[0]["status"] == "declined"
+
+
+def test_forged_or_tampered_rsvp_links_get_403(rsvp_listener: str, smtp_env: SmtpSink) -> None:
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    add_person("Baraka", "0712000002", "b@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    run_json("crew", "assign", "--event", "1", "--person", "2", "--role", "Lights")
+    run_json("crew", "invite", "1")
+    link = rsvp_link(smtp_env)
+    base, token = link.rsplit("/", 1)
+    assignment, expiry, signature = token.split(".")
+    for forged in (
+        f"2.{expiry}.{signature}",  # someone else's assignment
+        f"{assignment}.{int(expiry) + 99999}.{signature}",  # a later expiry
+        f"{assignment}.{expiry}.{signature[:-2]}AA",
+        "1.9999999999.bm90IGEgc2lnbmF0dXJl",
+        "garbage",
+    ):
+        for method in ("get", "post"):
+            answer = getattr(requests, method)(f"{base}/{forged}", data={"answer": "confirm"},
+                                               timeout=10)  # fmt: skip
+            assert answer.status_code == 403, (forged, method)
+    assert {c["status"] for c in run_json("crew", "list")} == {"invited"}
+
+
+def test_expired_rsvp_link_gets_403(rsvp_listener: str, tmp_path: Path) -> None:
+    from sfcrm.rsvp import make_token
+
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    now = datetime.now(UTC)
+    token = make_token(
+        "rsvp-test-secret-key", 1, now - timedelta(seconds=1), now - timedelta(days=1)
+    )
+    answer = requests.get(f"{rsvp_listener}/crew/rsvp/{token}", timeout=10)
+    assert answer.status_code == 403 and "expired" in answer.text

@@ -1,0 +1,881 @@
+"""Mail: building messages, the backends, and the mail log against a real SMTP server.
+
+The server is aiosmtpd on 127.0.0.1, started by the fixtures; its handler records every message
+and can answer 451 or 550 for chosen recipients, or stop the server in the middle of a batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import io
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from aiosmtpd.smtp import AuthResult
+from support import Recorder, SmtpSink, free_port, utcnow
+
+from sfcrm.config import load_settings
+from sfcrm.db import Database
+from sfcrm.errors import ConfigError, NotFoundError, ValidationError
+from sfcrm.mail import (
+    INTERRUPTED,
+    Backend,
+    ConsoleBackend,
+    FileBackend,
+    Mailer,
+    SendError,
+    SmtpBackend,
+    backend_from_settings,
+    build_message,
+    notification_json,
+    one_line,
+)
+from sfcrm.models import EmailNotification, Event, EventCrew, Person
+
+SENDER = "Sound Fusion <office@soundfusion.co.ke>"
+CANARY = "CANARY-smtp-pw-5f1e9b"
+
+
+@pytest.fixture
+def smtp_refusing_login() -> Iterator[SmtpSink]:
+    """Offers AUTH and refuses every login."""
+
+    def refuse(*_args: Any) -> AuthResult:
+        return AuthResult(success=False, handled=False)
+
+    sink = SmtpSink(Recorder(), authenticator=refuse, auth_require_tls=False)
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def smtp_closing_idle_connections() -> Iterator[SmtpSink]:
+    """Hangs up on a client that stays silent for 0.3 s, as busy servers do."""
+    sink = SmtpSink(Recorder(), timeout=0.3)
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def smtp_mailer(
+    db: Database, port: int, *, clock: Callable[[], datetime] = utcnow, timeout: float = 5.0
+) -> tuple[Mailer, list[SmtpBackend]]:
+    """A Mailer over SMTP, and the list of backends it has made (one per batch)."""
+    made: list[SmtpBackend] = []
+
+    def factory() -> SmtpBackend:
+        backend = SmtpBackend("127.0.0.1", port, timeout=timeout)
+        made.append(backend)
+        return backend
+
+    return Mailer(db, factory, sender=SENDER, clock=clock), made
+
+
+def queue(mailer: Mailer, recipients: list[str], kind: str = "crew_invitation") -> list[int]:
+    with mailer.db.write() as session:
+        rows = [
+            mailer.queue(
+                session,
+                recipient=address,
+                notification_type=kind,
+                subject=f"You are invited to work on: Gig {n}",
+                text=f"Hello {address}\nSee you there.\n",
+            )
+            for n, address in enumerate(recipients)
+        ]
+    return [row.id for row in rows if row.id is not None]
+
+
+def crew(n: int) -> list[str]:
+    return [f"crew{i}@example.co.ke" for i in range(n)]
+
+
+def row(db: Database, email_id: int) -> EmailNotification:
+    with db.read() as session:
+        found = session.get(EmailNotification, email_id)
+        assert found is not None
+        return found
+
+
+def fail_all_against_a_dead_port(db: Database, count: int) -> list[int]:
+    """``count`` emails that failed once (nothing listens on the port they were sent to)."""
+    mailer, _ = smtp_mailer(db, free_port())
+    ids = queue(mailer, crew(count))
+    report = mailer.send(ids)
+    assert len(report.failed) == count
+    return ids
+
+
+@pytest.fixture
+def assignment(db: Database) -> EventCrew:
+    now = utcnow()
+    with db.write() as session:
+        person = Person(
+            name="Achieng Otieno", phone="254708374149", email="achieng@example.co.ke",
+            created_at=now,
+        )  # fmt: skip
+        event = Event(
+            name="Wedding at Safari Park", date="2025-03-01", time="15:00",
+            location="Safari Park Hotel", starts_at=now + timedelta(days=3),
+            ends_at=now + timedelta(days=3, hours=8), created_at=now,
+        )  # fmt: skip
+        session.add(person)
+        session.add(event)
+        session.flush()
+        assert person.id is not None and event.id is not None
+        assignment = EventCrew(
+            event_id=event.id, person_id=person.id, role="sound engineer", created_at=now
+        )
+        session.add(assignment)
+    return assignment
+
+
+# -- sending through SMTP ----------------------------------------------------------------------
+
+
+def test_queued_invitation_arrives_with_html_and_calendar_and_is_logged_sent(
+    db: Database, smtp_sink: SmtpSink, assignment: EventCrew
+) -> None:
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    ics = b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nEND:VCALENDAR\r\n"
+    with db.write() as session:
+        queued = mailer.queue(
+            session,
+            recipient="achieng@example.co.ke",
+            notification_type="crew_invitation",
+            subject="You are invited to work on: Wedding at Safari Park",
+            text="Hello Achieng,\nYou are on the crew. Karibu!\n",
+            html="<p>Hello Achieng, you are on the crew. Karibu — asante!</p>\n",
+            attachments=[("event.ics", "text/calendar; method=PUBLISH", ics)],
+            person_id=assignment.person_id,
+            assignment_id=assignment.id,
+        )
+    assert queued.id is not None
+
+    report = mailer.send([queued.id])
+
+    assert report.sent == [queued.id] and report.failed == [] and report.skipped == []
+    [received] = smtp_sink.handler.messages
+    assert received.recipients == ["achieng@example.co.ke"]
+    assert received.mail_from == "office@soundfusion.co.ke"
+    msg = received.message
+    assert msg["Subject"] == "You are invited to work on: Wedding at Safari Park"
+    assert msg["From"] == SENDER
+    body = msg.get_body(("plain",))
+    html = msg.get_body(("html",))
+    assert body is not None and "Karibu!" in body.get_content()
+    assert html is not None and "asante" in html.get_content()
+    [attachment] = list(msg.iter_attachments())
+    assert attachment.get_content_type() == "text/calendar"
+    assert attachment.get_param("method") == "PUBLISH"
+    assert attachment.get_filename() == "event.ics"
+    assert attachment.get_content().encode() == ics
+    logged = row(db, queued.id)
+    assert logged.is_sent and logged.sent_at is not None
+    assert logged.failed_attempts == 0 and logged.last_error is None
+    assert logged.claim_token is None and logged.claimed_until is None
+    assert logged.mime == received.content
+    with db.read() as session:
+        updated = session.get(EventCrew, assignment.id)
+        assert updated is not None
+        assert updated.invitation_sent and updated.invitation_sent_at is not None
+        assert not updated.reminder_sent
+
+
+def test_sent_reminder_marks_the_assignment_reminded(
+    db: Database, smtp_sink: SmtpSink, assignment: EventCrew
+) -> None:
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    with db.write() as session:
+        email_id = mailer.queue(
+            session, recipient="achieng@example.co.ke", notification_type="crew_reminder",
+            subject="Reminder", text="Tomorrow!\n", assignment_id=assignment.id,
+        ).id  # fmt: skip
+    assert email_id is not None
+
+    mailer.send([email_id])
+
+    with db.read() as session:
+        updated = session.get(EventCrew, assignment.id)
+        assert updated is not None
+        assert updated.reminder_sent and updated.reminder_sent_at is not None
+        assert not updated.invitation_sent
+
+
+def test_batch_of_twenty_uses_one_smtp_connection(db: Database, smtp_sink: SmtpSink) -> None:
+    mailer, backends = smtp_mailer(db, smtp_sink.port)
+    ids = queue(mailer, crew(20))
+
+    report = mailer.send(ids)
+
+    assert report.sent == ids
+    assert len(smtp_sink.handler.messages) == 20
+    assert smtp_sink.handler.connections() == 1
+    assert [b.connections for b in backends] == [1]
+
+
+def test_progress_is_reported_after_each_email(db: Database, smtp_sink: SmtpSink) -> None:
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    ids = queue(mailer, crew(3))
+    seen: list[tuple[int, int]] = []
+
+    mailer.send(ids, progress=lambda done, total: seen.append((done, total)))
+
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_reconnects_once_when_the_server_hung_up_between_messages(
+    db: Database, smtp_closing_idle_connections: SmtpSink
+) -> None:
+    sink = smtp_closing_idle_connections
+    backend = SmtpBackend("127.0.0.1", sink.port, timeout=5)
+    first, second = (
+        build_message(
+            sender=SENDER, recipient=f"{n}@example.co.ke", subject="s", text="t",
+            message_id_domain="soundfusion.co.ke",
+        )
+        for n in ("one", "two")
+    )  # fmt: skip
+
+    with backend:
+        backend.send(first, "office@soundfusion.co.ke", ["one@example.co.ke"])
+        time.sleep(0.8)  # the server drops the idle connection
+        backend.send(second, "office@soundfusion.co.ke", ["two@example.co.ke"])
+
+    assert [m.recipients for m in sink.handler.messages] == [
+        ["one@example.co.ke"],
+        ["two@example.co.ke"],
+    ]
+    assert backend.connections == 2
+
+
+# -- the server goes away ----------------------------------------------------------------------
+
+
+def test_server_stopped_mid_batch_fails_the_rest_fast_and_retry_delivers_each_once(
+    db: Database, smtp_sink: SmtpSink
+) -> None:
+    mailer, backends = smtp_mailer(db, smtp_sink.port)
+    ids = queue(mailer, crew(50))
+    smtp_sink.handler.stop_after = 10
+
+    started = time.monotonic()
+    report = mailer.send(ids)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 10
+    assert report.sent == ids[:10]
+    assert [i for i, _ in report.failed] == ids[10:]
+    assert all("cannot connect to the SMTP server 127.0.0.1" in e for _, e in report.failed)
+    for email_id in ids[10:]:
+        logged = row(db, email_id)
+        assert not logged.is_sent and logged.failed_attempts == 1
+        assert logged.last_error and "cannot connect" in logged.last_error
+        assert not logged.permanent_failure and logged.claim_token is None
+    assert len(backends) == 1
+
+    smtp_sink.start()
+    again = mailer.retry()
+
+    assert sorted(again.sent) == ids[10:] and again.failed == []
+    message_ids = smtp_sink.handler.message_ids()
+    assert len(message_ids) == 50
+    assert len(set(message_ids)) == 50
+    assert all(row(db, i).is_sent for i in ids)
+    assert mailer.retry().sent == []
+
+
+def test_unreachable_server_fails_the_whole_batch_after_one_connection_attempt(
+    db: Database,
+) -> None:
+    port = free_port()  # nothing listens there
+    opens: list[int] = []
+
+    class CountingBackend(SmtpBackend):
+        def open(self) -> None:
+            if self._conn is None:
+                opens.append(1)
+            super().open()
+
+    mailer = Mailer(
+        db, lambda: CountingBackend("127.0.0.1", port, timeout=5), sender=SENDER, clock=utcnow
+    )
+    ids = queue(mailer, crew(50))
+
+    started = time.monotonic()
+    report = mailer.send(ids)
+
+    assert time.monotonic() - started < 5
+    assert len(opens) == 1
+    assert report.sent == [] and [i for i, _ in report.failed] == ids
+    assert all(row(db, i).failed_attempts == 1 for i in ids)
+    assert f"cannot connect to the SMTP server 127.0.0.1:{port}" in report.failed[0][1]
+
+
+def test_server_that_never_answers_ends_the_batch_after_one_timeout(db: Database) -> None:
+    with socket.socket() as silent:  # accepts connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        mailer, _ = smtp_mailer(db, silent.getsockname()[1], timeout=0.5)
+        ids = queue(mailer, crew(20))
+
+        started = time.monotonic()
+        report = mailer.send(ids)
+
+    assert time.monotonic() - started < 3
+    assert [i for i, _ in report.failed] == ids
+    assert "did not answer within 0.5 s" in report.failed[0][1]
+
+
+# -- 451 and 550 -------------------------------------------------------------------------------
+
+
+def test_451_is_retried_later_and_550_is_permanent_and_nothing_is_delivered_twice(
+    db: Database, smtp_sink: SmtpSink
+) -> None:
+    handler = smtp_sink.handler
+    handler.temp_fail = {"busy1@example.co.ke", "busy2@example.co.ke"}
+    handler.perm_fail = {"gone@example.co.ke"}
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    ok, busy1, gone, busy2 = queue(
+        mailer,
+        ["ok@example.co.ke", "busy1@example.co.ke", "gone@example.co.ke", "busy2@example.co.ke"],
+    )
+
+    first = mailer.send([ok, busy1, gone, busy2])
+
+    assert first.sent == [ok]
+    assert [i for i, _ in first.failed] == [busy1, gone, busy2]
+    assert "451" in (row(db, busy1).last_error or "")
+    assert not row(db, busy1).permanent_failure
+    assert "550" in (row(db, gone).last_error or "")
+    assert row(db, gone).permanent_failure
+    assert handler.connections() == 1  # a refusal does not cost the connection
+
+    handler.temp_fail.clear()
+    second = mailer.retry()
+
+    assert sorted(second.sent) == [busy1, busy2]
+    assert gone not in second.sent + [i for i, _ in second.failed]
+    assert mailer.retry().sent == []
+    assert row(db, gone).failed_attempts == 1
+
+    named = mailer.retry([gone])  # named: tried even though permanent
+
+    assert [i for i, _ in named.failed] == [gone]
+    assert row(db, gone).failed_attempts == 2
+    delivered = [m.recipients[0] for m in handler.messages]
+    assert sorted(delivered) == ["busy1@example.co.ke", "busy2@example.co.ke", "ok@example.co.ke"]
+    assert len(set(handler.message_ids())) == 3
+
+
+def test_retry_gives_up_after_max_attempts(db: Database, smtp_sink: SmtpSink) -> None:
+    smtp_sink.handler.temp_fail = {"busy@example.co.ke"}
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    [email_id] = queue(mailer, ["busy@example.co.ke"])
+    mailer.send([email_id])
+
+    for _ in range(5):
+        mailer.retry(max_attempts=3)
+
+    assert row(db, email_id).failed_attempts == 3
+    assert smtp_sink.handler.messages == []
+
+
+# -- two retries at once -----------------------------------------------------------------------
+
+
+def test_two_threads_retrying_at_once_deliver_each_email_exactly_once(
+    db_path: Path, db: Database, smtp_sink: SmtpSink
+) -> None:
+    ids = fail_all_against_a_dead_port(db, 100)
+    smtp_sink.handler.delay = 0.002
+    barrier = threading.Barrier(2, timeout=10)
+    reports: list[Any] = []
+
+    def run() -> None:
+        own_db = Database(db_path)
+        mailer, _ = smtp_mailer(own_db, smtp_sink.port)
+        barrier.wait()
+        reports.append(mailer.retry())
+        own_db.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert len(reports) == 2
+    sent = reports[0].sent + reports[1].sent
+    assert sorted(sent) == ids
+    assert reports[0].failed == [] and reports[1].failed == []
+    assert len(smtp_sink.handler.messages) == 100
+    assert len(set(smtp_sink.handler.message_ids())) == 100
+
+
+RETRY_SCRIPT = """
+import json, sys, time
+from datetime import UTC, datetime
+from pathlib import Path
+from sfcrm.db import Database
+from sfcrm.mail import Mailer, SmtpBackend
+
+db_path, port, ready, go = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+db = Database(db_path)
+mailer = Mailer(
+    db, lambda: SmtpBackend("127.0.0.1", port, timeout=10),
+    sender="office@soundfusion.co.ke", clock=lambda: datetime.now(UTC),
+)
+ready.touch()
+deadline = time.monotonic() + 20
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+report = mailer.retry()
+print(json.dumps({"sent": report.sent, "failed": report.failed, "skipped": report.skipped}))
+"""
+
+
+def test_two_processes_retrying_at_once_deliver_each_email_exactly_once(
+    tmp_path: Path, db_path: Path, db: Database, smtp_sink: SmtpSink
+) -> None:
+    ids = fail_all_against_a_dead_port(db, 100)
+    smtp_sink.handler.delay = 0.005
+    go = tmp_path / "go"
+    readies = [tmp_path / f"ready-{n}" for n in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                RETRY_SCRIPT,
+                str(db_path),
+                str(smtp_sink.port),
+                str(r),
+                str(go),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in readies
+    ]
+    try:
+        deadline = time.monotonic() + 20
+        while not all(r.exists() for r in readies) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        outputs = [p.communicate(timeout=30) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    reports = [json.loads(out) for out, _ in outputs]
+    assert sorted(reports[0]["sent"] + reports[1]["sent"]) == ids
+    assert reports[0]["failed"] == [] and reports[1]["failed"] == []
+    assert len(smtp_sink.handler.messages) == 100
+    assert len(set(smtp_sink.handler.message_ids())) == 100
+
+
+# -- claims and interrupted sends --------------------------------------------------------------
+
+
+def test_email_claimed_by_a_live_sender_is_skipped(db: Database, smtp_sink: SmtpSink) -> None:
+    clock = Clock()
+    mailer, _ = smtp_mailer(db, smtp_sink.port, clock=clock)
+    [email_id] = queue(mailer, ["a@example.co.ke"])
+    with db.write() as session:
+        claimed = session.get(EmailNotification, email_id)
+        assert claimed is not None
+        claimed.claimed_until = clock.now + timedelta(minutes=5)
+        claimed.claim_token = "other-process"
+        session.add(claimed)
+
+    report = mailer.send([email_id])
+
+    assert report.skipped == [email_id]
+    assert "another sfcrm" in report.reasons[email_id]
+    assert smtp_sink.handler.messages == []
+
+
+def test_send_that_died_mid_way_is_failed_as_maybe_delivered_and_retried_only_when_named(
+    db: Database, smtp_sink: SmtpSink
+) -> None:
+    clock = Clock()
+    mailer, _ = smtp_mailer(db, smtp_sink.port, clock=clock)
+    [email_id, other] = queue(mailer, ["a@example.co.ke", "b@example.co.ke"])
+    with db.write() as session:  # a sender claimed it, then was killed
+        claimed = session.get(EmailNotification, email_id)
+        assert claimed is not None
+        claimed.claimed_until = clock.now + mailer.lease
+        claimed.claim_token = "dead-process"
+        session.add(claimed)
+    clock.now += mailer.lease + timedelta(seconds=1)
+
+    seen = mailer.get(email_id)
+
+    assert not seen.is_sent and seen.failed_attempts == 1
+    assert seen.last_error == INTERRUPTED
+    assert seen.claim_token is None and seen.claimed_until is None
+    assert [n.id for n in mailer.list(failed=True)] == [email_id]
+    auto = mailer.retry()
+    assert email_id not in auto.sent
+    assert auto.sent == [other]  # written, never tried, older than the lease: picked up
+    assert [m.recipients for m in smtp_sink.handler.messages] == [["b@example.co.ke"]]
+
+    named = mailer.retry([email_id])
+
+    assert named.sent == [email_id]
+    assert row(db, email_id).is_sent and row(db, email_id).last_error is None
+
+
+def test_ctrl_c_during_a_send_logs_the_email_as_interrupted(db: Database) -> None:
+    class Interrupted(Backend):
+        def send(self, message: bytes, sender: str, recipients: list[str], **_: Any) -> None:
+            raise KeyboardInterrupt
+
+    mailer = Mailer(db, Interrupted, sender=SENDER, clock=utcnow)
+    [email_id] = queue(mailer, ["a@example.co.ke"])
+
+    with pytest.raises(KeyboardInterrupt):
+        mailer.send([email_id])
+
+    logged = row(db, email_id)
+    assert logged.last_error == INTERRUPTED and logged.failed_attempts == 1
+    assert logged.claim_token is None
+    assert mailer.retry().sent == []
+
+
+def test_retry_skips_named_emails_already_sent(db: Database, smtp_sink: SmtpSink) -> None:
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    [email_id] = queue(mailer, ["a@example.co.ke"])
+    mailer.send([email_id])
+
+    report = mailer.retry([email_id])
+
+    assert report.sent == [] and report.skipped == [email_id]
+    assert report.reasons[email_id] == "already sent"
+    assert len(smtp_sink.handler.messages) == 1
+
+
+def test_retry_with_an_unknown_id_sends_nothing(db: Database, smtp_sink: SmtpSink) -> None:
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    ids = fail_all_against_a_dead_port(db, 2)
+
+    with pytest.raises(NotFoundError, match="9999"):
+        mailer.retry([*ids, 9999])
+
+    assert smtp_sink.handler.messages == []
+    assert all(row(db, i).failed_attempts == 1 for i in ids)
+
+
+def test_queue_belongs_to_the_callers_transaction(db: Database) -> None:
+    mailer = Mailer(db, lambda: ConsoleBackend(io.StringIO()), sender=SENDER, clock=utcnow)
+
+    with pytest.raises(RuntimeError), db.write() as session:
+        mailer.queue(
+            session, recipient="a@example.co.ke", notification_type="crew_briefing",
+            subject="Setup Briefing", text="Load in at 10:00\n",
+        )  # fmt: skip
+        raise RuntimeError("the crew code failed after queueing")
+
+    assert mailer.list() == []
+
+
+# -- backends ----------------------------------------------------------------------------------
+
+
+def test_default_backend_writes_one_eml_per_message_into_outbox_beside_the_database(
+    db_path: Path, db: Database
+) -> None:
+    settings = load_settings(environ={"SFCRM_DATABASE_URL": str(db_path)})
+    backend = backend_from_settings(settings)
+    assert isinstance(backend, FileBackend)
+    assert backend.folder == db_path.parent / "outbox"
+    mailer = Mailer(db, lambda: backend_from_settings(settings), sender=SENDER, clock=utcnow)
+    ids = queue(mailer, crew(3))
+
+    report = mailer.send(ids)
+
+    assert report.sent == ids
+    files = sorted((db_path.parent / "outbox").iterdir())
+    assert len(files) == 3
+    assert all(f.suffix == ".eml" for f in files)
+    by_id = {int(f.name.split("-")[0]): f for f in files}
+    assert sorted(by_id) == ids
+    for email_id, path in by_id.items():
+        parsed = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        assert parsed["To"] == row(db, email_id).recipient
+
+
+def test_console_backend_writes_each_message_to_the_given_stream(db: Database) -> None:
+    stream = io.StringIO()
+    settings = load_settings(environ={"EMAIL_BACKEND": "console"})
+    mailer = Mailer(
+        db, lambda: backend_from_settings(settings, stream=stream), sender=SENDER, clock=utcnow
+    )
+    ids = queue(mailer, crew(2))
+
+    mailer.send(ids)
+
+    out = stream.getvalue()
+    assert out.count("Subject: You are invited to work on: Gig") == 2
+    assert out.count("-" * 79) == 2
+    assert "\r" not in out
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("smtp", SmtpBackend),
+        ("SMTP", SmtpBackend),
+        ("console", ConsoleBackend),
+        ("file", FileBackend),
+        ("django.core.mail.backends.smtp.EmailBackend", SmtpBackend),
+        ("django.core.mail.backends.console.EmailBackend", ConsoleBackend),
+        ("django.core.mail.backends.filebased.EmailBackend", FileBackend),
+    ],
+)
+def test_email_backend_names_map_to_backends(name: str, kind: type[Backend]) -> None:
+    settings = load_settings(environ={"EMAIL_BACKEND": name})
+
+    assert type(backend_from_settings(settings)) is kind
+
+
+def test_unknown_email_backend_is_a_config_error_naming_the_setting() -> None:
+    settings = load_settings(environ={"EMAIL_BACKEND": "django.core.mail.backends.locmem.X"})
+
+    with pytest.raises(ConfigError, match="EMAIL_BACKEND"):
+        backend_from_settings(settings)
+
+
+def test_smtp_backend_from_settings_uses_host_port_and_login() -> None:
+    settings = load_settings(
+        environ={
+            "EMAIL_BACKEND": "smtp", "EMAIL_HOST": "smtp.example.co.ke", "EMAIL_PORT": "587",
+            "EMAIL_USE_TLS": "true", "EMAIL_HOST_USER": "office",
+            "EMAIL_HOST_PASSWORD": CANARY,
+        }
+    )  # fmt: skip
+
+    backend = backend_from_settings(settings)
+
+    assert isinstance(backend, SmtpBackend)
+    assert (backend.host, backend.port, backend.use_tls, backend.username) == (
+        "smtp.example.co.ke",
+        587,
+        True,
+        "office",
+    )
+    assert CANARY not in repr(backend)
+    assert "password='********'" in repr(backend)
+
+
+def test_tls_and_ssl_both_on_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="EMAIL_USE_TLS and EMAIL_USE_SSL"):
+        SmtpBackend("localhost", 25, use_tls=True, use_ssl=True)
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+def test_refused_login_stops_the_batch_and_no_password_is_stored_or_logged(
+    db: Database, smtp_refusing_login: SmtpSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    backends: list[SmtpBackend] = []
+
+    def factory() -> SmtpBackend:
+        backend = SmtpBackend(
+            "127.0.0.1", smtp_refusing_login.port, username="office", password=CANARY, timeout=5
+        )
+        backends.append(backend)
+        return backend
+
+    mailer = Mailer(db, factory, sender=SENDER, clock=utcnow)
+    ids = queue(mailer, crew(3))
+
+    with caplog.at_level(logging.INFO, logger="sfcrm.mail"):
+        report = mailer.send(ids)
+
+    assert [i for i, _ in report.failed] == ids
+    assert "the SMTP server 127.0.0.1:" in report.failed[0][1]
+    assert "refused the login (535" in report.failed[0][1]
+    forms = [
+        CANARY,
+        base64.b64encode(CANARY.encode()).decode(),
+        base64.b64encode(f"\0office\0{CANARY}".encode()).decode(),
+    ]
+    stored = [row(db, i) for i in ids]
+    assert all(not n.permanent_failure and n.failed_attempts == 1 for n in stored)
+    texts = [n.last_error or "" for n in stored] + [repr(backends[0]), caplog.text]
+    texts += [e for _, e in report.failed]
+    assert not any(form in text for form in forms for text in texts)
+    assert smtp_refusing_login.handler.messages == []
+
+
+def test_server_echoing_the_password_back_has_it_scrubbed_from_the_error() -> None:
+    import smtplib
+
+    backend = SmtpBackend("127.0.0.1", 25, username="office", password=CANARY)
+    echoed = smtplib.SMTPAuthenticationError(535, f"bad password {CANARY}".encode())
+
+    error = backend._scrub(backend._connect_error(echoed))
+
+    assert CANARY not in str(error)
+    assert error.stops_batch and not error.permanent
+
+
+# -- building messages -------------------------------------------------------------------------
+
+
+def test_line_break_in_the_subject_cannot_add_a_header(db: Database, smtp_sink: SmtpSink) -> None:
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    with db.write() as session:
+        email_id = mailer.queue(
+            session, recipient="a@x.co.ke", notification_type="crew_invitation",
+            subject="Hi\r\nBcc: x@evil.test", text="Hello\n",
+        ).id  # fmt: skip
+    assert email_id is not None
+
+    mailer.send([email_id])
+
+    [received] = smtp_sink.handler.messages
+    assert received.recipients == ["a@x.co.ke"]
+    msg = received.message
+    assert msg.get_all("Subject") == ["Hi Bcc: x@evil.test"]
+    assert msg.get_all("Bcc") is None
+    assert row(db, email_id).subject == "Hi Bcc: x@evil.test"
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        "a@x.co.ke\r\nBcc: x@evil.test",
+        "a@x.co.ke\nBcc: x@evil.test",
+        "a@x.co.ke, x@evil.test",
+        "Ann <a@x.co.ke>",
+        "a@x.co.ke>",
+        "",
+    ],
+)
+def test_recipient_that_could_add_a_header_or_recipient_is_refused(
+    db: Database, recipient: str
+) -> None:
+    mailer = Mailer(db, lambda: ConsoleBackend(io.StringIO()), sender=SENDER, clock=utcnow)
+
+    with pytest.raises(ValidationError, match="not an email address"), db.write() as session:
+        mailer.queue(
+            session, recipient=recipient, notification_type="crew_invitation",
+            subject="Hi", text="Hello\n",
+        )  # fmt: skip
+
+    assert mailer.list() == []
+
+
+def test_every_message_gets_a_fresh_message_id_and_crlf_line_ends() -> None:
+    def make() -> bytes:
+        return build_message(
+            sender=SENDER, recipient="a@x.co.ke", subject="Habari", text="Line one\nLine two\n",
+            html="<p>Hi</p>\n", message_id_domain="soundfusion.co.ke",
+        )  # fmt: skip
+
+    one, two = make(), make()
+    ids = [
+        email.message_from_bytes(m, policy=email.policy.default)["Message-ID"] for m in (one, two)
+    ]
+
+    assert ids[0] != ids[1]
+    assert all(str(i).endswith("@soundfusion.co.ke>") for i in ids)
+    assert b"\n" not in one.replace(b"\r\n", b"")
+
+
+def test_non_ascii_text_is_sent_7bit_safe_and_reads_back_intact() -> None:
+    text = "Habari Wanjirũ — karibu kwa sherehe 🎉\n"
+    raw = build_message(
+        sender=SENDER, recipient="a@x.co.ke", subject="Mwaliko: Sherehe ya Ñairobi 🎉",
+        text=text, message_id_domain="soundfusion.co.ke",
+    )  # fmt: skip
+
+    assert max(raw) < 128
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Subject"] == "Mwaliko: Sherehe ya Ñairobi 🎉"
+    body = msg.get_body(("plain",))
+    assert body is not None and body.get_content().replace("\r\n", "\n") == text
+
+
+# -- reading the log ---------------------------------------------------------------------------
+
+
+def test_notification_json_has_exactly_the_documented_keys(
+    db: Database, smtp_sink: SmtpSink
+) -> None:
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    [email_id] = queue(mailer, ["a@example.co.ke"])
+    mailer.send([email_id])
+
+    doc = notification_json(mailer.get(email_id), ZoneInfo("Africa/Nairobi"))
+
+    assert set(doc) == {
+        "id", "recipient", "person_id", "notification_type", "subject", "is_sent", "sent_at",
+        "failed_attempts", "last_error",
+    }  # fmt: skip
+    assert doc["is_sent"] is True and doc["recipient"] == "a@example.co.ke"
+    assert doc["sent_at"].endswith("+03:00")
+    assert json.dumps(doc)
+
+
+def test_list_filters_by_failed_type_and_date_newest_first(db: Database) -> None:
+    clock = Clock()
+    mailer, _ = smtp_mailer(db, free_port(), clock=clock)
+    [invite] = queue(mailer, ["a@example.co.ke"], "crew_invitation")
+    clock.now += timedelta(days=1)
+    [remind] = queue(mailer, ["b@example.co.ke"], "crew_reminder")
+    clock.now += timedelta(days=1)
+    [brief] = queue(mailer, ["c@example.co.ke"], "crew_briefing")
+    mailer.send([remind])  # fails: nothing listens
+
+    assert [n.id for n in mailer.list()] == [brief, remind, invite]
+    assert [n.id for n in mailer.list(failed=True)] == [remind]
+    assert [n.id for n in mailer.list(notification_type="crew_invitation")] == [invite]
+    assert [n.id for n in mailer.list(since=clock.now - timedelta(hours=30))] == [brief, remind]
+    assert [n.id for n in mailer.list(limit=1)] == [brief]
+
+
+def test_get_unknown_email_is_not_found(db: Database) -> None:
+    mailer = Mailer(db, lambda: ConsoleBackend(io.StringIO()), sender=SENDER, clock=utcnow)
+
+    with pytest.raises(NotFoundError):
+        mailer.get(42)
+
+
+def test_send_error_text_is_one_line() -> None:
+    error = SendError("the SMTP server refused the message", value="554 5.7.1\r\nspam")
+
+    assert one_line(str(error)) == "the SMTP server refused the message (554 5.7.1 spam)"
