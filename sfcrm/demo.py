@@ -1,8 +1,10 @@
-"""``sfcrm demo``: the whole payment flow on embedded defaults, in a throw-away folder.
+"""``sfcrm demo``: the office's two jobs on embedded defaults, in a folder of its own.
 
 It starts the Daraja emulator and the callback listener on free loopback ports, adds a person
-with a balance, requests a payment, waits for the callback, and reports the result. No
-configuration and no network beyond 127.0.0.1.
+with a balance, requests a payment and waits for the callback; then creates an event, puts the
+person on it, sends the invitation (an ``.eml`` file in the folder's outbox) and confirms through
+the RSVP link in that email, over HTTP like a phone would. No configuration and no network
+beyond 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sfcrm.errors import SfcrmError
-from sfcrm.models import MpesaPayment, PaymentStatus, Person
+from sfcrm.models import Event, MpesaPayment, PaymentStatus, Person
 
 DEMO_PHONE = "254708374149"  # Safaricom's sandbox test phone: the emulator pays it
 DEMO_BALANCE = "1500"
@@ -31,6 +33,10 @@ class DemoResult:
     person_before: Person
     person_after: Person
     payment: MpesaPayment
+    event: Event
+    crew_status: str
+    email_path: Path
+    rsvp_url: str
     seconds: float
 
 
@@ -41,16 +47,28 @@ def run_demo(
     timeout: float = 30.0,
     callback_delay: float = 1.0,
 ) -> DemoResult:
+    import email
+    import email.policy
+    import re
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
     import requests
 
+    from sfcrm.crew import Crew, Org
     from sfcrm.daraja import DarajaClient
     from sfcrm.db import Database
     from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE, DarajaEmulator, EmulatorSettings
+    from sfcrm.events import Events
+    from sfcrm.mail import FileBackend, Mailer
     from sfcrm.payments import DatabaseTokenCache, Payments
     from sfcrm.people import People
-    from sfcrm.server import CallbackApp, make_server
+    from sfcrm.render import Renderer
+    from sfcrm.rsvp import make_token, rsvp_url
+    from sfcrm.server import CallbackApp, RsvpPages, make_server
 
     started = time.monotonic()
+    tz = ZoneInfo("Africa/Nairobi")
 
     def clock() -> datetime:
         return datetime.now(UTC)
@@ -72,14 +90,36 @@ def run_demo(
             token_cache=DatabaseTokenCache(db),
         )
         path = "/callback/" + secrets.token_urlsafe(24)
+        secret_key = secrets.token_urlsafe(32)
+        listener = {"url": ""}
         payments = Payments(db, callback_url=None, clock=clock, client_factory=lambda: client)
-        app = CallbackApp(payments, callback_path=path)
+        renderer = Renderer(None)
+        mailer = Mailer(
+            db,
+            lambda: FileBackend(folder / "outbox"),
+            sender="Sound Fusion <office@soundfusion.invalid>",
+            clock=clock,
+        )
+        crew = Crew(
+            db,
+            clock=clock,
+            tz=tz,
+            mailer=lambda: mailer,
+            renderer=lambda: renderer,
+            org=Org("Sound Fusion", "0700000000", "office@soundfusion.invalid"),
+            rsvp=lambda aid, expires: rsvp_url(
+                listener["url"], make_token(secret_key, aid, expires, clock())
+            ),
+        )
+        pages = RsvpPages(crew, renderer, secret_key=secret_key, clock=clock)
+        app = CallbackApp(payments, callback_path=path, rsvp=pages)
         server = make_server(app, "127.0.0.1", 0, threads=4)
-        listener_url = f"http://127.0.0.1:{server.effective_port}"
-        payments.callback_url = listener_url + path
+        listener["url"] = f"http://127.0.0.1:{server.effective_port}"
+        payments.callback_url = listener["url"] + path
         threading.Thread(target=server.run, name="sfcrm-demo-listener", daemon=True).start()
-        progress(f"callback listener on {listener_url}/callback/<secret>")
+        progress(f"callback listener on {listener['url']}/callback/<secret>")
 
+        # 1. collect money
         people = People(db, clock)
         person = people.add(
             "Demo Crew Member", DEMO_PHONE, "demo@soundfusion.invalid", DEMO_BALANCE
@@ -102,13 +142,48 @@ def run_demo(
             time.sleep(0.1)
             payment = payments.get(payment.id)
         after = people.show(str(person.id))
+        progress(
+            f"payment {payment.id} {payment.status}; balance now KES {after.balance_cents // 100}"
+        )
+
+        # 2. run the crew
+        tomorrow = (datetime.now(tz) + timedelta(days=1)).date().isoformat()
+        event = Events(db, clock, tz).add(
+            "Safari Rally Gala", tomorrow, "KICC, Nairobi", time="18:00", end_time="23:30",
+            details="Load-in from 14:00. Black clothes.",
+        )  # fmt: skip
+        assert event.id is not None
+        row = crew.assign(event.id, str(person.id), "Sound Engineer", notes="Bring the DI boxes")
+        assert row.crew.id is not None
+        run = crew.invite(assignment_ids=[row.crew.id])
+        if not run.sent:
+            raise SfcrmError("the demo's invitation could not be written")
+        [email_path] = sorted((folder / "outbox").glob("*.eml"))
+        progress(f"invitation for {event.name} written to {email_path}")
+        message = email.message_from_bytes(email_path.read_bytes(), policy=email.policy.default)
+        body = message.get_body(("plain",))
+        assert body is not None
+        found = re.search(r"(http://\S+/crew/rsvp/\S+)", body.get_content())
+        if found is None:
+            raise SfcrmError("the demo's invitation has no RSVP link")
+        link = found.group(1)
+        page = requests.get(link, timeout=10)
+        answer = requests.post(link, data={"answer": "confirm"}, timeout=10)
+        if page.status_code != 200 or answer.status_code != 200:
+            raise SfcrmError("the RSVP page did not answer", value=f"HTTP {answer.status_code}")
+        confirmed = crew.get(row.crew.id)
+        progress(f"confirmed through the RSVP link: {confirmed.crew.status}")
         return DemoResult(
             folder=folder,
             emulator_url=emulator.url,
-            listener_url=listener_url,
+            listener_url=listener["url"],
             person_before=person,
             person_after=after,
             payment=payment,
+            event=event,
+            crew_status=confirmed.crew.status,
+            email_path=email_path,
+            rsvp_url=link,
             seconds=time.monotonic() - started,
         )
     finally:

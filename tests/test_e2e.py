@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -129,7 +130,7 @@ def test_listener_without_callback_url_exits_3(env: dict[str, str]) -> None:
 
 
 def test_demo_runs_on_embedded_defaults_in_well_under_a_minute(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "SFCRM_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "SFCRM_", "EMAIL_"))}
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "sfcrm", "demo", "--json"],
@@ -141,7 +142,27 @@ def test_demo_runs_on_embedded_defaults_in_well_under_a_minute(tmp_path: Path) -
     assert doc["payment"]["status"] == "completed"
     assert doc["person_before"]["balance"] == "1500.00"
     assert doc["person_after"]["balance"] == "1000.00"
-    assert list(tmp_path.iterdir()) == []  # the demo leaves nothing behind
+    assert doc["crew_status"] == "confirmed"
+    email_file = Path(doc["email"])
+    assert email_file.parent.name == "outbox"
+    assert b"You are invited to work on: Safari Rally Gala" in email_file.read_bytes()
+    assert list(tmp_path.iterdir()) == []  # nothing lands in the current directory
+    import shutil
+
+    shutil.rmtree(doc["folder"])
+
+
+def test_demo_clean_removes_its_folder(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "SFCRM_", "EMAIL_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "sfcrm", "demo", "--clean"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "confirmed through the RSVP link" in result.stdout
+    folder = re.search(r"written to (\S+)/outbox/", result.stderr)
+    assert folder is not None
+    assert not Path(folder.group(1)).exists()
 
 
 def test_listener_warns_when_the_callback_path_is_guessable(env: dict[str, str]) -> None:

@@ -115,12 +115,15 @@ def serve_callback(
 
 
 def demo(
-    keep: Annotated[
-        bool, typer.Option("--keep", help="keep the demo folder and print where it is")
+    clean: Annotated[
+        bool, typer.Option("--clean", help="delete the demo folder afterwards")
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Run the whole payment flow against the built-in emulator, with no configuration.
+    """Run both jobs on embedded defaults: a payment through the built-in Daraja emulator, then
+    an event, an invitation email and a confirmation through its RSVP link.
+
+    It needs no configuration and leaves its database and outbox in a temporary folder.
 
     Example: sfcrm demo
     """
@@ -129,6 +132,7 @@ def demo(
 
     with command(json_output) as rt:
         from sfcrm.demo import run_demo
+        from sfcrm.events import event_json
         from sfcrm.money import format_cents
         from sfcrm.payments import payment_json
         from sfcrm.people import person_json
@@ -140,10 +144,13 @@ def demo(
 
             tz = zoneinfo.ZoneInfo("Africa/Nairobi")
             doc = {
-                "folder": str(folder) if keep else None,
+                "folder": None if clean else str(folder),
                 "payment": payment_json(result.payment, tz),
                 "person_before": person_json(result.person_before),
                 "person_after": person_json(result.person_after),
+                "event": event_json(result.event),
+                "crew_status": result.crew_status,
+                "email": None if clean else str(result.email_path),
                 "seconds": round(result.seconds, 2),
             }
 
@@ -158,13 +165,18 @@ def demo(
                     f"{format_cents(result.person_before.balance_cents)}, now owes KES "
                     f"{format_cents(result.person_after.balance_cents)}."
                 )
+                rt.print(
+                    f"Invited to {result.event.name} on {result.event.date}; "
+                    f"{result.crew_status} through the RSVP link."
+                )
+                if not clean:
+                    rt.print(f"The invitation email: {result.email_path}")
+                    rt.print(f"The demo database:    {folder / 'sfcrm.db'}")
                 rt.print(f"Done in {result.seconds:.1f} s.")
-                if keep:
-                    rt.print(f"Demo database: {folder / 'sfcrm.db'}")
 
             rt.emit(doc, render)
         finally:
-            if not keep:
+            if clean:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
