@@ -142,7 +142,7 @@ class DarajaToken(SQLModel, table=True):
 
     cache_key: str = Field(primary_key=True)
     access_token: str
-    expires_at: datetime = _ts(nullable=False)
+    expires_at: datetime = _ts(nullable=False)  # when sfcrm stops using it, a bit before Daraja
     fetched_at: datetime = _ts(nullable=False)
 
 

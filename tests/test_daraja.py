@@ -512,6 +512,19 @@ def test_token_is_refreshed_within_60_seconds_of_expiry(
     assert token_calls(daraja) == 2
 
 
+def test_a_short_lived_token_is_used_for_most_of_its_life(
+    client: DarajaClient, clock: Clock, daraja: responses.RequestsMock
+) -> None:
+    add_token(daraja, "tok-1", "5")
+    add_token(daraja, "tok-2", "5")
+    assert client.token() == "tok-1"
+    clock.advance(4.4)  # a tenth of its life (0.5 s) is the early margin
+    assert client.token() == "tok-1"
+    clock.advance(0.2)
+    assert client.token() == "tok-2"
+    assert token_calls(daraja) == 2
+
+
 def test_shared_token_cache_spares_the_second_client_a_token_request(
     clock: Clock, daraja: responses.RequestsMock, daraja_token_ok: Any
 ) -> None:
