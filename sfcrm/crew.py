@@ -404,7 +404,7 @@ class Crew:
         """Remind confirmed crew whose event starts within the next ``hours``; never after
         the event has started, and never twice."""
         if hours <= 0:
-            raise ValidationError("--hours must be positive", value=str(hours))
+            raise ValidationError("--hours must be positive", value=f"{hours:g}")
         now = self.clock()
         query = (
             self._base()

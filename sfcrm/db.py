@@ -152,6 +152,27 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX ix_event_crew_event_status ON event_crew (event_id, status);
     CREATE INDEX ix_event_crew_person_status ON event_crew (person_id, status);
     """,
+    # 3: the balance ledger; balances held before it become opening entries
+    """
+    CREATE TABLE balance_entry (
+        id INTEGER NOT NULL PRIMARY KEY,
+        person_id INTEGER NOT NULL REFERENCES person (id),
+        amount_cents INTEGER NOT NULL,
+        balance_after_cents INTEGER NOT NULL,
+        kind VARCHAR NOT NULL,
+        reason VARCHAR,
+        payment_id INTEGER REFERENCES mpesa_payment (id),
+        created_at DATETIME NOT NULL
+    );
+    CREATE INDEX ix_balance_entry_person_id ON balance_entry (person_id);
+    CREATE UNIQUE INDEX ux_balance_entry_payment ON balance_entry (payment_id)
+        WHERE payment_id IS NOT NULL;
+    INSERT INTO balance_entry (person_id, amount_cents, balance_after_cents, kind, reason,
+                               created_at)
+        SELECT id, balance_cents, balance_cents, 'opening', 'balance before the ledger',
+               strftime('%Y-%m-%d %H:%M:%S', 'now')
+        FROM person WHERE balance_cents != 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, Index, LargeBinary
+from sqlalchemy import Column, Index, LargeBinary, text
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -222,3 +222,39 @@ class EmailNotification(SQLModel, table=True):
     permanent_failure: bool = False  # a 5xx refusal: not retried without being named
     claimed_until: datetime | None = _ts()  # a sender holds it until then
     claim_token: str | None = None
+
+
+class BalanceKind:
+    OPENING = "opening"  # the balance a person was added with
+    CHARGE = "charge"  # owes more: an advance, a deposit due, a damaged cable
+    CREDIT = "credit"  # owes less, paid some other way
+    PAYMENT = "payment"  # an M-Pesa payment completed
+
+    ALL = (OPENING, CHARGE, CREDIT, PAYMENT)
+
+
+class BalanceEntry(SQLModel, table=True):
+    """The ledger: every change of a balance, written in the transaction that makes it.
+
+    A person's balance is always the sum of their entries. The database itself refuses a second
+    entry for one payment, so no payment can reduce a balance twice.
+    """
+
+    __tablename__ = "balance_entry"
+    __table_args__ = (
+        Index(
+            "ux_balance_entry_payment",
+            "payment_id",
+            unique=True,
+            sqlite_where=text("payment_id IS NOT NULL"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    person_id: int = Field(foreign_key="person.id", index=True)
+    amount_cents: int  # positive: owes more; negative: owes less
+    balance_after_cents: int
+    kind: str
+    reason: str | None = None
+    payment_id: int | None = Field(default=None, foreign_key="mpesa_payment.id")
+    created_at: datetime = _ts(nullable=False)

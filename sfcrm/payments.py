@@ -37,6 +37,7 @@ from sfcrm.errors import (
 )
 from sfcrm.logs import mask_phone
 from sfcrm.models import (
+    BalanceKind,
     CallbackOutcome,
     DarajaToken,
     MpesaCallback,
@@ -46,7 +47,7 @@ from sfcrm.models import (
     Person,
 )
 from sfcrm.money import format_cents, format_kes, parse_stk_amount
-from sfcrm.people import find_person
+from sfcrm.people import change_balance, find_person
 from sfcrm.phone import normalise_phone
 
 if TYPE_CHECKING:
@@ -192,12 +193,14 @@ def apply_result(
         return Applied(CallbackOutcome.REVIEW, payment.result_desc, pid)
     person = session.get(Person, payment.person_id)
     assert person is not None
-    person.balance_cents -= payment.amount * 100
+    change_balance(
+        session, person, -payment.amount * 100, kind=BalanceKind.PAYMENT, now=now,
+        reason=f"M-Pesa {payment.receipt_number or 'payment'}", payment_id=pid,
+    )  # fmt: skip
     payment.balance_applied = True
     payment.status = PaymentStatus.COMPLETED
     payment.result_desc = result.result_desc
     payment.completed_at = now
-    session.add(person)
     session.add(payment)
     log.info(
         "payment %s completed: receipt %s, KES %s, person %s balance now %s (%s)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,9 +16,11 @@ from sqlmodel import Session, col, select
 
 from sfcrm.db import Database
 from sfcrm.errors import ConflictError, NotFoundError, SfcrmError, ValidationError
-from sfcrm.models import Person
+from sfcrm.models import BalanceEntry, BalanceKind, Person
 from sfcrm.money import format_cents, parse_kes
 from sfcrm.phone import normalise_phone
+
+log = logging.getLogger("sfcrm.people")
 
 MAX_NAME = 120
 CSV_HEADER = ["name", "phone", "email", "balance"]
@@ -30,6 +33,46 @@ def person_json(person: Person) -> dict[str, Any]:
         "phone": person.phone,
         "email": person.email,
         "balance": format_cents(person.balance_cents),
+    }
+
+
+def change_balance(
+    session: Session,
+    person: Person,
+    amount_cents: int,
+    *,
+    kind: str,
+    now: datetime,
+    reason: str | None = None,
+    payment_id: int | None = None,
+) -> BalanceEntry:
+    """Move a balance and write its ledger entry; call inside ``Database.write()``."""
+    assert person.id is not None
+    person.balance_cents += amount_cents
+    entry = BalanceEntry(
+        person_id=person.id,
+        amount_cents=amount_cents,
+        balance_after_cents=person.balance_cents,
+        kind=kind,
+        reason=reason,
+        payment_id=payment_id,
+        created_at=now,
+    )
+    session.add(person)
+    session.add(entry)
+    return entry
+
+
+def entry_json(entry: BalanceEntry, tz: Any) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "person_id": entry.person_id,
+        "amount": format_cents(entry.amount_cents),
+        "balance_after": format_cents(entry.balance_after_cents),
+        "kind": entry.kind,
+        "reason": entry.reason,
+        "payment_id": entry.payment_id,
+        "created_at": entry.created_at.astimezone(tz).isoformat(timespec="seconds"),
     }
 
 
@@ -106,16 +149,50 @@ class People:
         new = validate_new_person(name, phone, email, balance)
         with self.db.write() as session:
             self._check_unique(session, new)
-            person = Person(
-                name=new.name,
-                phone=new.phone,
-                email=new.email,
-                balance_cents=new.balance_cents,
-                created_at=self.clock(),
-            )
-            session.add(person)
-            session.flush()
+            person = self._create(session, new, self.clock())
         return person
+
+    def _create(self, session: Session, new: NewPerson, now: datetime) -> Person:
+        person = Person(name=new.name, phone=new.phone, email=new.email, created_at=now)
+        session.add(person)
+        session.flush()
+        if new.balance_cents:
+            change_balance(session, person, new.balance_cents, kind=BalanceKind.OPENING, now=now)
+        return person
+
+    def charge(self, ref: str, amount: str, reason: str) -> tuple[Person, BalanceEntry]:
+        """The person owes more (an advance, a deposit due, ...)."""
+        return self._adjust(ref, amount, reason, BalanceKind.CHARGE)
+
+    def credit(self, ref: str, amount: str, reason: str) -> tuple[Person, BalanceEntry]:
+        """The person owes less, paid some way other than M-Pesa STK Push."""
+        return self._adjust(ref, amount, reason, BalanceKind.CREDIT)
+
+    def _adjust(self, ref: str, amount: str, reason: str, kind: str) -> tuple[Person, BalanceEntry]:
+        cents = parse_kes(amount)
+        if cents <= 0:
+            raise ValidationError("amount must be more than 0", value=amount)
+        why = " ".join("".join(ch if ch.isprintable() else " " for ch in reason).split())
+        if not why:
+            raise ValidationError("a reason is required, for the ledger")
+        with self.db.write() as session:
+            person = find_person(session, ref)
+            signed = cents if kind == BalanceKind.CHARGE else -cents
+            entry = change_balance(session, person, signed, kind=kind, now=self.clock(), reason=why)
+            session.flush()
+        log.info("person %s %s %s: %s", person.id, kind, format_cents(cents), why)
+        return person, entry
+
+    def history(self, ref: str, limit: int = 200) -> tuple[Person, Sequence[BalanceEntry]]:
+        with self.db.read() as session:
+            person = find_person(session, ref)
+            entries = session.exec(
+                select(BalanceEntry)
+                .where(BalanceEntry.person_id == person.id)
+                .order_by(col(BalanceEntry.id).desc())
+                .limit(limit)
+            ).all()
+            return person, entries
 
     def _check_unique(self, session: Session, new: NewPerson) -> None:
         same = [col(Person.phone) == new.phone]
@@ -204,14 +281,5 @@ class People:
                 )
             now = self.clock()
             for _line, new in parsed:
-                person = Person(
-                    name=new.name,
-                    phone=new.phone,
-                    email=new.email,
-                    balance_cents=new.balance_cents,
-                    created_at=now,
-                )
-                session.add(person)
-                created.append(person)
-            session.flush()
+                created.append(self._create(session, new, now))
         return created

@@ -373,3 +373,62 @@ def test_a_number_without_a_safaricom_prefix_is_kept_with_a_note() -> None:
     assert result.exit_code == 0
     assert "does not have a Safaricom prefix" in result.stderr
     assert run_json("people", "show", "0730000000")["phone"] == "254730000000"
+
+
+# -- the balance ledger ------------------------------------------------------------------------
+
+
+def test_charge_and_credit_move_the_balance_and_write_the_ledger() -> None:
+    run_json("people", "add", "--name", "Achieng", "--phone", "0712345678", "--balance", "1500")
+    charged = run_json("people", "charge", "0712345678", "--amount", "2000.50",
+                       "--reason", "Advance for Rally weekend")  # fmt: skip
+    assert charged["balance"] == "3500.50"
+    assert charged["entry"]["kind"] == "charge" and charged["entry"]["amount"] == "2000.50"
+    credited = run_json("people", "credit", "1", "--amount", "500", "--reason", "Cash")
+    assert credited["balance"] == "3000.50"
+    history = run_json("people", "history", "1")
+    assert [(e["kind"], e["amount"], e["balance_after"]) for e in history["entries"]] == [
+        ("credit", "-500.00", "3000.50"),
+        ("charge", "2000.50", "3500.50"),
+        ("opening", "1500.00", "1500.00"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--amount", "0", "--reason", "x"], "Error: amount must be more than 0 (0)"),
+        (["--amount", "-5", "--reason", "x"], "Error: amount must be more than 0 (-5)"),
+        (
+            ["--amount", "1.005", "--reason", "x"],
+            "Error: amount has more than two decimals (1.005)",
+        ),
+        (["--amount", "10", "--reason", " "], "Error: a reason is required, for the ledger"),
+    ],
+)
+def test_charge_refuses_bad_amounts_and_changes_nothing(args: list[str], message: str) -> None:
+    run_json("people", "add", "--name", "Achieng", "--phone", "0712345678", "--balance", "100")
+    result = run("people", "charge", "1", *args)
+    assert result.exit_code == 4
+    assert result.stderr.splitlines()[0] == message
+    assert run_json("people", "show", "1")["balance"] == "100.00"
+    assert len(run_json("people", "history", "1")["entries"]) == 1
+
+
+def test_a_completed_payment_is_in_the_ledger_once(
+    payer: dict[str, Any], listener: Listener
+) -> None:
+    run_json("mpesa", "request", "--person", "1", "--amount", "500", "--purpose", "Deposit")
+    wait_for(lambda: run_json("mpesa", "status", "1")["status"] == "completed")
+    body = {"Body": {"stkCallback": {
+        "CheckoutRequestID": run_json("mpesa", "status", "1")["checkout_request_id"],
+        "ResultCode": 0, "ResultDesc": "ok",
+        "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": 500}]},
+    }}}  # fmt: skip
+    assert listener.post(body).status_code == 200  # a duplicate callback
+    entries = run_json("people", "history", "1")["entries"]
+    assert [(e["kind"], e["amount"], e["payment_id"]) for e in entries] == [
+        ("payment", "-500.00", 1),
+        ("opening", "1500.00", None),
+    ]
+    assert run_json("people", "show", "1")["balance"] == "1000.00"

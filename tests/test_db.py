@@ -378,3 +378,55 @@ def test_concurrent_writers_in_four_processes_lose_no_update(
         final = session.get(Person, person_id)
         assert final is not None
         assert final.balance_cents == 10_000 - WRITERS * CHANGES_EACH
+
+
+def test_the_database_refuses_a_second_ledger_entry_for_one_payment(db: Database) -> None:
+    from support import utcnow
+
+    from sfcrm.models import BalanceEntry, MpesaPayment
+    from sfcrm.people import People
+
+    person = People(db, utcnow).add("Achieng", "0712345678", None, "1000")
+    with db.write() as session:
+        payment = MpesaPayment(
+            person_id=person.id, phone_number=person.phone, amount=500,
+            payment_purpose="x", initiated_at=utcnow(),
+        )  # fmt: skip
+        session.add(payment)
+        session.flush()
+        payment_id = payment.id
+    entry = {"person_id": person.id, "amount_cents": -50000, "balance_after_cents": 50000,
+             "kind": "payment", "payment_id": payment_id}  # fmt: skip
+    with db.write() as session:
+        session.add(BalanceEntry(**entry, created_at=utcnow()))
+    with pytest.raises(DatabaseError, match="UNIQUE constraint failed"), db.write() as session:
+        session.add(BalanceEntry(**entry, created_at=utcnow()))
+
+
+def test_upgrading_to_the_ledger_turns_balances_into_opening_entries(tmp_path: Path) -> None:
+    import sqlite3
+
+    from sfcrm.db import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for script in MIGRATIONS[:2]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute(
+        "INSERT INTO person (name, phone, email, balance_cents, created_at) VALUES "
+        "('A', '254712000001', NULL, 150000, '2026-01-01 10:00:00'), "
+        "('B', '254712000002', NULL, 0, '2026-01-01 10:00:00')"
+    )
+    conn.commit()
+    conn.close()
+    from support import utcnow
+
+    from sfcrm.people import People
+
+    people = People(Database(path), utcnow)
+    _, entries = people.history("1")
+    assert [(e.kind, e.amount_cents, e.balance_after_cents) for e in entries] == [
+        ("opening", 150000, 150000)
+    ]
+    assert people.history("2")[1] == []

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sfcrm.cli.runtime import Runtime
-    from sfcrm.models import Person
+    from sfcrm.models import BalanceEntry, Person
 
 app = typer.Typer(help="Add, list, show and import people.", no_args_is_help=True)
 
@@ -111,3 +111,77 @@ def import_csv(
             {"imported": len(people), "people": [person_json(p) for p in people]},
             lambda: rt.print(f"Imported {len(people)} people from {file}."),
         )
+
+
+def _adjusted(rt: Runtime, person: Person, entry: BalanceEntry) -> None:
+    from sfcrm.people import entry_json, person_json
+
+    rt.emit(
+        {**person_json(person), "entry": entry_json(entry, rt.tz)},
+        lambda: rt.print(
+            f"{person.name}: {entry.kind} of KES {entry_json(entry, rt.tz)['amount'].lstrip('-')}"
+            f"; now owes KES {person_json(person)['balance']}."
+        ),
+    )
+
+
+@app.command("charge")
+def charge(
+    ref: Annotated[str, typer.Argument(help="id, phone number or email")],
+    amount: Annotated[str, typer.Option("--amount", help="KES the person now owes on top")],
+    reason: Annotated[str, typer.Option("--reason", help="why, for the ledger")],
+    json_output: JsonOption = False,
+) -> None:
+    """Add to what a person owes (an advance, a deposit due), with a reason for the ledger.
+
+    Example: sfcrm people charge 0712345678 --amount 2000 --reason "Advance for Rally weekend"
+    """
+    with command(json_output) as rt:
+        person, entry = rt.people.charge(ref, amount, reason)
+        _adjusted(rt, person, entry)
+
+
+@app.command("credit")
+def credit(
+    ref: Annotated[str, typer.Argument(help="id, phone number or email")],
+    amount: Annotated[str, typer.Option("--amount", help="KES to take off what they owe")],
+    reason: Annotated[str, typer.Option("--reason", help="why, for the ledger")],
+    json_output: JsonOption = False,
+) -> None:
+    """Take off what a person owes when they paid another way (cash, bank), with a reason.
+
+    Example: sfcrm people credit 0712345678 --amount 500 --reason "Cash at the office"
+    """
+    with command(json_output) as rt:
+        person, entry = rt.people.credit(ref, amount, reason)
+        _adjusted(rt, person, entry)
+
+
+@app.command("history")
+def history(
+    ref: Annotated[str, typer.Argument(help="id, phone number or email")],
+    json_output: JsonOption = False,
+) -> None:
+    """Show a person's balance ledger, newest first: every charge, credit and payment.
+
+    Example: sfcrm people history 0712345678
+    """
+    with command(json_output) as rt:
+        from rich.table import Table
+
+        from sfcrm.people import entry_json, person_json
+
+        person, entries = rt.people.history(ref)
+        docs = [entry_json(e, rt.tz) for e in entries]
+
+        def render() -> None:
+            rt.print(f"{person.name} owes KES {person_json(person)['balance']}")
+            table = Table("when", "kind", "amount", "balance", "reason")
+            for d in docs:
+                table.add_row(
+                    text_cell(d["created_at"]), text_cell(d["kind"]), text_cell(d["amount"]),
+                    text_cell(d["balance_after"]), text_cell(d["reason"] or ""),
+                )  # fmt: skip
+            rt.out.print(table)
+
+        rt.emit({"person": person_json(person), "entries": docs}, render)
