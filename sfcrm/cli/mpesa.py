@@ -336,6 +336,7 @@ def emulator(
                 f"Daraja emulator on {server.url} (shortcode 174379, sandbox passkey). "
                 "Ctrl-C stops it."
             ),
+            now=True,
         )
         try:
             server.serve_forever()

@@ -66,6 +66,7 @@ class Runtime:
         self.json = json_output
         self.clock: Callable[[], datetime] = utcnow
         self._redactor: Redactor | None = None
+        self._pending: Any = None  # the --json document, printed when the command ends
 
     @cached_property
     def settings(self) -> Settings:
@@ -187,13 +188,28 @@ class Runtime:
     def redact(self, text: str) -> str:
         return self._redactor(text) if self._redactor else text
 
-    def emit(self, doc: Any, render: Callable[[], None]) -> None:
-        """Data: JSON on stdout under --json, else whatever ``render`` prints."""
-        if self.json:
-            sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
-            sys.stdout.flush()
-        else:
+    def emit(self, doc: Any, render: Callable[[], None], *, now: bool = False) -> None:
+        """Data: JSON on stdout under --json, else whatever ``render`` prints.
+
+        Under --json the document is printed when the command ends, so an error raised after
+        it (a batch with failures) joins the same document: stdout holds exactly one. ``now``
+        prints at once, for servers that announce themselves and keep running.
+        """
+        if not self.json:
             render()
+        elif now:
+            self._write(doc)
+        else:
+            self._pending = doc
+
+    def _write(self, doc: Any) -> None:
+        sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
+        sys.stdout.flush()
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            doc, self._pending = self._pending, None
+            self._write(doc)
 
     def say(self, text: str) -> None:
         """A message for the person at the terminal (stderr, never under --json)."""
@@ -217,7 +233,12 @@ class Runtime:
             doc: dict[str, Any] = {"error": message, "status": "failed", "code": error.code}
             if hint:
                 doc["hint"] = hint
-            sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            pending, self._pending = self._pending, None
+            if isinstance(pending, dict):
+                doc = {**pending, **doc}
+            elif pending is not None:
+                doc["data"] = pending
+            self._write(doc)
         else:
             self.err.print(f"Error: {message}", markup=False, style="red")
             if hint:
@@ -250,6 +271,7 @@ def command(json_output: bool = False) -> Iterator[Runtime]:
         error.code = "INTERNAL_ERROR"
         raise rt.fail(error) from None
     finally:
+        rt.flush()
         rt.close()
 
 

@@ -105,6 +105,7 @@ def serve_callback(
                     f"Listening on {address}/******** (the path of MPESA_CALLBACK_URL). "
                     "Ctrl-C stops."
                 ),
+                now=True,
             )
             server.run()
         except KeyboardInterrupt:

@@ -1,0 +1,620 @@
+"""Crew emails and the mail log end to end, as the office and cron use them: ``crew remind``,
+``crew brief``, ``crew invite``, ``mail list/show/retry`` through the CLI (and as separate
+processes where runs overlap), every message landing in a real SMTP server on 127.0.0.1 whose
+faults the tests switch: stopped mid-batch, 451 or 550 for chosen recipients, a refused login.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from aiosmtpd.smtp import AuthResult
+from support import Recorder, SmtpSink
+from typer.testing import CliRunner
+
+from sfcrm.cli import app
+from sfcrm.cli.runtime import RootOptions, Runtime
+
+runner = CliRunner()
+NAIROBI = ZoneInfo("Africa/Nairobi")
+CANARY = "CANARY-smtp-pw-7c41d0e2"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def run(*args: str) -> Any:
+    return runner.invoke(app, list(args))
+
+
+def run_json(*args: str, code: int = 0) -> Any:
+    result = run(*args, "--json")
+    assert result.exit_code == code, result.output + result.stderr
+    # the report of a batch with failures is followed by the error document (see
+    # test_batch_with_failures_under_json_is_one_document_on_stdout); read the first
+    return json.JSONDecoder().raw_decode(result.stdout)[0]
+
+
+def day(offset: int) -> str:
+    return (datetime.now(NAIROBI) + timedelta(days=offset)).date().isoformat()
+
+
+def at(delta: timedelta) -> tuple[str, str]:
+    """Date and HH:MM in Nairobi, ``delta`` from now."""
+    when = datetime.now(NAIROBI) + delta
+    return when.date().isoformat(), when.strftime("%H:%M")
+
+
+def add_event(name: str, delta: timedelta, *extra: str) -> dict[str, Any]:
+    date, time_of_day = at(delta)
+    doc: dict[str, Any] = run_json(
+        "events", "add", "--name", name, "--date", date, "--time", time_of_day,
+        "--location", "KICC, Nairobi", *extra,
+    )  # fmt: skip
+    return doc
+
+
+def add_person(name: str, phone: str, email_address: str) -> dict[str, Any]:
+    doc: dict[str, Any] = run_json(
+        "people", "add", "--name", name, "--phone", phone, "--email", email_address
+    )
+    return doc
+
+
+def assign(event_id: int, person_id: int, role: str, status: str = "invited") -> int:
+    doc = run_json("crew", "assign", "--event", str(event_id), "--person", str(person_id),
+                   "--role", role)  # fmt: skip
+    if status != "invited":
+        run_json("crew", {"confirmed": "confirm", "declined": "decline"}[status], str(doc["id"]))
+    return int(doc["id"])
+
+
+@contextmanager
+def core() -> Iterator[Runtime]:
+    """The services the CLI uses, with the same settings, for quick bulk set-up."""
+    rt = Runtime(RootOptions(), json_output=False)
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
+def seed_crew(event_id: int, count: int, *, confirmed: bool) -> list[str]:
+    """``count`` people on the event (crew0@… upwards); returns their addresses."""
+    addresses = []
+    with core() as rt:
+        for n in range(count):
+            address = f"crew{n}@example.co.ke"
+            person = rt.people.add(f"Crew {n}", f"0712{n:06d}", address)
+            row = rt.crew.assign(event_id, str(person.id), "Stagehand")
+            assert row.crew.id is not None
+            if confirmed:
+                rt.crew.respond(row.crew.id, "confirm")
+            addresses.append(address)
+    return addresses
+
+
+def use_smtp(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
+    monkeypatch.setenv("EMAIL_BACKEND", "smtp")
+    monkeypatch.setenv("EMAIL_HOST", "127.0.0.1")
+    monkeypatch.setenv("EMAIL_PORT", str(port))
+
+
+def sfcrm_process(*args: str) -> subprocess.Popen[str]:
+    """sfcrm as cron starts it: its own process, pipes for output, the test's environment
+    (EMAIL_*, SFCRM_DATABASE_URL), no terminal."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sfcrm", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+
+
+def finish(procs: list[subprocess.Popen[str]], timeout: float = 60) -> list[tuple[str, str]]:
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def recipients(sink: SmtpSink) -> list[str]:
+    return [r for m in sink.handler.messages for r in m.recipients]
+
+
+def body(received: Any) -> str:
+    text: str = received.message.get_body(("plain",)).get_content()
+    return text
+
+
+@pytest.fixture
+def office(monkeypatch: pytest.MonkeyPatch, db_path: Path) -> Path:
+    """The office's settings: one database file for the CLI, the core and child processes."""
+    monkeypatch.setenv("SFCRM_DATABASE_URL", str(db_path))
+    monkeypatch.setenv("DEFAULT_FROM_EMAIL", "Sound Fusion <office@soundfusion.test>")
+    monkeypatch.setenv("SFCRM_ORG_NAME", "Sound Fusion Events Ltd")
+    monkeypatch.setenv("SFCRM_ORG_PHONE", "0711000111")
+    monkeypatch.setenv("SFCRM_ORG_EMAIL", "bookings@soundfusion.test")
+    return db_path
+
+
+@pytest.fixture
+def smtp_env(monkeypatch: pytest.MonkeyPatch, office: Path, smtp_sink: SmtpSink) -> SmtpSink:
+    use_smtp(monkeypatch, smtp_sink.port)
+    return smtp_sink
+
+
+@dataclass
+class CountingRecorder(Recorder):
+    """Also remembers every RCPT TO it was asked, accepted or not: a refused recipient leaves
+    no message behind, so this is how a test sees whether it was tried again."""
+
+    asked: list[str] = field(default_factory=list)
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self.asked.append(address)
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+@pytest.fixture
+def counting_smtp(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+    sink = SmtpSink(CountingRecorder())
+    sink.handler.on_stop = sink.stop
+    sink.start()
+    use_smtp(monkeypatch, sink.port)
+    yield sink
+    sink.stop()
+
+
+# -- crew remind -------------------------------------------------------------------------------
+
+
+def test_remind_emails_only_confirmed_crew_of_events_starting_within_the_window_once(
+    smtp_env: SmtpSink,
+) -> None:
+    soon = add_event("Soon Gala", timedelta(hours=2))
+    add_event("Far Gala", timedelta(hours=30))
+    _, end = at(timedelta(hours=3))
+    add_event("Started Gala", timedelta(hours=-1), "--end-time", end)
+    names = ["Achieng", "Baraka", "Chebet", "Daudi", "Esther"]
+    for n, name in enumerate(names, start=1):
+        add_person(name, f"071200000{n}", f"{name.lower()}@example.co.ke")
+    assign(1, 1, "Sound Engineer", "confirmed")
+    assign(1, 2, "Lighting Tech")  # invited, never answered
+    assign(1, 3, "Rigger", "declined")
+    assign(2, 4, "Sound Engineer", "confirmed")  # 30 h away
+    assign(3, 5, "Sound Engineer", "confirmed")  # already started
+
+    doc = run_json("crew", "remind")
+
+    assert len(doc["sent"]) == 1 and doc["failed"] == []
+    [received] = smtp_env.handler.messages
+    assert received.recipients == ["achieng@example.co.ke"]
+    assert received.message["Subject"] == f"Reminder: Soon Gala - {soon['date']}"
+    crew = {c["name"]: c for c in run_json("crew", "list")}
+    assert crew["Achieng"]["reminder_sent"] is True
+    assert datetime.fromisoformat(crew["Achieng"]["reminder_sent_at"]) <= datetime.now(NAIROBI)
+    for name in names[1:]:
+        assert (crew[name]["reminder_sent"], crew[name]["reminder_sent_at"]) == (False, None)
+
+    again = run_json("crew", "remind")
+    assert again["queued"] == [] and again["sent"] == []
+    assert len(smtp_env.handler.messages) == 1
+
+    # a wider window takes in the event 30 h away, but never the one that has started
+    wider = run_json("crew", "remind", "--hours", "48")
+    assert len(wider["sent"]) == 1
+    assert recipients(smtp_env) == ["achieng@example.co.ke", "daudi@example.co.ke"]
+
+
+def test_remind_event_option_reminds_that_event_only(smtp_env: SmtpSink) -> None:
+    add_event("Wedding", timedelta(hours=3))
+    add_event("Concert", timedelta(hours=5))
+    add_person("Achieng", "0712000001", "achieng@example.co.ke")
+    add_person("Baraka", "0712000002", "baraka@example.co.ke")
+    assign(1, 1, "Sound", "confirmed")
+    assign(2, 2, "Sound", "confirmed")
+
+    assert len(run_json("crew", "remind", "--event", "2")["sent"]) == 1
+    assert recipients(smtp_env) == ["baraka@example.co.ke"]
+    assert [c["reminder_sent"] for c in run_json("crew", "list")] == [False, True]
+
+    assert len(run_json("crew", "remind")["sent"]) == 1
+    assert recipients(smtp_env) == ["baraka@example.co.ke", "achieng@example.co.ke"]
+
+
+def test_remind_dry_run_sends_and_records_nothing(smtp_env: SmtpSink) -> None:
+    soon = add_event("Gala", timedelta(hours=4))
+    add_person("Achieng", "0712000001", "achieng@example.co.ke")
+    assign(1, 1, "Sound", "confirmed")
+
+    doc = run_json("crew", "remind", "--dry-run")
+
+    assert doc["dry_run"] is True
+    assert [(e["recipient"], e["subject"]) for e in doc["emails"]] == [
+        ("achieng@example.co.ke", f"Reminder: Gala - {soon['date']}")
+    ]
+    assert smtp_env.handler.messages == []
+    assert run_json("mail", "list") == []
+    assert run_json("crew", "list")[0]["reminder_sent"] is False
+    # nothing was taken: the real run still sends it
+    assert len(run_json("crew", "remind")["sent"]) == 1
+
+
+@pytest.mark.parametrize("hours", ["0", "-1"])
+def test_remind_refuses_hours_that_are_not_positive(smtp_env: SmtpSink, hours: str) -> None:
+    add_event("Gala", timedelta(hours=4))
+    add_person("Achieng", "0712000001", "achieng@example.co.ke")
+    assign(1, 1, "Sound", "confirmed")
+
+    result = run("crew", "remind", "--hours", hours)
+
+    assert result.exit_code == 4
+    assert result.stderr.splitlines()[0] == f"Error: --hours must be positive ({hours})"
+    assert smtp_env.handler.messages == []
+    assert run_json("mail", "list") == []
+
+
+def test_two_remind_processes_at_once_send_one_reminder_per_person(smtp_env: SmtpSink) -> None:
+    add_event("Safari Rally Gala", timedelta(hours=3))
+    addresses = seed_crew(1, 30, confirmed=True)
+    smtp_env.handler.delay = 0.01  # keep both runs busy long enough to overlap
+
+    procs = [sfcrm_process("crew", "remind", "--json") for _ in range(2)]
+    outputs = finish(procs)
+
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    first, second = (json.loads(out) for out, _ in outputs)
+    assert set(first["sent"]).isdisjoint(second["sent"])
+    assert len(first["sent"]) + len(second["sent"]) == 30
+    assert sorted(recipients(smtp_env)) == sorted(addresses)
+    assert len(set(smtp_env.handler.message_ids())) == 30
+    assert all(c["reminder_sent"] for c in run_json("crew", "list"))
+
+
+# -- crew brief --------------------------------------------------------------------------------
+
+
+def test_brief_sends_each_confirmed_crew_member_the_roster_and_office_contacts_once(
+    smtp_env: SmtpSink,
+) -> None:
+    add_event("Gala", timedelta(days=3), "--details", "Load-in from 14:00")
+    people = [
+        add_person("Achieng", "0712000001", "achieng@example.co.ke"),
+        add_person("Baraka", "0712000002", "baraka@example.co.ke"),
+        add_person("Chebet", "0712000003", "chebet@example.co.ke"),
+        add_person("Daudi", "0712000004", "daudi@example.co.ke"),
+    ]
+    assign(1, 1, "Sound Engineer", "confirmed")
+    assign(1, 2, "Lighting Tech", "confirmed")
+    assign(1, 3, "Rigger")  # invited
+    assign(1, 4, "Runner", "declined")
+
+    doc = run_json("crew", "brief", "--event", "1")
+
+    assert len(doc["sent"]) == 2 and doc["failed"] == []
+    messages = smtp_env.handler.messages
+    assert sorted(recipients(smtp_env)) == ["achieng@example.co.ke", "baraka@example.co.ke"]
+    for received in messages:
+        assert received.message["Subject"] == "Setup Briefing: Gala"
+        text = body(received)
+        lines = text.splitlines()
+        for person, role in ((people[0], "Sound Engineer"), (people[1], "Lighting Tech")):
+            assert any(
+                person["name"] in line and role in line and person["phone"] in line
+                for line in lines
+            ), (person, text)
+        for absent in ("Chebet", "Rigger", "Daudi", "Runner", people[2]["phone"]):
+            assert absent not in text
+        for contact in ("Sound Fusion Events Ltd", "0711000111", "bookings@soundfusion.test"):
+            assert contact in text
+        assert "Load-in from 14:00" in text
+
+    again = run_json("crew", "brief", "--event", "1")
+    assert again["sent"] == [] and len(again["skipped"]) == 2
+    assert all("--again" in s["reason"] for s in again["skipped"])
+    assert len(smtp_env.handler.messages) == 2
+
+    once_more = run_json("crew", "brief", "--event", "1", "--again")
+    assert len(once_more["sent"]) == 2
+    assert (
+        sorted(recipients(smtp_env)) == ["achieng@example.co.ke"] * 2 + ["baraka@example.co.ke"] * 2
+    )
+
+
+# -- mail list and show ------------------------------------------------------------------------
+
+
+def test_mail_list_shows_the_documented_fields_and_filters(counting_smtp: SmtpSink) -> None:
+    add_event("Gala", timedelta(hours=3))
+    add_person("Achieng", "0712000001", "achieng@example.co.ke")
+    add_person("Baraka", "0712000002", "baraka@example.co.ke")
+    add_person("Chebet", "0712000003", "nobody@example.co.ke")
+    assign(1, 1, "Sound", "confirmed")
+    assign(1, 2, "Lights", "confirmed")
+    assign(1, 3, "Rigger")
+    counting_smtp.handler.perm_fail.add("nobody@example.co.ke")
+    assert run("crew", "invite", "--event", "1").exit_code == 10
+    run_json("crew", "remind")
+
+    everything = run_json("mail", "list")
+    assert len(everything) == 5
+    for doc in everything:
+        assert set(doc) == {
+            "id", "recipient", "person_id", "notification_type", "subject", "is_sent",
+            "sent_at", "failed_attempts", "last_error",
+        }  # fmt: skip
+
+    [failed] = run_json("mail", "list", "--failed")
+    assert (failed["recipient"], failed["person_id"], failed["is_sent"]) == (
+        "nobody@example.co.ke", 3, False,
+    )  # fmt: skip
+    assert failed["failed_attempts"] == 1 and "550" in failed["last_error"]
+
+    reminders = run_json("mail", "list", "--type", "crew_reminder")
+    assert sorted(r["recipient"] for r in reminders) == [
+        "achieng@example.co.ke", "baraka@example.co.ke",
+    ]  # fmt: skip
+    assert all(r["is_sent"] and r["sent_at"] for r in reminders)
+    assert len(run_json("mail", "list", "--type", "crew_invitation")) == 3
+    assert len(run_json("mail", "list", "--since", day(0))) == 5
+    assert run_json("mail", "list", "--since", day(1)) == []
+
+
+def test_mail_show_includes_the_message_text_and_unknown_id_exits_5(smtp_env: SmtpSink) -> None:
+    add_event("Gala", timedelta(days=2))
+    add_person("Achieng", "0712000001", "achieng@example.co.ke")
+    assign(1, 1, "Sound Engineer")
+    [email_id] = run_json("crew", "invite", "1")["sent"]
+
+    doc = run_json("mail", "show", str(email_id))
+    assert doc["subject"] == "You are invited to work on: Gala"
+    assert doc["message"] == body(smtp_env.handler.messages[0]).replace("\r\n", "\n")
+    assert "Dear Achieng" in doc["message"]
+    shown = run("mail", "show", str(email_id))
+    assert shown.exit_code == 0 and "Dear Achieng" in shown.stdout
+
+    missing = run("mail", "show", "999")
+    assert missing.exit_code == 5
+    assert missing.stderr.splitlines()[0] == "Error: no such email (999)"
+
+
+# -- faults: the server stopped, 451 and 550 ---------------------------------------------------
+
+
+def test_server_stopped_mid_batch_of_50_then_retry_delivers_the_40_left_each_once(
+    smtp_env: SmtpSink,
+) -> None:
+    add_event("Gala", timedelta(days=4))
+    addresses = seed_crew(1, 50, confirmed=False)
+    smtp_env.handler.stop_after = 10
+
+    started = time.monotonic()
+    result = run("crew", "invite", "--event", "1")
+    elapsed = time.monotonic() - started
+
+    assert result.exit_code == 10, result.output + result.stderr
+    assert elapsed < 30
+    assert result.stdout == "Invitations: 10 sent, 40 failed, 0 skipped.\n"
+    delivered = recipients(smtp_env)
+    assert len(delivered) == 10
+    failed = run_json("mail", "list", "--failed", "--limit", "100")
+    assert len(failed) == 40
+    assert {f["recipient"] for f in failed} == set(addresses) - set(delivered)
+    assert all(f["last_error"] and f["failed_attempts"] == 1 for f in failed)
+
+    smtp_env.start()
+    retried = run_json("mail", "retry")
+
+    assert sorted(retried["sent"]) == sorted(f["id"] for f in failed)
+    assert retried["failed"] == []
+    assert sorted(recipients(smtp_env)) == sorted(addresses)
+    assert len(set(smtp_env.handler.message_ids())) == 50
+    assert run_json("mail", "list", "--failed") == []
+    assert all(c["invitation_sent"] and c["invitation_sent_at"] for c in run_json("crew", "list"))
+
+
+def test_451_recipients_are_retried_and_550_ones_only_when_named(counting_smtp: SmtpSink) -> None:
+    handler = counting_smtp.handler
+    assert isinstance(handler, CountingRecorder)
+    add_event("Gala", timedelta(days=4))
+    addresses = seed_crew(1, 6, confirmed=False)
+    fine, later, refused = addresses[:2], addresses[2:4], addresses[4:]
+    handler.temp_fail.update(later)
+    handler.perm_fail.update(refused)
+
+    first = run_json("crew", "invite", "--event", "1", code=10)
+
+    assert len(first["sent"]) == 2 and len(first["failed"]) == 4
+    assert sorted(recipients(counting_smtp)) == fine
+    by_address = {m["recipient"]: m for m in run_json("mail", "list", "--failed")}
+    assert sorted(by_address) == later + refused
+    assert all("451" in by_address[a]["last_error"] for a in later)
+    assert all("550" in by_address[a]["last_error"] for a in refused)
+
+    handler.temp_fail.clear()  # the greylisting is over
+    retried = run_json("mail", "retry")
+
+    assert sorted(retried["sent"]) == sorted(by_address[a]["id"] for a in later)
+    assert sorted(recipients(counting_smtp)) == fine + later
+    assert [handler.asked.count(a) for a in refused] == [1, 1]  # not even tried
+    assert run_json("mail", "retry")["sent"] == []  # cron again: still left alone
+    assert [handler.asked.count(a) for a in refused] == [1, 1]
+    still = run_json("mail", "list", "--failed")
+    assert sorted(m["recipient"] for m in still) == refused
+    assert all(m["failed_attempts"] == 1 for m in still)
+
+    # named, a refused one is tried again: still refused, the attempt counted
+    named = by_address[refused[0]]["id"]
+    again = run_json("mail", "retry", str(named), code=10)
+    assert [f["id"] for f in again["failed"]] == [named]
+    assert handler.asked.count(refused[0]) == 2
+    assert run_json("mail", "show", str(named))["failed_attempts"] == 2
+    # once the mailbox exists, naming it delivers it
+    handler.perm_fail.discard(refused[1])
+    assert run_json("mail", "retry", str(by_address[refused[1]]["id"]))["sent"] == [
+        by_address[refused[1]]["id"]
+    ]
+
+    delivered = recipients(counting_smtp)
+    assert sorted(delivered) == fine + later + [refused[1]]
+    assert len(set(delivered)) == len(delivered)
+    assert len(set(handler.message_ids())) == len(handler.messages)
+
+
+def test_four_retry_processes_at_once_deliver_200_pending_emails_exactly_once(
+    smtp_env: SmtpSink,
+) -> None:
+    add_event("Gala", timedelta(days=4))
+    addresses = seed_crew(1, 200, confirmed=False)
+    smtp_env.stop()
+    assert run("crew", "invite", "--event", "1").exit_code == 10
+    assert len(run_json("mail", "list", "--failed", "--limit", "500")) == 200
+    smtp_env.start()
+    smtp_env.handler.delay = 0.002
+
+    procs = [sfcrm_process("mail", "retry", "--json") for _ in range(4)]
+    outputs = finish(procs)
+
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outputs]
+    reports = [json.loads(out) for out, _ in outputs]
+    sent = [i for r in reports for i in r["sent"]]
+    assert len(sent) == len(set(sent)) == 200
+    assert all(r["failed"] == [] for r in reports)
+    assert len(smtp_env.handler.messages) == 200
+    assert len(set(smtp_env.handler.message_ids())) == 200
+    assert sorted(recipients(smtp_env)) == sorted(addresses)
+    assert all(c["invitation_sent"] for c in run_json("crew", "list"))
+
+
+def test_retry_never_resends_an_email_already_sent_even_when_named(smtp_env: SmtpSink) -> None:
+    add_event("Gala", timedelta(days=2))
+    add_person("Achieng", "0712000001", "achieng@example.co.ke")
+    assign(1, 1, "Sound")
+    [email_id] = run_json("crew", "invite", "1")["sent"]
+
+    doc = run_json("mail", "retry", str(email_id))
+    assert (doc["sent"], doc["failed"], doc["skipped"]) == ([], [], [email_id])
+    result = run("mail", "retry", str(email_id))
+    assert result.exit_code == 0
+    assert result.stdout == "Retry: 0 sent, 0 failed, 1 skipped.\n"
+    assert len(smtp_env.handler.messages) == 1
+
+
+# -- output for cron and scripts ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [("crew", "invite", "--event", "1"), ("mail", "retry")])
+def test_batch_with_failures_under_json_is_one_document_on_stdout(
+    counting_smtp: SmtpSink, command: tuple[str, ...]
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 2, confirmed=False)
+    counting_smtp.handler.temp_fail.add("crew1@example.co.ke")
+    if command[0] == "mail":
+        assert run("crew", "invite", "--event", "1").exit_code == 10
+
+    result = run(*command, "--json")
+
+    assert result.exit_code == 10
+    doc = json.loads(result.stdout)  # README: "one JSON document", so `| jq` works
+    assert [f["id"] for f in doc["failed"]] == [2]
+
+
+def test_bulk_send_without_a_terminal_prints_one_summary_line_and_no_progress_bar(
+    smtp_env: SmtpSink,
+) -> None:
+    add_event("Gala", timedelta(hours=5))
+    seed_crew(1, 3, confirmed=False)
+
+    result = run("crew", "invite", "--event", "1")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "Invitations: 3 sent, 0 failed, 0 skipped.\n"
+    assert result.stderr == ""  # nothing failed or skipped, so nothing to say; no bar either
+
+    with core() as rt:
+        for assignment in rt.crew.find(event_id=1):
+            assert assignment.crew.id is not None
+            rt.crew.respond(assignment.crew.id, "confirm")
+    [proc] = procs = [sfcrm_process("crew", "remind")]  # as cron runs it
+    [(out, err)] = finish(procs)
+    assert proc.returncode == 0, err
+    assert out == "Reminders: 3 sent, 0 failed, 0 skipped.\n"
+    assert err == ""
+    assert len(smtp_env.handler.messages) == 6
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def smtp_refusing_login(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+    """Offers AUTH and refuses every login; the office's password is a canary."""
+
+    def refuse(*_args: Any) -> AuthResult:
+        return AuthResult(success=False, handled=False)
+
+    sink = SmtpSink(Recorder(), authenticator=refuse, auth_require_tls=False)
+    sink.start()
+    use_smtp(monkeypatch, sink.port)
+    monkeypatch.setenv("EMAIL_HOST_USER", "office")
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", CANARY)
+    yield sink
+    sink.stop()
+
+
+def test_smtp_password_never_reaches_output_mail_log_or_log_file(
+    smtp_refusing_login: SmtpSink, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, office: Path
+) -> None:
+    log_file = tmp_path / "sfcrm.log"
+    monkeypatch.setenv("SFCRM_LOG_FILE", str(log_file))
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 3, confirmed=False)
+
+    results = [
+        run("crew", "invite", "--event", "1"),
+        run("mail", "retry"),
+        run("mail", "retry", "1", "2", "--json"),
+        run("mail", "list", "--failed"),
+        run("mail", "list", "--json"),
+        run("mail", "show", "1"),
+    ]
+
+    assert [r.exit_code for r in results] == [10, 10, 10, 0, 0, 0]
+    stored = run_json("mail", "list")
+    assert len(stored) == 3
+    assert all("refused the login" in (m["last_error"] or "") for m in stored)
+    logged = log_file.read_text(encoding="utf-8")
+    assert "refused the login" in logged
+    forms = [
+        CANARY,
+        base64.b64encode(CANARY.encode()).decode(),
+        base64.b64encode(f"\0office\0{CANARY}".encode()).decode(),
+    ]
+    texts = [r.stdout + r.stderr for r in results] + [json.dumps(stored), logged]
+    texts += [
+        p.read_bytes().decode("latin-1") for p in office.parent.glob(office.name + "*")
+    ]  # the database file and its journal, byte for byte
+    for form in forms:
+        assert not any(form in text for text in texts), form
+    assert smtp_refusing_login.handler.messages == []
