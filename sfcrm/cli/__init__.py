@@ -1,7 +1,5 @@
 """The ``sfcrm`` command: a thin layer that parses options, calls the core, renders results."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

@@ -1,7 +1,5 @@
 """``sfcrm config``: what sfcrm is running with."""
 
-from __future__ import annotations
-
 import typer
 
 from sfcrm.cli.runtime import JsonOption, command, text_cell

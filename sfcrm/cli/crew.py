@@ -1,7 +1,5 @@
 """``sfcrm crew``: put crew on events, invite, remind and brief them."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -20,7 +18,7 @@ app = typer.Typer(help="Assign crew, invite, remind and brief them.", no_args_is
 DryRun = Annotated[bool, typer.Option("--dry-run", help="show what would be sent; send nothing")]
 
 
-def crew_table(rt: Runtime, rows: Sequence[CrewRow]) -> None:
+def crew_table(rt: "Runtime", rows: "Sequence[CrewRow]") -> None:
     from rich.table import Table
 
     table = Table("id", "event", "name", "role", "status", "invited", "reminded")
@@ -34,7 +32,7 @@ def crew_table(rt: Runtime, rows: Sequence[CrewRow]) -> None:
     rt.out.print(table)
 
 
-def report_mail_run(rt: Runtime, what: str, run: MailRun) -> None:
+def report_mail_run(rt: "Runtime", what: str, run: "MailRun") -> None:
     """Print a bulk send's result; exit non-zero when any email failed."""
     doc: dict[str, Any]
     if run.dry_run:
@@ -69,7 +67,7 @@ def report_mail_run(rt: Runtime, what: str, run: MailRun) -> None:
         )
 
 
-def _render_preview(rt: Runtime, what: str, run: MailRun) -> None:
+def _render_preview(rt: "Runtime", what: str, run: "MailRun") -> None:
     for preview in run.previews:
         rt.print(f"--- to {preview['recipient']}: {preview['subject']}")
         rt.print(preview["message"])

@@ -1,7 +1,5 @@
 """``sfcrm events``: the events Sound Fusion works."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -17,7 +15,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Add, list and show events.", no_args_is_help=True)
 
 
-def events_table(rt: Runtime, events: Sequence[Event]) -> None:
+def events_table(rt: "Runtime", events: "Sequence[Event]") -> None:
     from rich.table import Table
 
     table = Table("id", "date", "time", "name", "location")

@@ -1,7 +1,5 @@
 """``sfcrm mail``: the log of every email sent, and retrying the failed ones."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

@@ -1,7 +1,5 @@
 """``sfcrm mpesa``: STK Push collections."""
 
-from __future__ import annotations
-
 import re
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated
@@ -33,7 +31,7 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
 
 
-def warn_if_not_safaricom(rt: Runtime, phone: str) -> None:
+def warn_if_not_safaricom(rt: "Runtime", phone: str) -> None:
     from sfcrm.phone import is_safaricom
 
     if not is_safaricom(phone):
@@ -43,7 +41,7 @@ def warn_if_not_safaricom(rt: Runtime, phone: str) -> None:
         )
 
 
-def _payments_table(rt: Runtime, payments: Sequence[MpesaPayment]) -> None:
+def _payments_table(rt: "Runtime", payments: "Sequence[MpesaPayment]") -> None:
     from rich.table import Table
 
     from sfcrm.money import format_kes
@@ -63,7 +61,7 @@ def _payments_table(rt: Runtime, payments: Sequence[MpesaPayment]) -> None:
     rt.out.print(table)
 
 
-def _payment_detail(rt: Runtime, payment: MpesaPayment) -> None:
+def _payment_detail(rt: "Runtime", payment: "MpesaPayment") -> None:
     from rich.table import Table
 
     from sfcrm.payments import payment_json

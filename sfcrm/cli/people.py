@@ -1,7 +1,5 @@
 """``sfcrm people``: the people who owe Sound Fusion money, and the crew."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -18,7 +16,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Add, list, show and import people.", no_args_is_help=True)
 
 
-def _table(rt: Runtime, people: Sequence[Person]) -> None:
+def _table(rt: "Runtime", people: "Sequence[Person]") -> None:
     from rich.table import Table
 
     from sfcrm.money import format_cents
@@ -113,7 +111,7 @@ def import_csv(
         )
 
 
-def _adjusted(rt: Runtime, person: Person, entry: BalanceEntry) -> None:
+def _adjusted(rt: "Runtime", person: "Person", entry: "BalanceEntry") -> None:
     from sfcrm.people import entry_json, person_json
 
     rt.emit(

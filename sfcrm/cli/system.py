@@ -1,7 +1,5 @@
 """Top-level commands: ``init``, ``serve-callback`` and ``demo``."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

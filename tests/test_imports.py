@@ -1,0 +1,54 @@
+"""Start-up stays fast: heavy libraries load only in the commands that need them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# pydantic is not listed: Typer itself loads it to convert typed options (int, float, Path).
+HEAVY = ("sqlmodel", "sqlalchemy", "requests", "urllib3", "jinja2", "waitress", "dotenv",
+         "aiosmtpd")  # fmt: skip
+
+PROBE = """
+import json, sys
+sys.argv = ["sfcrm", *json.loads(sys.argv[1])]
+try:
+    from sfcrm.cli import main
+    main()
+except SystemExit:
+    pass
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})), file=sys.stderr)
+"""
+
+
+def loaded_by(args: list[str], cwd: Path) -> set[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SFCRM_", "MPESA_", "EMAIL_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(args)],
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=60,
+    )  # fmt: skip
+    modules: set[str] = set(json.loads(result.stderr.strip().splitlines()[-1]))
+    return modules
+
+
+@pytest.mark.parametrize(
+    ("args", "allowed"),
+    [
+        (["--help"], set()),
+        (["mpesa", "--help"], set()),
+        (["crew", "invite", "--help"], set()),
+        (["config", "show", "--json"], {"dotenv"}),
+        (["mpesa", "status", "--json"], {"sqlmodel", "sqlalchemy", "dotenv"}),
+        (["crew", "list", "--json"], {"sqlmodel", "sqlalchemy", "dotenv"}),
+    ],
+)
+def test_commands_load_only_the_libraries_they_need(
+    args: list[str], allowed: set[str], tmp_path: Path
+) -> None:
+    heavy = loaded_by(args, tmp_path) & set(HEAVY)
+    assert heavy <= allowed, f"sfcrm {' '.join(args)} loaded {sorted(heavy - allowed)}"
