@@ -56,6 +56,9 @@ def configure_logging(log_file: Path | None, redact: Redactor) -> None:
         if handler.get_name() == _HANDLER_NAME:
             logger.removeHandler(handler)
             handler.close()
+    # Without a handler of its own, Python would print warnings on stderr unfiltered.
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
     if log_file is None:
         return
     handler = logging.FileHandler(log_file, encoding="utf-8")

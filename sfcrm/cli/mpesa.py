@@ -142,6 +142,8 @@ def resend(
                      "code": exc.code}
                 )  # fmt: skip
                 rt.say(f"payment {pid}: {exc}")
+                if exc.hint:
+                    rt.say(f"Hint: {exc.hint}")
                 continue
             results.append(
                 {"payment_id": pid, "pushed": report.pushed, "message": report.message,
