@@ -56,6 +56,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("sfcrm.payments")
 
 CANCELLED_CODES = frozenset({"1031", "1032"})
+# A stored callback in one of these is acted on (again) by process_callback; any other outcome
+# is final. The listener's thread and cron's reconcile can reach one row at once: the second
+# must report what the first did, not record the row that moved the money as its own duplicate.
+ACTIONABLE = (CallbackOutcome.RECEIVED, CallbackOutcome.UNMATCHED, CallbackOutcome.ERROR)
 MAX_PURPOSE = 200
 DEFAULT_RECONCILE_AGE = timedelta(minutes=2)
 
@@ -672,6 +676,8 @@ class Payments:
             row = session.get(MpesaCallback, callback_id)
             if row is None:
                 raise NotFoundError("no such callback", value=str(callback_id))
+            if row.outcome not in ACTIONABLE:
+                return Applied(row.outcome, row.detail or "", row.payment_id)
             try:
                 result = parse_stk_callback(row.body)
             except CallbackFormatError as exc:
@@ -699,17 +705,35 @@ class Payments:
         return applied
 
     def confirm_callback(self, callback_id: int) -> Applied:
-        """Settle a NEEDS_QUERY callback with an STK Push Query (network)."""
+        """Settle a NEEDS_QUERY callback with an STK Push Query (network).
+
+        The verdict is applied and the row marked in one transaction, and only while the row
+        still waits: the listener's worker and reconcile may confirm one row at the same time,
+        and the one that moved the money must stay recorded as the one that did.
+        """
         with self.db.read() as session:
             row = session.get(MpesaCallback, callback_id)
             if row is None:
                 raise NotFoundError("no such callback", value=str(callback_id))
+            if row.outcome != CallbackOutcome.NEEDS_QUERY:
+                return Applied(row.outcome, row.detail or "", row.payment_id)
             body = row.body
         result = parse_stk_callback(body)
-        applied = self.settle_by_query(result.checkout_request_id, result)
-        if applied is None:
+        query = self.client.stk_query(result.checkout_request_id)
+        if query.processing:
             return Applied(CallbackOutcome.NEEDS_QUERY, "Daraja is still processing it")
         with self.db.write() as session:
+            row = session.get(MpesaCallback, callback_id)
+            assert row is not None
+            if row.outcome != CallbackOutcome.NEEDS_QUERY:
+                return Applied(row.outcome, row.detail or "", row.payment_id)
+            applied = apply_result(
+                session,
+                query_as_result(query, result),
+                source="query",
+                trusted=True,
+                now=self.clock(),
+            )
             checkout = session.exec(
                 select(MpesaCheckout).where(
                     MpesaCheckout.checkout_request_id == result.checkout_request_id
@@ -726,8 +750,6 @@ class Payments:
                     f"query says {query_code}: the 'paid' was not confirmed",
                     applied.payment_id,
                 )
-            row = session.get(MpesaCallback, callback_id)
-            assert row is not None
             row.outcome = final.outcome
             row.detail = final.detail
             row.payment_id = final.payment_id
@@ -741,11 +763,7 @@ class Payments:
     def replay_callbacks(self, checkout_request_id: str | None = None) -> int:
         """Act on stored callbacks not yet applied (no network); returns how many changed."""
         with self.db.read() as session:
-            query = select(MpesaCallback.id).where(
-                col(MpesaCallback.outcome).in_(
-                    [CallbackOutcome.RECEIVED, CallbackOutcome.UNMATCHED, CallbackOutcome.ERROR]
-                )
-            )
+            query = select(MpesaCallback.id).where(col(MpesaCallback.outcome).in_(ACTIONABLE))
             if checkout_request_id is not None:
                 query = query.where(MpesaCallback.checkout_request_id == checkout_request_id)
             ids = [i for i in session.exec(query.order_by(col(MpesaCallback.id))).all() if i]
