@@ -178,3 +178,44 @@ def test_listener_warns_when_the_callback_path_is_guessable(env: dict[str, str])
     _, rest = proc.communicate(timeout=10)
     assert proc.returncode == 0, rest
     assert "looks guessable" in "".join(first_lines)
+
+
+def test_listener_acts_on_callbacks_left_stored_when_it_starts(env: dict[str, str]) -> None:
+    from support import utcnow
+
+    from sfcrm.db import Database
+    from sfcrm.payments import Payments
+
+    sfcrm(env, "people", "add", "--name", "Kamau", "--phone", "0708374149", "--balance", "900")
+    db = Database(Path(env["SFCRM_DATABASE_URL"]))
+    payments = Payments(db, callback_url=None, clock=utcnow, client_factory=lambda: None)  # type: ignore[arg-type,return-value]
+    from sfcrm.models import MpesaCheckout, MpesaPayment
+
+    with db.write() as session:
+        payment = MpesaPayment(
+            person_id=1, phone_number="254708374149", amount=400, payment_purpose="x",
+            status="pending", checkout_request_id="ws_CO_left_behind", initiated_at=utcnow(),
+        )  # fmt: skip
+        session.add(payment)
+        session.flush()
+        assert payment.id is not None
+        session.add(MpesaCheckout(payment_id=payment.id, checkout_request_id="ws_CO_left_behind",
+                                  pushed_at=utcnow()))  # fmt: skip
+    body = json.dumps({"Body": {"stkCallback": {
+        "CheckoutRequestID": "ws_CO_left_behind", "ResultCode": 0, "ResultDesc": "ok",
+        "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": 400}]}}}}).encode()  # fmt: skip
+    payments.store_callback(body, "127.0.0.1", trusted=True)  # stored, then the listener died
+    db.close()
+    port = int(env["LISTENER_PORT"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sfcrm", "serve-callback", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_port(port)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert "Applied 1 stored callbacks" in err
+    assert status(env, "1")["status"] == "completed"
+    assert json.loads(sfcrm(env, "people", "show", "1", "--json").stdout)["balance"] == "500.00"

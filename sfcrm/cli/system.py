@@ -65,7 +65,10 @@ def serve_callback(
                 "MPESA_CALLBACK_URL is not set",
                 hint="the listener serves that URL's path; set it in the environment or .env",
             )
-        _ = rt.db.engine
+        # Callbacks stored but not acted on when the listener last stopped: act on them now.
+        replayed = rt.payments.replay_callbacks()
+        if replayed:
+            rt.say(f"Applied {replayed} stored callbacks left from the last run.")
         rsvp = (
             RsvpPages(rt.crew, rt.renderer, secret_key=settings.secret_key, clock=rt.clock)
             if settings.secret_key
