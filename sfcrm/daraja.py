@@ -287,7 +287,7 @@ class DarajaClient:
         except DarajaProcessingError as exc:
             return QueryResult(checkout_request_id, None, exc.message)
         code = doc.get("ResultCode")
-        desc = str(doc.get("ResultDesc") or doc.get("ResponseDescription") or "")
+        desc = self._redactor()(str(doc.get("ResultDesc") or doc.get("ResponseDescription") or ""))
         if code is None or isinstance(code, bool) or str(code) == STILL_PROCESSING:
             return QueryResult(checkout_request_id, None, desc or "still processing")
         return QueryResult(checkout_request_id, str(code), desc)
@@ -295,6 +295,29 @@ class DarajaClient:
     # -- transport ---------------------------------------------------------------------------
 
     def _call(
+        self, path: str, body: dict[str, Any], *, what: str, unknown_outcome: bool
+    ) -> dict[str, Any]:
+        try:
+            return self._call_once(path, body, what=what, unknown_outcome=unknown_outcome)
+        except DarajaError as exc:
+            # A gateway page or an error message may quote the request back: the Password,
+            # the Basic header, the callback URL. Nothing of them may reach a log or a row.
+            redact = self._redactor(body.get("CallBackURL"))
+            exc.message = redact(exc.message)
+            exc.value = redact(exc.value) if exc.value else exc.value
+            raise
+
+    def _redactor(self, callback_url: str | None = None) -> Callable[[str], str]:
+        from urllib.parse import urlsplit
+
+        from sfcrm.logs import Redactor
+
+        secrets = [self._consumer_key, self._consumer_secret, self._passkey]
+        if callback_url:
+            secrets.append(urlsplit(callback_url).path.strip("/"))
+        return Redactor(secrets)
+
+    def _call_once(
         self, path: str, body: dict[str, Any], *, what: str, unknown_outcome: bool
     ) -> dict[str, Any]:
         token = self.token()

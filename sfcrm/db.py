@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,16 @@ class Database:
             yield session
 
     @contextmanager
+    def raw_write(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction on the plain sqlite3 connection, for the paths
+        that must be fast (every callback). Committed on success, rolled back on error."""
+        bind = self.engine.execution_options(sfcrm_immediate=True)
+        with self._guard(), bind.begin() as conn:
+            driver = conn.connection.driver_connection
+            assert isinstance(driver, sqlite3.Connection)
+            yield driver
+
+    @contextmanager
     def _guard(self) -> Iterator[None]:
         try:
             yield
@@ -253,6 +264,20 @@ class Database:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+
+
+def raw_connection(session: Session) -> sqlite3.Connection:
+    """The sqlite3 connection under a session, inside the session's transaction."""
+    driver = session.connection().connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    return driver
+
+
+def db_time(value: datetime | None) -> str | None:
+    """A datetime as the columns store it: naive UTC text, as SQLAlchemy writes it."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _database_error(exc: SADatabaseError, path: Path) -> DatabaseError:

@@ -7,29 +7,100 @@ nor the callback path's secret can reach the file even inside an exception's tex
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 LOGGER = "sfcrm"
 _HANDLER_NAME = "sfcrm-file"
 
 
+MASK = "********"
+PIECE = 12  # this many characters of a secret, in a row, count as showing it
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+
+
 class Redactor:
-    """Replaces known secret strings (and their obvious encodings) in text."""
+    """Replaces known secret strings, their encodings and pieces of them in text.
+
+    Caught: each secret as is, URL-quoted and JSON-escaped; any run of ``PIECE`` characters of
+    one (an echo cut short, as error snippets are); and any base64 token whose decoding holds a
+    secret or such a piece. The last matters because the Basic header is base64 of
+    ``key:secret`` and the STK Password base64 of ``shortcode + passkey + timestamp``: neither
+    contains base64 of the secret alone, and the timestamp changes every second.
+    """
 
     def __init__(self, secrets: Iterable[str]) -> None:
         import base64
+        import json
+        from urllib.parse import quote, quote_plus
 
         values = {s for s in secrets if s and len(s) >= 4}
-        for value in list(values):
-            values.add(base64.b64encode(value.encode()).decode())
-        self._secrets = sorted(values, key=len, reverse=True)
+        forms = set(values)
+        for value in values:
+            forms.add(base64.b64encode(value.encode()).decode())
+            forms.add(quote(value, safe=""))
+            forms.add(quote_plus(value))
+            forms.add(json.dumps(value)[1:-1])
+        self._forms = sorted(forms, key=len, reverse=True)
+        # Pieces come from the smallest secrets only: the callback URL's host is not secret,
+        # its path is (and is a secret of its own).
+        atoms = [v for v in values if not any(o != v and o in v for o in values)]
+        self._short = [a for a in atoms if len(a) < PIECE]
+        self._pieces = frozenset(
+            a[i : i + PIECE] for a in atoms if len(a) >= PIECE for i in range(len(a) - PIECE + 1)
+        )
 
     def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "********")
+        if not self._forms:
+            return text
+        text = _BASE64_RUN.sub(self._base64_token, text)
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, MASK)
+        return self._mask_pieces(text)
+
+    def _holds_secret(self, text: str) -> bool:
+        if any(short in text for short in self._short):
+            return True
+        pieces = self._pieces
+        return any(text[i : i + PIECE] in pieces for i in range(len(text) - PIECE + 1))
+
+    def _base64_token(self, match: re.Match[str]) -> str:
+        token = match.group()
+        return MASK if any(self._holds_secret(d) for d in _base64_readings(token)) else token
+
+    def _mask_pieces(self, text: str) -> str:
+        if not self._pieces:
+            return text
+        spans: list[list[int]] = []
+        for i in range(len(text) - PIECE + 1):
+            if text[i : i + PIECE] in self._pieces:
+                if spans and i <= spans[-1][1]:
+                    spans[-1][1] = i + PIECE
+                else:
+                    spans.append([i, i + PIECE])
+        for start, end in reversed(spans):
+            text = text[:start] + MASK + text[end:]
         return text
+
+
+def _base64_readings(token: str) -> Iterator[str]:
+    """A token decoded as base64 (either alphabet) from each of its first four characters,
+    since a token cut from a longer one may not start on a 4-character boundary."""
+    import base64
+    import binascii
+
+    standard = token.rstrip("=").replace("-", "+").replace("_", "/")
+    for start in range(4):
+        body = standard[start:]
+        body = body[: len(body) - len(body) % 4]
+        if len(body) < 8:
+            break
+        try:
+            yield base64.b64decode(body, validate=True).decode("latin-1")
+        except (binascii.Error, ValueError):
+            continue
 
 
 class RedactingFilter(logging.Filter):

@@ -13,6 +13,7 @@ The rules that keep money right live here once, and the CLI, the callback listen
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from zoneinfo import ZoneInfo
 from sqlmodel import Session, col, select
 
 from sfcrm.daraja import STILL_PROCESSING, DarajaClient, QueryResult, StkResult, parse_stk_callback
-from sfcrm.db import Database
+from sfcrm.db import Database, db_time, raw_connection
 from sfcrm.errors import (
     CallbackFormatError,
     ConflictError,
@@ -44,10 +45,9 @@ from sfcrm.models import (
     MpesaCheckout,
     MpesaPayment,
     PaymentStatus,
-    Person,
 )
 from sfcrm.money import format_cents, format_kes, parse_stk_amount
-from sfcrm.people import change_balance, find_person
+from sfcrm.people import find_person, record_balance_change
 from sfcrm.phone import normalise_phone
 
 if TYPE_CHECKING:
@@ -118,29 +118,54 @@ class Applied:
 
 
 def apply_result(
-    session: Session, result: StkResult, *, source: str, trusted: bool, now: datetime
+    target: Session | sqlite3.Connection,
+    result: StkResult,
+    *,
+    source: str,
+    trusted: bool,
+    now: datetime,
 ) -> Applied:
-    """Apply one push outcome. Call inside ``Database.write()``; safe to call again.
+    """Apply one push outcome inside a write transaction; safe to call again.
 
-    ``source`` is "callback" or "query". An untrusted "paid" (unlisted sender, confirmation by
-    query required, or a success after a recorded failure) changes nothing and answers
-    NEEDS_QUERY: the caller confirms it with an STK Push Query and applies that instead.
+    ``target`` is a session of ``Database.write()`` or a connection of
+    ``Database.raw_write()``. ``source`` is "callback" or "query". An untrusted "paid"
+    (unlisted sender, confirmation by query required, or a success after a recorded failure)
+    changes nothing and answers NEEDS_QUERY: the caller confirms it with an STK Push Query and
+    applies that instead.
     """
-    checkout = session.exec(
-        select(MpesaCheckout).where(MpesaCheckout.checkout_request_id == result.checkout_request_id)
-    ).first()
-    if checkout is None:
-        checkout = _adopt(session, result, now)
-        if checkout is None:
+    if isinstance(target, sqlite3.Connection):
+        return _apply(target, result, source=source, trusted=trusted, now=now)
+    target.flush()
+    try:
+        return _apply(raw_connection(target), result, source=source, trusted=trusted, now=now)
+    finally:
+        target.expire_all()
+
+
+def _apply(
+    conn: sqlite3.Connection, result: StkResult, *, source: str, trusted: bool, now: datetime
+) -> Applied:
+    # Plain SQL: this runs for every callback, and the listener must keep up with a burst.
+    cid = result.checkout_request_id
+    found = conn.execute(
+        "SELECT id, payment_id, result_code, merchant_request_id FROM mpesa_checkout "
+        "WHERE checkout_request_id = ?",
+        (cid,),
+    ).fetchone()
+    if found is None:
+        found = _adopt(conn, result, now)
+        if found is None:
             return Applied(CallbackOutcome.UNMATCHED, "no payment has this CheckoutRequestID")
         # Matched by phone and amount only: believe it once a query confirms it.
         trusted = False
-    payment = session.get(MpesaPayment, checkout.payment_id)
-    assert payment is not None and payment.id is not None
-    pid = payment.id
+    checkout_id, pid, prior, merchant = found
     if result.result_code == STILL_PROCESSING:
         return Applied(CallbackOutcome.IGNORED, "still processing", pid)
-    prior = checkout.result_code
+    status, current, amount, person_id, balance_applied, receipt = conn.execute(
+        "SELECT status, checkout_request_id, amount, person_id, balance_applied, receipt_number "
+        "FROM mpesa_payment WHERE id = ?",
+        (pid,),
+    ).fetchone()
 
     if not result.paid:
         if prior is not None:
@@ -150,24 +175,25 @@ def apply_result(
                 "same outcome already recorded" if same else f"outcome {prior} already recorded",
                 pid,
             )
-        _record(checkout, result, source, now)
-        if payment.status in (PaymentStatus.COMPLETED, PaymentStatus.NEEDS_REVIEW):
+        _record(conn, checkout_id, result, source, now)
+        if status in (PaymentStatus.COMPLETED, PaymentStatus.NEEDS_REVIEW):
             return Applied(CallbackOutcome.IGNORED, "payment already settled", pid)
-        if payment.checkout_request_id != checkout.checkout_request_id:
+        if current != cid:
             return Applied(CallbackOutcome.IGNORED, "superseded by a newer push", pid)
-        payment.status = (
+        new_status = (
             PaymentStatus.CANCELLED
             if result.result_code in CANCELLED_CODES
             else PaymentStatus.FAILED
         )
-        payment.result_code = result.result_code
-        payment.result_desc = result.result_desc
-        session.add(payment)
+        conn.execute(
+            "UPDATE mpesa_payment SET status = ?, result_code = ?, result_desc = ? WHERE id = ?",
+            (new_status, result.result_code, result.result_desc, pid),
+        )
         log.info(
             "payment %s %s: code %s %s (%s)",
-            pid, payment.status, result.result_code, result.result_desc, source,
+            pid, new_status, result.result_code, result.result_desc, source,
         )  # fmt: skip
-        return Applied(CallbackOutcome.APPLIED, payment.status, pid)
+        return Applied(CallbackOutcome.APPLIED, new_status, pid)
 
     # a "paid" outcome
     if prior == "0":
@@ -175,46 +201,46 @@ def apply_result(
     if source != "query" and (not trusted or prior is not None):
         why = "sender not trusted" if prior is None else f"outcome {prior} recorded before"
         return Applied(CallbackOutcome.NEEDS_QUERY, f"paid; to be confirmed by query ({why})", pid)
-    _record(checkout, result, source, now)
-    if payment.balance_applied or payment.status == PaymentStatus.NEEDS_REVIEW:
-        payment.refund_due = True
-        session.add(payment)
+    _record(conn, checkout_id, result, source, now)
+    if balance_applied or status == PaymentStatus.NEEDS_REVIEW:
+        conn.execute("UPDATE mpesa_payment SET refund_due = 1 WHERE id = ?", (pid,))
         log.warning(
             "payment %s paid twice (checkout %s, receipt %s): refund due",
-            pid, checkout.checkout_request_id, result.receipt_number,
+            pid, cid, result.receipt_number,
         )  # fmt: skip
         return Applied(CallbackOutcome.REFUND, "paid again by another push: refund due", pid)
-    payment.checkout_request_id = checkout.checkout_request_id
-    payment.merchant_request_id = checkout.merchant_request_id
-    payment.receipt_number = result.receipt_number or payment.receipt_number
-    payment.transaction_date = result.transaction_date
-    payment.result_code = "0"
-    if result.amount is not None and result.amount != Decimal(payment.amount):
-        payment.status = PaymentStatus.NEEDS_REVIEW
-        payment.result_desc = f"paid {result.amount}, but {payment.amount} was asked"
-        session.add(payment)
-        log.warning("payment %s needs review: %s", pid, payment.result_desc)
-        return Applied(CallbackOutcome.REVIEW, payment.result_desc, pid)
-    person = session.get(Person, payment.person_id)
-    assert person is not None
-    change_balance(
-        session, person, -payment.amount * 100, kind=BalanceKind.PAYMENT, now=now,
-        reason=f"M-Pesa {payment.receipt_number or 'payment'}", payment_id=pid,
+    receipt = result.receipt_number or receipt
+    settled = (cid, merchant, receipt, db_time(result.transaction_date))
+    if result.amount is not None and result.amount != Decimal(amount):
+        desc = f"paid {result.amount}, but {amount} was asked"
+        conn.execute(
+            "UPDATE mpesa_payment SET status = ?, checkout_request_id = ?, "
+            "merchant_request_id = ?, receipt_number = ?, transaction_date = ?, "
+            "result_code = '0', result_desc = ? WHERE id = ?",
+            (PaymentStatus.NEEDS_REVIEW, *settled, desc, pid),
+        )
+        log.warning("payment %s needs review: %s", pid, desc)
+        return Applied(CallbackOutcome.REVIEW, desc, pid)
+    balance = record_balance_change(
+        conn, person_id, -amount * 100, kind=BalanceKind.PAYMENT, now=now,
+        reason=f"M-Pesa {receipt or 'payment'}", payment_id=pid,
     )  # fmt: skip
-    payment.balance_applied = True
-    payment.status = PaymentStatus.COMPLETED
-    payment.result_desc = result.result_desc
-    payment.completed_at = now
-    session.add(payment)
+    conn.execute(
+        "UPDATE mpesa_payment SET status = ?, checkout_request_id = ?, merchant_request_id = ?, "
+        "receipt_number = ?, transaction_date = ?, result_code = '0', result_desc = ?, "
+        "completed_at = ?, balance_applied = 1 WHERE id = ?",
+        (PaymentStatus.COMPLETED, *settled, result.result_desc, db_time(now), pid),
+    )
     log.info(
         "payment %s completed: receipt %s, KES %s, person %s balance now %s (%s)",
-        pid, payment.receipt_number, payment.amount, person.id, format_cents(person.balance_cents),
-            source,
+        pid, receipt, amount, person_id, format_cents(balance), source,
     )  # fmt: skip
     return Applied(CallbackOutcome.APPLIED, PaymentStatus.COMPLETED, pid)
 
 
-def _adopt(session: Session, result: StkResult, now: datetime) -> MpesaCheckout | None:
+def _adopt(
+    conn: sqlite3.Connection, result: StkResult, now: datetime
+) -> tuple[int, int, None, str | None] | None:
     """Give a "paid" result for an unknown CheckoutRequestID to the one payment it can be.
 
     When a push's answer never came back, its CheckoutRequestID was never stored: the payment
@@ -224,37 +250,35 @@ def _adopt(session: Session, result: StkResult, now: datetime) -> MpesaCheckout 
     """
     if not result.paid or result.amount is None:
         return None
-    candidates = session.exec(
-        select(MpesaPayment)
-        .where(MpesaPayment.status == PaymentStatus.UNKNOWN)
-        .where(col(MpesaPayment.checkout_request_id).is_(None))
-    ).all()
+    candidates = conn.execute(
+        "SELECT id, amount, phone_number FROM mpesa_payment "
+        "WHERE status = ? AND checkout_request_id IS NULL",
+        (PaymentStatus.UNKNOWN,),
+    ).fetchall()
     matches = [
-        p
-        for p in candidates
-        if Decimal(p.amount) == result.amount and _same_phone(p.phone_number, result.phone)
+        pid
+        for pid, amount, phone in candidates
+        if Decimal(amount) == result.amount and _same_phone(phone, result.phone)
     ]
     if len(matches) != 1:
         return None
-    payment = matches[0]
-    assert payment.id is not None
-    checkout = MpesaCheckout(
-        payment_id=payment.id,
-        checkout_request_id=result.checkout_request_id,
-        merchant_request_id=result.merchant_request_id,
-        pushed_at=payment.last_pushed_at or now,
+    pid = matches[0]
+    cursor = conn.execute(
+        "INSERT INTO mpesa_checkout (payment_id, checkout_request_id, merchant_request_id, "
+        "pushed_at) SELECT id, ?, ?, COALESCE(last_pushed_at, ?) FROM mpesa_payment WHERE id = ?",
+        (result.checkout_request_id, result.merchant_request_id, db_time(now), pid),
     )
-    session.add(checkout)
-    payment.checkout_request_id = result.checkout_request_id
-    payment.merchant_request_id = result.merchant_request_id
-    payment.status = PaymentStatus.PENDING
-    session.add(payment)
-    session.flush()
+    conn.execute(
+        "UPDATE mpesa_payment SET checkout_request_id = ?, merchant_request_id = ?, status = ? "
+        "WHERE id = ?",
+        (result.checkout_request_id, result.merchant_request_id, PaymentStatus.PENDING, pid),
+    )
     log.info(
         "payment %s takes checkout %s by phone and amount (its push got no answer)",
-        payment.id, result.checkout_request_id,
+        pid, result.checkout_request_id,
     )  # fmt: skip
-    return checkout
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid, pid, None, result.merchant_request_id
 
 
 def _same_phone(ours: str, theirs: str | None) -> bool:
@@ -266,14 +290,19 @@ def _same_phone(ours: str, theirs: str | None) -> bool:
     return all(t in ("*", o) for o, t in zip(ours, theirs, strict=True))
 
 
-def _record(checkout: MpesaCheckout, result: StkResult, source: str, now: datetime) -> None:
-    checkout.result_code = result.result_code
-    checkout.result_desc = result.result_desc
-    checkout.result_source = source
-    checkout.result_at = now
-    checkout.receipt_number = result.receipt_number or checkout.receipt_number
-    if result.amount is not None:
-        checkout.paid_amount = str(result.amount)
+def _record(
+    conn: sqlite3.Connection, checkout_id: int, result: StkResult, source: str, now: datetime
+) -> None:
+    conn.execute(
+        "UPDATE mpesa_checkout SET result_code = ?, result_desc = ?, result_source = ?, "
+        "result_at = ?, receipt_number = COALESCE(?, receipt_number), "
+        "paid_amount = COALESCE(?, paid_amount) WHERE id = ?",
+        (
+            result.result_code, result.result_desc, source, db_time(now),
+            result.receipt_number, None if result.amount is None else str(result.amount),
+            checkout_id,
+        ),
+    )  # fmt: skip
 
 
 def query_as_result(query: QueryResult, callback: StkResult | None = None) -> StkResult:
@@ -656,47 +685,84 @@ class Payments:
     # -- callbacks -------------------------------------------------------------------------
 
     def store_callback(self, body: bytes, source_addr: str | None, *, trusted: bool) -> int:
-        """Step one for every callback: keep the raw body. Returns the inbox id."""
-        with self.db.write() as session:
-            row = MpesaCallback(
-                received_at=self.clock(),
-                source_addr=source_addr,
-                body=body,
-                trusted=trusted,
-                outcome=CallbackOutcome.RECEIVED,
-            )
-            session.add(row)
-            session.flush()
-            assert row.id is not None
-            return row.id
+        """Keep a raw body without acting on it. Returns the inbox id."""
+        with self.db.raw_write() as conn:
+            return self._store(conn, body, source_addr, trusted)
+
+    def _store(
+        self, conn: sqlite3.Connection, body: bytes, source_addr: str | None, trusted: bool
+    ) -> int:
+        cursor = conn.execute(
+            "INSERT INTO mpesa_callback (received_at, source_addr, body, trusted, outcome) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (db_time(self.clock()), source_addr, body, trusted, CallbackOutcome.RECEIVED),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def receive(
+        self, body: bytes, source_addr: str | None, *, trusted: bool
+    ) -> tuple[int, Applied]:
+        """What the listener does with a POST: store the raw body, then act on it.
+
+        Both happen in one transaction, the body first; acting runs inside a savepoint, so if
+        it fails the body is still committed (outcome "error", for reconcile to retry) and
+        nothing half-done is. When this returns, the body is on disk.
+        """
+        with self.db.raw_write() as conn:
+            callback_id = self._store(conn, body, source_addr, trusted)
+            conn.execute("SAVEPOINT act")
+            try:
+                applied = self._act(conn, callback_id, body, trusted)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO act")
+                log.exception("callback %s stored, acting on it failed", callback_id)
+                applied = Applied(CallbackOutcome.ERROR, type(exc).__name__)
+                conn.execute(
+                    "UPDATE mpesa_callback SET outcome = ?, detail = ? WHERE id = ?",
+                    (applied.outcome, applied.detail, callback_id),
+                )
+            conn.execute("RELEASE act")
+        return callback_id, applied
 
     def process_callback(self, callback_id: int) -> Applied:
         """Act on a stored callback (no network). NEEDS_QUERY asks the caller to confirm it."""
-        with self.db.write() as session:
-            row = session.get(MpesaCallback, callback_id)
+        with self.db.raw_write() as conn:
+            row = conn.execute(
+                "SELECT body, trusted, outcome, detail, payment_id FROM mpesa_callback "
+                "WHERE id = ?",
+                (callback_id,),
+            ).fetchone()
             if row is None:
                 raise NotFoundError("no such callback", value=str(callback_id))
-            if row.outcome not in ACTIONABLE:
-                return Applied(row.outcome, row.detail or "", row.payment_id)
-            try:
-                result = parse_stk_callback(row.body)
-            except CallbackFormatError as exc:
-                row.outcome = CallbackOutcome.REJECTED
-                row.detail = exc.message
-                row.processed_at = self.clock()
-                session.add(row)
-                return Applied(CallbackOutcome.REJECTED, exc.message)
-            row.checkout_request_id = result.checkout_request_id
-            row.result_code = result.result_code
-            trusted = row.trusted and not self.confirm_by_query
-            applied = apply_result(
-                session, result, source="callback", trusted=trusted, now=self.clock()
+            body, trusted, outcome, detail, payment_id = row
+            if outcome not in ACTIONABLE:
+                return Applied(outcome, detail or "", payment_id)
+            return self._act(conn, callback_id, bytes(body), bool(trusted))
+
+    def _act(
+        self, conn: sqlite3.Connection, callback_id: int, body: bytes, trusted: bool
+    ) -> Applied:
+        now = self.clock()
+        try:
+            result = parse_stk_callback(body)
+        except CallbackFormatError as exc:
+            conn.execute(
+                "UPDATE mpesa_callback SET outcome = ?, detail = ?, processed_at = ? WHERE id = ?",
+                (CallbackOutcome.REJECTED, exc.message, db_time(now), callback_id),
             )
-            row.outcome = applied.outcome
-            row.detail = applied.detail
-            row.payment_id = applied.payment_id
-            row.processed_at = self.clock()
-            session.add(row)
+            return Applied(CallbackOutcome.REJECTED, exc.message)
+        applied = _apply(
+            conn, result, source="callback", trusted=trusted and not self.confirm_by_query, now=now
+        )
+        conn.execute(
+            "UPDATE mpesa_callback SET checkout_request_id = ?, result_code = ?, outcome = ?, "
+            "detail = ?, payment_id = ?, processed_at = ? WHERE id = ?",
+            (
+                result.checkout_request_id, result.result_code, applied.outcome, applied.detail,
+                applied.payment_id, db_time(now), callback_id,
+            ),
+        )  # fmt: skip
         log.info(
             "callback %s for %s code %s: %s (%s)",
             callback_id, result.checkout_request_id, result.result_code, applied.outcome,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
-from sfcrm.db import Database
+from sfcrm.db import Database, db_time, raw_connection
 from sfcrm.errors import ConflictError, NotFoundError, SfcrmError, ValidationError
 from sfcrm.models import BalanceEntry, BalanceKind, Person
 from sfcrm.money import format_cents, parse_kes
@@ -36,6 +37,32 @@ def person_json(person: Person) -> dict[str, Any]:
     }
 
 
+def record_balance_change(
+    conn: sqlite3.Connection,
+    person_id: int,
+    amount_cents: int,
+    *,
+    kind: str,
+    now: datetime,
+    reason: str | None = None,
+    payment_id: int | None = None,
+) -> int:
+    """Move a balance and write its ledger entry, in the caller's write transaction.
+
+    The one place a balance changes. Returns the balance after the change.
+    """
+    (after,) = conn.execute(
+        "UPDATE person SET balance_cents = balance_cents + ? WHERE id = ? RETURNING balance_cents",
+        (amount_cents, person_id),
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO balance_entry (person_id, amount_cents, balance_after_cents, kind, reason, "
+        "payment_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (person_id, amount_cents, after, kind, reason, payment_id, db_time(now)),
+    )
+    return int(after)
+
+
 def change_balance(
     session: Session,
     person: Person,
@@ -44,22 +71,21 @@ def change_balance(
     kind: str,
     now: datetime,
     reason: str | None = None,
-    payment_id: int | None = None,
 ) -> BalanceEntry:
-    """Move a balance and write its ledger entry; call inside ``Database.write()``."""
+    """``record_balance_change`` for code working with a session and a Person."""
+    from sqlalchemy.orm.attributes import set_committed_value
+
     assert person.id is not None
-    person.balance_cents += amount_cents
-    entry = BalanceEntry(
-        person_id=person.id,
-        amount_cents=amount_cents,
-        balance_after_cents=person.balance_cents,
-        kind=kind,
-        reason=reason,
-        payment_id=payment_id,
-        created_at=now,
-    )
-    session.add(person)
-    session.add(entry)
+    session.flush()
+    conn = raw_connection(session)
+    after = record_balance_change(conn, person.id, amount_cents, kind=kind, now=now, reason=reason)
+    set_committed_value(person, "balance_cents", after)
+    entry = session.exec(
+        select(BalanceEntry)
+        .where(BalanceEntry.person_id == person.id)
+        .order_by(col(BalanceEntry.id).desc())
+        .limit(1)
+    ).one()
     return entry
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -188,6 +188,14 @@ class Runtime:
     def redact(self, text: str) -> str:
         return self._redactor(text) if self._redactor else text
 
+    def redact_error(self, text: str) -> str:
+        """``redact`` for an error's text, which may come before the settings were read: read
+        them now, when they can be, so that the secrets they hold are known."""
+        if self._redactor is None and "settings" not in self.__dict__:
+            with suppress(Exception):
+                _ = self.settings
+        return self.redact(text)
+
     def emit(self, doc: Any, render: Callable[[], None], *, now: bool = False) -> None:
         """Data: JSON on stdout under --json, else whatever ``render`` prints.
 
@@ -227,7 +235,7 @@ class Runtime:
     # -- errors ----------------------------------------------------------------------------
 
     def fail(self, error: SfcrmError) -> typer.Exit:
-        message = self.redact(str(error))
+        message = self.redact_error(str(error))
         hint = self.redact(error.hint) if error.hint else None
         if self.json:
             doc: dict[str, Any] = {"error": message, "status": "failed", "code": error.code}
@@ -262,7 +270,13 @@ def command(json_output: bool = False) -> Iterator[Runtime]:
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     except Exception as exc:
         if options.traceback or os.environ.get("SFCRM_TRACEBACK") == "1":
-            raise
+            # The whole traceback, as Python prints it, but through the redactor: an
+            # exception's text can carry a request it was given (a header, a push body).
+            import traceback
+
+            sys.stderr.write(rt.redact_error("".join(traceback.format_exception(exc))))
+            sys.stderr.flush()
+            raise typer.Exit(int(ExitCode.INTERNAL)) from None
         error = SfcrmError(
             f"unexpected {type(exc).__name__}: {exc}",
             hint="rerun with --traceback and report it",
