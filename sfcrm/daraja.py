@@ -537,6 +537,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # With a key twice, json keeps the last: "ResultCode": 1032, "ResultCode": 0 would pay.
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("a key appears twice")
+    return doc
+
+
 def parse_stk_callback(body: bytes) -> StkResult:
     """Read a Daraja STK callback body; anything else raises CallbackFormatError."""
     if not body:
@@ -546,7 +554,12 @@ def parse_stk_callback(body: bytes) -> StkResult:
     except UnicodeDecodeError:
         raise CallbackFormatError("body is not UTF-8") from None
     try:
-        doc = json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+        doc = json.loads(
+            text,
+            parse_float=Decimal,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_unique_keys,
+        )
     except (ValueError, RecursionError):
         raise CallbackFormatError("body is not valid JSON") from None
     stk = _dig(doc, "Body", "stkCallback")
@@ -564,13 +577,23 @@ def parse_stk_callback(body: bytes) -> StkResult:
         raise CallbackFormatError("ResultCode is not a short printable code")
     desc = stk.get("ResultDesc")
     merchant = stk.get("MerchantRequestID")
-    items = _metadata_items(stk.get("CallbackMetadata"))
+    metadata = stk.get("CallbackMetadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and isinstance(metadata.get("Item"), list)
+    ):
+        raise CallbackFormatError("CallbackMetadata is not an object with an Item list")
+    items = _metadata_items(metadata)
+    amount = _amount(items.get("Amount"))
+    if "Amount" in items and amount is None:
+        # A "paid" whose amount cannot be read must not skip the amount check: refuse it,
+        # the body stays stored and a query settles the payment.
+        raise CallbackFormatError("the Amount item is not an amount")
     return StkResult(
         checkout_request_id=checkout,
         result_code=code_text,
         result_desc=_clean_text(desc[:500]) if isinstance(desc, str) else "",
         merchant_request_id=merchant if _is_id(merchant) else None,
-        amount=_amount(items.get("Amount")),
+        amount=amount,
         receipt_number=_short_text(items.get("MpesaReceiptNumber")),
         transaction_date=_transaction_date(items.get("TransactionDate")),
         phone=_short_text(items.get("PhoneNumber")),

@@ -24,6 +24,8 @@ from sfcrm.models import CallbackOutcome
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from waitress.channel import HTTPChannel
+
     from sfcrm.crew import Crew
     from sfcrm.payments import Payments
     from sfcrm.render import Renderer
@@ -343,12 +345,39 @@ def _reply(
     return [body]
 
 
+def _client_error_channel() -> type[HTTPChannel]:
+    """waitress's connection class, answering 400 where waitress would answer 501.
+
+    waitress refuses a Transfer-Encoding it does not know (``gzip``, ``identity``…) with
+    "501 Not Implemented" before the app sees the request. That is the client's fault, and
+    the listener promises that nothing a client sends gets a 5xx (monitoring reads a 5xx as
+    "the listener is broken").
+    """
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+    from waitress.utilities import BadRequest, ServerNotImplemented
+
+    class ClientErrorTask(ErrorTask):
+        def execute(self) -> None:
+            request: Any = self.request  # the stubs say Error; it is the request's parser
+            if isinstance(request.error, ServerNotImplemented):
+                request.error = BadRequest(request.error.body)
+            super().execute()
+
+    class ClientErrorChannel(HTTPChannel):
+        error_task_class = ClientErrorTask
+
+    return ClientErrorChannel
+
+
 def make_server(app: CallbackApp, host: str, port: int, threads: int) -> Any:
     """A waitress server for ``app``; ``.effective_port`` tells the port, ``.run()`` serves."""
-    from waitress.server import create_server
+    from waitress.server import BaseWSGIServer, create_server
 
-    return create_server(
+    sockets: dict[int, Any] = {}
+    server = create_server(
         app,
+        map=sockets,
         host=host,
         port=port,
         threads=threads,
@@ -360,3 +389,59 @@ def make_server(app: CallbackApp, host: str, port: int, threads: int) -> Any:
         ident="sfcrm",
         clear_untrusted_proxy_headers=False,
     )
+    channel = _client_error_channel()
+    # One listening socket per address the host resolves to; each makes its own connections.
+    for listening in list(sockets.values()):
+        if isinstance(listening, BaseWSGIServer):
+            listening.channel_class = channel
+    return ListenerServer(server, sockets)
+
+
+class ListenerServer:
+    """waitress's server (its other attributes pass through), with a ``close()`` that is safe
+    from any thread.
+
+    waitress's own close() shuts the listening socket and the trigger while the thread in
+    ``run()`` goes on selecting on the connections left open (it never returns), and while
+    worker threads still write to the trigger's descriptor, which by then may belong to
+    another file. The demo and the tests serve from one thread and close from another, so
+    close() here lets the workers finish first, then has the serving thread close every
+    socket itself (through the trigger), so that its loop ends.
+    """
+
+    def __init__(self, server: Any, sockets: dict[int, Any]) -> None:
+        self._server = server
+        self._sockets = sockets
+        self._serving: int | None = None  # the thread in run(), while it is there
+        self._stopped = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+    @property
+    def effective_port(self) -> int:
+        return int(self._server.effective_port)
+
+    def run(self) -> None:
+        self._stopped.clear()
+        self._serving = threading.get_ident()
+        try:
+            self._server.run()
+        finally:
+            self._serving = None
+            self._stopped.set()
+
+    def close(self) -> None:
+        from waitress import wasyncore
+        from waitress.server import BaseWSGIServer
+
+        self._server.task_dispatcher.shutdown()
+        serving = self._serving
+        listening = [s for s in list(self._sockets.values()) if isinstance(s, BaseWSGIServer)]
+        if serving is not None and serving != threading.get_ident() and listening:
+            trigger: Any = listening[0].trigger
+            trigger.pull_trigger(lambda: wasyncore.close_all(self._sockets))
+            self._stopped.wait(5)
+        else:
+            wasyncore.close_all(self._sockets)
+        self._server.close()
