@@ -705,25 +705,27 @@ class Payments:
     ) -> tuple[int, Applied]:
         """What the listener does with a POST: store the raw body, then act on it.
 
-        Both happen in one transaction, the body first; acting runs inside a savepoint, so if
-        it fails the body is still committed (outcome "error", for reconcile to retry) and
-        nothing half-done is. When this returns, the body is on disk.
+        Both happen in one transaction, the body first. If acting fails, that transaction is
+        rolled back whole and the body is stored on its own with outcome "error", for
+        reconcile to retry: nothing half-done is kept, and when this returns the body is on
+        disk either way.
         """
-        with self.db.raw_write() as conn:
-            callback_id = self._store(conn, body, source_addr, trusted)
-            conn.execute("SAVEPOINT act")
-            try:
-                applied = self._act(conn, callback_id, body, trusted)
-            except Exception as exc:
-                conn.execute("ROLLBACK TO act")
-                log.exception("callback %s stored, acting on it failed", callback_id)
-                applied = Applied(CallbackOutcome.ERROR, type(exc).__name__)
+        try:
+            with self.db.raw_write() as conn:
+                callback_id = self._store(conn, body, source_addr, trusted)
+                return callback_id, self._act(conn, callback_id, body, trusted)
+        except Exception as exc:
+            # Acting failed and took the transaction with it: keep the body on its own, marked
+            # for reconcile to try again. If even that fails, the caller answers 503.
+            log.exception("callback from %s could not be acted on", source_addr)
+            with self.db.raw_write() as conn:
+                callback_id = self._store(conn, body, source_addr, trusted)
+                detail = type(exc).__name__
                 conn.execute(
                     "UPDATE mpesa_callback SET outcome = ?, detail = ? WHERE id = ?",
-                    (applied.outcome, applied.detail, callback_id),
+                    (CallbackOutcome.ERROR, detail, callback_id),
                 )
-            conn.execute("RELEASE act")
-        return callback_id, applied
+            return callback_id, Applied(CallbackOutcome.ERROR, detail)
 
     def process_callback(self, callback_id: int) -> Applied:
         """Act on a stored callback (no network). NEEDS_QUERY asks the caller to confirm it."""

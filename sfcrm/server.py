@@ -1,10 +1,10 @@
 """The callback listener: a WSGI app that takes Daraja's STK results.
 
 One route: POST on the path of MPESA_CALLBACK_URL (a secret, compared in constant time). The raw
-body is stored before anything else, then acted on by :meth:`Payments.process_callback`, the
-same code ``reconcile`` uses. Nothing a client sends can make it answer 500: a stored body
-is answered 200 even when acting on it fails (``reconcile`` retries it), and a body that is not
-a Daraja callback is stored and answered 400.
+body is stored before anything else and acted on by :meth:`Payments.receive`, through the same
+rules ``reconcile`` uses. Nothing a client sends can make it answer 500: a stored body is
+answered 200 even when acting on it fails (``reconcile`` retries it), and a body that is not a
+Daraja callback is stored and answered 400.
 """
 
 from __future__ import annotations
@@ -154,14 +154,9 @@ class CallbackApp:
             return _reply(start_response, "400 Bad Request", {"ResultCode": 1, "ResultDesc": body})
         source = self._source(environ)
         trusted = self._allow is None or _in(source, self._allow)
-        callback_id = self.payments.store_callback(body, source, trusted=trusted)
-        try:
-            applied = self.payments.process_callback(callback_id)
-        except Exception as exc:
-            # The body is stored: answer 200 so Daraja does not resend; reconcile retries it.
-            log.exception("callback %s stored, acting on it failed", callback_id)
-            self._mark_error(callback_id, exc)
-            return _reply(start_response, "200 OK", ACCEPTED)
+        # Stored and acted on in one transaction; if acting fails the body is still stored
+        # (outcome "error") and Daraja is answered 200: reconcile retries it.
+        callback_id, applied = self.payments.receive(body, source, trusted=trusted)
         if applied.outcome == CallbackOutcome.REJECTED:
             log.info("callback %s from %s rejected: %s", callback_id, source, applied.detail)
             return _reply(
@@ -171,7 +166,6 @@ class CallbackApp:
             )
         if applied.outcome == CallbackOutcome.NEEDS_QUERY:
             self.worker.submit(callback_id)
-        log.info("callback %s from %s: %s", callback_id, source, applied.outcome)
         return _reply(start_response, "200 OK", ACCEPTED)
 
     def _read_body(self, environ: dict[str, Any]) -> bytes | str | None:
@@ -202,19 +196,6 @@ class CallbackApp:
             if not _in(hop, self._proxies):
                 return hop[:64]
         return peer
-
-    def _mark_error(self, callback_id: int, exc: Exception) -> None:
-        from sfcrm.models import MpesaCallback
-
-        try:
-            with self.payments.db.write() as session:
-                row = session.get(MpesaCallback, callback_id)
-                if row is not None:
-                    row.outcome = CallbackOutcome.ERROR
-                    row.detail = type(exc).__name__
-                    session.add(row)
-        except Exception:
-            log.exception("callback %s could not be marked for retry", callback_id)
 
 
 RSVP_PREFIX = "/crew/rsvp/"

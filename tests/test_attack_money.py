@@ -625,7 +625,7 @@ def test_listener_killed_mid_burst_fifty_times_keeps_every_answered_callback_and
             except requests.RequestException:
                 return False
 
-        delay = rng.uniform(0.0, 0.35)
+        delay = rng.uniform(0.0, 0.1)
         with ThreadPoolExecutor(max_workers=10) as pool:
             futures = [(m, c, pool.submit(fire, m, c)) for m, c in burst]
             time.sleep(delay)

@@ -548,7 +548,7 @@ def test_invalid_value_in_toml_is_a_config_error(tmp_path: Path) -> None:
     [
         ("MPESA_TIMEOUT", "mpesa_timeout", 30.0),
         ("SFCRM_CALLBACK_MAX_BODY", "listener_max_body", 65536),
-        ("SFCRM_LISTENER_THREADS", "listener_threads", 8),
+        ("SFCRM_LISTENER_THREADS", "listener_threads", 1),
         ("SFCRM_TIMEZONE", "timezone", "Africa/Nairobi"),
     ],
 )

@@ -1207,10 +1207,10 @@ def test_failure_acting_on_stored_callback_still_answers_200_and_replay_applies_
     db: Database,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(callback_id: int) -> Any:
+    def broken(*args: Any) -> Any:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(payments, "process_callback", broken)
+    monkeypatch.setattr(payments, "_act", broken)
     raw = encode(paid_callback(cid(pending_payment)))
 
     answer = listener.post(raw)
@@ -1235,10 +1235,10 @@ def test_failure_acting_on_stored_callback_still_answers_200_and_replay_applies_
 def test_failure_storing_callback_answers_503_so_daraja_may_resend(
     app: CallbackApp, payments: Payments, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(body: bytes, source_addr: str | None, *, trusted: bool) -> int:
+    def broken(body: bytes, source_addr: str | None, *, trusted: bool) -> Any:
         raise RuntimeError("database gone")
 
-    monkeypatch.setattr(payments, "store_callback", broken)
+    monkeypatch.setattr(payments, "receive", broken)
 
     reply = post(app, paid_callback("ws_CO_1"))
 
@@ -1309,10 +1309,10 @@ def test_replay_goes_on_past_a_stored_callback_that_keeps_failing(
     second = payments.request(str(person_with_balance.id), 300, "Crew deposit")
     act = payments.process_callback
 
-    def broken(callback_id: int) -> Any:
+    def broken(*args: Any) -> Any:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(payments, "process_callback", broken)
+    monkeypatch.setattr(payments, "_act", broken)
     assert listener.post(paid_callback(cid(first))).status_code == 200
     assert listener.post(paid_callback(cid(second), amount=300)).status_code == 200
     stuck, later = callback_rows(db)
@@ -1323,6 +1323,7 @@ def test_replay_goes_on_past_a_stored_callback_that_keeps_failing(
             raise RuntimeError("still on fire")
         return act(callback_id)
 
+    monkeypatch.undo()
     monkeypatch.setattr(payments, "process_callback", still_broken_for_first)
     payments.replay_callbacks()
 

@@ -85,6 +85,8 @@ def serve_callback(
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
         handler.addFilter(RedactingFilter(Redactor(settings.secret_values())))
+        # waitress warns "Task queue depth is N" on every request of a burst: noise here.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         for name in ("sfcrm", "waitress"):
             logging.getLogger(name).addHandler(handler)
             logging.getLogger(name).setLevel(logging.INFO)
