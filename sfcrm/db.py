@@ -336,7 +336,7 @@ def db_time(value: datetime | None) -> str | None:
     """A datetime as the columns store it: naive UTC text, as SQLAlchemy writes it."""
     if value is None:
         return None
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _sqlite_error(exc: sqlite3.DatabaseError, path: Path) -> DatabaseError:

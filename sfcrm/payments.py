@@ -231,7 +231,9 @@ def _apply(
         "completed_at = ?, balance_applied = 1 WHERE id = ?",
         (PaymentStatus.COMPLETED, *settled, result.result_desc, db_time(now), pid),
     )
-    log.info(
+    # A callback's own log line says it; a query's settlement needs a line of its own.
+    log.log(
+        logging.DEBUG if source == "callback" else logging.INFO,
         "payment %s completed: receipt %s, KES %s, person %s balance now %s (%s)",
         pid, receipt, amount, person_id, format_cents(balance), source,
     )  # fmt: skip
@@ -766,9 +768,9 @@ class Payments:
             ),
         )  # fmt: skip
         log.info(
-            "callback %s for %s code %s: %s (%s)",
+            "callback %s for %s code %s: %s, payment %s %s",
             callback_id, result.checkout_request_id, result.result_code, applied.outcome,
-            applied.detail,
+            applied.payment_id, applied.detail,
         )  # fmt: skip
         return applied
 
