@@ -24,6 +24,7 @@ import re
 import secrets
 import sqlite3
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -322,22 +323,22 @@ def _multipart(kind: str, parts: list[bytes]) -> bytes:
 # -- backends ----------------------------------------------------------------------------------
 
 
-class Backend:
+class Backend(ABC):
     """Delivers message bytes. ``open`` and ``close`` bracket a batch; usable with ``with``.
 
     ``send`` raises :class:`SendError` for anything that went wrong with one email.
     """
 
-    def open(self) -> None:
+    def open(self) -> None:  # noqa: B027  (a batch needs no preparation by default)
         """Get ready for a batch (the SMTP backend connects lazily on the first send)."""
 
+    @abstractmethod
     def send(
         self, message: bytes, sender: str, recipients: list[str], *, label: str | None = None
     ) -> None:
         """Deliver one message; ``label`` (the log id) may name what is written."""
-        raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (nothing to release by default)
         """End the batch; never raises."""
 
     def __enter__(self) -> Self:
