@@ -8,6 +8,7 @@ process's, and SQLite waits for the lock instead of failing half-way with "datab
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from sfcrm.errors import DatabaseError
+
+log = logging.getLogger("sfcrm.db")
 
 BUSY_TIMEOUT_SECONDS = 60.0
 
@@ -270,15 +273,15 @@ class Database:
             try:
                 yield conn
             except sqlite3.DatabaseError as exc:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise _sqlite_error(exc, self.path) from None
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
             try:
                 conn.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise _sqlite_error(exc, self.path) from None
 
     def _raw_connection(self) -> sqlite3.Connection:
@@ -336,7 +339,18 @@ def db_time(value: datetime | None) -> str | None:
     """A datetime as the columns store it: naive UTC text, as SQLAlchemy writes it."""
     if value is None:
         return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite may have rolled back already (disk full, I/O error): keep the original error.
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.DatabaseError:
+            log.warning("rollback failed after an error", exc_info=True)
 
 
 def _sqlite_error(exc: sqlite3.DatabaseError, path: Path) -> DatabaseError:

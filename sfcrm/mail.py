@@ -277,7 +277,7 @@ def _encoded_header(value: str) -> str:
         return value
     from email.header import Header
 
-    return Header(value, "utf-8").encode()
+    return Header(value, "utf-8", header_name="Subject").encode(linesep="\r\n")
 
 
 def _text_part(content: str, subtype: str) -> bytes:
@@ -886,6 +886,7 @@ class Mailer:
         title = clean_subject(subject)
         from sqlalchemy.orm import make_transient_to_detached
 
+        session.flush()  # rows the caller added (a person, an assignment) exist first
         # Plain SQL: a batch writes a thousand of these in one transaction.
         cursor = raw_connection(session).execute(
             "INSERT INTO email_notification (recipient, person_id, assignment_id, "

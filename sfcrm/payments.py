@@ -153,11 +153,18 @@ def _apply(
         (cid,),
     ).fetchone()
     if found is None:
-        found = _adopt(conn, result, now)
-        if found is None:
+        candidate = _adoptable(conn, result)
+        if candidate is None:
             return Applied(CallbackOutcome.UNMATCHED, "no payment has this CheckoutRequestID")
-        # Matched by phone and amount only: believe it once a query confirms it.
-        trusted = False
+        if source != "query":
+            # Matched by phone and amount only: nothing is written until Daraja confirms this
+            # CheckoutRequestID was paid, or a forged callback could take the payment over.
+            return Applied(
+                CallbackOutcome.NEEDS_QUERY,
+                "paid; matches a push that got no answer, to be confirmed by query",
+                candidate,
+            )
+        found = _adopt(conn, result, candidate, now)
     checkout_id, pid, prior, merchant = found
     if result.result_code == STILL_PROCESSING:
         return Applied(CallbackOutcome.IGNORED, "still processing", pid)
@@ -176,7 +183,7 @@ def _apply(
                 pid,
             )
         _record(conn, checkout_id, result, source, now)
-        if status in (PaymentStatus.COMPLETED, PaymentStatus.NEEDS_REVIEW):
+        if balance_applied or status in (PaymentStatus.COMPLETED, PaymentStatus.NEEDS_REVIEW):
             return Applied(CallbackOutcome.IGNORED, "payment already settled", pid)
         if current != cid:
             return Applied(CallbackOutcome.IGNORED, "superseded by a newer push", pid)
@@ -240,15 +247,12 @@ def _apply(
     return Applied(CallbackOutcome.APPLIED, PaymentStatus.COMPLETED, pid)
 
 
-def _adopt(
-    conn: sqlite3.Connection, result: StkResult, now: datetime
-) -> tuple[int, int, None, str | None] | None:
-    """Give a "paid" result for an unknown CheckoutRequestID to the one payment it can be.
+def _adoptable(conn: sqlite3.Connection, result: StkResult) -> int | None:
+    """The one payment a "paid" result for an unknown CheckoutRequestID can belong to.
 
     When a push's answer never came back, its CheckoutRequestID was never stored: the payment
     is ``unknown`` with no checkout. Its callback still carries the amount and (unless M-Pesa
-    masked it) the phone. Exactly one such payment with that amount and phone takes the
-    CheckoutRequestID; the result must then be confirmed by a query before money moves.
+    masked it) the phone; exactly one such payment must match both.
     """
     if not result.paid or result.amount is None:
         return None
@@ -262,9 +266,13 @@ def _adopt(
         for pid, amount, phone in candidates
         if Decimal(amount) == result.amount and _same_phone(phone, result.phone)
     ]
-    if len(matches) != 1:
-        return None
-    pid = matches[0]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _adopt(
+    conn: sqlite3.Connection, result: StkResult, pid: int, now: datetime
+) -> tuple[int, int, None, str | None]:
+    """Give the payment the CheckoutRequestID a query has just confirmed as paid."""
     cursor = conn.execute(
         "INSERT INTO mpesa_checkout (payment_id, checkout_request_id, merchant_request_id, "
         "pushed_at) SELECT id, ?, ?, COALESCE(last_pushed_at, ?) FROM mpesa_payment WHERE id = ?",
@@ -281,6 +289,14 @@ def _adopt(
     )  # fmt: skip
     assert cursor.lastrowid is not None
     return cursor.lastrowid, pid, None, result.merchant_request_id
+
+
+def _settled(payment: MpesaPayment) -> bool:
+    """Money moved for this payment (or is held for review): its status must not go back."""
+    return payment.balance_applied or payment.status in (
+        PaymentStatus.COMPLETED,
+        PaymentStatus.NEEDS_REVIEW,
+    )
 
 
 def _same_phone(ours: str, theirs: str | None) -> bool:
@@ -515,7 +531,10 @@ class Payments:
             with self.db.write() as session:
                 row = session.get(MpesaPayment, pid)
                 assert row is not None
-                if may_have_reached_phone and isinstance(exc, DarajaTimeoutError):
+                if _settled(row):
+                    # An earlier push's result arrived meanwhile and moved money: keep it.
+                    row.push_count += 1 if may_have_reached_phone else 0
+                elif may_have_reached_phone and isinstance(exc, DarajaTimeoutError):
                     row.status = PaymentStatus.UNKNOWN
                     row.push_count += 1
                     row.last_pushed_at = self.clock()
@@ -525,8 +544,11 @@ class Payments:
                     row.merchant_request_id = None
                 elif row.status in (PaymentStatus.INITIATED, PaymentStatus.UNKNOWN):
                     row.status = PaymentStatus.FAILED
-                row.result_code = exc.code if not isinstance(exc, DarajaUnreachableError) else None
-                row.result_desc = exc.message
+                if not _settled(row):
+                    row.result_code = (
+                        exc.code if not isinstance(exc, DarajaUnreachableError) else None
+                    )
+                    row.result_desc = exc.message
                 session.add(row)
             log.warning("payment %s push failed: %s", pid, exc)
             exc.message = f"payment {pid}: {exc.message}"
@@ -543,13 +565,16 @@ class Payments:
                     pushed_at=now,
                 )
             )
-            row.checkout_request_id = accepted.checkout_request_id
-            row.merchant_request_id = accepted.merchant_request_id
-            row.status = PaymentStatus.PENDING
-            row.result_code = None
-            row.result_desc = None
             row.push_count += 1
             row.last_pushed_at = now
+            if not _settled(row):
+                # (when an earlier push was paid meanwhile, this one is only recorded: if it is
+                # paid too, its callback flags the refund)
+                row.checkout_request_id = accepted.checkout_request_id
+                row.merchant_request_id = accepted.merchant_request_id
+                row.status = PaymentStatus.PENDING
+                row.result_code = None
+                row.result_desc = None
             session.add(row)
         log.info("payment %s pushed: checkout %s", pid, accepted.checkout_request_id)
         # The callback can beat the push's own answer: apply any that is already waiting.

@@ -51,9 +51,13 @@ def record_balance_change(
 
     The one place a balance changes. Returns the balance after the change.
     """
-    (after,) = conn.execute(
-        "UPDATE person SET balance_cents = balance_cents + ? WHERE id = ? RETURNING balance_cents",
+    # (UPDATE ... RETURNING would need SQLite 3.35; older ones are still in the field)
+    conn.execute(
+        "UPDATE person SET balance_cents = balance_cents + ? WHERE id = ?",
         (amount_cents, person_id),
+    )
+    (after,) = conn.execute(
+        "SELECT balance_cents FROM person WHERE id = ?", (person_id,)
     ).fetchone()
     conn.execute(
         "INSERT INTO balance_entry (person_id, amount_cents, balance_after_cents, kind, reason, "

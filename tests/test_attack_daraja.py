@@ -264,14 +264,15 @@ def test_push_answered_after_the_timeout_is_unknown_never_repushed_and_settled_b
     assert (fake.snapshot().push, fake.snapshot().query) == (1, 0)
 
     # Daraja's late answer goes nowhere; its callback reaches the listener, is matched by phone
-    # and amount, and waits for a query while Daraja still says "processing".
+    # and amount, and waits for a query while Daraja still says "processing": until Daraja
+    # confirms that CheckoutRequestID, nothing about the payment changes.
     wait_for(lambda: fake.last_push().answered_at is not None, timeout=10)
     fake.release_callbacks()
     wait_for(lambda: fake.snapshot().callback_statuses == [200], timeout=10)
     wait_for(lambda: fake.snapshot().query >= 1, timeout=10)
-    adopted = payments.get(pid)
-    assert adopted.status == PaymentStatus.PENDING
-    assert adopted.checkout_request_id == fake.last_push().checkout_request_id
+    waiting = payments.get(pid)
+    assert waiting.status == PaymentStatus.UNKNOWN
+    assert waiting.checkout_request_id is None
     assert balance(db, person_id) == START_BALANCE
 
     fake.configure(query_answer="paid")

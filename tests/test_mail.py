@@ -879,3 +879,20 @@ def test_send_error_text_is_one_line() -> None:
     error = SendError("the SMTP server refused the message", value="554 5.7.1\r\nspam")
 
     assert one_line(str(error)) == "the SMTP server refused the message (554 5.7.1 spam)"
+
+
+def test_a_long_non_ascii_subject_has_no_bare_line_feed() -> None:
+    import re as _re
+
+    from sfcrm.mail import build_message as build
+
+    message = build(
+        sender="Sound Fusion <office@soundfusion.co.ke>",
+        recipient="crew@example.co.ke",
+        subject="You are invited to work on: Mwaliko — Tamasha la Muziki la Nairobi, Kasarani",
+        text="Karibu\n",
+        message_id_domain="soundfusion.co.ke",
+    )
+    assert _re.search(rb"[^\r]\n", message) is None
+    parsed = email.message_from_bytes(message, policy=email.policy.default)
+    assert str(parsed["Subject"]).startswith("You are invited to work on: Mwaliko — Tamasha")

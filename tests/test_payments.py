@@ -1124,6 +1124,9 @@ def test_late_callback_of_a_push_without_answer_settles_it_once_a_query_confirms
     callback_id, applied = deliver(payments, callback_body(checkout_id))
     assert applied.outcome == CallbackOutcome.NEEDS_QUERY  # matched by phone and amount only
     assert balance(db, person_with_balance.id) == START_BALANCE
+    # nothing is written before the query: a forged callback could not take the payment over
+    assert payments.get(id_of(pushed)).status == PaymentStatus.UNKNOWN
+    assert checkouts_of(db, pushed.id) == []
 
     report = payments.reconcile(older_than=timedelta(0))
     assert [p.status for p in report.settled] == [PaymentStatus.COMPLETED]
@@ -1155,3 +1158,47 @@ def test_late_callback_with_another_amount_is_not_taken_by_an_unanswered_push(
     _, applied = deliver(payments, callback_body(checkout_id, amount=499))
     assert applied.outcome == CallbackOutcome.UNMATCHED
     assert payments.get(id_of(pushed)).status == PaymentStatus.UNKNOWN
+
+
+def test_a_forged_paid_for_a_push_without_answer_leaves_the_payment_to_its_real_callback(
+    payments: Payments, db: Database, daraja_client: DarajaClient, person_with_balance: Person
+) -> None:
+    pushed = payments.request("1", 500, "Deposit")
+    real = lose_push_answer(db, id_of(pushed))
+    settled_at_emulator(daraja_client, real)
+    _, forged = deliver(payments, callback_body("ws_CO_FORGED"), trusted=False)
+    assert forged.outcome == CallbackOutcome.NEEDS_QUERY
+    assert payments.get(id_of(pushed)).checkout_request_id is None
+    # the real callback still finds the payment, and the query confirms it
+    real_id, applied = deliver(payments, callback_body(real))
+    assert applied.outcome == CallbackOutcome.NEEDS_QUERY
+    assert payments.confirm_callback(real_id).outcome == CallbackOutcome.APPLIED
+    assert payments.get(id_of(pushed)).status == PaymentStatus.COMPLETED
+    assert balance(db, person_with_balance.id) == START_BALANCE - 500 * 100
+
+
+def test_a_push_answered_after_an_earlier_push_was_paid_keeps_the_payment_completed(
+    payments: Payments,
+    db: Database,
+    daraja_client: DarajaClient,
+    person_with_balance: Person,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = payments.request("1", 500, "Deposit")
+    assert first.checkout_request_id is not None
+    apply(db, failed(first.checkout_request_id, "1037"))
+    original_push = daraja_client.stk_push
+
+    def push_while_the_first_is_confirmed_paid(**kwargs: Any) -> Any:
+        assert first.checkout_request_id is not None
+        apply(db, paid(first.checkout_request_id), source="query")  # lands mid-push
+        return original_push(**kwargs)
+
+    monkeypatch.setattr(daraja_client, "stk_push", push_while_the_first_is_confirmed_paid)
+    report = payments.resend(id_of(first))
+    assert report.pushed
+    after = payments.get(id_of(first))
+    assert after.status == PaymentStatus.COMPLETED
+    assert after.checkout_request_id == first.checkout_request_id
+    assert len(checkouts_of(db, first.id)) == 2  # the second push is still on record
+    assert balance(db, person_with_balance.id) == START_BALANCE - 500 * 100
