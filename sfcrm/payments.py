@@ -696,18 +696,42 @@ class Payments:
     def settle_by_query(
         self, checkout_request_id: str, callback: StkResult | None = None
     ) -> Applied | None:
-        """Query one push and apply its verdict; None while Daraja still processes it."""
+        """Query one push and apply its verdict; None while Daraja still processes it.
+
+        A "paid" callback for this push waiting for its confirmation lends the verdict its
+        amount (checked against the request) and receipt, and is marked as applied with it.
+        """
         query = self.client.stk_query(checkout_request_id)
         if query.processing:
             return None
         with self.db.write() as session:
-            return apply_result(
+            waiting = None
+            if callback is None:
+                waiting = session.exec(
+                    select(MpesaCallback)
+                    .where(MpesaCallback.checkout_request_id == checkout_request_id)
+                    .where(MpesaCallback.outcome == CallbackOutcome.NEEDS_QUERY)
+                    .order_by(col(MpesaCallback.id).desc())
+                ).first()
+                if waiting is not None:
+                    callback = parse_stk_callback(waiting.body)
+                    callback_id = waiting.id
+            applied = apply_result(
                 session,
                 query_as_result(query, callback),
                 source="query",
                 trusted=True,
                 now=self.clock(),
             )
+            if waiting is not None and query.result_code == "0":
+                row = session.get(MpesaCallback, callback_id)
+                assert row is not None
+                row.outcome = applied.outcome
+                row.detail = "confirmed by query: " + applied.detail
+                row.payment_id = applied.payment_id
+                row.processed_at = self.clock()
+                session.add(row)
+            return applied
 
     # -- callbacks -------------------------------------------------------------------------
 

@@ -1202,3 +1202,22 @@ def test_a_push_answered_after_an_earlier_push_was_paid_keeps_the_payment_comple
     assert after.checkout_request_id == first.checkout_request_id
     assert len(checkouts_of(db, first.id)) == 2  # the second push is still on record
     assert balance(db, person_with_balance.id) == START_BALANCE - 500 * 100
+
+
+def test_refresh_keeps_the_receipt_of_a_paid_callback_waiting_for_its_query(
+    payments: Payments, db: Database, daraja_client: DarajaClient, person_with_balance: Person
+) -> None:
+    pushed = payments.request("1", 500, "Deposit")
+    assert pushed.checkout_request_id is not None
+    settled_at_emulator(daraja_client, pushed.checkout_request_id)
+    callback_id, applied = deliver(
+        payments, callback_body(pushed.checkout_request_id, receipt="SFWAIT0001"), trusted=False
+    )
+    assert applied.outcome == CallbackOutcome.NEEDS_QUERY
+
+    assert payments.refresh([id_of(pushed)]) == []
+
+    after = payments.get(id_of(pushed))
+    assert (after.status, after.receipt_number) == (PaymentStatus.COMPLETED, "SFWAIT0001")
+    assert callback_row(db, callback_id).outcome == CallbackOutcome.APPLIED
+    assert balance(db, person_with_balance.id) == START_BALANCE - 500 * 100
