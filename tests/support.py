@@ -163,3 +163,79 @@ class SmtpSink:
             if self.controller is not None:
                 self.controller.stop()
                 self.controller = None
+
+
+# -- the CLI as staff and cron use it ----------------------------------------------------------
+
+
+def run(*args: str) -> Any:
+    """One sfcrm command in-process (CliRunner), as typed at a terminal."""
+    from typer.testing import CliRunner
+
+    from sfcrm.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def run_json(*args: str, code: int = 0) -> Any:
+    """One sfcrm command with --json: its exit code, and stdout as exactly one JSON document."""
+    result = run(*args, "--json")
+    assert result.exit_code == code, result.output + result.stderr
+    return json.loads(result.stdout)
+
+
+def sfcrm_process(*args: str) -> Any:
+    """sfcrm as cron starts it: its own process, pipes for output, the test's environment
+    (EMAIL_*, SFCRM_DATABASE_URL), no terminal."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "sfcrm", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+
+
+def finish(procs: list[Any], timeout: float = 60) -> list[tuple[str, str]]:
+    """Wait for processes started together; kill any still running after ``timeout``."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def recipients(sink: SmtpSink) -> list[str]:
+    return [r for m in sink.handler.messages for r in m.recipients]
+
+
+# -- Daraja callbacks of the real shape --------------------------------------------------------
+
+
+def paid_callback(checkout_id: str, amount: Any = 500, receipt: str = "TH3AB7XY9K") -> Any:
+    return {
+        "Body": {
+            "stkCallback": {
+                "MerchantRequestID": "29115-34620561-1",
+                "CheckoutRequestID": checkout_id,
+                "ResultCode": 0,
+                "ResultDesc": "The service request is processed successfully.",
+                "CallbackMetadata": {
+                    "Item": [
+                        {"Name": "Amount", "Value": amount},
+                        {"Name": "MpesaReceiptNumber", "Value": receipt},
+                        {"Name": "Balance"},
+                        {"Name": "TransactionDate", "Value": 20250803135929},
+                        {"Name": "PhoneNumber", "Value": 254708374149},
+                    ]
+                },
+            }
+        }
+    }

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 import requests
-from support import CONSUMER_KEY, CONSUMER_SECRET, Listener, free_port, wait_for
+from support import CONSUMER_KEY, CONSUMER_SECRET, Listener, free_port, paid_callback, wait_for
 
 from sfcrm.daraja import DarajaClient
 from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE, DarajaEmulator, EmulatorSettings
@@ -57,28 +57,6 @@ def emulator_settings() -> EmulatorSettings:
 
 
 # -- callback bodies ---------------------------------------------------------------------------
-
-
-def paid_callback(checkout_id: str, amount: Any = 500, receipt: str = "TH3AB7XY9K") -> Any:
-    return {
-        "Body": {
-            "stkCallback": {
-                "MerchantRequestID": "29115-34620561-1",
-                "CheckoutRequestID": checkout_id,
-                "ResultCode": 0,
-                "ResultDesc": "The service request is processed successfully.",
-                "CallbackMetadata": {
-                    "Item": [
-                        {"Name": "Amount", "Value": amount},
-                        {"Name": "MpesaReceiptNumber", "Value": receipt},
-                        {"Name": "Balance"},
-                        {"Name": "TransactionDate", "Value": 20250803135929},
-                        {"Name": "PhoneNumber", "Value": 254708374149},
-                    ]
-                },
-            }
-        }
-    }
 
 
 def cancelled_callback(checkout_id: str) -> Any:

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +24,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 from sqlmodel import select
-from support import Recorder, SmtpSink
+from support import Recorder, SmtpSink, finish, recipients, run, run_json, sfcrm_process
 from typer.testing import CliRunner
 
 from sfcrm.cli import app
@@ -39,16 +36,6 @@ NAIROBI = ZoneInfo("Africa/Nairobi")
 
 
 # -- helpers (small copies of test_crew_mail's, so the figures here stand on their own) --------
-
-
-def run(*args: str) -> Any:
-    return runner.invoke(app, list(args))
-
-
-def run_json(*args: str, code: int = 0) -> Any:
-    result = run(*args, "--json")
-    assert result.exit_code == code, result.output + result.stderr
-    return json.JSONDecoder().raw_decode(result.stdout)[0]
 
 
 def add_event(name: str, delta: timedelta, *extra: str) -> dict[str, Any]:
@@ -97,32 +84,6 @@ def use_smtp(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
     monkeypatch.setenv("EMAIL_BACKEND", "smtp")
     monkeypatch.setenv("EMAIL_HOST", "127.0.0.1")
     monkeypatch.setenv("EMAIL_PORT", str(port))
-
-
-def sfcrm_process(*args: str) -> subprocess.Popen[str]:
-    """sfcrm as cron starts it: its own process, no terminal, the test's environment."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "sfcrm", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
-
-
-def finish(procs: list[subprocess.Popen[str]], timeout: float = 60) -> list[tuple[str, str]]:
-    try:
-        return [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
-
-
-def recipients(sink: SmtpSink) -> list[str]:
-    return [r for m in sink.handler.messages for r in m.recipients]
 
 
 @dataclass

@@ -7,24 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Listener, wait_for
-from typer.testing import CliRunner
+from support import Listener, run, run_json, wait_for
 
 from sfcrm.cli import app
 from sfcrm.emulator import DarajaEmulator
-
-runner = CliRunner()
-
-
-def run(*args: str) -> Any:
-    return runner.invoke(app, list(args))
-
-
-def run_json(*args: str, code: int = 0) -> Any:
-    result = run(*args, "--json")
-    assert result.exit_code == code, result.output + result.stderr
-    return json.loads(result.stdout)
-
 
 # -- people ------------------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,23 +13,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import requests
-from support import SmtpSink
-from typer.testing import CliRunner
+from support import SmtpSink, run, run_json
 
-from sfcrm.cli import app
-
-runner = CliRunner()
 NAIROBI = ZoneInfo("Africa/Nairobi")
-
-
-def run(*args: str) -> Any:
-    return runner.invoke(app, list(args))
-
-
-def run_json(*args: str, code: int = 0) -> Any:
-    result = run(*args, "--json")
-    assert result.exit_code == code, result.output + result.stderr
-    return json.loads(result.stdout)
 
 
 def day(offset: int) -> str:

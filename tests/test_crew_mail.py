@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,30 +19,15 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiosmtpd.smtp import AuthResult
-from support import Recorder, SmtpSink
-from typer.testing import CliRunner
+from support import Recorder, SmtpSink, finish, recipients, run, run_json, sfcrm_process
 
-from sfcrm.cli import app
 from sfcrm.cli.runtime import RootOptions, Runtime
 
-runner = CliRunner()
 NAIROBI = ZoneInfo("Africa/Nairobi")
 CANARY = "CANARY-smtp-pw-7c41d0e2"
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def run(*args: str) -> Any:
-    return runner.invoke(app, list(args))
-
-
-def run_json(*args: str, code: int = 0) -> Any:
-    result = run(*args, "--json")
-    assert result.exit_code == code, result.output + result.stderr
-    # the report of a batch with failures is followed by the error document (see
-    # test_batch_with_failures_under_json_is_one_document_on_stdout); read the first
-    return json.JSONDecoder().raw_decode(result.stdout)[0]
 
 
 def day(offset: int) -> str:
@@ -111,33 +93,6 @@ def use_smtp(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
     monkeypatch.setenv("EMAIL_BACKEND", "smtp")
     monkeypatch.setenv("EMAIL_HOST", "127.0.0.1")
     monkeypatch.setenv("EMAIL_PORT", str(port))
-
-
-def sfcrm_process(*args: str) -> subprocess.Popen[str]:
-    """sfcrm as cron starts it: its own process, pipes for output, the test's environment
-    (EMAIL_*, SFCRM_DATABASE_URL), no terminal."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "sfcrm", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
-
-
-def finish(procs: list[subprocess.Popen[str]], timeout: float = 60) -> list[tuple[str, str]]:
-    try:
-        return [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
-
-
-def recipients(sink: SmtpSink) -> list[str]:
-    return [r for m in sink.handler.messages for r in m.recipients]
 
 
 def body(received: Any) -> str:

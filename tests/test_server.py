@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import requests
-from support import Listener, start_listener, wait_for
+from support import Listener, paid_callback, start_listener, wait_for
 
 from sfcrm.daraja import DarajaClient
 from sfcrm.db import Database
@@ -71,28 +71,6 @@ def emulator_settings() -> EmulatorSettings:
 
 
 # -- callback bodies ---------------------------------------------------------------------------
-
-
-def paid_callback(checkout_id: str, amount: Any = 500, receipt: str = RECEIPT) -> dict[str, Any]:
-    return {
-        "Body": {
-            "stkCallback": {
-                "MerchantRequestID": "29115-34620561-1",
-                "CheckoutRequestID": checkout_id,
-                "ResultCode": 0,
-                "ResultDesc": "The service request is processed successfully.",
-                "CallbackMetadata": {
-                    "Item": [
-                        {"Name": "Amount", "Value": amount},
-                        {"Name": "MpesaReceiptNumber", "Value": receipt},
-                        {"Name": "Balance"},
-                        {"Name": "TransactionDate", "Value": 20250803135929},
-                        {"Name": "PhoneNumber", "Value": 254708374149},
-                    ]
-                },
-            }
-        }
-    }
 
 
 def unpaid_callback(checkout_id: str, code: int | str, desc: str) -> dict[str, Any]:
