@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
-from sfcrm.db import Database
+from sfcrm.db import Database, raw_connection
 from sfcrm.errors import ConflictError, NotFoundError, ValidationError
 from sfcrm.events import _one_line
 from sfcrm.models import CrewStatus, EmailNotification, Event, EventCrew, Person
@@ -494,6 +494,7 @@ class Crew:
             missing = sorted(set(expected_ids) - {r.crew.id for r in rows if r.crew.id})
             if missing:
                 raise NotFoundError("no such assignment", value=", ".join(map(str, missing)))
+            claims: list[tuple[int, int]] = []
             for row in rows:
                 assert row.crew.id is not None
                 reason = wanted(row)
@@ -510,7 +511,7 @@ class Crew:
                     )  # fmt: skip
                     continue
                 assert mailer is not None and row.person.email
-                email = mailer.queue(
+                email_id = mailer.queue(
                     session,
                     recipient=row.person.email,
                     notification_type=kind,
@@ -521,11 +522,14 @@ class Crew:
                     person_id=row.person.id,
                     assignment_id=row.crew.id,
                 )
-                assert email.id is not None
-                if claim_column:
-                    setattr(row.crew, claim_column, email.id)
-                    session.add(row.crew)
-                run.queued.append(email.id)
+                run.queued.append(email_id)
+                claims.append((email_id, row.crew.id))
+            if claim_column and claims:
+                # the assignments are taken in this transaction (plain SQL: one statement)
+                raw_connection(session).executemany(
+                    f"UPDATE event_crew SET {claim_column} = ? WHERE id = ?",  # noqa: S608
+                    claims,
+                )
         if mailer is not None and run.queued:
             run.report = mailer.send(run.queued, progress=progress)
         return run

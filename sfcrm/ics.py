@@ -49,6 +49,8 @@ def fold(line: str) -> str:
 
     Continuation lines start with a space, which counts toward their 75 octets.
     """
+    if len(line) <= MAX_LINE_OCTETS and line.isascii():
+        return line + "\r\n"  # most lines: one octet per character, short enough
     out: list[str] = []
     current: list[str] = []
     size = 0

@@ -18,6 +18,7 @@ The rules:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -263,6 +264,7 @@ def build_message(
     return ("\r\n".join(head) + "\r\n").encode("ascii") + body
 
 
+@functools.lru_cache(maxsize=16)  # one sender for a whole batch
 def _address_header(value: str) -> str:
     from email.utils import formataddr, parseaddr
 
@@ -771,24 +773,41 @@ def _from_db(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
-def _load_state(conn: sqlite3.Connection, email_id: int) -> EmailNotification | None:
-    """The row's sending state, read with plain SQL (claims run once per email)."""
+@dataclass(slots=True)
+class _State:
+    """An email's sending state, read with plain SQL: claims run once per email, and a
+    SQLModel object costs more to build than the whole claim."""
+
+    id: int
+    is_sent: bool
+    claimed_until: datetime | None
+    claim_token: str | None
+    permanent_failure: bool
+    last_error: str | None
+    failed_attempts: int
+    created_at: datetime
+    mime: bytes
+    recipient: str
+    notification_type: str
+
+
+def _load_state(conn: sqlite3.Connection, email_id: int) -> _State | None:
     found = conn.execute(
         f"SELECT {', '.join(_STATE)} FROM email_notification WHERE id = ?",  # noqa: S608
         (email_id,),
     ).fetchone()
     if found is None:
         return None
-    values = dict(zip(_STATE, found, strict=True))
-    values["is_sent"] = bool(values["is_sent"])
-    values["permanent_failure"] = bool(values["permanent_failure"])
-    values["claimed_until"] = _from_db(values["claimed_until"])
-    values["created_at"] = _from_db(values["created_at"])
-    values["mime"] = bytes(values["mime"])
-    return EmailNotification(id=email_id, subject="", message="", **values)
+    sent, until, token, permanent, error, attempts, created, mime, recipient, kind = found
+    created_at = _from_db(created)
+    assert created_at is not None  # NOT NULL
+    return _State(
+        email_id, bool(sent), _from_db(until), token, bool(permanent), error, attempts,
+        created_at, bytes(mime), recipient, kind,
+    )  # fmt: skip
 
 
-def _save_state(conn: sqlite3.Connection, row: EmailNotification) -> None:
+def _save_state(conn: sqlite3.Connection, row: _State) -> None:
     conn.execute(
         "UPDATE email_notification SET failed_attempts = ?, last_error = ?, "
         "permanent_failure = ?, claimed_until = ?, claim_token = ? WHERE id = ?",
@@ -799,7 +818,7 @@ def _save_state(conn: sqlite3.Connection, row: EmailNotification) -> None:
     )  # fmt: skip
 
 
-def _mark_interrupted(row: EmailNotification) -> None:
+def _mark_interrupted(row: EmailNotification | _State) -> None:
     row.failed_attempts += 1
     row.last_error = INTERRUPTED
     row.permanent_failure = False
@@ -865,9 +884,10 @@ class Mailer:
         attachments: Iterable[Attachment] = (),
         person_id: int | None = None,
         assignment_id: int | None = None,
-    ) -> EmailNotification:
-        """Write one email to the log inside the caller's write transaction; send it later with
-        :meth:`send`. A recipient that could add a header is refused (ValidationError)."""
+    ) -> int:
+        """Write one email to the log inside the caller's write transaction and return its id;
+        send it later with :meth:`send`. A recipient that could add a header is refused
+        (ValidationError)."""
         kind = notification_type.strip()
         if not kind or not _TOKEN.fullmatch(kind):
             raise ValidationError("not a notification type", value=ascii(notification_type))
@@ -883,33 +903,19 @@ class Mailer:
             message_id_domain=domain,
             date=now,
         )
-        title = clean_subject(subject)
-        from sqlalchemy.orm import make_transient_to_detached
-
         session.flush()  # rows the caller added (a person, an assignment) exist first
         # Plain SQL: a batch writes a thousand of these in one transaction.
         cursor = raw_connection(session).execute(
             "INSERT INTO email_notification (recipient, person_id, assignment_id, "
             "notification_type, subject, message, mime, created_at, is_sent, failed_attempts, "
             "permanent_failure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0)",
-            (recipient, person_id, assignment_id, kind, title, text, mime, db_time(now)),
-        )
-        row = EmailNotification(
-            id=cursor.lastrowid,
-            recipient=recipient,
-            person_id=person_id,
-            assignment_id=assignment_id,
-            notification_type=kind,
-            subject=title,
-            message=text,
-            mime=mime,
-            created_at=now,
-        )
-        # The row exists now: hand it to the session as persistent, without reading it back.
-        make_transient_to_detached(row)
-        session.add(row)
-        log.debug("email %s queued: %s to %s", row.id, kind, recipient)
-        return row
+            (recipient, person_id, assignment_id, kind, clean_subject(subject), text, mime,
+             db_time(now)),
+        )  # fmt: skip
+        email_id = cursor.lastrowid
+        assert email_id is not None
+        log.debug("email %s queued: %s to %s", email_id, kind, recipient)
+        return email_id
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -1028,7 +1034,7 @@ class Mailer:
         return report
 
     def _why_not(
-        self, row: EmailNotification | None, now: datetime, auto: bool, max_attempts: int
+        self, row: EmailNotification | _State | None, now: datetime, auto: bool, max_attempts: int
     ) -> str | None:
         """Why this email must not be sent now, or None. Settles an expired claim first."""
         if row is None:
@@ -1166,7 +1172,7 @@ class Mailer:
 
     # -- interrupted sends -----------------------------------------------------------------
 
-    def _log_interrupted(self, row: EmailNotification) -> None:
+    def _log_interrupted(self, row: EmailNotification | _State) -> None:
         log.warning(
             "email %s (%s to %s): %s", row.id, row.notification_type, row.recipient, INTERRUPTED
         )

@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 
 from sfcrm.cli import app
 from sfcrm.cli.runtime import RootOptions, Runtime
+from sfcrm.db import raw_connection
 from sfcrm.models import CrewStatus, EmailNotification, EventCrew, Person
 
 runner = CliRunner()
@@ -268,7 +269,7 @@ def queue_500_failed(count: int) -> list[int]:
     with core() as rt:
         mailer = rt.mailer
         with rt.db.write() as session:
-            rows = [
+            ids = [
                 mailer.queue(
                     session,
                     recipient=f"crew{n}@example.co.ke",
@@ -278,12 +279,11 @@ def queue_500_failed(count: int) -> list[int]:
                 )
                 for n in range(count)
             ]
-            for row in rows:
-                row.failed_attempts = 1
-                row.last_error = "cannot connect to the SMTP server (Connection refused)"
-                session.add(row)
-            session.flush()
-            return [row.id for row in rows if row.id is not None]
+            raw_connection(session).executemany(
+                "UPDATE email_notification SET failed_attempts = 1, last_error = ? WHERE id = ?",
+                [("cannot connect to the SMTP server (Connection refused)", i) for i in ids],
+            )
+            return ids
 
 
 def test_row17_four_retry_processes_at_once_deliver_500_pending_emails_exactly_once(
