@@ -1,47 +1,26 @@
-"""The event crew CRM: who works which event in which role, and the emails around it.
-
-Sending follows one rule: an email is written to the mail log (and the assignment marked as
-having it) in the same transaction that selects whom to write to, then sent. Two runs at once,
-say two cron ``crew remind``, cannot both pick the same assignment: the second one's
-transaction starts after the first one's commit and finds the assignment taken.
-"""
+"""The event crew CRM: who works which event in which role. Their emails are in
+:mod:`sfcrm.crewmail`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
-from sfcrm.db import Database, raw_connection
+from sfcrm.crewmail import Org, email_context
+from sfcrm.db import Database
 from sfcrm.errors import ConflictError, NotFoundError, ValidationError
 from sfcrm.events import _one_line
-from sfcrm.models import CrewStatus, EmailNotification, Event, EventCrew, Person
+from sfcrm.models import CrewStatus, Event, EventCrew, Person
 from sfcrm.people import find_person
 
-if TYPE_CHECKING:
-    from sfcrm.mail import Mailer, SendReport
-    from sfcrm.render import Renderer
-
 log = logging.getLogger("sfcrm.crew")
-
-INVITATION = "crew_invitation"
-REMINDER = "crew_reminder"
-BRIEFING = "crew_briefing"
-
-Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class Org:
-    name: str
-    phone: str | None
-    email: str | None
 
 
 @dataclass(frozen=True)
@@ -73,29 +52,6 @@ class CrewRow:
         }
 
 
-@dataclass
-class MailRun:
-    """What a bulk send did: emails written and their fate, and whom it passed over and why."""
-
-    queued: list[int] = field(default_factory=list)  # email ids
-    skipped: list[tuple[int, str]] = field(default_factory=list)  # (assignment id, reason)
-    previews: list[dict[str, Any]] = field(default_factory=list)  # --dry-run
-    dry_run: bool = False
-    report: SendReport | None = None
-
-    @property
-    def failed(self) -> int:
-        return len(self.report.failed) if self.report else 0
-
-    @property
-    def sent(self) -> int:
-        return len(self.report.sent) if self.report else 0
-
-
-def format_day(day: str) -> str:
-    return datetime.fromisoformat(day).strftime("%A %d %B %Y")
-
-
 class Crew:
     def __init__(
         self,
@@ -103,18 +59,12 @@ class Crew:
         *,
         clock: Callable[[], datetime],
         tz: ZoneInfo,
-        mailer: Callable[[], Mailer],
-        renderer: Callable[[], Renderer],
         org: Org,
-        rsvp: Callable[[int, datetime], str | None] = lambda _id, _exp: None,
     ) -> None:
         self.db = db
         self.clock = clock
         self.tz = tz
-        self._mailer = mailer
-        self._renderer = renderer
         self.org = org
-        self._rsvp = rsvp
 
     # -- assignments -----------------------------------------------------------------------
 
@@ -296,240 +246,5 @@ class Crew:
     # -- email -----------------------------------------------------------------------------
 
     def context(self, row: CrewRow, **extra: Any) -> dict[str, Any]:
-        event, crew, person = row.event, row.crew, row.person
-        return {
-            "person": {"name": person.name, "email": person.email, "phone": person.phone},
-            "role": crew.role,
-            "notes": crew.notes,
-            "event": {
-                "name": event.name,
-                "date": format_day(event.date),
-                "time": event.time,
-                "end_time": event.end_time,
-                "location": event.location,
-                "details": event.details,
-            },
-            "org": {"name": self.org.name, "phone": self.org.phone, "email": self.org.email},
-            **extra,
-        }
-
-    def _compose(
-        self, row: CrewRow, kind: str, subject: str, **extra: Any
-    ) -> tuple[str, str, str | None]:
-        renderer = self._renderer()
-        context = self.context(row, **extra)
-        text = renderer.render(f"{kind}.txt.j2", **context)
-        html = (
-            renderer.render(f"{kind}.html.j2", **context)
-            if renderer.has(f"{kind}.html.j2")
-            else None
-        )
-        return subject, text, html
-
-    def _ics(self, row: CrewRow) -> tuple[str, str, bytes]:
-        from sfcrm.ics import event_ics
-
-        event = row.event
-        description = f"Your role: {row.crew.role}"
-        if row.crew.notes:
-            description += f"\n{row.crew.notes}"
-        if event.details:
-            description += f"\n\n{event.details}"
-        text = event_ics(
-            uid=f"event-{event.id}-crew-{row.crew.id}@sfcrm",
-            summary=event.name,
-            starts_at=event.starts_at,
-            ends_at=event.ends_at,
-            location=event.location,
-            description=description,
-            organizer_email=self.org.email,
-            organizer_name=self.org.name,
-            now=self.clock(),
-        )
-        return ("event.ics", "text/calendar; method=PUBLISH", text.encode("utf-8"))
-
-    def _select(self, session: Session, query: Any) -> list[CrewRow]:
-        return self._rows(session, query.order_by(col(Event.starts_at), col(EventCrew.id)))
-
-    def invite(
-        self,
-        *,
-        event_id: int | None = None,
-        assignment_ids: Sequence[int] = (),
-        dry_run: bool = False,
-        progress: Progress | None = None,
-    ) -> MailRun:
-        """Email every selected assignment whose invitation has not been sent yet."""
-        if (event_id is None) == (not assignment_ids):
-            raise ValidationError("give --event or assignment ids (one of the two)")
-        query = self._base()
-        if event_id is not None:
-            query = query.where(EventCrew.event_id == event_id)
-        else:
-            query = query.where(col(EventCrew.id).in_(list(assignment_ids)))
-
-        def subject(row: CrewRow) -> str:
-            return f"You are invited to work on: {row.event.name}"
-
-        def extra(row: CrewRow) -> dict[str, Any]:
-            assert row.crew.id is not None
-            return {"rsvp_url": self._rsvp(row.crew.id, row.event.ends_at)}
-
-        def wanted(row: CrewRow) -> str | None:
-            if row.crew.invitation_sent:
-                return "invitation already sent"
-            if row.crew.invitation_email_id is not None:
-                return (
-                    f"invitation already written (email {row.crew.invitation_email_id}); "
-                    "see `sfcrm mail retry`"
-                )
-            if row.crew.status in (CrewStatus.DECLINED, CrewStatus.COMPLETED):
-                return f"assignment is {row.crew.status}"
-            return None
-
-        return self._run(
-            query, INVITATION, subject, extra, wanted, "invitation_email_id",
-            dry_run=dry_run, progress=progress, check_event=event_id,
-            expected_ids=assignment_ids, calendar=True,
-        )  # fmt: skip
-
-    def remind(
-        self,
-        *,
-        event_id: int | None = None,
-        hours: float = 24,
-        dry_run: bool = False,
-        progress: Progress | None = None,
-    ) -> MailRun:
-        """Remind confirmed crew whose event starts within the next ``hours``; never after
-        the event has started, and never twice."""
-        if hours <= 0:
-            raise ValidationError("--hours must be positive", value=f"{hours:g}")
-        now = self.clock()
-        query = (
-            self._base()
-            .where(EventCrew.status == CrewStatus.CONFIRMED)
-            .where(col(EventCrew.reminder_sent).is_(False))
-            .where(col(EventCrew.reminder_email_id).is_(None))
-            .where(col(Event.starts_at) > now)
-            .where(col(Event.starts_at) <= now + timedelta(hours=hours))
-        )
-        if event_id is not None:
-            query = query.where(EventCrew.event_id == event_id)
-
-        def subject(row: CrewRow) -> str:
-            return f"Reminder: {row.event.name} - {row.event.date}"
-
-        return self._run(
-            query, REMINDER, subject, lambda _row: {}, lambda _row: None, "reminder_email_id",
-            dry_run=dry_run, progress=progress, check_event=event_id,
-        )  # fmt: skip
-
-    def brief(
-        self,
-        event_id: int,
-        *,
-        again: bool = False,
-        dry_run: bool = False,
-        progress: Progress | None = None,
-    ) -> MailRun:
-        """Send the setup briefing, with the whole confirmed roster, to confirmed crew."""
-        query = (
-            self._base()
-            .where(EventCrew.event_id == event_id)
-            .where(EventCrew.status == CrewStatus.CONFIRMED)
-        )
-        with self.db.read() as session:
-            if session.get(Event, event_id) is None:
-                raise NotFoundError("no such event", value=str(event_id))
-            roster_rows = self._select(session, query)
-            briefed = set(
-                session.exec(
-                    select(EmailNotification.assignment_id).where(
-                        EmailNotification.notification_type == BRIEFING,
-                        col(EmailNotification.assignment_id).in_([r.crew.id for r in roster_rows]),
-                    )
-                ).all()
-            )
-        roster = [
-            {"name": r.person.name, "role": r.crew.role, "phone": r.person.phone}
-            for r in roster_rows
-        ]
-
-        def subject(row: CrewRow) -> str:
-            return f"Setup Briefing: {row.event.name}"
-
-        def wanted(row: CrewRow) -> str | None:
-            if row.crew.id in briefed and not again:
-                return "briefing already written (use --again to send it once more)"
-            return None
-
-        return self._run(
-            query, BRIEFING, subject, lambda _row: {"roster": roster}, wanted, None,
-            dry_run=dry_run, progress=progress, check_event=event_id,
-        )  # fmt: skip
-
-    def _run(
-        self,
-        query: Any,
-        kind: str,
-        subject: Callable[[CrewRow], str],
-        extra: Callable[[CrewRow], dict[str, Any]],
-        wanted: Callable[[CrewRow], str | None],
-        claim_column: str | None,
-        *,
-        dry_run: bool,
-        progress: Progress | None,
-        check_event: int | None = None,
-        expected_ids: Sequence[int] = (),
-        calendar: bool = False,
-    ) -> MailRun:
-        run = MailRun(dry_run=dry_run)
-        mailer = None if dry_run else self._mailer()
-        # One transaction selects, writes the log rows and claims the assignments.
-        with self.db.read() if dry_run else self.db.write() as session:
-            if check_event is not None and session.get(Event, check_event) is None:
-                raise NotFoundError("no such event", value=str(check_event))
-            rows = self._select(session, query)
-            missing = sorted(set(expected_ids) - {r.crew.id for r in rows if r.crew.id})
-            if missing:
-                raise NotFoundError("no such assignment", value=", ".join(map(str, missing)))
-            claims: list[tuple[int, int]] = []
-            for row in rows:
-                assert row.crew.id is not None
-                reason = wanted(row)
-                if reason is None and not row.person.email:
-                    reason = f"{row.person.name} has no email address"
-                if reason is not None:
-                    run.skipped.append((row.crew.id, reason))
-                    continue
-                title, text, html = self._compose(row, kind, subject(row), **extra(row))
-                if dry_run:
-                    run.previews.append(
-                        {"assignment_id": row.crew.id, "recipient": row.person.email,
-                         "subject": title, "message": text}
-                    )  # fmt: skip
-                    continue
-                assert mailer is not None and row.person.email
-                email_id = mailer.queue(
-                    session,
-                    recipient=row.person.email,
-                    notification_type=kind,
-                    subject=title,
-                    text=text,
-                    html=html,
-                    attachments=[self._ics(row)] if calendar else [],
-                    person_id=row.person.id,
-                    assignment_id=row.crew.id,
-                )
-                run.queued.append(email_id)
-                claims.append((email_id, row.crew.id))
-            if claim_column and claims:
-                # the assignments are taken in this transaction (plain SQL: one statement)
-                raw_connection(session).executemany(
-                    f"UPDATE event_crew SET {claim_column} = ? WHERE id = ?",  # noqa: S608
-                    claims,
-                )
-        if mailer is not None and run.queued:
-            run.report = mailer.send(run.queued, progress=progress)
-        return run
+        """What the crew templates see, for the RSVP pages."""
+        return email_context(self.org, row.event, row.crew, row.person, **extra)

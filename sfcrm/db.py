@@ -15,14 +15,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DatabaseError as SADatabaseError
-from sqlalchemy.exc import OperationalError
-from sqlmodel import Session
+from typing import TYPE_CHECKING, Any
 
 from sfcrm.errors import DatabaseError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.exc import DatabaseError as SADatabaseError
+    from sqlmodel import Session
 
 log = logging.getLogger("sfcrm.db")
 
@@ -218,13 +218,19 @@ class Database:
             self._engine = self._open()
         return self._engine
 
-    def _open(self) -> Engine:
+    def _check_folder(self) -> None:
         if not self.path.parent.is_dir():
             raise DatabaseError(
                 "the database folder does not exist",
                 value=str(self.path.parent),
                 hint="create it, or point SFCRM_DATABASE_URL somewhere else",
             )
+
+    def _open(self) -> Engine:
+        from sqlalchemy import create_engine, event
+        from sqlalchemy.exc import DatabaseError as SADatabaseError
+
+        self._check_folder()
         engine = create_engine(
             f"sqlite:///{self.path}",
             connect_args={"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
@@ -244,12 +250,16 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A session for reading (a deferred transaction: one consistent snapshot)."""
+        from sqlmodel import Session
+
         with self._guard(), Session(self.engine, expire_on_commit=False) as session:
             yield session
 
     @contextmanager
     def write(self) -> Iterator[Session]:
         """One ``BEGIN IMMEDIATE`` transaction, committed on success, rolled back on error."""
+        from sqlmodel import Session
+
         bind = self.engine.execution_options(sfcrm_immediate=True)
         with (
             self._one_writer(),
@@ -284,18 +294,57 @@ class Database:
                 _rollback(conn)
                 raise _sqlite_error(exc, self.path) from None
 
+    @contextmanager
+    def raw_read(self) -> Iterator[sqlite3.Connection]:
+        """A deferred transaction (one consistent snapshot) on this thread's plain sqlite3
+        connection, for commands that must start fast: no SQLAlchemy is loaded."""
+        conn = self._raw_connection()
+        try:
+            conn.execute("BEGIN")
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            _rollback(conn)
+            raise _sqlite_error(exc, self.path) from None
+        except BaseException:
+            _rollback(conn)
+            raise
+        _rollback(conn)  # nothing was written; ending the read is all that is left
+
     def _raw_connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "raw", None)
         if conn is None:
-            _ = self.engine  # the file exists and its schema is current
+            conn = self._connect_raw()
+            self._local.raw = conn
+            with self._raw_lock:
+                self._raw_connections.append(conn)
+        return conn
+
+    def _connect_raw(self) -> sqlite3.Connection:
+        """A plain connection to a file whose schema is current. The SQLAlchemy engine, which
+        creates and upgrades the schema, is loaded only when the file is new or older."""
+        if self._engine is None:
+            self._check_folder()
+        try:
             conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
                 check_same_thread=False,
             )  # fmt: skip
+        except sqlite3.DatabaseError as exc:
+            raise _sqlite_error(exc, self.path) from None
+        try:
             _on_connect(conn, None)
-            self._local.raw = conn
-            with self._raw_lock:
-                self._raw_connections.append(conn)
+            current = self._engine is not None or (
+                conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+            )
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise _sqlite_error(exc, self.path) from None
+        if not current:
+            try:
+                _ = self.engine  # creates or upgrades the schema, or refuses a newer one
+            except BaseException:
+                conn.close()
+                raise
         return conn
 
     @contextmanager
@@ -312,6 +361,8 @@ class Database:
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
+        from sqlalchemy.exc import DatabaseError as SADatabaseError
+
         try:
             yield
         except SADatabaseError as exc:
@@ -364,6 +415,8 @@ def _sqlite_error(exc: sqlite3.DatabaseError, path: Path) -> DatabaseError:
 
 
 def _database_error(exc: SADatabaseError, path: Path) -> DatabaseError:
+    from sqlalchemy.exc import OperationalError
+
     text = str(exc.orig) if exc.orig is not None else str(exc)
     if isinstance(exc, OperationalError) and "locked" in text:
         return DatabaseError(

@@ -55,7 +55,8 @@ def run_demo(
 
     import requests
 
-    from sfcrm.crew import Crew, Org
+    from sfcrm.crew import Crew
+    from sfcrm.crewmail import CrewMail, Org
     from sfcrm.daraja import DarajaClient
     from sfcrm.db import Database
     from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE, DarajaEmulator, EmulatorSettings
@@ -100,13 +101,14 @@ def run_demo(
             sender="Sound Fusion <office@soundfusion.invalid>",
             clock=clock,
         )
-        crew = Crew(
+        org = Org("Sound Fusion", "0700000000", "office@soundfusion.invalid")
+        crew = Crew(db, clock=clock, tz=tz, org=org)
+        crew_mail = CrewMail(
             db,
             clock=clock,
-            tz=tz,
             mailer=lambda: mailer,
             renderer=lambda: renderer,
-            org=Org("Sound Fusion", "0700000000", "office@soundfusion.invalid"),
+            org=org,
             rsvp=lambda aid, expires: rsvp_url(
                 listener["url"], make_token(secret_key, aid, expires, clock())
             ),
@@ -155,7 +157,7 @@ def run_demo(
         assert event.id is not None
         row = crew.assign(event.id, str(person.id), "Sound Engineer", notes="Bring the DI boxes")
         assert row.crew.id is not None
-        run = crew.invite(assignment_ids=[row.crew.id])
+        run = crew_mail.invite(assignment_ids=[row.crew.id])
         if not run.sent:
             raise SfcrmError("the demo's invitation could not be written")
         [email_path] = sorted((folder / "outbox").glob("*.eml"))

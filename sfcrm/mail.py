@@ -34,17 +34,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TextIO
 from zoneinfo import ZoneInfo
 
-from sqlmodel import Session, and_, col, or_, select
-
-from sfcrm.db import Database, db_time, raw_connection
+from sfcrm.db import Database, db_time
 from sfcrm.errors import ConfigError, MailError, NotFoundError, ValidationError
-from sfcrm.models import EmailNotification
 
 if TYPE_CHECKING:
     import smtplib
     import ssl
 
     from sfcrm.config import Settings
+    from sfcrm.models import EmailNotification
 
 log = logging.getLogger("sfcrm.mail")
 
@@ -818,7 +816,7 @@ def _save_state(conn: sqlite3.Connection, row: _State) -> None:
     )  # fmt: skip
 
 
-def _mark_interrupted(row: EmailNotification | _State) -> None:
+def _mark_interrupted(row: _State) -> None:
     row.failed_attempts += 1
     row.last_error = INTERRUPTED
     row.permanent_failure = False
@@ -874,7 +872,7 @@ class Mailer:
 
     def queue(
         self,
-        session: Session,
+        conn: sqlite3.Connection,
         *,
         recipient: str,
         notification_type: str,
@@ -885,8 +883,9 @@ class Mailer:
         person_id: int | None = None,
         assignment_id: int | None = None,
     ) -> int:
-        """Write one email to the log inside the caller's write transaction and return its id;
-        send it later with :meth:`send`. A recipient that could add a header is refused
+        """Write one email to the log inside the caller's write transaction (``conn`` from
+        :meth:`Database.raw_write`, or ``raw_connection(session)`` after a flush) and return its
+        id; send it later with :meth:`send`. A recipient that could add a header is refused
         (ValidationError)."""
         kind = notification_type.strip()
         if not kind or not _TOKEN.fullmatch(kind):
@@ -903,9 +902,8 @@ class Mailer:
             message_id_domain=domain,
             date=now,
         )
-        session.flush()  # rows the caller added (a person, an assignment) exist first
         # Plain SQL: a batch writes a thousand of these in one transaction.
-        cursor = raw_connection(session).execute(
+        cursor = conn.execute(
             "INSERT INTO email_notification (recipient, person_id, assignment_id, "
             "notification_type, subject, message, mime, created_at, is_sent, failed_attempts, "
             "permanent_failure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0)",
@@ -960,38 +958,34 @@ class Mailer:
     def _check_known(self, ids: Sequence[int]) -> None:
         if not ids:
             return
-        with self.db.read() as session:
-            found = set(
-                session.exec(
-                    select(EmailNotification.id).where(col(EmailNotification.id).in_(ids))
-                ).all()
-            )
+        found: set[int] = set()
+        with self.db.raw_read() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                found.update(
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT id FROM email_notification WHERE id IN ({marks})",  # noqa: S608
+                        chunk,
+                    )
+                )
         missing = [i for i in ids if i not in found]
         if missing:
             raise NotFoundError("no such email", value=", ".join(map(str, missing)))
 
     def _retryable_ids(self, max_attempts: int) -> list[int]:
-        now = self._now()
-        e = EmailNotification
-        with self.db.read() as session:
-            rows = session.exec(
-                select(e.id)
-                .where(
-                    col(e.is_sent).is_(False),
-                    col(e.permanent_failure).is_(False),
-                    col(e.claim_token).is_(None),
-                    col(e.failed_attempts) < max_attempts,
-                    or_(
-                        and_(
-                            col(e.failed_attempts) >= 1,
-                            or_(col(e.last_error).is_(None), col(e.last_error) != INTERRUPTED),
-                        ),
-                        and_(col(e.failed_attempts) == 0, col(e.created_at) < now - self.lease),
-                    ),
-                )
-                .order_by(col(e.id))
-            ).all()
-        return [i for i in rows if i is not None]
+        fresh = db_time(self._now() - self.lease)
+        with self.db.raw_read() as conn:
+            rows = conn.execute(
+                "SELECT id FROM email_notification WHERE is_sent = 0 AND permanent_failure = 0 "
+                "AND claim_token IS NULL AND failed_attempts < ? AND ("
+                " (failed_attempts >= 1 AND (last_error IS NULL OR last_error != ?))"
+                " OR (failed_attempts = 0 AND created_at < ?)"
+                ") ORDER BY id",
+                (max_attempts, INTERRUPTED, fresh),
+            ).fetchall()
+        return [row[0] for row in rows]
 
     def _run(
         self, ids: list[int], *, auto: bool, max_attempts: int, progress: Progress | None
@@ -1034,7 +1028,7 @@ class Mailer:
         return report
 
     def _why_not(
-        self, row: EmailNotification | _State | None, now: datetime, auto: bool, max_attempts: int
+        self, row: _State | None, now: datetime, auto: bool, max_attempts: int
     ) -> str | None:
         """Why this email must not be sent now, or None. Settles an expired claim first."""
         if row is None:
@@ -1128,13 +1122,13 @@ class Mailer:
 
     def _record_interrupted(self, claim: _Claim) -> None:
         try:
-            with self.db.write() as session:
-                row = session.get(EmailNotification, claim.id)
+            with self.db.raw_write() as conn:
+                row = _load_state(conn, claim.id)
                 if row is None or row.is_sent or row.claim_token != claim.token:
                     return
                 self._log_interrupted(row)
                 _mark_interrupted(row)
-                session.add(row)
+                _save_state(conn, row)
         except Exception:  # the claim's expiry records it in the end
             log.exception("email %s: could not record the interruption", claim.id)
 
@@ -1146,10 +1140,10 @@ class Mailer:
         if not ids:
             return
         now = self._now()
-        failed: list[EmailNotification] = []
-        with self.db.write() as session:
+        failed: list[_State] = []
+        with self.db.raw_write() as conn:
             for email_id in ids:
-                row = session.get(EmailNotification, email_id)
+                row = _load_state(conn, email_id)
                 reason = self._why_not(row, now, auto, max_attempts)
                 if row is not None and reason is None:
                     row.failed_attempts += 1
@@ -1159,7 +1153,7 @@ class Mailer:
                     row.claim_token = None
                     failed.append(row)
                 if row is not None:
-                    session.add(row)
+                    _save_state(conn, row)
                 if reason is not None:
                     report.skip(email_id, reason)
                 else:
@@ -1172,7 +1166,7 @@ class Mailer:
 
     # -- interrupted sends -----------------------------------------------------------------
 
-    def _log_interrupted(self, row: EmailNotification | _State) -> None:
+    def _log_interrupted(self, row: _State) -> None:
         log.warning(
             "email %s (%s to %s): %s", row.id, row.notification_type, row.recipient, INTERRUPTED
         )
@@ -1180,21 +1174,21 @@ class Mailer:
     def _settle_interrupted(self) -> None:
         """Log as failed every email whose claim expired without a result. A cheap read first:
         the write lock is taken only when there is something to settle."""
-        now = self._now()
-        e = EmailNotification
         expired = (
-            col(e.is_sent).is_(False),
-            col(e.claim_token).is_not(None),
-            col(e.claimed_until) < now,
+            "SELECT id FROM email_notification "
+            "WHERE is_sent = 0 AND claim_token IS NOT NULL AND claimed_until < ?"
         )
-        with self.db.read() as session:
-            if session.exec(select(e.id).where(*expired).limit(1)).first() is None:
+        now = (db_time(self._now()),)
+        with self.db.raw_read() as conn:
+            if conn.execute(expired + " LIMIT 1", now).fetchone() is None:
                 return
-        with self.db.write() as session:
-            for row in session.exec(select(e).where(*expired)).all():
+        with self.db.raw_write() as conn:
+            for (email_id,) in conn.execute(expired, now).fetchall():
+                row = _load_state(conn, email_id)
+                assert row is not None
                 self._log_interrupted(row)
                 _mark_interrupted(row)
-                session.add(row)
+                _save_state(conn, row)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -1207,6 +1201,10 @@ class Mailer:
         limit: int = 200,
     ) -> Sequence[EmailNotification]:
         """Logged emails, newest first; ``failed``: not sent and tried at least once."""
+        from sqlmodel import col, select
+
+        from sfcrm.models import EmailNotification
+
         self._settle_interrupted()
         e = EmailNotification
         query = select(e)
@@ -1221,6 +1219,8 @@ class Mailer:
             return session.exec(query).all()
 
     def get(self, email_id: int) -> EmailNotification:
+        from sfcrm.models import EmailNotification
+
         self._settle_interrupted()
         with self.db.read() as session:
             row = session.get(EmailNotification, email_id)

@@ -10,6 +10,10 @@ from sqlalchemy import Column, Index, LargeBinary, text
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
+# re-exported: the statuses live apart from the ORM, for commands that never load it
+from sfcrm.status import CrewStatus as CrewStatus
+from sfcrm.status import PaymentStatus as PaymentStatus
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware datetimes in, aware UTC datetimes out; stored as naive UTC text."""
@@ -30,19 +34,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def _ts(nullable: bool = True) -> Any:
     return Field(default=None, sa_type=UTCDateTime, nullable=nullable)
-
-
-class PaymentStatus:
-    INITIATED = "initiated"  # row written, push not answered yet
-    PENDING = "pending"  # Daraja accepted the push; waiting for the outcome
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"  # 1031 / 1032
-    NEEDS_REVIEW = "needs_review"  # paid, but not the amount asked for
-    UNKNOWN = "unknown"  # the push may have reached Daraja but its answer never came
-
-    ALL = (INITIATED, PENDING, COMPLETED, FAILED, CANCELLED, NEEDS_REVIEW, UNKNOWN)
-    OPEN = (PENDING, UNKNOWN)
 
 
 class Person(SQLModel, table=True):
@@ -144,15 +135,6 @@ class DarajaToken(SQLModel, table=True):
     access_token: str
     expires_at: datetime = _ts(nullable=False)  # when sfcrm stops using it, a bit before Daraja
     fetched_at: datetime = _ts(nullable=False)
-
-
-class CrewStatus:
-    INVITED = "invited"
-    CONFIRMED = "confirmed"
-    DECLINED = "declined"
-    COMPLETED = "completed"
-
-    ALL = (INVITED, CONFIRMED, DECLINED, COMPLETED)
 
 
 class Event(SQLModel, table=True):

@@ -29,7 +29,6 @@ from typer.testing import CliRunner
 
 from sfcrm.cli import app
 from sfcrm.cli.runtime import RootOptions, Runtime
-from sfcrm.db import raw_connection
 from sfcrm.models import CrewStatus, EmailNotification, EventCrew, Person
 
 runner = CliRunner()
@@ -268,10 +267,10 @@ def queue_500_failed(count: int) -> list[int]:
     transaction, the way a run against a stopped server leaves them."""
     with core() as rt:
         mailer = rt.mailer
-        with rt.db.write() as session:
+        with rt.db.raw_write() as conn:
             ids = [
                 mailer.queue(
-                    session,
+                    conn,
                     recipient=f"crew{n}@example.co.ke",
                     notification_type="crew_invitation",
                     subject=f"You are invited to work on: Gig {n}",
@@ -279,7 +278,7 @@ def queue_500_failed(count: int) -> list[int]:
                 )
                 for n in range(count)
             ]
-            raw_connection(session).executemany(
+            conn.executemany(
                 "UPDATE email_notification SET failed_attempts = 1, last_error = ? WHERE id = ?",
                 [("cannot connect to the SMTP server (Connection refused)", i) for i in ids],
             )

@@ -52,3 +52,36 @@ def test_commands_load_only_the_libraries_they_need(
 ) -> None:
     heavy = loaded_by(args, tmp_path) & set(HEAVY)
     assert heavy <= allowed, f"sfcrm {' '.join(args)} loaded {sorted(heavy - allowed)}"
+
+
+def test_crew_email_commands_load_no_orm_on_an_existing_database(tmp_path: Path) -> None:
+    """Cron runs `crew remind` and `mail retry` every few minutes: they, and the other crew
+    emails, work on plain sqlite3 once the database exists."""
+    from datetime import date, timedelta
+
+    from support import run_json
+
+    person = run_json("people", "add", "--name", "Achieng", "--phone", "0712345678",
+                      "--email", "achieng@example.co.ke")  # fmt: skip
+    tomorrow = (date.today() + timedelta(days=1)).isoformat()
+    event = run_json("events", "add", "--name", "Gala", "--date", tomorrow, "--time", "18:00",
+                     "--location", "KICC, Nairobi")  # fmt: skip
+    run_json("crew", "assign", "--event", str(event["id"]), "--person", str(person["id"]),
+             "--role", "Sound Engineer")  # fmt: skip
+    event_id = str(event["id"])
+    commands = [
+        ["crew", "invite", "--event", event_id, "--dry-run"],
+        ["crew", "invite", "--event", event_id],  # to the outbox folder
+        ["crew", "confirm", "1"],
+        ["crew", "remind", "--hours", "48"],
+        ["crew", "brief", "--event", event_id],
+        ["mail", "retry"],
+    ]
+    outbox = tmp_path / "outbox"
+    for args in commands:
+        heavy = loaded_by(args, tmp_path) & set(HEAVY)
+        orm = {"sqlmodel", "sqlalchemy"} if "confirm" in args else set()  # not a cron command
+        allowed = {"jinja2", "dotenv"} | orm
+        assert heavy <= allowed, f"sfcrm {' '.join(args)} loaded {sorted(heavy - allowed)}"
+    # the probes did the work: an invitation, a reminder and a briefing are in the outbox
+    assert len(list(outbox.iterdir())) == 3

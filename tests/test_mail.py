@@ -97,10 +97,10 @@ def smtp_mailer(
 
 
 def queue(mailer: Mailer, recipients: list[str], kind: str = "crew_invitation") -> list[int]:
-    with mailer.db.write() as session:
+    with mailer.db.raw_write() as conn:
         return [
             mailer.queue(
-                session,
+                conn,
                 recipient=address,
                 notification_type=kind,
                 subject=f"You are invited to work on: Gig {n}",
@@ -162,9 +162,9 @@ def test_queued_invitation_arrives_with_html_and_calendar_and_is_logged_sent(
 ) -> None:
     mailer, _ = smtp_mailer(db, smtp_sink.port)
     ics = b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nEND:VCALENDAR\r\n"
-    with db.write() as session:
+    with db.raw_write() as conn:
         queued_id = mailer.queue(
-            session,
+            conn,
             recipient="achieng@example.co.ke",
             notification_type="crew_invitation",
             subject="You are invited to work on: Wedding at Safari Park",
@@ -208,9 +208,9 @@ def test_sent_reminder_marks_the_assignment_reminded(
     db: Database, smtp_sink: SmtpSink, assignment: EventCrew
 ) -> None:
     mailer, _ = smtp_mailer(db, smtp_sink.port)
-    with db.write() as session:
+    with db.raw_write() as conn:
         email_id = mailer.queue(
-            session, recipient="achieng@example.co.ke", notification_type="crew_reminder",
+            conn, recipient="achieng@example.co.ke", notification_type="crew_reminder",
             subject="Reminder", text="Tomorrow!\n", assignment_id=assignment.id,
         )  # fmt: skip
 
@@ -595,9 +595,9 @@ def test_retry_with_an_unknown_id_sends_nothing(db: Database, smtp_sink: SmtpSin
 def test_queue_belongs_to_the_callers_transaction(db: Database) -> None:
     mailer = Mailer(db, lambda: ConsoleBackend(io.StringIO()), sender=SENDER, clock=utcnow)
 
-    with pytest.raises(RuntimeError), db.write() as session:
+    with pytest.raises(RuntimeError), db.raw_write() as conn:
         mailer.queue(
-            session, recipient="a@example.co.ke", notification_type="crew_briefing",
+            conn, recipient="a@example.co.ke", notification_type="crew_briefing",
             subject="Setup Briefing", text="Load in at 10:00\n",
         )  # fmt: skip
         raise RuntimeError("the crew code failed after queueing")
@@ -753,9 +753,9 @@ def test_server_echoing_the_password_back_has_it_scrubbed_from_the_error() -> No
 
 def test_line_break_in_the_subject_cannot_add_a_header(db: Database, smtp_sink: SmtpSink) -> None:
     mailer, _ = smtp_mailer(db, smtp_sink.port)
-    with db.write() as session:
+    with db.raw_write() as conn:
         email_id = mailer.queue(
-            session, recipient="a@x.co.ke", notification_type="crew_invitation",
+            conn, recipient="a@x.co.ke", notification_type="crew_invitation",
             subject="Hi\r\nBcc: x@evil.test", text="Hello\n",
         )  # fmt: skip
 
@@ -785,9 +785,9 @@ def test_recipient_that_could_add_a_header_or_recipient_is_refused(
 ) -> None:
     mailer = Mailer(db, lambda: ConsoleBackend(io.StringIO()), sender=SENDER, clock=utcnow)
 
-    with pytest.raises(ValidationError, match="not an email address"), db.write() as session:
+    with pytest.raises(ValidationError, match="not an email address"), db.raw_write() as conn:
         mailer.queue(
-            session, recipient=recipient, notification_type="crew_invitation",
+            conn, recipient=recipient, notification_type="crew_invitation",
             subject="Hi", text="Hello\n",
         )  # fmt: skip
 

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sfcrm.cli.runtime import Runtime
-    from sfcrm.crew import CrewRow, MailRun
+    from sfcrm.crew import CrewRow
+    from sfcrm.crewmail import MailRun
 
 app = typer.Typer(help="Assign crew, invite, remind and brief them.", no_args_is_help=True)
 
@@ -218,7 +219,7 @@ def invite(
     """
     with command(json_output) as rt:
         with rt.progress("Invitations") as progress:
-            run = rt.crew.invite(
+            run = rt.crew_mail.invite(
                 event_id=event, assignment_ids=assignment_ids or (), dry_run=dry_run,
                 progress=progress,
             )  # fmt: skip
@@ -240,7 +241,9 @@ def remind(
     """
     with command(json_output) as rt:
         with rt.progress("Reminders") as progress:
-            run = rt.crew.remind(event_id=event, hours=hours, dry_run=dry_run, progress=progress)
+            run = rt.crew_mail.remind(
+                event_id=event, hours=hours, dry_run=dry_run, progress=progress
+            )
         report_mail_run(rt, "Reminders", run)
 
 
@@ -259,5 +262,5 @@ def brief(
     """
     with command(json_output) as rt:
         with rt.progress("Briefings") as progress:
-            run = rt.crew.brief(event, again=again, dry_run=dry_run, progress=progress)
+            run = rt.crew_mail.brief(event, again=again, dry_run=dry_run, progress=progress)
         report_mail_run(rt, "Briefings", run)

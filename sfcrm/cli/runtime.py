@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from sfcrm.config import Settings
     from sfcrm.crew import Crew
+    from sfcrm.crewmail import CrewMail, Org
     from sfcrm.db import Database
     from sfcrm.events import Events
     from sfcrm.logs import Redactor
@@ -132,17 +133,29 @@ class Runtime:
         )
 
     @cached_property
-    def crew(self) -> Crew:
-        from sfcrm.crew import Crew, Org
+    def org(self) -> Org:
+        from sfcrm.crewmail import Org
 
         settings = self.settings
-        return Crew(
+        return Org(settings.org_name, settings.org_phone, settings.org_email)
+
+    @cached_property
+    def crew(self) -> Crew:
+        from sfcrm.crew import Crew
+
+        return Crew(self.db, clock=self.clock, tz=self.tz, org=self.org)
+
+    @cached_property
+    def crew_mail(self) -> CrewMail:
+        """Invitations, reminders and briefings; loads no ORM (cron runs these often)."""
+        from sfcrm.crewmail import CrewMail
+
+        return CrewMail(
             self.db,
             clock=self.clock,
-            tz=self.tz,
             mailer=lambda: self.mailer,
             renderer=lambda: self.renderer,
-            org=Org(settings.org_name, settings.org_phone, settings.org_email),
+            org=self.org,
             rsvp=self.rsvp_link,
         )
 

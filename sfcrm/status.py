@@ -1,0 +1,26 @@
+"""The status values of payments and crew assignments, in a module of their own so that
+commands which never load the ORM can use them."""
+
+from __future__ import annotations
+
+
+class PaymentStatus:
+    INITIATED = "initiated"  # row written, push not answered yet
+    PENDING = "pending"  # Daraja accepted the push; waiting for the outcome
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # 1031 / 1032
+    NEEDS_REVIEW = "needs_review"  # paid, but not the amount asked for
+    UNKNOWN = "unknown"  # the push may have reached Daraja but its answer never came
+
+    ALL = (INITIATED, PENDING, COMPLETED, FAILED, CANCELLED, NEEDS_REVIEW, UNKNOWN)
+    OPEN = (PENDING, UNKNOWN)
+
+
+class CrewStatus:
+    INVITED = "invited"
+    CONFIRMED = "confirmed"
+    DECLINED = "declined"
+    COMPLETED = "completed"
+
+    ALL = (INVITED, CONFIRMED, DECLINED, COMPLETED)
