@@ -274,33 +274,24 @@ class Database:
         """One ``BEGIN IMMEDIATE`` transaction on a plain sqlite3 connection of this thread,
         for the paths that run per callback or per email: no ORM, no pool, a tenth of the
         cost. Committed on success, rolled back on error."""
-        conn = self._raw_connection()
-        with self._one_writer():
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.DatabaseError as exc:
-                raise _sqlite_error(exc, self.path) from None
-            try:
-                yield conn
-            except sqlite3.DatabaseError as exc:
-                _rollback(conn)
-                raise _sqlite_error(exc, self.path) from None
-            except BaseException:
-                _rollback(conn)
-                raise
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
-                _rollback(conn)
-                raise _sqlite_error(exc, self.path) from None
+        with self._one_writer(), self._raw_transaction("BEGIN IMMEDIATE", commit=True) as conn:
+            yield conn
 
     @contextmanager
     def raw_read(self) -> Iterator[sqlite3.Connection]:
         """A deferred transaction (one consistent snapshot) on this thread's plain sqlite3
         connection, for commands that must start fast: no SQLAlchemy is loaded."""
+        with self._raw_transaction("BEGIN", commit=False) as conn:
+            yield conn
+
+    @contextmanager
+    def _raw_transaction(self, begin: str, *, commit: bool) -> Iterator[sqlite3.Connection]:
         conn = self._raw_connection()
         try:
-            conn.execute("BEGIN")
+            conn.execute(begin)
+        except sqlite3.DatabaseError as exc:
+            raise _sqlite_error(exc, self.path) from None
+        try:
             yield conn
         except sqlite3.DatabaseError as exc:
             _rollback(conn)
@@ -308,7 +299,11 @@ class Database:
         except BaseException:
             _rollback(conn)
             raise
-        _rollback(conn)  # nothing was written; ending the read is all that is left
+        try:
+            conn.execute("COMMIT" if commit else "ROLLBACK")
+        except sqlite3.DatabaseError as exc:
+            _rollback(conn)
+            raise _sqlite_error(exc, self.path) from None
 
     def _raw_connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "raw", None)
