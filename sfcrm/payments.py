@@ -142,16 +142,29 @@ def apply_result(
         target.expire_all()
 
 
+# A push (by its CheckoutRequestID) and the payment it belongs to, in one read.
+_PUSH_AND_PAYMENT = (
+    "SELECT c.id, c.payment_id, c.result_code, c.merchant_request_id, p.status, "
+    "p.checkout_request_id, p.amount, p.person_id, p.balance_applied, p.receipt_number "
+    "FROM mpesa_checkout AS c JOIN mpesa_payment AS p ON p.id = c.payment_id "
+    "WHERE c.checkout_request_id = ?"
+)
+
+
 def _apply(
-    conn: sqlite3.Connection, result: StkResult, *, source: str, trusted: bool, now: datetime
+    conn: sqlite3.Connection,
+    result: StkResult,
+    *,
+    source: str,
+    trusted: bool,
+    now: datetime,
+    stamp: str | None = None,
 ) -> Applied:
     # Plain SQL: this runs for every callback, and the listener must keep up with a burst.
+    # Each statement and each index page a transaction touches costs time in its COMMIT.
     cid = result.checkout_request_id
-    found = conn.execute(
-        "SELECT id, payment_id, result_code, merchant_request_id FROM mpesa_checkout "
-        "WHERE checkout_request_id = ?",
-        (cid,),
-    ).fetchone()
+    stamp = stamp or db_time(now)  # now as the columns store it, when the caller has it
+    found = conn.execute(_PUSH_AND_PAYMENT, (cid,)).fetchone()
     if found is None:
         candidate = _adoptable(conn, result)
         if candidate is None:
@@ -164,15 +177,11 @@ def _apply(
                 "paid; matches a push that got no answer, to be confirmed by query",
                 candidate,
             )
-        found = _adopt(conn, result, candidate, now)
-    checkout_id, pid, prior, merchant = found
+        found = _adopt(conn, result, candidate, stamp)
+    checkout_id, pid, prior, merchant = found[:4]
+    status, current, amount, person_id, balance_applied, receipt = found[4:]
     if result.result_code == STILL_PROCESSING:
         return Applied(CallbackOutcome.IGNORED, "still processing", pid)
-    status, current, amount, person_id, balance_applied, receipt = conn.execute(
-        "SELECT status, checkout_request_id, amount, person_id, balance_applied, receipt_number "
-        "FROM mpesa_payment WHERE id = ?",
-        (pid,),
-    ).fetchone()
 
     if not result.paid:
         if prior is not None:
@@ -182,7 +191,7 @@ def _apply(
                 "same outcome already recorded" if same else f"outcome {prior} already recorded",
                 pid,
             )
-        _record(conn, checkout_id, result, source, now)
+        _record(conn, checkout_id, result, source, stamp)
         if balance_applied or status in (PaymentStatus.COMPLETED, PaymentStatus.NEEDS_REVIEW):
             return Applied(CallbackOutcome.IGNORED, "payment already settled", pid)
         if current != cid:
@@ -208,7 +217,7 @@ def _apply(
     if source != "query" and (not trusted or prior is not None):
         why = "sender not trusted" if prior is None else f"outcome {prior} recorded before"
         return Applied(CallbackOutcome.NEEDS_QUERY, f"paid; to be confirmed by query ({why})", pid)
-    _record(conn, checkout_id, result, source, now)
+    _record(conn, checkout_id, result, source, stamp)
     if balance_applied or status == PaymentStatus.NEEDS_REVIEW:
         conn.execute("UPDATE mpesa_payment SET refund_due = 1 WHERE id = ?", (pid,))
         log.warning(
@@ -217,13 +226,16 @@ def _apply(
         )  # fmt: skip
         return Applied(CallbackOutcome.REFUND, "paid again by another push: refund due", pid)
     receipt = result.receipt_number or receipt
-    settled = (cid, merchant, receipt, db_time(result.transaction_date))
+    settled = (merchant, receipt, db_time(result.transaction_date))
+    if current != cid:
+        # An older push was paid. Only then is the unique column named: setting it to the
+        # value it holds, as in the usual case, would still rewrite its index entry.
+        conn.execute("UPDATE mpesa_payment SET checkout_request_id = ? WHERE id = ?", (cid, pid))
     if result.amount is not None and result.amount != Decimal(amount):
         desc = f"paid {result.amount}, but {amount} was asked"
         conn.execute(
-            "UPDATE mpesa_payment SET status = ?, checkout_request_id = ?, "
-            "merchant_request_id = ?, receipt_number = ?, transaction_date = ?, "
-            "result_code = '0', result_desc = ? WHERE id = ?",
+            "UPDATE mpesa_payment SET status = ?, merchant_request_id = ?, receipt_number = ?, "
+            "transaction_date = ?, result_code = '0', result_desc = ? WHERE id = ?",
             (PaymentStatus.NEEDS_REVIEW, *settled, desc, pid),
         )
         log.warning("payment %s needs review: %s", pid, desc)
@@ -233,17 +245,19 @@ def _apply(
         reason=f"M-Pesa {receipt or 'payment'}", payment_id=pid,
     )  # fmt: skip
     conn.execute(
-        "UPDATE mpesa_payment SET status = ?, checkout_request_id = ?, merchant_request_id = ?, "
-        "receipt_number = ?, transaction_date = ?, result_code = '0', result_desc = ?, "
-        "completed_at = ?, balance_applied = 1 WHERE id = ?",
-        (PaymentStatus.COMPLETED, *settled, result.result_desc, db_time(now), pid),
+        "UPDATE mpesa_payment SET status = ?, merchant_request_id = ?, receipt_number = ?, "
+        "transaction_date = ?, result_code = '0', result_desc = ?, completed_at = ?, "
+        "balance_applied = 1 WHERE id = ?",
+        (PaymentStatus.COMPLETED, *settled, result.result_desc, stamp, pid),
     )
     # A callback's own log line says it; a query's settlement needs a line of its own.
-    log.log(
-        logging.DEBUG if source == "callback" else logging.INFO,
-        "payment %s completed: receipt %s, KES %s, person %s balance now %s (%s)",
-        pid, receipt, amount, person_id, format_cents(balance), source,
-    )  # fmt: skip
+    level = logging.DEBUG if source == "callback" else logging.INFO
+    if log.isEnabledFor(level):
+        log.log(
+            level,
+            "payment %s completed: receipt %s, KES %s, person %s balance now %s (%s)",
+            pid, receipt, amount, person_id, format_cents(balance), source,
+        )  # fmt: skip
     return Applied(CallbackOutcome.APPLIED, PaymentStatus.COMPLETED, pid)
 
 
@@ -269,14 +283,13 @@ def _adoptable(conn: sqlite3.Connection, result: StkResult) -> int | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def _adopt(
-    conn: sqlite3.Connection, result: StkResult, pid: int, now: datetime
-) -> tuple[int, int, None, str | None]:
-    """Give the payment the CheckoutRequestID a query has just confirmed as paid."""
-    cursor = conn.execute(
+def _adopt(conn: sqlite3.Connection, result: StkResult, pid: int, stamp: str | None) -> Any:
+    """Give the payment the CheckoutRequestID a query has just confirmed as paid; returns the
+    row ``_apply`` reads for a known CheckoutRequestID."""
+    conn.execute(
         "INSERT INTO mpesa_checkout (payment_id, checkout_request_id, merchant_request_id, "
         "pushed_at) SELECT id, ?, ?, COALESCE(last_pushed_at, ?) FROM mpesa_payment WHERE id = ?",
-        (result.checkout_request_id, result.merchant_request_id, db_time(now), pid),
+        (result.checkout_request_id, result.merchant_request_id, stamp, pid),
     )
     conn.execute(
         "UPDATE mpesa_payment SET checkout_request_id = ?, merchant_request_id = ?, status = ? "
@@ -287,8 +300,7 @@ def _adopt(
         "payment %s takes checkout %s by phone and amount (its push got no answer)",
         pid, result.checkout_request_id,
     )  # fmt: skip
-    assert cursor.lastrowid is not None
-    return cursor.lastrowid, pid, None, result.merchant_request_id
+    return conn.execute(_PUSH_AND_PAYMENT, (result.checkout_request_id,)).fetchone()
 
 
 def _settled(payment: MpesaPayment) -> bool:
@@ -309,18 +321,26 @@ def _same_phone(ours: str, theirs: str | None) -> bool:
 
 
 def _record(
-    conn: sqlite3.Connection, checkout_id: int, result: StkResult, source: str, now: datetime
+    conn: sqlite3.Connection, checkout_id: int, result: StkResult, source: str, stamp: str | None
 ) -> None:
     conn.execute(
         "UPDATE mpesa_checkout SET result_code = ?, result_desc = ?, result_source = ?, "
         "result_at = ?, receipt_number = COALESCE(?, receipt_number), "
         "paid_amount = COALESCE(?, paid_amount) WHERE id = ?",
         (
-            result.result_code, result.result_desc, source, db_time(now),
+            result.result_code, result.result_desc, source, stamp,
             result.receipt_number, None if result.amount is None else str(result.amount),
             checkout_id,
         ),
     )  # fmt: skip
+
+
+def _read_callback(body: bytes) -> StkResult | str:
+    """A stored body read as a Daraja callback, or why it is not one."""
+    try:
+        return parse_stk_callback(body)
+    except CallbackFormatError as exc:
+        return exc.message
 
 
 def query_as_result(query: QueryResult, callback: StkResult | None = None) -> StkResult:
@@ -738,16 +758,29 @@ class Payments:
     def store_callback(self, body: bytes, source_addr: str | None, *, trusted: bool) -> int:
         """Keep a raw body without acting on it. Returns the inbox id."""
         with self.db.raw_write() as conn:
-            return self._store(conn, body, source_addr, trusted)
+            return self._store(conn, body, source_addr, trusted, db_time(self.clock()))
 
     def _store(
-        self, conn: sqlite3.Connection, body: bytes, source_addr: str | None, trusted: bool
+        self,
+        conn: sqlite3.Connection,
+        body: bytes,
+        source_addr: str | None,
+        trusted: bool,
+        stamp: str | None,
+        parsed: StkResult | str | None = None,
     ) -> int:
+        # A body already read carries its IDs into the row now, so that acting on it does not
+        # move its entry in the checkout_request_id index a second time.
+        result = parsed if isinstance(parsed, StkResult) else None
         cursor = conn.execute(
-            "INSERT INTO mpesa_callback (received_at, source_addr, body, trusted, outcome) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (db_time(self.clock()), source_addr, body, trusted, CallbackOutcome.RECEIVED),
-        )
+            "INSERT INTO mpesa_callback (received_at, source_addr, body, trusted, outcome, "
+            "checkout_request_id, result_code) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                stamp, source_addr, body, trusted, CallbackOutcome.RECEIVED,
+                result.checkout_request_id if result else None,
+                result.result_code if result else None,
+            ),
+        )  # fmt: skip
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
@@ -756,21 +789,26 @@ class Payments:
     ) -> tuple[int, Applied]:
         """What the listener does with a POST: store the raw body, then act on it.
 
-        Both happen in one transaction, the body first. If acting fails, that transaction is
-        rolled back whole and the body is stored on its own with outcome "error", for
-        reconcile to retry: nothing half-done is kept, and when this returns the body is on
-        disk either way.
+        Both happen in one transaction, the body first. If reading or acting fails, that
+        transaction is rolled back whole and the body is stored on its own with outcome
+        "error", for reconcile to retry: nothing half-done is kept, and when this returns the
+        body is on disk either way.
         """
         try:
+            # Read before the transaction, so that no lock is held meanwhile; nothing is acted
+            # on before the body is stored below.
+            parsed = _read_callback(body)
             with self.db.raw_write() as conn:
-                callback_id = self._store(conn, body, source_addr, trusted)
-                return callback_id, self._act(conn, callback_id, body, trusted)
+                now = self.clock()
+                stamp = db_time(now)
+                callback_id = self._store(conn, body, source_addr, trusted, stamp, parsed)
+                return callback_id, self._act(conn, callback_id, parsed, trusted, now, stamp)
         except Exception as exc:
             # Acting failed and took the transaction with it: keep the body on its own, marked
             # for reconcile to try again. If even that fails, the caller answers 503.
             log.exception("callback from %s could not be acted on", source_addr)
             with self.db.raw_write() as conn:
-                callback_id = self._store(conn, body, source_addr, trusted)
+                callback_id = self._store(conn, body, source_addr, trusted, db_time(self.clock()))
                 detail = type(exc).__name__
                 conn.execute(
                     "UPDATE mpesa_callback SET outcome = ?, detail = ? WHERE id = ?",
@@ -782,40 +820,51 @@ class Payments:
         """Act on a stored callback (no network). NEEDS_QUERY asks the caller to confirm it."""
         with self.db.raw_write() as conn:
             row = conn.execute(
-                "SELECT body, trusted, outcome, detail, payment_id FROM mpesa_callback "
-                "WHERE id = ?",
+                "SELECT body, trusted, outcome, detail, payment_id, checkout_request_id "
+                "FROM mpesa_callback WHERE id = ?",
                 (callback_id,),
             ).fetchone()
             if row is None:
                 raise NotFoundError("no such callback", value=str(callback_id))
-            body, trusted, outcome, detail, payment_id = row
+            body, trusted, outcome, detail, payment_id, stored_id = row
             if outcome not in ACTIONABLE:
                 return Applied(outcome, detail or "", payment_id)
-            return self._act(conn, callback_id, bytes(body), bool(trusted))
+            parsed = _read_callback(bytes(body))
+            if isinstance(parsed, StkResult) and stored_id is None:
+                # kept without being read (store_callback, or receive's fallback after a failure)
+                conn.execute(
+                    "UPDATE mpesa_callback SET checkout_request_id = ?, result_code = ? "
+                    "WHERE id = ?",
+                    (parsed.checkout_request_id, parsed.result_code, callback_id),
+                )
+            now = self.clock()
+            return self._act(conn, callback_id, parsed, bool(trusted), now, db_time(now))
 
     def _act(
-        self, conn: sqlite3.Connection, callback_id: int, body: bytes, trusted: bool
+        self,
+        conn: sqlite3.Connection,
+        callback_id: int,
+        parsed: StkResult | str,
+        trusted: bool,
+        now: datetime,
+        stamp: str | None,
     ) -> Applied:
-        now = self.clock()
-        try:
-            result = parse_stk_callback(body)
-        except CallbackFormatError as exc:
+        """Act on a stored callback in the caller's transaction. ``parsed`` is what
+        ``_read_callback`` made of its body, whose IDs the row already holds."""
+        if isinstance(parsed, str):
             conn.execute(
                 "UPDATE mpesa_callback SET outcome = ?, detail = ?, processed_at = ? WHERE id = ?",
-                (CallbackOutcome.REJECTED, exc.message, db_time(now), callback_id),
+                (CallbackOutcome.REJECTED, parsed, stamp, callback_id),
             )
-            return Applied(CallbackOutcome.REJECTED, exc.message)
-        applied = _apply(
-            conn, result, source="callback", trusted=trusted and not self.confirm_by_query, now=now
-        )
+            return Applied(CallbackOutcome.REJECTED, parsed)
+        result = parsed
+        trusted = trusted and not self.confirm_by_query
+        applied = _apply(conn, result, source="callback", trusted=trusted, now=now, stamp=stamp)
         conn.execute(
-            "UPDATE mpesa_callback SET checkout_request_id = ?, result_code = ?, outcome = ?, "
-            "detail = ?, payment_id = ?, processed_at = ? WHERE id = ?",
-            (
-                result.checkout_request_id, result.result_code, applied.outcome, applied.detail,
-                applied.payment_id, db_time(now), callback_id,
-            ),
-        )  # fmt: skip
+            "UPDATE mpesa_callback SET outcome = ?, detail = ?, payment_id = ?, processed_at = ? "
+            "WHERE id = ?",
+            (applied.outcome, applied.detail, applied.payment_id, stamp, callback_id),
+        )
         log.info(
             "callback %s for %s code %s: %s, payment %s %s",
             callback_id, result.checkout_request_id, result.result_code, applied.outcome,
