@@ -46,9 +46,11 @@ from sfcrm.models import (
     MpesaPayment,
     PaymentStatus,
 )
-from sfcrm.money import format_cents, format_kes, parse_stk_amount
+from sfcrm.money import format_cents, parse_stk_amount
 from sfcrm.people import find_person, record_balance_change
 from sfcrm.phone import normalise_phone
+from sfcrm.reads import iso_in
+from sfcrm.reads import payment_json as payment_json  # where the CLI has always found it
 
 if TYPE_CHECKING:
     from sfcrm.config import Settings
@@ -67,36 +69,10 @@ DEFAULT_RECONCILE_AGE = timedelta(minutes=2)
 # -- JSON views --------------------------------------------------------------------------------
 
 
-def _iso(value: datetime | None, tz: ZoneInfo) -> str | None:
-    return value.astimezone(tz).isoformat(timespec="seconds") if value else None
-
-
-def payment_json(payment: MpesaPayment, tz: ZoneInfo) -> dict[str, Any]:
-    return {
-        "payment_id": payment.id,
-        "status": payment.status,
-        "amount": format_kes(payment.amount),
-        "receipt_number": payment.receipt_number,
-        "completed_at": _iso(payment.completed_at, tz),
-        "person_id": payment.person_id,
-        "phone_number": payment.phone_number,
-        "payment_purpose": payment.payment_purpose,
-        "account_reference": payment.account_reference,
-        "checkout_request_id": payment.checkout_request_id,
-        "merchant_request_id": payment.merchant_request_id,
-        "result_code": payment.result_code,
-        "result_desc": payment.result_desc,
-        "transaction_date": _iso(payment.transaction_date, tz),
-        "initiated_at": _iso(payment.initiated_at, tz),
-        "push_count": payment.push_count,
-        "refund_due": payment.refund_due,
-    }
-
-
 def callback_json(row: MpesaCallback, tz: ZoneInfo) -> dict[str, Any]:
     return {
         "id": row.id,
-        "received_at": _iso(row.received_at, tz),
+        "received_at": iso_in(row.received_at, tz),
         "source_addr": row.source_addr,
         "checkout_request_id": row.checkout_request_id,
         "result_code": row.result_code,
@@ -678,27 +654,6 @@ class Payments:
             if payment is None:
                 raise NotFoundError("no such payment", value=str(payment_id))
             return payment
-
-    def find(
-        self,
-        *,
-        status: str | None = None,
-        person_ref: str | None = None,
-        limit: int = 50,
-        offset: int = 0,
-    ) -> Sequence[MpesaPayment]:
-        if status is not None and status not in PaymentStatus.ALL:
-            raise ValidationError(
-                "unknown status", value=status, hint="one of " + ", ".join(PaymentStatus.ALL)
-            )
-        with self.db.read() as session:
-            query = select(MpesaPayment).order_by(col(MpesaPayment.id).desc())
-            if status:
-                query = query.where(MpesaPayment.status == status)
-            if person_ref:
-                person = find_person(session, person_ref)
-                query = query.where(MpesaPayment.person_id == person.id)
-            return session.exec(query.offset(offset).limit(limit)).all()
 
     def refresh(self, payment_ids: Sequence[int]) -> list[str]:
         """Ask Daraja about the given payments that are still open; returns errors."""

@@ -20,6 +20,7 @@ from sfcrm.errors import ConflictError, NotFoundError, SfcrmError, ValidationErr
 from sfcrm.models import BalanceEntry, BalanceKind, Person
 from sfcrm.money import format_cents, parse_kes
 from sfcrm.phone import normalise_phone
+from sfcrm.reads import resolve_person_id
 
 log = logging.getLogger("sfcrm.people")
 
@@ -127,25 +128,9 @@ def clean_email(email: str | None) -> str | None:
 
 def find_person(session: Session, ref: str) -> Person:
     """REF is an id, a phone number in any accepted form, or an email address."""
-    text = ref.strip()
-    if "@" in text:
-        person = session.exec(select(Person).where(Person.email == text.lower())).first()
-    else:
-        person = None
-        try:
-            phone = normalise_phone(text)
-        except ValidationError:
-            phone = None
-        if phone:
-            person = session.exec(select(Person).where(Person.phone == phone)).first()
-        if person is None and text.isdigit() and len(text) < 10:
-            person = session.get(Person, int(text))
-        if person is None and phone is None and not text.isdigit():
-            raise NotFoundError(
-                "no such person", value=ref, hint="give an id, a phone number or an email"
-            )
-    if person is None:
-        raise NotFoundError("no such person", value=ref, hint="see `sfcrm people list`")
+    session.flush()  # as a query would: people added in this session count
+    person = session.get(Person, resolve_person_id(raw_connection(session), ref))
+    assert person is not None  # just found, in this transaction
     return person
 
 

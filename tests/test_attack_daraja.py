@@ -32,6 +32,7 @@ from sfcrm.errors import SfcrmError
 from sfcrm.models import BalanceEntry, MpesaPayment, PaymentStatus, Person
 from sfcrm.payments import DatabaseTokenCache, Payments
 from sfcrm.people import People
+from sfcrm.reads import find_payments
 
 START_BALANCE = 150_000  # cents
 PROCESS_TIMEOUT = 60.0  # no child process may run longer
@@ -234,7 +235,7 @@ def test_push_answered_after_the_timeout_is_unknown_never_repushed_and_settled_b
                         "--purpose", "Crew deposit")  # fmt: skip
     request_seconds = time.monotonic() - started
     lines = error_lines(request.stderr)
-    payment = payments.find()[0]
+    payment = find_payments(payments.db)[0]
     pid = payment.id
     assert pid is not None
     figures(13, request_exit=request.returncode, request_seconds=round(request_seconds, 2),
@@ -358,7 +359,7 @@ def test_a_gateway_error_page_leaves_the_push_unknown_and_is_never_retried(
     fake.fail("push", status=status, style=style)
     with pytest.raises(SfcrmError) as caught:
         payments.request(str(person_id), 500, "Crew deposit")
-    [payment] = payments.find()
+    [payment] = find_payments(payments.db)
     figures(13, gateway=style, http_status=status, payment_status=payment.status,
             pushes=fake.snapshot().push, error=str(caught.value))  # fmt: skip
     assert payment.status == expected

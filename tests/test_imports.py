@@ -54,9 +54,10 @@ def test_commands_load_only_the_libraries_they_need(
     assert heavy <= allowed, f"sfcrm {' '.join(args)} loaded {sorted(heavy - allowed)}"
 
 
-def test_crew_email_commands_load_no_orm_on_an_existing_database(tmp_path: Path) -> None:
-    """Cron runs `crew remind` and `mail retry` every few minutes: they, and the other crew
-    emails, work on plain sqlite3 once the database exists."""
+def test_frequent_commands_load_no_orm_on_an_existing_database(tmp_path: Path) -> None:
+    """Cron runs `crew remind` and `mail retry` every few minutes and the office checks
+    `mpesa status` all day: they, and the other crew emails, work on plain sqlite3 once the
+    database exists."""
     from datetime import date, timedelta
 
     from support import run_json
@@ -76,6 +77,8 @@ def test_crew_email_commands_load_no_orm_on_an_existing_database(tmp_path: Path)
         ["crew", "remind", "--hours", "48"],
         ["crew", "brief", "--event", event_id],
         ["mail", "retry"],
+        ["mpesa", "status", "--json"],
+        ["mpesa", "status", "--status", "pending", "--person", "0712345678", "--json"],
     ]
     outbox = tmp_path / "outbox"
     for args in commands:

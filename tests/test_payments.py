@@ -61,6 +61,7 @@ from sfcrm.payments import (
     build_daraja_client,
 )
 from sfcrm.people import People
+from sfcrm.reads import find_payments
 
 CANCELLING_PHONE = "254700000032"
 BROKE_PHONE = "254700000001"
@@ -405,7 +406,7 @@ def test_refused_push_marks_the_payment_failed_with_darajas_reason(
 ) -> None:
     with pytest.raises(DarajaBusyError, match="Unable to lock subscriber"):
         payments.request("1", 500, "Deposit", phone=LOCKED_PHONE)
-    [payment] = payments.find()
+    [payment] = find_payments(payments.db)
     assert payment.status == PaymentStatus.FAILED
     assert payment.result_desc is not None and "Unable to lock subscriber" in payment.result_desc
     assert payment.result_code == "500.001.1001"
@@ -422,7 +423,7 @@ def test_unreachable_daraja_marks_the_payment_failed(
     payments = payments_with(db, client)
     with pytest.raises(DarajaUnreachableError):
         payments.request("1", 500, "Deposit")
-    [payment] = payments.find()
+    [payment] = find_payments(payments.db)
     assert payment.status == PaymentStatus.FAILED
     assert payment.result_desc == "Daraja could not be reached"
     assert payment.push_count == 0
@@ -439,7 +440,7 @@ def test_push_without_an_answer_in_time_is_unknown_and_never_pushed_again(
     silent = payments_with(db, client)
     with pytest.raises(DarajaTimeoutError):
         silent.request("1", 500, "Deposit")
-    [payment] = silent.find()
+    [payment] = find_payments(silent.db)
     assert payment.status == PaymentStatus.UNKNOWN
     assert payment.push_count == 1
     assert payment.checkout_request_id is None
@@ -470,7 +471,7 @@ def test_token_fetch_without_an_answer_fails_the_payment_as_never_pushed(
         with pytest.raises(DarajaTimeoutError):
             payments.request("1", 500, "Deposit")
         assert silent_daraja.pushes() == 0
-    [payment] = payments.find()
+    [payment] = find_payments(payments.db)
     # No push left this machine, so the prompt cannot be on the phone: not "unknown".
     assert payment.status == PaymentStatus.FAILED
     assert payment.push_count == 0
