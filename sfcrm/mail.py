@@ -36,6 +36,7 @@ from zoneinfo import ZoneInfo
 
 from sfcrm.db import Database, db_time
 from sfcrm.errors import ConfigError, MailError, NotFoundError, ValidationError
+from sfcrm.reads import iso_in
 
 if TYPE_CHECKING:
     import smtplib
@@ -743,10 +744,6 @@ class _Claim:
     notification_type: str
 
 
-def _iso(value: datetime | None, tz: ZoneInfo) -> str | None:
-    return value.astimezone(tz).isoformat(timespec="seconds") if value else None
-
-
 def notification_json(n: EmailNotification, tz: ZoneInfo) -> dict[str, Any]:
     return {
         "id": n.id,
@@ -755,7 +752,7 @@ def notification_json(n: EmailNotification, tz: ZoneInfo) -> dict[str, Any]:
         "notification_type": n.notification_type,
         "subject": n.subject,
         "is_sent": n.is_sent,
-        "sent_at": _iso(n.sent_at, tz),
+        "sent_at": iso_in(n.sent_at, tz),
         "failed_attempts": n.failed_attempts,
         "last_error": n.last_error,
     }
