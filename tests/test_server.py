@@ -1308,3 +1308,30 @@ def test_replay_goes_on_past_a_stored_callback_that_keeps_failing(
     assert payment_now(payments, second).status == "completed"
     assert outcome_of(db, later.id) == "applied"
     assert outcome_of(db, stuck.id) == "error"
+
+
+# -- WAL checkpoints after a burst ---------------------------------------------------------------
+
+
+def _file_only_count(path: Any) -> int:
+    """Callbacks in the database file itself, ignoring what is still only in the WAL."""
+    with closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as conn:
+        return int(conn.execute("SELECT count(*) FROM mpesa_callback").fetchone()[0])
+
+
+def test_checkpointer_copies_stored_callbacks_into_the_file_then_goes_idle(
+    db: Database, payments: Payments
+) -> None:
+    from sfcrm.server import WalCheckpointer
+
+    conn = db._raw_connection()  # the connection this thread's writes go through
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the schema into the file
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # from now on only the checkpointer copies
+    payments.store_callback(b'{"Body": {}}', "127.0.0.1", trusted=True)
+    assert _file_only_count(db.path) == 0  # stored, but only in the write-ahead log so far
+
+    checkpointer = WalCheckpointer(db.path, delay=0.01, idle=0.2)
+    checkpointer.poke()
+
+    wait_for(lambda: _file_only_count(db.path) == 1, timeout=5)
+    wait_for(lambda: checkpointer._thread is None, timeout=5)  # idle: the thread has ended
