@@ -1346,6 +1346,12 @@ def test_malformed_callback_is_a_callback_format_error(body: bytes) -> None:
         ('[{"Name": "TransactionDate", "Value": "yesterday"}]', "transaction_date"),
         ('[{"Name": "TransactionDate", "Value": 20191319102115}]', "transaction_date"),
         ('[{"Name": "TransactionDate", "Value": 2019121910.5}]', "transaction_date"),
+        (
+            '[{"Name": "TransactionDate", "Value": "２０１９１２１９１０２１１５"}]',
+            "transaction_date",
+        ),  # noqa: E501
+        ('[{"Name": "TransactionDate", "Value": 20190230102115}]', "transaction_date"),
+        ('[{"Name": "TransactionDate", "Value": 20191219246000}]', "transaction_date"),
         ('[{"Name": "PhoneNumber", "Value": false}]', "phone"),
         ('[{"Name": "PhoneNumber", "Value": ["254708374149"]}]', "phone"),
         ('[{"Name": 7, "Value": 500}, "Amount", null, 3]', "amount"),

@@ -430,3 +430,45 @@ def test_upgrading_to_the_ledger_turns_balances_into_opening_entries(tmp_path: P
         ("opening", 150000, 150000)
     ]
     assert people.history("2")[1] == []
+
+
+# -- the plain-SQL path (commands that never load the ORM) ---------------------------------------
+
+
+def test_plain_reads_on_a_missing_folder_are_a_database_error(tmp_path: Path) -> None:
+    database = Database(tmp_path / "nowhere" / "sfcrm.db")
+    with pytest.raises(DatabaseError, match="folder does not exist"), database.raw_read():
+        pass
+
+
+def test_plain_reads_on_a_newer_file_are_refused_and_leave_it_as_it_was(db_path: Path) -> None:
+    with raw(db_path) as conn:
+        conn.execute("CREATE TABLE future (x)")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        conn.commit()
+    database = Database(db_path)
+    with pytest.raises(DatabaseError, match="newer"), database.raw_read():
+        pass
+    database.close()
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert table_names(conn) == ["future"]
+
+
+def test_plain_writes_on_a_file_that_is_not_a_database_are_a_database_error(
+    db_path: Path,
+) -> None:
+    db_path.write_bytes(b"Name,Phone\nAchieng,0708374149\n" * 200)
+    database = Database(db_path)
+    with pytest.raises(DatabaseError, match="not a database") as caught, database.raw_write():
+        pass
+    assert str(db_path) in str(caught.value)
+
+
+def test_plain_reads_on_a_new_file_create_the_schema(db_path: Path) -> None:
+    database = Database(db_path)
+    with database.raw_read() as conn:
+        assert conn.execute("SELECT count(*) FROM mpesa_payment").fetchone()[0] == 0
+    database.close()
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
