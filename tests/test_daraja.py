@@ -1350,6 +1350,7 @@ def test_malformed_callback_is_a_callback_format_error(body: bytes) -> None:
             '[{"Name": "TransactionDate", "Value": "２０１９１２１９１０２１１５"}]',
             "transaction_date",
         ),
+        ('[{"Name": "TransactionDate", "Value": "20\u0662\u06640101120000"}]', "transaction_date"),
         ('[{"Name": "TransactionDate", "Value": 20190230102115}]', "transaction_date"),
         ('[{"Name": "TransactionDate", "Value": 20191219246000}]', "transaction_date"),
         ('[{"Name": "PhoneNumber", "Value": false}]', "phone"),
