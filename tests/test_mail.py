@@ -665,6 +665,24 @@ def test_email_backend_names_map_to_backends(name: str, kind: type[Backend]) -> 
     assert type(backend_from_settings(settings)) is kind
 
 
+def test_retry_naming_more_ids_than_sqlite_takes_at_once_still_names_the_unknown_ones(
+    db: Database, smtp_sink: SmtpSink
+) -> None:
+    import sqlite3
+
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    ids = fail_all_against_a_dead_port(db, 2)
+    # SQLite before 3.32 takes 999 values a statement; this build allows more, so lower it
+    db._raw_connection().setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    unknown = list(range(100_000, 102_000))
+
+    with pytest.raises(NotFoundError, match="no such email") as caught:
+        mailer.retry([*ids, *unknown])
+
+    assert str(caught.value.value).startswith("100000, 100001")
+    assert smtp_sink.handler.messages == []
+
+
 def test_unknown_email_backend_is_a_config_error_naming_the_setting() -> None:
     settings = load_settings(environ={"EMAIL_BACKEND": "django.core.mail.backends.locmem.X"})
 
