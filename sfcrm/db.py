@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sfcrm.errors import DatabaseError
+from sfcrm.errors import DatabaseBusyError, DatabaseError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -177,6 +177,16 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT id, balance_cents, balance_cents, 'opening', 'balance before the ledger',
                strftime('%Y-%m-%d %H:%M:%S', 'now')
         FROM person WHERE balance_cents != 0;
+    """,
+    # 4: a payment left "initiated" by an older release may have been pushed (that release
+    # recorded the push only once Daraja answered): its outcome is unknown, not "never sent"
+    """
+    UPDATE mpesa_payment
+        SET status = 'unknown',
+            last_pushed_at = COALESCE(last_pushed_at, initiated_at),
+            result_desc = COALESCE(result_desc, 'left initiated by an older sfcrm: the push '
+                                                || 'may have been sent')
+        WHERE status = 'initiated';
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -401,7 +411,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 def _sqlite_error(exc: sqlite3.DatabaseError, path: Path) -> DatabaseError:
     if "locked" in str(exc):
-        return DatabaseError(
+        return DatabaseBusyError(
             "the database stayed busy for too long",
             value=str(path),
             hint="another sfcrm is holding a long write; try again",
@@ -414,7 +424,7 @@ def _database_error(exc: SADatabaseError, path: Path) -> DatabaseError:
 
     text = str(exc.orig) if exc.orig is not None else str(exc)
     if isinstance(exc, OperationalError) and "locked" in text:
-        return DatabaseError(
+        return DatabaseBusyError(
             "the database stayed busy for too long",
             value=str(path),
             hint="another sfcrm is holding a long write; try again",

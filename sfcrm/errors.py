@@ -70,6 +70,12 @@ class DatabaseError(SfcrmError):
     code = "DATABASE_ERROR"
 
 
+class DatabaseBusyError(DatabaseError):
+    """Another writer held the database for longer than the busy timeout."""
+
+    code = "DATABASE_BUSY"
+
+
 class MailError(SfcrmError):
     exit_code = ExitCode.MAIL
     code = "MAIL_ERROR"

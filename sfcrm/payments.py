@@ -19,13 +19,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from sqlmodel import Session, col, select
 
-from sfcrm.daraja import STILL_PROCESSING, DarajaClient, QueryResult, StkResult, parse_stk_callback
+from sfcrm.daraja import (
+    STILL_PROCESSING,
+    DarajaClient,
+    PushAccepted,
+    QueryResult,
+    StkResult,
+    parse_stk_callback,
+)
 from sfcrm.db import Database, db_time, raw_connection
 from sfcrm.errors import (
     CallbackFormatError,
@@ -33,7 +41,9 @@ from sfcrm.errors import (
     DarajaError,
     DarajaTimeoutError,
     DarajaUnreachableError,
+    DatabaseBusyError,
     NotFoundError,
+    SfcrmError,
     ValidationError,
 )
 from sfcrm.logs import mask_phone
@@ -100,6 +110,7 @@ def apply_result(
     source: str,
     trusted: bool,
     now: datetime,
+    received_at: datetime | None = None,
 ) -> Applied:
     """Apply one push outcome inside a write transaction; safe to call again.
 
@@ -110,10 +121,15 @@ def apply_result(
     applies that instead.
     """
     if isinstance(target, sqlite3.Connection):
-        return _apply(target, result, source=source, trusted=trusted, now=now)
+        return _apply(
+            target, result, source=source, trusted=trusted, now=now, received_at=received_at
+        )
     target.flush()
     try:
-        return _apply(raw_connection(target), result, source=source, trusted=trusted, now=now)
+        return _apply(
+            raw_connection(target), result, source=source, trusted=trusted, now=now,
+            received_at=received_at,
+        )  # fmt: skip
     finally:
         target.expire_all()
 
@@ -135,25 +151,29 @@ def _apply(
     trusted: bool,
     now: datetime,
     stamp: str | None = None,
+    received_at: datetime | None = None,
 ) -> Applied:
     # Plain SQL: this runs for every callback, and the listener must keep up with a burst.
     # Each statement and each index page a transaction touches costs time in its COMMIT.
     cid = result.checkout_request_id
     stamp = stamp or db_time(now)  # now as the columns store it, when the caller has it
     found = conn.execute(_PUSH_AND_PAYMENT, (cid,)).fetchone()
+    note = ""
     if found is None:
-        candidate = _adoptable(conn, result)
+        candidate = _adoptable(conn, result, received_at or now)
         if candidate is None:
             return Applied(CallbackOutcome.UNMATCHED, "no payment has this CheckoutRequestID")
+        pid, rivals = candidate
+        note = _adoption_note(rivals)
         if source != "query":
             # Matched by phone and amount only: nothing is written until Daraja confirms this
             # CheckoutRequestID was paid, or a forged callback could take the payment over.
             return Applied(
                 CallbackOutcome.NEEDS_QUERY,
-                "paid; matches a push that got no answer, to be confirmed by query",
-                candidate,
+                f"paid; {note}, to be confirmed by query",
+                pid,
             )
-        found = _adopt(conn, result, candidate, stamp)
+        found = _adopt(conn, result, pid, stamp, note)
     checkout_id, pid, prior, merchant = found[:4]
     status, current, amount, person_id, balance_applied, receipt = found[4:]
     if result.result_code == STILL_PROCESSING:
@@ -203,12 +223,13 @@ def _apply(
         return Applied(CallbackOutcome.REFUND, "paid again by another push: refund due", pid)
     receipt = result.receipt_number or receipt
     settled = (merchant, receipt, db_time(result.transaction_date))
+    desc = result.result_desc + (f" ({note})" if note else "")
     if current != cid:
         # An older push was paid. Only then is the unique column named: setting it to the
         # value it holds, as in the usual case, would still rewrite its index entry.
         conn.execute("UPDATE mpesa_payment SET checkout_request_id = ? WHERE id = ?", (cid, pid))
     if result.amount is not None and result.amount != Decimal(amount):
-        desc = f"paid {result.amount}, but {amount} was asked"
+        desc = f"paid {result.amount}, but {amount} was asked" + (f" ({note})" if note else "")
         conn.execute(
             "UPDATE mpesa_payment SET status = ?, merchant_request_id = ?, receipt_number = ?, "
             "transaction_date = ?, result_code = '0', result_desc = ? WHERE id = ?",
@@ -224,7 +245,7 @@ def _apply(
         "UPDATE mpesa_payment SET status = ?, merchant_request_id = ?, receipt_number = ?, "
         "transaction_date = ?, result_code = '0', result_desc = ?, completed_at = ?, "
         "balance_applied = 1 WHERE id = ?",
-        (PaymentStatus.COMPLETED, *settled, result.result_desc, stamp, pid),
+        (PaymentStatus.COMPLETED, *settled, desc, stamp, pid),
     )
     # A callback's own log line says it; a query's settlement needs a line of its own.
     level = logging.DEBUG if source == "callback" else logging.INFO
@@ -237,29 +258,59 @@ def _apply(
     return Applied(CallbackOutcome.APPLIED, PaymentStatus.COMPLETED, pid)
 
 
-def _adoptable(conn: sqlite3.Connection, result: StkResult) -> int | None:
-    """The one payment a "paid" result for an unknown CheckoutRequestID can belong to.
+# A "paid" callback for a CheckoutRequestID no push of ours holds is matched to a push that got
+# no answer only when that push was sent around the time the callback came: not after it (with
+# some room for clock skew between machines) and not long before.
+ADOPT_SKEW = timedelta(minutes=5)
+ADOPT_WINDOW = timedelta(hours=24)
+# How long an STK prompt can stay on a phone before M-Pesa times it out (1037/1019), with room.
+PROMPT_LIFETIME = timedelta(seconds=120)
 
-    When a push's answer never came back, its CheckoutRequestID was never stored: the payment
-    is ``unknown`` with no checkout. Its callback still carries the amount and (unless M-Pesa
-    masked it) the phone; exactly one such payment must match both.
+
+def _adoptable(
+    conn: sqlite3.Connection, result: StkResult, received_at: datetime
+) -> tuple[int, int] | None:
+    """The payment a "paid" result for an unknown CheckoutRequestID belongs to, and how many
+    payments it could have belonged to.
+
+    When a push's answer never came back (or the command sending it was stopped), its
+    CheckoutRequestID was never stored: the payment is ``unknown`` with no checkout. Its
+    callback still carries the amount and (unless M-Pesa masked it) the phone. Payments that
+    match both are the same debt of the same phone: the oldest push is settled first, so each
+    callback settles one of them.
     """
     if not result.paid or result.amount is None:
         return None
     candidates = conn.execute(
         "SELECT id, amount, phone_number FROM mpesa_payment "
-        "WHERE status = ? AND checkout_request_id IS NULL",
-        (PaymentStatus.UNKNOWN,),
+        "WHERE status = ? AND checkout_request_id IS NULL "
+        "AND last_pushed_at <= ? AND last_pushed_at >= ? ORDER BY last_pushed_at, id",
+        (
+            PaymentStatus.UNKNOWN,
+            db_time(received_at + ADOPT_SKEW),
+            db_time(received_at - ADOPT_WINDOW),
+        ),
     ).fetchall()
     matches = [
         pid
         for pid, amount, phone in candidates
         if Decimal(amount) == result.amount and _same_phone(phone, result.phone)
     ]
-    return matches[0] if len(matches) == 1 else None
+    return (matches[0], len(matches)) if matches else None
 
 
-def _adopt(conn: sqlite3.Connection, result: StkResult, pid: int, stamp: str | None) -> Any:
+def _adoption_note(rivals: int) -> str:
+    if rivals == 1:
+        return "matched by phone and amount to a push that got no answer"
+    return (
+        f"matched by phone and amount to the oldest of {rivals} unanswered pushes of that "
+        "amount to that phone"
+    )
+
+
+def _adopt(
+    conn: sqlite3.Connection, result: StkResult, pid: int, stamp: str | None, note: str
+) -> Any:
     """Give the payment the CheckoutRequestID a query has just confirmed as paid; returns the
     row ``_apply`` reads for a known CheckoutRequestID."""
     conn.execute(
@@ -268,14 +319,14 @@ def _adopt(conn: sqlite3.Connection, result: StkResult, pid: int, stamp: str | N
         (result.checkout_request_id, result.merchant_request_id, stamp, pid),
     )
     conn.execute(
-        "UPDATE mpesa_payment SET checkout_request_id = ?, merchant_request_id = ?, status = ? "
-        "WHERE id = ?",
-        (result.checkout_request_id, result.merchant_request_id, PaymentStatus.PENDING, pid),
-    )
-    log.info(
-        "payment %s takes checkout %s by phone and amount (its push got no answer)",
-        pid, result.checkout_request_id,
+        "UPDATE mpesa_payment SET checkout_request_id = ?, merchant_request_id = ?, status = ?, "
+        "result_desc = ? WHERE id = ?",
+        (
+            result.checkout_request_id, result.merchant_request_id, PaymentStatus.PENDING,
+            note, pid,
+        ),
     )  # fmt: skip
+    log.info("payment %s takes checkout %s: %s", pid, result.checkout_request_id, note)
     return conn.execute(_PUSH_AND_PAYMENT, (result.checkout_request_id,)).fetchone()
 
 
@@ -311,6 +362,13 @@ def _record(
     )  # fmt: skip
 
 
+def _from_db(value: str | None) -> datetime | None:
+    """A time as the columns store it (naive UTC text), read back."""
+    from datetime import UTC
+
+    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
 def _read_callback(body: bytes) -> StkResult | str:
     """A stored body read as a Daraja callback, or why it is not one."""
     try:
@@ -334,6 +392,26 @@ def query_as_result(query: QueryResult, callback: StkResult | None = None) -> St
             phone=callback.phone,
         )
     return StkResult(query.checkout_request_id, query.result_code, query.result_desc)
+
+
+def _after_push_hint(pid: int) -> str:
+    return (
+        "the prompt may be on the phone: do not request or resend it; its callback settles it "
+        f"(see `sfcrm mpesa status {pid}`), or `sfcrm mpesa reconcile` does"
+    )
+
+
+class PushInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a push was on its way: the payment is ``unknown``, not lost."""
+
+    def __init__(self, payment_id: int) -> None:
+        self.payment_id = payment_id
+        self.message = (
+            f"Interrupted: payment {payment_id}'s push may have reached the phone. Do not push "
+            f"again; `sfcrm mpesa status {payment_id}` shows it once its callback comes, and "
+            "`sfcrm mpesa reconcile` settles it otherwise."
+        )
+        super().__init__(self.message)
 
 
 # -- the token cache, shared by every sfcrm process on this database ----------------------------
@@ -434,6 +512,9 @@ class ReconcileReport:
     callbacks_applied: int = 0
     unqueryable: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # every payment left unsettled, with why, and every "paid" callback no payment has taken
+    unsettled: list[tuple[int, str]] = field(default_factory=list)
+    unmatched_paid: list[int] = field(default_factory=list)
 
 
 class Payments:
@@ -447,8 +528,10 @@ class Payments:
         clock: Callable[[], datetime],
         client_factory: Callable[[], DarajaClient],
         confirm_by_query: bool = False,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self.db = db
+        self.notify: Callable[[str], None] = notify or (lambda _text: None)
         self.callback_url = callback_url
         self.clock = clock
         self._client_factory = client_factory
@@ -510,12 +593,27 @@ class Payments:
         return self._push(payment, client, callback_url)
 
     def _push(self, payment: MpesaPayment, client: DarajaClient, callback_url: str) -> MpesaPayment:
+        """Push once. The push is recorded as sent before it is sent, so whatever stops this
+        command (Ctrl-C, kill -9, a sleeping laptop) leaves the payment ``unknown``: a state that
+        the listener, ``reconcile`` and ``resend`` all act on, never one they ignore."""
         pid = payment.id
         assert pid is not None
-        may_have_reached_phone = False
         try:
             client.token()  # a token that never came proves the push was never sent
-            may_have_reached_phone = True
+        except DarajaError as exc:
+            with self.db.write() as session:
+                row = session.get(MpesaPayment, pid)
+                assert row is not None
+                if row.status == PaymentStatus.INITIATED:
+                    row.status = PaymentStatus.FAILED
+                    row.result_code = None
+                    row.result_desc = exc.message
+                    session.add(row)
+            log.warning("payment %s not pushed: %s", pid, exc)
+            exc.message = f"payment {pid}: {exc.message}"
+            raise
+        before = self._mark_sending(pid)
+        try:
             accepted = client.stk_push(
                 phone=payment.phone_number,
                 amount=payment.amount,
@@ -524,63 +622,132 @@ class Payments:
                 transaction_desc=payment.payment_purpose,
             )
         except DarajaError as exc:
-            with self.db.write() as session:
-                row = session.get(MpesaPayment, pid)
-                assert row is not None
-                if _settled(row):
-                    # An earlier push's result arrived meanwhile and moved money: keep it.
-                    row.push_count += 1 if may_have_reached_phone else 0
-                elif may_have_reached_phone and isinstance(exc, DarajaTimeoutError):
-                    row.status = PaymentStatus.UNKNOWN
-                    row.push_count += 1
-                    row.last_pushed_at = self.clock()
-                    # This push's CheckoutRequestID never came. Keeping the previous push's
-                    # would let resend/reconcile query that one and push blindly again.
-                    row.checkout_request_id = None
-                    row.merchant_request_id = None
-                elif row.status in (PaymentStatus.INITIATED, PaymentStatus.UNKNOWN):
-                    row.status = PaymentStatus.FAILED
-                if not _settled(row):
-                    row.result_code = (
-                        exc.code if not isinstance(exc, DarajaUnreachableError) else None
-                    )
-                    row.result_desc = exc.message
-                session.add(row)
+            self._patiently(pid, partial(self._record_push_error, pid, exc, before))
             log.warning("payment %s push failed: %s", pid, exc)
             exc.message = f"payment {pid}: {exc.message}"
+            if isinstance(exc, DarajaTimeoutError):
+                exc.hint = _after_push_hint(pid)
             raise
-        now = self.clock()
+        except KeyboardInterrupt:
+            raise PushInterrupted(pid) from None
+        log.info("payment %s pushed: checkout %s", pid, accepted.checkout_request_id)
+        self._patiently(pid, partial(self._record_accepted, pid, accepted))
+        # The callback can beat the push's own answer: apply any that is already waiting.
+        self.replay_callbacks(accepted.checkout_request_id)
+        return self.get(pid)
+
+    def _mark_sending(self, pid: int) -> datetime | None:
+        """Record that a push is about to be sent. Until its answer is recorded the payment is
+        ``unknown`` with no CheckoutRequestID: a "paid" callback for it is matched by phone and
+        amount (and confirmed by query), and ``resend`` will not push over it."""
         with self.db.write() as session:
             row = session.get(MpesaPayment, pid)
             assert row is not None
-            session.add(
-                MpesaCheckout(
-                    payment_id=pid,
-                    checkout_request_id=accepted.checkout_request_id,
-                    merchant_request_id=accepted.merchant_request_id,
-                    pushed_at=now,
+            if _settled(row):
+                raise ConflictError(
+                    f"payment {pid} is {row.status}; it is never pushed again",
+                    hint="request a new payment if more is owed",
                 )
-            )
+            before = row.last_pushed_at
+            row.status = PaymentStatus.UNKNOWN
             row.push_count += 1
-            row.last_pushed_at = now
-            if not _settled(row):
-                # (when an earlier push was paid meanwhile, this one is only recorded: if it is
-                # paid too, its callback flags the refund)
+            row.last_pushed_at = self.clock()
+            # An older push's CheckoutRequestID stays in mpesa_checkout, where its callback
+            # still finds it; the payment's own column is for this push's once Daraja answers.
+            row.checkout_request_id = None
+            row.merchant_request_id = None
+            row.result_code = None
+            row.result_desc = "push sent; Daraja's answer not recorded yet"
+            session.add(row)
+        return before
+
+    def _record_push_error(
+        self, pid: int, exc: DarajaError, pushed_before: datetime | None
+    ) -> None:
+        with self.db.write() as session:
+            row = session.get(MpesaPayment, pid)
+            assert row is not None
+            if _settled(row) or row.status != PaymentStatus.UNKNOWN or row.checkout_request_id:
+                # a result arrived meanwhile (a callback matched and confirmed): keep it
+                return
+            if not isinstance(exc, DarajaTimeoutError):
+                # Daraja refused it, or it never left: no prompt reached the phone, and the
+                # push does not count
+                row.status = PaymentStatus.FAILED
+                row.push_count -= 1
+                row.last_pushed_at = pushed_before
+            row.result_code = exc.code if not isinstance(exc, DarajaUnreachableError) else None
+            row.result_desc = exc.message
+            session.add(row)
+
+    def _record_accepted(self, pid: int, accepted: PushAccepted) -> None:
+        with self.db.write() as session:
+            row = session.get(MpesaPayment, pid)
+            assert row is not None
+            known = session.exec(
+                select(MpesaCheckout).where(
+                    MpesaCheckout.checkout_request_id == accepted.checkout_request_id
+                )
+            ).first()
+            if known is None:
+                # (already there when its callback came first and was matched by phone and
+                # amount, then confirmed by query)
+                session.add(
+                    MpesaCheckout(
+                        payment_id=pid,
+                        checkout_request_id=accepted.checkout_request_id,
+                        merchant_request_id=accepted.merchant_request_id,
+                        pushed_at=row.last_pushed_at or self.clock(),
+                    )
+                )
+            if not _settled(row) and row.status == PaymentStatus.UNKNOWN:
+                # (when a push was paid meanwhile, this one is only recorded: if it is paid
+                # too, its callback flags the refund)
                 row.checkout_request_id = accepted.checkout_request_id
                 row.merchant_request_id = accepted.merchant_request_id
                 row.status = PaymentStatus.PENDING
                 row.result_code = None
                 row.result_desc = None
-            session.add(row)
-        log.info("payment %s pushed: checkout %s", pid, accepted.checkout_request_id)
-        # The callback can beat the push's own answer: apply any that is already waiting.
-        self.replay_callbacks(accepted.checkout_request_id)
-        return self.get(pid)
+                session.add(row)
+
+    def _patiently(self, pid: int, write: Callable[[], None]) -> None:
+        """Record what Daraja answered to a push, however long the database stays busy.
+
+        The prompt may be on the phone, so giving up would leave the office guessing; each
+        attempt already waits out the busy timeout. A Ctrl-C here leaves the payment
+        ``unknown``, which the callback or ``reconcile`` settles.
+        """
+        told = False
+        while True:
+            try:
+                write()
+                return
+            except DatabaseBusyError:
+                if not told:
+                    self.notify(
+                        f"payment {pid}: the database is busy; still waiting to record Daraja's "
+                        "answer to the push (do not push again)"
+                    )
+                    told = True
+                log.warning("payment %s: database busy, recording the push's answer again", pid)
+            except KeyboardInterrupt:
+                raise PushInterrupted(pid) from None
+            except SfcrmError as exc:
+                exc.message = (
+                    f"payment {pid} was pushed, but its answer could not be recorded: {exc.message}"
+                )
+                exc.hint = _after_push_hint(pid)
+                raise
 
     # -- resend ----------------------------------------------------------------------------
 
     def resend(self, payment_id: int, *, force: bool = False) -> PushReport:
-        """Push a payment again, only when Daraja confirms the last push did not complete."""
+        """Push a payment again, only when Daraja confirms the last push did not complete.
+
+        Never while a push may still be on the phone, and never while a stored "paid" callback
+        that could be this payment's waits: that one is settled first (by query).
+        ``force`` only pushes over a last push whose outcome stayed unknown.
+        """
         callback_url = self._require_callback_url()
         client = self.client
         now = self.clock()
@@ -588,10 +755,7 @@ class Payments:
             payment = session.get(MpesaPayment, payment_id)
             if payment is None:
                 raise NotFoundError("no such payment", value=str(payment_id))
-            if payment.balance_applied or payment.status in (
-                PaymentStatus.COMPLETED,
-                PaymentStatus.NEEDS_REVIEW,
-            ):
+            if _settled(payment):
                 raise ConflictError(
                     f"payment {payment_id} is {payment.status}; it is never pushed again",
                     hint="request a new payment if more is owed",
@@ -600,18 +764,21 @@ class Payments:
                 raise ConflictError(
                     f"payment {payment_id} is being resent by another sfcrm right now"
                 )
-            unknown = payment.status == PaymentStatus.INITIATED or (
-                payment.status == PaymentStatus.UNKNOWN and not payment.checkout_request_id
-            )
-            if unknown and not force:
-                raise ConflictError(
-                    f"the last push of payment {payment_id} has an unknown outcome",
-                    hint="the prompt may have reached the phone; wait for its callback, or check "
-                    "the M-Pesa statement and use --force to push anyway",
-                )
+            if payment.status == PaymentStatus.UNKNOWN and not payment.checkout_request_id:
+                self._refuse_unknown(payment, client.timeout, now, force=force)
             payment.resend_claimed_until = now + timedelta(seconds=2 * client.timeout + 30)
             session.add(payment)
         try:
+            waiting = self._settle_waiting_callbacks(payment)
+            payment = self.get(payment_id)
+            if _settled(payment):
+                return PushReport(payment, False, "already paid: not pushed again")
+            if waiting:
+                raise ConflictError(
+                    f"a 'paid' callback that may be payment {payment_id}'s waits for Daraja to "
+                    f"confirm it (callback {', '.join(map(str, waiting))}); not pushed again",
+                    hint="`sfcrm mpesa reconcile` confirms it; `sfcrm mpesa callbacks` lists it",
+                )
             if payment.checkout_request_id and payment.status in PaymentStatus.OPEN:
                 query = client.stk_query(payment.checkout_request_id)
                 if query.processing:
@@ -636,6 +803,72 @@ class Payments:
                 if row is not None:
                     row.resend_claimed_until = None
                     session.add(row)
+
+    @staticmethod
+    def _refuse_unknown(
+        payment: MpesaPayment, timeout: float, now: datetime, *, force: bool
+    ) -> None:
+        """A push whose answer never came may be on the phone: a second prompt could charge the
+        customer twice."""
+        pid = payment.id
+        sent = payment.last_pushed_at or payment.initiated_at
+        if sent + timedelta(seconds=timeout) + PROMPT_LIFETIME > now:
+            ago = max(0, int((now - sent).total_seconds()))
+            raise ConflictError(
+                f"the last push of payment {pid} has an unknown outcome and was sent {ago} s "
+                "ago; not pushed again",
+                hint=f"the prompt may still be on the phone: wait for its callback "
+                f"(`sfcrm mpesa status {pid}`)",
+            )
+        if not force:
+            raise ConflictError(
+                f"the last push of payment {pid} has an unknown outcome",
+                hint=f"the prompt may have reached the phone: check `sfcrm mpesa status {pid}` "
+                f"and the M-Pesa statement (account SF-{pid}); use --force only if it was "
+                "not paid and the customer asks for a new prompt",
+            )
+
+    def _settle_waiting_callbacks(self, payment: MpesaPayment) -> list[int]:
+        """Act on every stored "paid" callback that could be this payment's, confirming by
+        query where needed; returns those still waiting (Daraja still processing them, or out
+        of reach)."""
+        for callback_id, outcome in self._waiting_paid_callbacks(payment):
+            try:
+                if outcome != CallbackOutcome.NEEDS_QUERY:
+                    outcome = self.process_callback(callback_id).outcome
+                if outcome == CallbackOutcome.NEEDS_QUERY:
+                    self.confirm_callback(callback_id)
+            except DarajaError as exc:
+                log.warning("callback %s could not be confirmed: %s", callback_id, exc)
+        return [callback_id for callback_id, _ in self._waiting_paid_callbacks(payment)]
+
+    def _waiting_paid_callbacks(self, payment: MpesaPayment) -> list[tuple[int, str]]:
+        """Stored callbacks, not yet settled, that say "paid" and could be this payment's: for
+        one of its own pushes, or for a CheckoutRequestID no push of ours holds, with its phone
+        and amount, that came after the payment was made."""
+        pid = payment.id
+        waiting = (*ACTIONABLE, CallbackOutcome.NEEDS_QUERY)
+        with self.db.raw_read() as conn:
+            rows = conn.execute(
+                "SELECT cb.id, cb.outcome, cb.body, c.payment_id FROM mpesa_callback AS cb "  # noqa: S608
+                "LEFT JOIN mpesa_checkout AS c ON c.checkout_request_id = cb.checkout_request_id "
+                f"WHERE cb.outcome IN ({', '.join('?' * len(waiting))}) "
+                "AND (cb.result_code = '0' OR cb.result_code IS NULL) AND cb.received_at >= ? "
+                "ORDER BY cb.id",
+                (*waiting, db_time(payment.initiated_at - ADOPT_SKEW)),
+            ).fetchall()
+        found = []
+        for callback_id, outcome, body, owner in rows:
+            parsed = _read_callback(bytes(body))
+            if not isinstance(parsed, StkResult) or not parsed.paid:
+                continue
+            if owner == pid or (
+                owner is None
+                and parsed.amount == Decimal(payment.amount)
+                and _same_phone(payment.phone_number, parsed.phone)
+            ):
+                found.append((int(callback_id), str(outcome)))
+        return found
 
     def pending_ids(self) -> list[int]:
         with self.db.read() as session:
@@ -771,18 +1004,24 @@ class Payments:
                 )
             return callback_id, Applied(CallbackOutcome.ERROR, detail)
 
-    def process_callback(self, callback_id: int) -> Applied:
-        """Act on a stored callback (no network). NEEDS_QUERY asks the caller to confirm it."""
+    def process_callback(self, callback_id: int, *, again_if_waiting: bool = False) -> Applied:
+        """Act on a stored callback (no network). NEEDS_QUERY asks the caller to confirm it.
+
+        ``again_if_waiting`` also reads a callback already waiting for a query once more: when
+        the push it belongs to has just been recorded, it may need no query any longer.
+        """
         with self.db.raw_write() as conn:
             row = conn.execute(
-                "SELECT body, trusted, outcome, detail, payment_id, checkout_request_id "
-                "FROM mpesa_callback WHERE id = ?",
+                "SELECT body, trusted, outcome, detail, payment_id, checkout_request_id, "
+                "received_at FROM mpesa_callback WHERE id = ?",
                 (callback_id,),
             ).fetchone()
             if row is None:
                 raise NotFoundError("no such callback", value=str(callback_id))
-            body, trusted, outcome, detail, payment_id, stored_id = row
-            if outcome not in ACTIONABLE:
+            body, trusted, outcome, detail, payment_id, stored_id, received = row
+            if outcome not in ACTIONABLE and not (
+                again_if_waiting and outcome == CallbackOutcome.NEEDS_QUERY
+            ):
                 return Applied(outcome, detail or "", payment_id)
             parsed = _read_callback(bytes(body))
             if isinstance(parsed, StkResult) and stored_id is None:
@@ -793,7 +1032,10 @@ class Payments:
                     (parsed.checkout_request_id, parsed.result_code, callback_id),
                 )
             now = self.clock()
-            return self._act(conn, callback_id, parsed, bool(trusted), now, db_time(now))
+            return self._act(
+                conn, callback_id, parsed, bool(trusted), now, db_time(now),
+                received_at=_from_db(received),
+            )  # fmt: skip
 
     def _act(
         self,
@@ -803,6 +1045,8 @@ class Payments:
         trusted: bool,
         now: datetime,
         stamp: str | None,
+        *,
+        received_at: datetime | None = None,
     ) -> Applied:
         """Act on a stored callback in the caller's transaction. ``parsed`` is what
         ``_read_callback`` made of its body, whose IDs the row already holds."""
@@ -814,7 +1058,10 @@ class Payments:
             return Applied(CallbackOutcome.REJECTED, parsed)
         result = parsed
         trusted = trusted and not self.confirm_by_query
-        applied = _apply(conn, result, source="callback", trusted=trusted, now=now, stamp=stamp)
+        applied = _apply(
+            conn, result, source="callback", trusted=trusted, now=now, stamp=stamp,
+            received_at=received_at,
+        )  # fmt: skip
         conn.execute(
             "UPDATE mpesa_callback SET outcome = ?, detail = ?, payment_id = ?, processed_at = ? "
             "WHERE id = ?",
@@ -841,6 +1088,7 @@ class Payments:
             if row.outcome != CallbackOutcome.NEEDS_QUERY:
                 return Applied(row.outcome, row.detail or "", row.payment_id)
             body = row.body
+            received_at = row.received_at
         result = parse_stk_callback(body)
         query = self.client.stk_query(result.checkout_request_id)
         if query.processing:
@@ -856,14 +1104,18 @@ class Payments:
                 source="query",
                 trusted=True,
                 now=self.clock(),
+                received_at=received_at,
             )
-            checkout = session.exec(
-                select(MpesaCheckout).where(
-                    MpesaCheckout.checkout_request_id == result.checkout_request_id
+            query_code = query.result_code
+            if query_code == "0" and applied.outcome == CallbackOutcome.UNMATCHED:
+                # Paid, says Daraja, but no payment of ours can take it (yet): it stays in the
+                # inbox, where reconcile and resend keep looking for its payment.
+                final = Applied(
+                    CallbackOutcome.UNMATCHED,
+                    "confirmed paid by query, but no payment matches it",
+                    None,
                 )
-            ).first()
-            query_code = checkout.result_code if checkout else None
-            if query_code == "0":
+            elif query_code == "0":
                 final = Applied(
                     applied.outcome, "confirmed by query: " + applied.detail, applied.payment_id
                 )
@@ -885,15 +1137,19 @@ class Payments:
 
     def replay_callbacks(self, checkout_request_id: str | None = None) -> int:
         """Act on stored callbacks not yet applied (no network); returns how many changed."""
+        # For a push just recorded, a callback waiting for a query because it came first (and
+        # was matched by phone and amount only) is read again: now its push is known.
+        again = checkout_request_id is not None
+        outcomes = (*ACTIONABLE, CallbackOutcome.NEEDS_QUERY) if again else ACTIONABLE
         with self.db.read() as session:
-            query = select(MpesaCallback.id).where(col(MpesaCallback.outcome).in_(ACTIONABLE))
+            query = select(MpesaCallback.id).where(col(MpesaCallback.outcome).in_(outcomes))
             if checkout_request_id is not None:
                 query = query.where(MpesaCallback.checkout_request_id == checkout_request_id)
             ids = [i for i in session.exec(query.order_by(col(MpesaCallback.id))).all() if i]
         changed = 0
         for callback_id in ids:
             try:
-                applied = self.process_callback(callback_id)
+                applied = self.process_callback(callback_id, again_if_waiting=again)
             except Exception:
                 # One bad row must not hold up the others; it stays for a person to look at.
                 log.exception("stored callback %s could not be applied", callback_id)
@@ -912,7 +1168,11 @@ class Payments:
     # -- reconcile -------------------------------------------------------------------------
 
     def reconcile(self, older_than: timedelta = DEFAULT_RECONCILE_AGE) -> ReconcileReport:
-        """Settle everything left open: stored callbacks first, then stale pushes by query."""
+        """Settle everything left open: stored callbacks first, then stale pushes by query.
+
+        Every payment it could not settle is listed with the reason, and so is every "paid"
+        callback no payment has taken: nothing waits unseen.
+        """
         report = ReconcileReport()
         with self.db.read() as session:
             open_before = [
@@ -934,7 +1194,8 @@ class Payments:
                     report.callbacks_applied += 1
             except DarajaError as exc:
                 report.errors.append(f"callback {callback_id}: {exc}")
-        cutoff = self.clock() - older_than
+        now = self.clock()
+        cutoff = now - older_than
         with self.db.read() as session:
             stale = session.exec(
                 select(MpesaPayment)
@@ -952,17 +1213,79 @@ class Payments:
                 applied = self.settle_by_query(payment.checkout_request_id)
             except DarajaError as exc:
                 report.errors.append(f"payment {payment.id}: {exc}")
+                report.unsettled.append((payment.id, f"Daraja could not be asked: {exc}"))
                 continue
             if applied is None:
                 report.still_pending.append(payment.id)
+                report.unsettled.append((payment.id, "Daraja is still processing it"))
         # Settled by a query or by a stored callback, whichever came first.
         for payment_id in open_before:
             after = self.get(payment_id)
             if after.status not in PaymentStatus.OPEN:
                 report.settled.append(after)
+        report.unsettled.extend(self._needing_a_person(cutoff))
+        report.unsettled.sort()
+        report.unmatched_paid = self._unmatched_paid()
         log.info(
-            "reconcile: %s checked, %s settled, %s still pending, %s callbacks applied, %s errors",
+            "reconcile: %s checked, %s settled, %s still pending, %s not settled, "
+            "%s callbacks applied, %s paid callbacks unmatched, %s errors",
             report.checked, len(report.settled), len(report.still_pending),
-            report.callbacks_applied, len(report.errors),
+            len(report.unsettled), report.callbacks_applied, len(report.unmatched_paid),
+            len(report.errors),
         )  # fmt: skip
         return report
+
+    def _needing_a_person(self, cutoff: datetime) -> list[tuple[int, str]]:
+        """Payments no query can settle, with what the office can do about each."""
+        found: list[tuple[int, str]] = []
+        with self.db.read() as session:
+            rows = session.exec(
+                select(MpesaPayment)
+                .where(
+                    (
+                        (col(MpesaPayment.status) == PaymentStatus.UNKNOWN)
+                        & col(MpesaPayment.checkout_request_id).is_(None)
+                        & (col(MpesaPayment.last_pushed_at) <= cutoff)
+                    )
+                    | (
+                        (col(MpesaPayment.status) == PaymentStatus.INITIATED)
+                        & (col(MpesaPayment.initiated_at) <= cutoff)
+                    )
+                    | (col(MpesaPayment.status) == PaymentStatus.NEEDS_REVIEW)
+                    | col(MpesaPayment.refund_due)
+                )
+                .order_by(col(MpesaPayment.id))
+            ).all()
+        for p in rows:
+            assert p.id is not None
+            if p.refund_due:
+                why = "paid twice (by two pushes): a refund is due"
+            elif p.status == PaymentStatus.NEEDS_REVIEW:
+                why = f"needs review: {p.result_desc}"
+            elif p.status == PaymentStatus.INITIATED:
+                why = (
+                    "never pushed (the command stopped before the push); "
+                    f"`sfcrm mpesa resend {p.id}` pushes it"
+                )
+            else:
+                why = (
+                    "pushed, but Daraja's answer never came and no 'paid' callback matches it: "
+                    f"check the M-Pesa statement for account SF-{p.id}; "
+                    f"`sfcrm mpesa resend {p.id} --force` only if it was not paid"
+                )
+            found.append((p.id, why))
+        return found
+
+    def _unmatched_paid(self) -> list[int]:
+        """Stored "paid" callbacks that no payment has taken."""
+        with self.db.read() as session:
+            return [
+                i
+                for i in session.exec(
+                    select(MpesaCallback.id)
+                    .where(MpesaCallback.outcome == CallbackOutcome.UNMATCHED)
+                    .where(MpesaCallback.result_code == "0")
+                    .order_by(col(MpesaCallback.id))
+                ).all()
+                if i is not None
+            ]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 
 class PaymentStatus:
-    INITIATED = "initiated"  # row written, push not answered yet
+    INITIATED = "initiated"  # row written; the push was never sent
     PENDING = "pending"  # Daraja accepted the push; waiting for the outcome
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"  # 1031 / 1032
     NEEDS_REVIEW = "needs_review"  # paid, but not the amount asked for
-    UNKNOWN = "unknown"  # the push may have reached Daraja but its answer never came
+    # the push is being sent, or was sent and its answer never recorded: it may be on the phone
+    UNKNOWN = "unknown"
 
     ALL = (INITIATED, PENDING, COMPLETED, FAILED, CANCELLED, NEEDS_REVIEW, UNKNOWN)
     OPEN = (PENDING, UNKNOWN)

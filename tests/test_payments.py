@@ -289,7 +289,7 @@ def settle(payments: Payments, payment_id: int | None) -> MpesaPayment:
 # -- request -----------------------------------------------------------------------------------
 
 
-def test_request_writes_the_payment_row_before_daraja_is_called(
+def test_request_records_the_push_as_sent_before_daraja_is_called(
     db: Database, db_path: Path, emulator: DarajaEmulator, person_with_balance: Person
 ) -> None:
     seen_at_push: list[list[tuple[Any, ...]]] = []
@@ -308,7 +308,9 @@ def test_request_writes_the_payment_row_before_daraja_is_called(
     payment = payments_with(db, client).request(str(person_with_balance.id), 500, "Deposit")
 
     pid = payment.id
-    assert seen_at_push == [[(pid, PaymentStatus.INITIATED, f"SF-{pid}", 500, 0, None)]]
+    # the row exists and already says "this push may be on the phone": a command stopped now
+    # leaves a payment the listener, reconcile and resend all act on
+    assert seen_at_push == [[(pid, PaymentStatus.UNKNOWN, f"SF-{pid}", 500, 1, None)]]
     assert payment.status == PaymentStatus.PENDING
     assert payment.checkout_request_id
     assert payment.checkout_request_id.startswith("ws_CO_")
@@ -454,7 +456,11 @@ def test_push_without_an_answer_in_time_is_unknown_and_never_pushed_again(
     assert silent.get(id_of(payment)).status == PaymentStatus.UNKNOWN
     assert balance(db, person_with_balance.id) == START_BALANCE
 
-    # The operator checked the statement: --force pushes again, here to a Daraja that answers.
+    # Minutes later, the operator checked the statement: --force pushes again, here to a
+    # Daraja that answers. (Right after the push, the prompt could still be on the phone.)
+    with pytest.raises(ConflictError, match="was sent 0 s ago"):
+        payments.resend(id_of(payment), force=True)
+    push_was_sent_minutes_ago(db, id_of(payment))
     report_forced = payments.resend(id_of(payment), force=True)
     assert report_forced.pushed
     assert report_forced.payment.status == PaymentStatus.PENDING
@@ -731,7 +737,11 @@ def test_callback_that_beats_the_push_answer_is_applied_once_when_the_answer_is_
     payment = payments.request("1", 500, "Deposit")
 
     [(callback_id, on_arrival)] = early
-    assert on_arrival.outcome == CallbackOutcome.UNMATCHED
+    # the push is on its way: the callback is matched by phone and amount, to be confirmed
+    assert (on_arrival.outcome, on_arrival.payment_id) == (
+        CallbackOutcome.NEEDS_QUERY,
+        payment.id,
+    )
     assert payment.status == PaymentStatus.COMPLETED  # already when request() returns
     assert payment.receipt_number == "SFEARLY001"
     assert payment.push_count == 1
@@ -1098,6 +1108,15 @@ def test_reconcile_confirms_a_paid_callback_that_contradicts_a_recorded_failure(
 # -- a push whose answer was lost --------------------------------------------------------------
 
 
+def push_was_sent_minutes_ago(db: Database, payment_id: int, minutes: int = 3) -> None:
+    with db.write() as session:
+        payment = session.get(MpesaPayment, payment_id)
+        assert payment is not None and payment.last_pushed_at is not None
+        payment.last_pushed_at -= timedelta(minutes=minutes)
+        payment.initiated_at -= timedelta(minutes=minutes)
+        session.add(payment)
+
+
 def lose_push_answer(db: Database, payment_id: int) -> str:
     """Make a pushed payment look as if Daraja's answer never arrived; returns its checkout."""
     with db.write() as session:
@@ -1139,16 +1158,28 @@ def test_late_callback_of_a_push_without_answer_settles_it_once_a_query_confirms
     assert balance(db, person_with_balance.id) == START_BALANCE - 500 * 100
 
 
-def test_late_callback_matching_two_unanswered_pushes_stays_unmatched(
-    payments: Payments, db: Database, person_with_balance: Person
+def test_late_callbacks_matching_two_unanswered_pushes_settle_them_oldest_first(
+    payments: Payments, db: Database, daraja_client: DarajaClient, person_with_balance: Person
 ) -> None:
     first = payments.request("1", 500, "Deposit")
     second = payments.request("1", 500, "Deposit again")
-    checkout_id = lose_push_answer(db, id_of(first))
-    lose_push_answer(db, id_of(second))
-    _, applied = deliver(payments, callback_body(checkout_id))
-    assert applied.outcome == CallbackOutcome.UNMATCHED
-    assert balance(db, person_with_balance.id) == START_BALANCE
+    second_checkout = lose_push_answer(db, id_of(second))
+    first_checkout = lose_push_answer(db, id_of(first))
+    settled_at_emulator(daraja_client, first_checkout, second_checkout)
+
+    # the second push's callback comes first: it still settles the oldest payment
+    callback_id, applied = deliver(payments, callback_body(second_checkout, receipt="SFSECOND01"))
+    assert (applied.outcome, applied.payment_id) == (CallbackOutcome.NEEDS_QUERY, first.id)
+    assert balance(db, person_with_balance.id) == START_BALANCE  # not before the query
+    assert payments.confirm_callback(callback_id).outcome == CallbackOutcome.APPLIED
+    other_id, _ = deliver(payments, callback_body(first_checkout, receipt="SFFIRST001"))
+    assert payments.confirm_callback(other_id).outcome == CallbackOutcome.APPLIED
+
+    oldest, newest = payments.get(id_of(first)), payments.get(id_of(second))
+    assert (oldest.status, oldest.receipt_number) == (PaymentStatus.COMPLETED, "SFSECOND01")
+    assert (newest.status, newest.receipt_number) == (PaymentStatus.COMPLETED, "SFFIRST001")
+    assert oldest.result_desc is not None and "oldest of 2" in oldest.result_desc
+    assert balance(db, person_with_balance.id) == START_BALANCE - 2 * 500_00
 
 
 def test_late_callback_with_another_amount_is_not_taken_by_an_unanswered_push(

@@ -1296,10 +1296,10 @@ def test_replay_goes_on_past_a_stored_callback_that_keeps_failing(
     stuck, later = callback_rows(db)
     assert (stuck.outcome, later.outcome) == ("error", "error")
 
-    def still_broken_for_first(callback_id: int) -> Any:
+    def still_broken_for_first(callback_id: int, **options: Any) -> Any:
         if callback_id == stuck.id:
             raise RuntimeError("still on fire")
-        return act(callback_id)
+        return act(callback_id, **options)
 
     monkeypatch.undo()
     monkeypatch.setattr(payments, "process_callback", still_broken_for_first)

@@ -238,23 +238,31 @@ def reconcile(
             "still_pending": report.still_pending,
             "callbacks_applied": report.callbacks_applied,
             "unknown_outcome": report.unqueryable,
+            "not_settled": [
+                {"payment_id": pid, "reason": rt.redact(why)} for pid, why in report.unsettled
+            ],
+            "unmatched_paid_callbacks": report.unmatched_paid,
             "errors": [rt.redact(e) for e in report.errors],
         }
 
         def render() -> None:
             for p in report.settled:
                 rt.print(f"payment {p.id}: {p.status}")
+            for pid, why in report.unsettled:
+                rt.print(f"payment {pid}: not settled: {why}")
             for e in report.errors:
                 rt.say(f"error: {e}")
-            if report.unqueryable:
-                rt.say(
-                    "unknown outcome, no CheckoutRequestID to ask about: "
-                    + ", ".join(str(i) for i in report.unqueryable)
+            if report.unmatched_paid:
+                rt.print(
+                    "'paid' callbacks no payment has taken (see `sfcrm mpesa callbacks "
+                    "--unmatched`): " + ", ".join(str(i) for i in report.unmatched_paid)
                 )
             rt.print(
                 f"{report.checked} checked, {len(report.settled)} settled, "
                 f"{len(report.still_pending)} still pending, "
+                f"{len(report.unsettled)} not settled, "
                 f"{report.callbacks_applied} stored callbacks applied, "
+                f"{len(report.unmatched_paid)} unmatched paid callbacks, "
                 f"{len(report.errors)} errors."
             )
 

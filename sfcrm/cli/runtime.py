@@ -107,6 +107,7 @@ class Runtime:
             clock=self.clock,
             client_factory=lambda: build_daraja_client(self.settings, self.db, self.clock),
             confirm_by_query=self.settings.mpesa_confirm_by_query,
+            notify=self.say,
         )
 
     @cached_property
@@ -278,8 +279,9 @@ def command(json_output: bool = False) -> Iterator[Runtime]:
         raise
     except SfcrmError as exc:
         raise rt.fail(exc) from None
-    except KeyboardInterrupt:
-        rt.say("Interrupted.")
+    except KeyboardInterrupt as exc:
+        # (a push cut short says which payment may be on a phone, and what not to do)
+        rt.say(getattr(exc, "message", None) or "Interrupted.")
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     except Exception as exc:
         if options.traceback or os.environ.get("SFCRM_TRACEBACK") == "1":
