@@ -13,6 +13,8 @@ Switches (all thread-safe; set them with :meth:`FakeDaraja.configure` or the hel
 - ``callback`` / ``callback_delay``: the outcome posted to the push's CallBackURL
   (``"paid"``, ``"cancelled"``, ``"failed"`` or None for no callback), that many seconds after
   the push's answer. :meth:`hold_callbacks` keeps them back until :meth:`release_callbacks`.
+  ``callback_before_answer``: count the delay from the push's arrival instead, so that with a
+  slow ``push_latency`` the callback beats the push's own answer (as on the real Daraja).
 - :meth:`fail`: the next N requests of a kind answered 5xx, with Daraja's envelope or an HTML
   gateway page.
 - :meth:`force_invalid_token`: the next N pushes/queries answered ``404.001.03`` whatever the
@@ -152,6 +154,7 @@ class FakeDaraja:
         self.push_latency = 0.0
         self.callback: str | None = None
         self.callback_delay = 0.0
+        self.callback_before_answer = False
         self.query_answer = "processing"
         self._failures: dict[str, list[tuple[int, str]]] = {kind: [] for kind in KINDS}
         self._forced_token_errors = 0
@@ -167,7 +170,10 @@ class FakeDaraja:
     # -- switches --------------------------------------------------------------------------
 
     def configure(self, **switches: Any) -> None:
-        allowed = {"token_lifetime", "push_latency", "callback", "callback_delay", "query_answer"}
+        allowed = {
+            "token_lifetime", "push_latency", "callback", "callback_delay", "query_answer",
+            "callback_before_answer",
+        }  # fmt: skip
         unknown = set(switches) - allowed
         if unknown:
             raise TypeError(f"no such switch: {sorted(unknown)}")
@@ -330,11 +336,14 @@ class FakeDaraja:
         with self._lock:
             self.pushes.append(push)
             latency, outcome, delay = self.push_latency, self.callback, self.callback_delay
+            early = self.callback_before_answer
+        if outcome is not None and early:
+            self._spawn(self._send_callback, push, outcome, delay)
         if latency:
             self._closing.wait(min(latency, MAX_WAIT))
         with self._lock:
             push.answered_at = time.monotonic()
-        if outcome is not None:
+        if outcome is not None and not early:
             self._spawn(self._send_callback, push, outcome, delay)
         return 200, {
             "MerchantRequestID": push.merchant_request_id,

@@ -1,0 +1,394 @@
+"""Every push that may have reached a phone is accounted for, whatever stops the command.
+
+The real program in its own process, the real SQLite file, the real listener on a loopback
+socket, and the tests' fake Daraja answering late: the command is killed (SIGKILL, SIGTERM) or
+interrupted (SIGINT, as Ctrl-C) while Daraja still holds the push's answer, and the customer's
+"paid" callback has already reached the listener.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import requests
+from fake_daraja import FakeDaraja, callback_body
+from sqlmodel import select
+from support import CONSUMER_KEY, CONSUMER_SECRET, Listener, finish, utcnow, wait_for
+
+from sfcrm.daraja import DarajaClient
+from sfcrm.db import Database
+from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE
+from sfcrm.errors import ConflictError
+from sfcrm.models import BalanceEntry, CallbackOutcome, MpesaCallback, MpesaPayment, PaymentStatus
+from sfcrm.payments import DatabaseTokenCache, Payments
+from sfcrm.people import People
+
+START = 150_000  # cents
+PHONE = "0712000009"
+STOPS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeDaraja]:
+    with FakeDaraja(
+        shortcode=SANDBOX_SHORTCODE,
+        passkey=SANDBOX_PASSKEY,
+        consumer_key=CONSUMER_KEY,
+        consumer_secret=CONSUMER_SECRET,
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def payments(db: Database, fake: FakeDaraja) -> Payments:
+    """The listener's Payments (conftest's ``listener`` serves these), wired to the fake."""
+    client = DarajaClient(
+        fake.url, CONSUMER_KEY, CONSUMER_SECRET, SANDBOX_SHORTCODE, SANDBOX_PASSKEY,
+        session=requests.Session(), timeout=5.0, clock=utcnow,
+        token_cache=DatabaseTokenCache(db),
+    )  # fmt: skip
+    return Payments(
+        db, callback_url="http://127.0.0.1:9/unused", clock=utcnow, client_factory=lambda: client
+    )
+
+
+@pytest.fixture
+def person_id(people: People) -> int:
+    person = people.add("Akinyi Odhiambo", PHONE, None, "1500")
+    assert person.id is not None
+    return person.id
+
+
+def env_for(fake: FakeDaraja, db_path: Path, listener: Listener, timeout: float = 20) -> dict:
+    return {
+        **os.environ,
+        "MPESA_CONSUMER_KEY": CONSUMER_KEY,
+        "MPESA_CONSUMER_SECRET": CONSUMER_SECRET,
+        "MPESA_PASS_KEY": SANDBOX_PASSKEY,
+        "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
+        "MPESA_BASE_URL": fake.url,
+        "MPESA_CALLBACK_URL": listener.url,
+        "MPESA_TIMEOUT": str(timeout),
+        "SFCRM_DATABASE_URL": str(db_path),
+    }
+
+
+def start(env: dict, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sfcrm", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env,
+    )  # fmt: skip
+
+
+def sfcrm(env: dict, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = start(env, *args)
+    [(out, err)] = finish([proc])
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def stop_mid_push(proc: subprocess.Popen[str], fake: FakeDaraja, how: str) -> str:
+    """Stop the command while Daraja holds its push's answer, after the customer paid."""
+    before = fake.snapshot()
+    wait_for(lambda: fake.snapshot().push == before.push + 1, timeout=15)
+    wait_for(lambda: len(fake.snapshot().callback_statuses) > len(before.callback_statuses), 15)
+    assert fake.snapshot().callback_statuses[-1] == 200
+    assert fake.last_push().answered_at is None  # the command is still waiting for Daraja
+    proc.send_signal(STOPS[how])
+    [(_, err)] = finish([proc], timeout=15)
+    return err
+
+
+def payment_row(db: Database, pid: int) -> MpesaPayment:
+    with db.read() as session:
+        row = session.get(MpesaPayment, pid)
+        assert row is not None
+        return row
+
+
+def only_payment(db: Database) -> MpesaPayment:
+    with db.read() as session:
+        [row] = session.exec(select(MpesaPayment)).all()
+        return row
+
+
+def balance_entries(db: Database, pid: int) -> int:
+    with db.read() as session:
+        rows = session.exec(select(BalanceEntry).where(BalanceEntry.payment_id == pid)).all()
+        return len(rows)
+
+
+def balance(db: Database, person_id: int) -> int:
+    with closing(sqlite3.connect(db.path)) as conn:
+        return int(
+            conn.execute("SELECT balance_cents FROM person WHERE id = ?", (person_id,)).fetchone()[
+                0
+            ]
+        )
+
+
+def callbacks(db: Database) -> list[MpesaCallback]:
+    with db.read() as session:
+        return list(session.exec(select(MpesaCallback).order_by(MpesaCallback.id)).all())
+
+
+def age_the_push(db: Database, pid: int, minutes: int = 5) -> None:
+    """As if the office came back to the payment minutes later (its resend claim gone too)."""
+    with closing(sqlite3.connect(db.path)) as conn, conn:
+        conn.execute(
+            "UPDATE mpesa_payment SET last_pushed_at = datetime(last_pushed_at, ?), "
+            "initiated_at = datetime(initiated_at, ?), resend_claimed_until = NULL WHERE id = ?",
+            (f"-{minutes} minutes", f"-{minutes} minutes", pid),
+        )
+
+
+# -- a request stopped while Daraja holds the push's answer ------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_request_stopped_mid_push_is_settled_by_its_paid_callback_and_never_pushed_twice(
+    how: str, fake: FakeDaraja, listener: Listener, db: Database, db_path: Path, person_id: int
+) -> None:
+    # Daraja takes the push and the customer pays at once (callback at 1 s), but Daraja's HTTP
+    # answer to the push takes 8 s; the command is stopped before it comes.
+    fake.configure(
+        push_latency=8.0, callback="paid", callback_delay=1.0, callback_before_answer=True,
+        query_answer="paid",
+    )  # fmt: skip
+    env = env_for(fake, db_path, listener)
+    proc = start(env, "mpesa", "request", "--person", PHONE, "--amount", "500",
+                 "--purpose", "Crew deposit")  # fmt: skip
+    err = stop_mid_push(proc, fake, how)
+    pid = only_payment(db).id
+    assert pid is not None
+
+    # The listener matched the callback to the push that never got its answer, confirmed it by
+    # query, and the balance went down once.
+    wait_for(lambda: payment_row(db, pid).status == PaymentStatus.COMPLETED, timeout=15)
+    assert balance(db, person_id) == START - 500_00
+    assert balance_entries(db, pid) == 1
+    [stored] = callbacks(db)
+    assert (stored.outcome, stored.payment_id) == (CallbackOutcome.APPLIED, pid)
+    if how == "SIGINT":
+        assert proc.returncode == 130
+        assert f"payment {pid}'s push may have reached the phone. Do not push again" in err
+        assert "try again" not in err
+
+    # The hint the office would follow pushes nothing, with or without --force.
+    age_the_push(db, pid)
+    for args in ((), ("--force",)):
+        resend = sfcrm(env, "mpesa", "resend", str(pid), *args)
+        assert resend.returncode == 6, resend.stderr
+        assert f"payment {pid} is completed; it is never pushed again" in resend.stderr
+    assert fake.snapshot().push == 1
+    report = sfcrm(env, "mpesa", "reconcile", "--older-than", "0s", "--json")
+    doc = json.loads(report.stdout)
+    assert (doc["not_settled"], doc["unmatched_paid_callbacks"], doc["errors"]) == ([], [], [])
+    assert balance(db, person_id) == START - 500_00
+    assert fake.snapshot().push == 1
+
+
+@pytest.mark.slow
+def test_request_stopped_mid_push_without_a_callback_is_listed_by_reconcile_with_the_reason(
+    fake: FakeDaraja, listener: Listener, db: Database, db_path: Path, person_id: int
+) -> None:
+    fake.configure(push_latency=8.0, callback=None)
+    env = env_for(fake, db_path, listener)
+    proc = start(env, "mpesa", "request", "--person", PHONE, "--amount", "500",
+                 "--purpose", "Crew deposit")  # fmt: skip
+    wait_for(lambda: fake.snapshot().push == 1, timeout=15)
+    proc.kill()
+    finish([proc])
+    payment = only_payment(db)
+    pid = payment.id
+    assert (payment.status, payment.checkout_request_id) == (PaymentStatus.UNKNOWN, None)
+
+    # Not yet due: reconcile leaves a push younger than --older-than alone...
+    assert json.loads(sfcrm(env, "mpesa", "reconcile", "--json").stdout)["not_settled"] == []
+    # ...and lists it once it is, with what the office can do.
+    report = sfcrm(env, "mpesa", "reconcile", "--older-than", "0s")
+    assert report.returncode == 0, report.stderr
+    line = next(x for x in report.stdout.splitlines() if x.startswith(f"payment {pid}:"))
+    assert line.startswith(f"payment {pid}: not settled: pushed, but Daraja's answer never came")
+    assert f"account SF-{pid}" in line
+    assert "1 not settled" in report.stdout.splitlines()[-1]
+    # a plain resend refuses; it is --force only, and only once the prompt cannot be on the phone
+    resend = sfcrm(env, "mpesa", "resend", str(pid))
+    assert resend.returncode == 6
+    assert "has an unknown outcome and was sent" in resend.stderr
+    assert fake.snapshot().push == 1
+
+
+# -- a resend stopped while Daraja holds the push's answer -------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_resend_stopped_mid_push_never_pushes_again_while_its_paid_callback_waits(
+    how: str,
+    fake: FakeDaraja,
+    listener: Listener,
+    payments: Payments,
+    db: Database,
+    db_path: Path,
+    person_id: int,
+) -> None:
+    first = payments.request(str(person_id), 500, "Crew deposit")
+    pid = first.id
+    assert pid is not None and first.checkout_request_id
+    assert fake.post_callback(listener.url, callback_body(first.checkout_request_id, 1032)) == 200
+    assert payment_row(db, pid).status == PaymentStatus.CANCELLED
+
+    # The resend's push is taken and paid; its answer is slow; Daraja's query still says
+    # "processing" when the listener asks, so the callback waits for confirmation.
+    fake.configure(
+        push_latency=8.0, callback="paid", callback_delay=1.0, callback_before_answer=True,
+        query_answer="processing",
+    )  # fmt: skip
+    env = env_for(fake, db_path, listener)
+    proc = start(env, "mpesa", "resend", str(pid))
+    stop_mid_push(proc, fake, how)
+    wait_for(lambda: fake.snapshot().query >= 1, timeout=15)
+    [_, paid] = callbacks(db)
+    wait_for(lambda: callbacks(db)[1].outcome == CallbackOutcome.NEEDS_QUERY, timeout=15)
+    assert payment_row(db, pid).status == PaymentStatus.UNKNOWN
+
+    # Minutes later, the claim gone: no resend pushes while that "paid" waits, --force neither.
+    age_the_push(db, pid)
+    pushes = fake.snapshot().push
+    for args in ((), ("--force",)):
+        resend = sfcrm(env, "mpesa", "resend", str(pid), *args)
+        assert resend.returncode == 6, resend.stderr
+        if args:
+            assert f"may be payment {pid}'s waits for Daraja to confirm it" in resend.stderr
+    assert fake.snapshot().push == pushes
+
+    # Daraja now confirms it: the resend settles from that callback instead of pushing.
+    fake.configure(query_answer="paid")
+    settled = sfcrm(env, "mpesa", "resend", str(pid), "--force", "--json")
+    assert settled.returncode == 0, settled.stdout + settled.stderr
+    [result] = json.loads(settled.stdout)["results"]
+    assert (result["pushed"], result["message"]) == (False, "already paid: not pushed again")
+    assert fake.snapshot().push == pushes
+    assert payment_row(db, pid).status == PaymentStatus.COMPLETED
+    assert callbacks(db)[1].outcome == CallbackOutcome.APPLIED
+    assert balance(db, person_id) == START - 500_00
+    assert balance_entries(db, pid) == 1
+    assert paid.id is not None
+
+
+# -- a long write lock while a push is answered ------------------------------------------------
+
+
+def test_push_answered_while_another_writer_holds_the_database_is_recorded_once_it_is_free(
+    fake: FakeDaraja,
+    payments: Payments,
+    db: Database,
+    person_id: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each write waits 0.2 s for the lock here (60 s in use); the lock is held for 2 s, ten
+    # busy timeouts, from the moment Daraja has the push until after it answered.
+    monkeypatch.setattr("sfcrm.db.BUSY_TIMEOUT_SECONDS", 0.2)
+    db.close()
+    notes: list[str] = []
+    payments.notify = notes.append
+    fake.configure(push_latency=0.5)
+    held = threading.Event()
+
+    def hold_the_lock() -> None:
+        wait_for(lambda: fake.snapshot().push == 1, timeout=10, interval=0.005)
+        with closing(sqlite3.connect(db.path, isolation_level=None)) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            held.set()
+            time.sleep(2.0)  # the other writer's long transaction (an import, say)
+            conn.execute("COMMIT")
+
+    writer = threading.Thread(target=hold_the_lock)
+    writer.start()
+    try:
+        payment = payments.request(str(person_id), 500, "Crew deposit")
+    finally:
+        writer.join()
+    assert held.is_set()
+    assert payment.status == PaymentStatus.PENDING
+    assert payment.checkout_request_id == fake.last_push().checkout_request_id
+    assert payment.push_count == 1
+    assert fake.snapshot().push == 1
+    assert notes == [
+        f"payment {payment.id}: the database is busy; still waiting to record Daraja's answer "
+        "to the push (do not push again)"
+    ]
+
+
+# -- two pushes of one amount to one phone, both unanswered ------------------------------------
+
+
+@pytest.mark.slow
+def test_two_unanswered_pushes_of_one_amount_to_one_phone_are_both_settled_oldest_first(
+    fake: FakeDaraja, listener: Listener, db: Database, db_path: Path, person_id: int
+) -> None:
+    # Daraja answers each push after the client gave up (1 s), and the customer pays both.
+    fake.configure(push_latency=2.5, callback="paid", callback_delay=0.1, query_answer="paid")
+    fake.hold_callbacks()
+    env = env_for(fake, db_path, listener, timeout=1)
+    for purpose in ("Crew deposit", "Cable damage"):
+        request = sfcrm(env, "mpesa", "request", "--person", PHONE, "--amount", "500",
+                        "--purpose", purpose)  # fmt: skip
+        assert request.returncode == 8
+        assert "Hint: the prompt may be on the phone: do not request or resend it" in (
+            request.stderr
+        )
+    with db.read() as session:
+        rows = session.exec(select(MpesaPayment).order_by(MpesaPayment.id)).all()
+    assert [(p.status, p.checkout_request_id) for p in rows] == [(PaymentStatus.UNKNOWN, None)] * 2
+    wait_for(lambda: all(p.answered_at for p in fake.pushes), timeout=10)
+    fake.release_callbacks()
+    wait_for(lambda: fake.snapshot().callback_statuses == [200, 200], timeout=10)
+
+    ids = [p.id for p in rows]
+    assert None not in ids
+    wait_for(
+        lambda: all(payment_row(db, i).status == PaymentStatus.COMPLETED for i in ids),  # type: ignore[arg-type]
+        timeout=15,
+    )
+    assert balance(db, person_id) == START - 2 * 500_00
+    assert [balance_entries(db, i) for i in ids] == [1, 1]  # type: ignore[arg-type]
+    details = [payment_row(db, i).result_desc or "" for i in ids]  # type: ignore[arg-type]
+    assert "oldest of 2 unanswered pushes" in details[0]
+    report = json.loads(sfcrm(env, "mpesa", "reconcile", "--older-than", "0s", "--json").stdout)
+    assert (report["not_settled"], report["unmatched_paid_callbacks"]) == ([], [])
+
+
+def test_resend_refuses_a_push_that_may_still_be_on_the_phone_even_with_force(
+    fake: FakeDaraja, payments: Payments, db: Database, person_id: int
+) -> None:
+    fake.configure(push_latency=1.5)
+    payments.client.timeout = 0.5
+    with pytest.raises(Exception, match="may have reached the phone"):
+        payments.request(str(person_id), 500, "Crew deposit")
+    pid = only_payment(db).id
+    assert pid is not None
+    with pytest.raises(ConflictError, match=r"has an unknown outcome and was sent [01] s ago"):
+        payments.resend(pid, force=True)
+    assert fake.snapshot().push == 1
+    age_the_push(db, pid, minutes=1)
+    with pytest.raises(ConflictError, match=r"was sent 6[012] s ago"):
+        payments.resend(pid, force=True)
+    age_the_push(db, pid, minutes=2)
+    payments.client.timeout = 5.0
+    fake.configure(push_latency=0)
+    assert payments.resend(pid, force=True).pushed
+    assert fake.snapshot().push == 2
