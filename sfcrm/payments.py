@@ -57,7 +57,7 @@ from sfcrm.models import (
     PaymentStatus,
 )
 from sfcrm.money import format_cents, parse_stk_amount
-from sfcrm.people import find_person, record_balance_change
+from sfcrm.people import find_person, printable_line, record_balance_change
 from sfcrm.phone import normalise_phone
 from sfcrm.reads import iso_in
 from sfcrm.reads import payment_json as payment_json  # where the CLI has always found it
@@ -562,7 +562,7 @@ class Payments:
     ) -> MpesaPayment:
         """Write the payment row, then push. Bad input is refused before any row or request."""
         shillings = parse_stk_amount(amount)
-        purpose_text = " ".join(purpose.split())
+        purpose_text = printable_line(purpose)
         if not purpose_text:
             raise ValidationError("purpose must not be empty")
         if len(purpose_text) > MAX_PURPOSE:

@@ -107,9 +107,14 @@ def entry_json(entry: BalanceEntry, tz: Any) -> dict[str, Any]:
     }
 
 
+def printable_line(text: str) -> str:
+    """Typed text as one line: no control, format (invisible) or line-break characters, and
+    single spaces. Names and payment purposes end up in emails, logs and terminals."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+
+
 def clean_name(name: str) -> str:
-    # Names end up in emails and logs: one line, no control characters.
-    cleaned = " ".join("".join(ch if ch.isprintable() else " " for ch in name).split())
+    cleaned = printable_line(name)
     if not cleaned:
         raise ValidationError("name must not be empty")
     if len(cleaned) > MAX_NAME:

@@ -20,7 +20,7 @@ from sqlmodel import SQLModel, col, select
 import sfcrm.models  # noqa: F401 - registers every table on SQLModel.metadata
 from sfcrm.db import MIGRATIONS, SCHEMA_VERSION, Database, migrate
 from sfcrm.errors import DatabaseError
-from sfcrm.models import Person
+from sfcrm.models import MpesaPayment, Person
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,6 +205,40 @@ def test_existing_version_1_file_keeps_its_data(db_path: Path) -> None:
     assert people[0].created_at == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
     with raw(db_path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_payment_left_initiated_by_an_older_sfcrm_becomes_unknown_on_upgrade(
+    db_path: Path,
+) -> None:
+    # An older release recorded a push only once Daraja answered: its "initiated" payment may
+    # have reached a phone. This release's "initiated" means "never pushed".
+    with raw(db_path) as conn:
+        for script in MIGRATIONS[:3]:
+            conn.executescript(script)
+        conn.execute(
+            "INSERT INTO person (id, name, phone, balance_cents, created_at)"
+            " VALUES (1, 'Otieno', '254712000002', 0, '2025-01-02 03:04:05.000000')"
+        )
+        for pid, status in ((1, "initiated"), (2, "completed"), (3, "failed")):
+            conn.execute(
+                "INSERT INTO mpesa_payment (id, person_id, phone_number, amount, payment_purpose,"
+                " status, initiated_at, push_count, balance_applied, refund_due)"
+                " VALUES (?, 1, '254712000002', 500, 'x', ?, '2025-01-02 03:04:05.000000', 0,"
+                " 0, 0)",
+                (pid, status),
+            )
+        conn.execute("PRAGMA user_version = 3")
+        conn.commit()
+    database = Database(db_path)
+    try:
+        with database.read() as session:
+            rows = list(session.exec(select(MpesaPayment).order_by(col(MpesaPayment.id))))
+    finally:
+        database.close()
+    assert [p.status for p in rows] == ["unknown", "completed", "failed"]
+    assert rows[0].last_pushed_at == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert rows[0].result_desc is not None and "may have been sent" in rows[0].result_desc
+    assert rows[1].last_pushed_at is None and rows[1].result_desc is None
 
 
 def test_file_from_a_newer_sfcrm_is_refused_with_a_hint_to_upgrade(db_path: Path) -> None:

@@ -379,6 +379,25 @@ def test_bad_input_leaves_no_row_and_sends_no_request(
     assert emulator.token_requests == 0
 
 
+def test_purpose_loses_invisible_format_and_control_characters(
+    payments: Payments, emulator: DarajaEmulator, person_with_balance: Person
+) -> None:
+    # a right-to-left override, a zero-width space, a soft hyphen, an escape sequence, a newline
+    typed = "Crew\u202e deposit\u200b\u00ad \x1b[2Jfor\nMombasa"
+    payment = payments.request("1", 500, typed)
+    assert payment.payment_purpose == "Crew deposit [2Jfor Mombasa"
+    assert emulator.pushes[0]["TransactionDesc"].isprintable()
+
+
+@pytest.mark.parametrize("typed", ["\u200b\u200b", "\u202e \u2066", "\x1b\n"])
+def test_purpose_of_only_invisible_characters_is_refused(
+    payments: Payments, db: Database, person_with_balance: Person, typed: str
+) -> None:
+    with pytest.raises(ValidationError, match="purpose must not be empty"):
+        payments.request("1", 500, typed)
+    assert payment_count(db) == 0
+
+
 def test_missing_daraja_credentials_leave_no_row(
     db: Database, emulator: DarajaEmulator, person_with_balance: Person
 ) -> None:
