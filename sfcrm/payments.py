@@ -600,6 +600,11 @@ class Payments:
         assert pid is not None
         try:
             client.token()  # a token that never came proves the push was never sent
+            before = self._mark_sending(pid)
+        except DatabaseBusyError as exc:
+            exc.message = f"payment {pid} was not pushed: {exc.message}"
+            exc.hint = f"`sfcrm mpesa resend {pid}` pushes it once the other write is done"
+            raise
         except DarajaError as exc:
             with self.db.write() as session:
                 row = session.get(MpesaPayment, pid)
@@ -612,7 +617,6 @@ class Payments:
             log.warning("payment %s not pushed: %s", pid, exc)
             exc.message = f"payment {pid}: {exc.message}"
             raise
-        before = self._mark_sending(pid)
         try:
             accepted = client.stk_push(
                 phone=payment.phone_number,
@@ -627,6 +631,12 @@ class Payments:
             exc.message = f"payment {pid}: {exc.message}"
             if isinstance(exc, DarajaTimeoutError):
                 exc.hint = _after_push_hint(pid)
+            raise
+        except SfcrmError as exc:
+            # (the token refreshed in the middle of the push could not be stored, say): the
+            # payment stays "unknown", which is what it is
+            exc.message = f"payment {pid}: {exc.message}"
+            exc.hint = _after_push_hint(pid)
             raise
         except KeyboardInterrupt:
             raise PushInterrupted(pid) from None
