@@ -274,28 +274,29 @@ def _adoptable(
     payments it could have belonged to.
 
     When a push's answer never came back (or the command sending it was stopped), its
-    CheckoutRequestID was never stored: the payment is ``unknown`` with no checkout. Its
-    callback still carries the amount and (unless M-Pesa masked it) the phone. Payments that
-    match both are the same debt of the same phone: the oldest push is settled first, so each
-    callback settles one of them.
+    CheckoutRequestID was never stored: the payment has more pushes than recorded checkouts
+    (it is ``unknown`` with no checkout, or a later push of it was answered). Its callback
+    still carries the amount and (unless M-Pesa masked it) the phone. Payments that match both
+    are the same debt of the same phone: the oldest push is settled first, so each callback
+    settles one of them.
     """
-    if not result.paid or result.amount is None:
+    if not result.paid or result.amount is None or result.amount != int(result.amount):
         return None
     candidates = conn.execute(
-        "SELECT id, amount, phone_number FROM mpesa_payment "
-        "WHERE status = ? AND checkout_request_id IS NULL "
-        "AND last_pushed_at <= ? AND last_pushed_at >= ? ORDER BY last_pushed_at, id",
+        "SELECT p.id, p.phone_number FROM mpesa_payment AS p "
+        "WHERE p.status IN (?, ?, ?, ?) AND NOT p.balance_applied AND p.amount = ? "
+        "AND p.initiated_at <= ? AND p.last_pushed_at >= ? "
+        "AND ((p.status = ? AND p.checkout_request_id IS NULL) OR p.push_count > "
+        "(SELECT COUNT(*) FROM mpesa_checkout AS c WHERE c.payment_id = p.id)) "
+        "ORDER BY p.last_pushed_at, p.id",
         (
+            PaymentStatus.UNKNOWN, PaymentStatus.PENDING, PaymentStatus.FAILED,
+            PaymentStatus.CANCELLED, int(result.amount),
+            db_time(received_at + ADOPT_SKEW), db_time(received_at - ADOPT_WINDOW),
             PaymentStatus.UNKNOWN,
-            db_time(received_at + ADOPT_SKEW),
-            db_time(received_at - ADOPT_WINDOW),
         ),
-    ).fetchall()
-    matches = [
-        pid
-        for pid, amount, phone in candidates
-        if Decimal(amount) == result.amount and _same_phone(phone, result.phone)
-    ]
+    ).fetchall()  # fmt: skip
+    matches = [pid for pid, phone in candidates if _same_phone(phone, result.phone)]
     return (matches[0], len(matches)) if matches else None
 
 

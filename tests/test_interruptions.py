@@ -392,3 +392,36 @@ def test_resend_refuses_a_push_that_may_still_be_on_the_phone_even_with_force(
     fake.configure(push_latency=0)
     assert payments.resend(pid, force=True).pushed
     assert fake.snapshot().push == 2
+
+
+def test_paid_callback_of_an_unanswered_push_settles_the_payment_after_a_later_push_went_out(
+    fake: FakeDaraja, listener: Listener, payments: Payments, db: Database, person_id: int
+) -> None:
+    # The first push got no answer; minutes later the office forced a new prompt. Then the
+    # customer's payment of the first prompt arrives: it is this payment's money.
+    fake.configure(push_latency=1.5, query_answer="paid")
+    payments.client.timeout = 0.5
+    with pytest.raises(Exception, match="may have reached the phone"):
+        payments.request(str(person_id), 500, "Crew deposit")
+    pid = only_payment(db).id
+    assert pid is not None
+    age_the_push(db, pid)
+    payments.client.timeout = 5.0
+    fake.configure(push_latency=0)
+    second = payments.resend(pid, force=True).payment
+    assert second.status == PaymentStatus.PENDING
+    first_push, second_push = (p.checkout_request_id for p in fake.pushes)
+    assert second.checkout_request_id == second_push
+
+    paid_first = callback_body(first_push, amount=500, phone=254712000009, receipt="SFFIRST001")
+    assert fake.post_callback(listener.url, paid_first) == 200
+    wait_for(lambda: payment_row(db, pid).status == PaymentStatus.COMPLETED, timeout=10)
+    assert payment_row(db, pid).receipt_number == "SFFIRST001"
+    assert balance(db, person_id) == START - 500_00
+
+    # the customer pays the second prompt too: the balance stays, a refund is flagged
+    paid_second = callback_body(second_push, amount=500, phone=254712000009, receipt="SFSECND002")
+    assert fake.post_callback(listener.url, paid_second) == 200
+    wait_for(lambda: payment_row(db, pid).refund_due, timeout=10)
+    assert balance(db, person_id) == START - 500_00
+    assert balance_entries(db, pid) == 1
