@@ -402,6 +402,22 @@ def _after_push_hint(pid: int) -> str:
     )
 
 
+def _waiting_callback_error(pid: int, waiting: list[tuple[int, str]]) -> ConflictError:
+    ids = ", ".join(str(callback_id) for callback_id, _ in waiting)
+    if any(outcome == CallbackOutcome.NEEDS_QUERY for _, outcome in waiting):
+        return ConflictError(
+            f"a 'paid' callback that may be payment {pid}'s waits for Daraja to confirm it "
+            f"(callback {ids}); not pushed again",
+            hint="`sfcrm mpesa reconcile` confirms it; `sfcrm mpesa callbacks` lists it",
+        )
+    return ConflictError(
+        f"a 'paid' callback no payment has taken has payment {pid}'s phone and amount "
+        f"(callback {ids}); not pushed again",
+        hint="the customer may have paid an earlier prompt: see `sfcrm mpesa callbacks "
+        "--unmatched` and the M-Pesa statement",
+    )
+
+
 class PushInterrupted(KeyboardInterrupt):
     """Ctrl-C while a push was on its way: the payment is ``unknown``, not lost."""
 
@@ -785,11 +801,7 @@ class Payments:
             if _settled(payment):
                 return PushReport(payment, False, "already paid: not pushed again")
             if waiting:
-                raise ConflictError(
-                    f"a 'paid' callback that may be payment {payment_id}'s waits for Daraja to "
-                    f"confirm it (callback {', '.join(map(str, waiting))}); not pushed again",
-                    hint="`sfcrm mpesa reconcile` confirms it; `sfcrm mpesa callbacks` lists it",
-                )
+                raise _waiting_callback_error(payment_id, waiting)
             if payment.checkout_request_id and payment.status in PaymentStatus.OPEN:
                 query = client.stk_query(payment.checkout_request_id)
                 if query.processing:
@@ -839,7 +851,7 @@ class Payments:
                 "not paid and the customer asks for a new prompt",
             )
 
-    def _settle_waiting_callbacks(self, payment: MpesaPayment) -> list[int]:
+    def _settle_waiting_callbacks(self, payment: MpesaPayment) -> list[tuple[int, str]]:
         """Act on every stored "paid" callback that could be this payment's, confirming by
         query where needed; returns those still waiting (Daraja still processing them, or out
         of reach)."""
@@ -851,7 +863,7 @@ class Payments:
                     self.confirm_callback(callback_id)
             except DarajaError as exc:
                 log.warning("callback %s could not be confirmed: %s", callback_id, exc)
-        return [callback_id for callback_id, _ in self._waiting_paid_callbacks(payment)]
+        return self._waiting_paid_callbacks(payment)
 
     def _waiting_paid_callbacks(self, payment: MpesaPayment) -> list[tuple[int, str]]:
         """Stored callbacks, not yet settled, that say "paid" and could be this payment's: for

@@ -425,3 +425,35 @@ def test_paid_callback_of_an_unanswered_push_settles_the_payment_after_a_later_p
     wait_for(lambda: payment_row(db, pid).refund_due, timeout=10)
     assert balance(db, person_id) == START - 500_00
     assert balance_entries(db, pid) == 1
+
+
+def test_resend_refuses_while_an_unmatched_paid_callback_has_the_payments_phone_and_amount(
+    fake: FakeDaraja, payments: Payments, db: Database, person_id: int
+) -> None:
+    pushed = payments.request(str(person_id), 500, "Crew deposit")
+    pid = pushed.id
+    assert pid is not None and pushed.checkout_request_id
+    failed = payments.store_callback(
+        callback_body(pushed.checkout_request_id, 1037), "127.0.0.1", trusted=True
+    )
+    payments.process_callback(failed)
+    assert payment_row(db, pid).status == PaymentStatus.FAILED
+    stray = payments.store_callback(
+        callback_body("ws_CO_NOBODY_KNOWS", amount=500, phone=254712000009), "127.0.0.1",
+        trusted=True,
+    )  # fmt: skip
+    with pytest.raises(ConflictError) as refused:
+        payments.resend(pid)
+    assert refused.value.message == (
+        f"a 'paid' callback no payment has taken has payment {pid}'s phone and amount "
+        f"(callback {stray}); not pushed again"
+    )
+    assert fake.snapshot().push == 1
+    # another amount is not this payment's: the resend goes out
+    with closing(sqlite3.connect(db.path)) as conn, conn:
+        conn.execute("DELETE FROM mpesa_callback WHERE id = ?", (stray,))
+    payments.store_callback(
+        callback_body("ws_CO_OTHER", amount=499, phone=254712000009), "127.0.0.1", trusted=True
+    )
+    assert payments.resend(pid).pushed
+    assert fake.snapshot().push == 2
