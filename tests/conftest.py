@@ -25,6 +25,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 import requests  # noqa: E402
+from fake_daraja import FakeDaraja  # noqa: E402
 from support import (  # noqa: E402
     CONSUMER_KEY,
     CONSUMER_SECRET,
@@ -142,3 +143,15 @@ def smtp_sink() -> Iterator[SmtpSink]:
     sink.start()
     yield sink
     sink.stop()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeDaraja]:
+    """The tests' own Daraja double (``tests/fake_daraja.py``), with its fault switches."""
+    with FakeDaraja(
+        shortcode=SANDBOX_SHORTCODE,
+        passkey=SANDBOX_PASSKEY,
+        consumer_key=CONSUMER_KEY,
+        consumer_secret=CONSUMER_SECRET,
+    ) as running:
+        yield running

@@ -184,6 +184,26 @@ def run_json(*args: str, code: int = 0) -> Any:
     return json.loads(result.stdout)
 
 
+def sfcrm_env(fake: Any, db_path: Any, callback_url: str, timeout: float = 5.0) -> dict[str, str]:
+    """The environment of an sfcrm process that pushes to the fake Daraja ``fake`` and has its
+    callbacks sent to ``callback_url``."""
+    import os
+
+    from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE
+
+    return {
+        **os.environ,
+        "MPESA_CONSUMER_KEY": CONSUMER_KEY,
+        "MPESA_CONSUMER_SECRET": CONSUMER_SECRET,
+        "MPESA_PASS_KEY": SANDBOX_PASSKEY,
+        "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
+        "MPESA_BASE_URL": fake.url,
+        "MPESA_CALLBACK_URL": callback_url,
+        "MPESA_TIMEOUT": str(timeout),
+        "SFCRM_DATABASE_URL": str(db_path),
+    }
+
+
 def sfcrm_process(*args: str) -> Any:
     """sfcrm as cron starts it: its own process, pipes for output, the test's environment
     (EMAIL_*, SFCRM_DATABASE_URL), no terminal."""

@@ -9,11 +9,9 @@ figure is printed (``pytest -s`` shows them) and asserted against the issue's pa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import pytest
 import requests
 from fake_daraja import FakeDaraja, callback_body
 from sqlmodel import select
-from support import CONSUMER_KEY, CONSUMER_SECRET, Listener, utcnow, wait_for
+from support import CONSUMER_KEY, CONSUMER_SECRET, Listener, sfcrm_env, utcnow, wait_for
 from typer.testing import CliRunner
 
 from sfcrm.cli import app
@@ -45,17 +43,6 @@ def figures(row: int, **measured: Any) -> None:
 # -- fixtures: the fake Daraja, and Payments wired to it ---------------------------------------
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeDaraja]:
-    with FakeDaraja(
-        shortcode=SANDBOX_SHORTCODE,
-        passkey=SANDBOX_PASSKEY,
-        consumer_key=CONSUMER_KEY,
-        consumer_secret=CONSUMER_SECRET,
-    ) as running:
-        yield running
-
-
 def client_for(fake: FakeDaraja, db: Database, timeout: float = 5.0) -> DarajaClient:
     """Built as the CLI builds it: the token is cached in the database."""
     return DarajaClient(
@@ -73,22 +60,6 @@ def payments(db: Database, fake: FakeDaraja) -> Payments:
         db, callback_url="http://127.0.0.1:9/unused", clock=utcnow,
         client_factory=lambda: client,
     )  # fmt: skip
-
-
-def sfcrm_env(
-    fake: FakeDaraja, db_path: Path, callback_url: str, timeout: float = 5.0
-) -> dict[str, str]:
-    return {
-        **os.environ,
-        "MPESA_CONSUMER_KEY": CONSUMER_KEY,
-        "MPESA_CONSUMER_SECRET": CONSUMER_SECRET,
-        "MPESA_PASS_KEY": SANDBOX_PASSKEY,
-        "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
-        "MPESA_BASE_URL": fake.url,
-        "MPESA_CALLBACK_URL": callback_url,
-        "MPESA_TIMEOUT": str(timeout),
-        "SFCRM_DATABASE_URL": str(db_path),
-    }
 
 
 def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[str]:

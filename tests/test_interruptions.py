@@ -9,14 +9,12 @@ interrupted (SIGINT, as Ctrl-C) while Daraja still holds the push's answer, and 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import pytest
 import requests
 from fake_daraja import FakeDaraja, callback_body
 from sqlmodel import select
-from support import CONSUMER_KEY, CONSUMER_SECRET, Listener, finish, utcnow, wait_for
+from support import CONSUMER_KEY, CONSUMER_SECRET, Listener, finish, sfcrm_env, utcnow, wait_for
 
 from sfcrm.daraja import DarajaClient
 from sfcrm.db import Database
@@ -37,17 +35,6 @@ from sfcrm.people import People
 START = 150_000  # cents
 PHONE = "0712000009"
 STOPS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeDaraja]:
-    with FakeDaraja(
-        shortcode=SANDBOX_SHORTCODE,
-        passkey=SANDBOX_PASSKEY,
-        consumer_key=CONSUMER_KEY,
-        consumer_secret=CONSUMER_SECRET,
-    ) as running:
-        yield running
 
 
 @pytest.fixture
@@ -71,17 +58,7 @@ def person_id(people: People) -> int:
 
 
 def env_for(fake: FakeDaraja, db_path: Path, listener: Listener, timeout: float = 20) -> dict:
-    return {
-        **os.environ,
-        "MPESA_CONSUMER_KEY": CONSUMER_KEY,
-        "MPESA_CONSUMER_SECRET": CONSUMER_SECRET,
-        "MPESA_PASS_KEY": SANDBOX_PASSKEY,
-        "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
-        "MPESA_BASE_URL": fake.url,
-        "MPESA_CALLBACK_URL": listener.url,
-        "MPESA_TIMEOUT": str(timeout),
-        "SFCRM_DATABASE_URL": str(db_path),
-    }
+    return sfcrm_env(fake, db_path, listener.url, timeout)
 
 
 def start(env: dict, *args: str) -> subprocess.Popen[str]:
