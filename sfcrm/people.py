@@ -316,8 +316,8 @@ class People:
     def _insert(self, session: Session, people: list[NewPerson], now: datetime) -> int:
         """Write checked people and their opening balances; returns the first one's id.
 
-        Plain SQL on the session's connection, like every hot path: the write lock is held
-        for this alone, and SQLAlchemy's per-row work made it last 1.6 times as long.
+        Plain SQL on the session's connection: the write lock is held for this alone, and
+        SQLAlchemy's per-row work made it last 1.6 times as long.
         """
         conn = raw_connection(session)
         # The ids are given here, under the write lock, so that each row's is known.
