@@ -99,16 +99,21 @@ def import_csv(
 ) -> None:
     """Import people from a CSV file: every row, or none when any row is bad.
 
+    A file of more than 200,000 rows or 50 MB is refused; split it.
+
     Example: sfcrm people import crew.csv
     """
     with command(json_output) as rt:
         from sfcrm.people import person_json
 
         people = rt.people.import_csv(file)
-        rt.emit(
-            {"imported": len(people), "people": [person_json(p) for p in people]},
-            lambda: rt.print(f"Imported {len(people)} people from {file}."),
+        # built only for --json: one import may add 200,000 people
+        doc = (
+            {"imported": len(people), "people": [person_json(p) for p in people]}
+            if rt.json
+            else None
         )
+        rt.emit(doc, lambda: rt.print(f"Imported {len(people)} people from {file}."))
 
 
 def _adjusted(rt: "Runtime", person: "Person", entry: "BalanceEntry") -> None:
