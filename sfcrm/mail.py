@@ -12,6 +12,8 @@ The rules:
 - one SMTP connection carries a whole batch; when the server cannot be reached, the rest of the
   batch is logged as failed at once instead of connecting again for each email;
 - permanent refusals (SMTP 5xx) are not retried unless named; a refused login stops the batch;
+- settings SMTP cannot use (a password smtplib cannot send, a port out of range) are a
+  ConfigError when the backend is built, before any email is written;
 - no stored or logged error ever holds the SMTP password.
 """
 
@@ -393,6 +395,8 @@ class SmtpBackend(Backend):
                 "EMAIL_USE_TLS and EMAIL_USE_SSL are both on",
                 hint="use EMAIL_USE_SSL for port 465, EMAIL_USE_TLS (STARTTLS) for port 587",
             )
+        _check_server(host, int(port))
+        _check_login(username or None, password or None)
         self.host = host
         self.port = int(port)
         self.use_tls = use_tls
@@ -595,6 +599,42 @@ class SmtpBackend(Backend):
         if self._conn is not None:
             _close_quietly(self._conn)
             self._conn = None
+
+
+def _check_server(host: str, port: int) -> None:
+    """Refuse, as a ConfigError, a host or port the socket layer would refuse with an
+    exception that is neither an OSError nor an SMTP error."""
+    try:
+        host.encode("idna")  # what the socket does with a host name
+    except UnicodeError:
+        raise ConfigError(
+            "EMAIL_HOST is not a usable host name",
+            value=ascii(host)[1:-1],
+            hint="use the SMTP server's name, like smtp.example.co.ke, or its address",
+        ) from None
+    if not 0 < port < 65536:
+        raise ConfigError(
+            "EMAIL_PORT must be from 1 to 65535",
+            value=str(port),
+            hint="587 with EMAIL_USE_TLS, 465 with EMAIL_USE_SSL, 25 for a server without TLS",
+        )
+
+
+def _check_login(username: str | None, password: str | None) -> None:
+    """smtplib encodes the AUTH exchange (PLAIN, LOGIN, CRAM-MD5) as ASCII whatever the server
+    offers, even SMTPUTF8, and raises UnicodeEncodeError mid-login on anything else."""
+    if username is not None and not username.isascii():
+        raise ConfigError(
+            "EMAIL_HOST_USER holds a character SMTP login cannot send (only ASCII works)",
+            value=ascii(username)[1:-1],
+            hint="use the login the mail provider gives, usually the plain mailbox address",
+        )
+    if password is not None and not password.isascii():
+        raise ConfigError(  # never shown, not even in part
+            "EMAIL_HOST_PASSWORD holds a character SMTP login cannot send (only ASCII works)",
+            hint="set a password of ASCII letters, digits and punctuation at the mail provider "
+            "(or an app password) and put it in EMAIL_HOST_PASSWORD",
+        )
 
 
 def _close_quietly(conn: smtplib.SMTP, *, quit: bool = True) -> None:
@@ -864,6 +904,12 @@ class Mailer:
                 value=self.sender,
                 hint="e.g. DEFAULT_FROM_EMAIL='Sound Fusion <office@soundfusion.co.ke>'",
             ) from None
+
+    def check(self) -> None:
+        """Raise ConfigError now for mail settings that cannot work (DEFAULT_FROM_EMAIL, the
+        backend's), so that a bulk send fails before it writes a single email."""
+        _ = self.envelope_sender
+        self._backend_factory().close()
 
     # -- writing ---------------------------------------------------------------------------
 

@@ -19,7 +19,15 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiosmtpd.smtp import AuthResult
-from support import Recorder, SmtpSink, finish, recipients, run, run_json, sfcrm_process
+from support import (
+    Recorder,
+    SmtpSink,
+    finish,
+    recipients,
+    run,
+    run_json,
+    sfcrm_process,
+)
 
 from sfcrm.cli.runtime import RootOptions, Runtime
 
@@ -474,6 +482,110 @@ def test_retry_never_resends_an_email_already_sent_even_when_named(smtp_env: Smt
     assert result.exit_code == 0
     assert result.stdout == "Retry: 0 sent, 0 failed, 1 skipped.\n"
     assert len(smtp_env.handler.messages) == 1
+
+
+# -- what may have been delivered, and what certainly was not ----------------------------------
+
+OFFICE_USER = "office"
+OFFICE_PASSWORD = "pa55-Word!"  # what the mail provider gave: ASCII
+
+
+@pytest.fixture
+def smtp_requiring_login(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+    """Offers AUTH and accepts only the office's login, which sfcrm is set up with."""
+
+    def only_the_office(
+        server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        office = (OFFICE_USER.encode(), OFFICE_PASSWORD.encode())
+        return AuthResult(success=(auth_data.login, auth_data.password) == office, handled=False)
+
+    sink = SmtpSink(Recorder(), authenticator=only_the_office, auth_require_tls=False)
+    sink.start()
+    use_smtp(monkeypatch, sink.port)
+    monkeypatch.setenv("EMAIL_HOST_USER", OFFICE_USER)
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", OFFICE_PASSWORD)
+    yield sink
+    sink.stop()
+
+
+def test_non_ascii_smtp_password_is_a_config_error_before_any_email_is_written(
+    smtp_requiring_login: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 2, confirmed=False)
+    secret = "Jambo-pässwörd-2025"  # smtplib logs in with ASCII only
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", secret)
+
+    results = [run("crew", "invite", "--event", "1"), run("crew", "invite", "1", "--json")]
+
+    assert [r.exit_code for r in results] == [3, 3]
+    first = results[0].stderr.splitlines()
+    assert first[0] == (
+        "Error: EMAIL_HOST_PASSWORD holds a character SMTP login cannot send (only ASCII works)"
+    )
+    assert first[1].startswith("Hint: ")
+    assert json.loads(results[1].stdout)["code"] == "CONFIG_ERROR"
+    assert not any(secret in r.stdout + r.stderr for r in results)
+    assert run_json("mail", "list") == []  # nothing written, so nothing stranded
+    assert not any(c["invitation_sent"] for c in run_json("crew", "list"))
+
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", OFFICE_PASSWORD)
+    assert len(run_json("crew", "invite", "--event", "1")["sent"]) == 2
+    assert sorted(recipients(smtp_requiring_login)) == [
+        "crew0@example.co.ke",
+        "crew1@example.co.ke",
+    ]
+
+
+def test_non_ascii_smtp_user_is_a_config_error_too(
+    smtp_requiring_login: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 1, confirmed=False)
+    monkeypatch.setenv("EMAIL_HOST_USER", "ofisi-ñ")
+
+    result = run("crew", "invite", "--event", "1")
+
+    assert result.exit_code == 3
+    assert result.stderr.splitlines()[0] == (
+        "Error: EMAIL_HOST_USER holds a character SMTP login cannot send (only ASCII works) "
+        "(ofisi-\\xf1)"
+    )
+    assert run_json("mail", "list") == []
+
+
+def test_refused_login_leaves_the_emails_for_mail_retry_and_a_non_ascii_password_touches_none(
+    smtp_requiring_login: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    addresses = seed_crew(1, 3, confirmed=False)
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", "an-old-password")
+
+    refused = run_json("crew", "invite", "--event", "1", code=10)
+
+    assert len(refused["failed"]) == 3
+    assert all("refused the login" in f["error"] for f in refused["failed"])
+    before = run_json("mail", "list", "--failed")
+    assert [m["failed_attempts"] for m in before] == [1, 1, 1]
+    assert all("refused the login" in m["last_error"] for m in before)
+
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", "nywila-mpya-ë")  # a new one SMTP cannot carry
+    result = run("mail", "retry")
+
+    assert result.exit_code == 3
+    assert result.stderr.splitlines()[0] == (
+        "Error: EMAIL_HOST_PASSWORD holds a character SMTP login cannot send (only ASCII works)"
+    )
+    assert run_json("mail", "list", "--failed") == before  # not claimed, not counted
+
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", OFFICE_PASSWORD)
+    retried = run_json("mail", "retry")
+
+    assert sorted(retried["sent"]) == sorted(m["id"] for m in before)
+    assert sorted(recipients(smtp_requiring_login)) == sorted(addresses)  # each exactly once
+    assert run_json("mail", "retry")["sent"] == []
+    assert len(smtp_requiring_login.handler.messages) == 3
 
 
 # -- output for cron and scripts ---------------------------------------------------------------

@@ -717,6 +717,42 @@ def test_tls_and_ssl_both_on_is_a_config_error() -> None:
         SmtpBackend("localhost", 25, use_tls=True, use_ssl=True)
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "error"),
+    [
+        ("EMAIL_HOST_PASSWORD", f"{CANARY}-ñ", "EMAIL_HOST_PASSWORD holds a character SMTP "
+         "login cannot send (only ASCII works)"),
+        ("EMAIL_HOST_PASSWORD", f"{CANARY}-😀", "EMAIL_HOST_PASSWORD holds a character SMTP "
+         "login cannot send (only ASCII works)"),
+        ("EMAIL_HOST_USER", "ofisi@mfano.ke-ü", "EMAIL_HOST_USER holds a character SMTP login "
+         "cannot send (only ASCII works) (ofisi@mfano.ke-\\xfc)"),
+        ("EMAIL_HOST", "smtp..example.co.ke", "EMAIL_HOST is not a usable host name "
+         "(smtp..example.co.ke)"),
+        ("EMAIL_PORT", "70000", "EMAIL_PORT must be from 1 to 65535 (70000)"),
+        ("EMAIL_PORT", "0", "EMAIL_PORT must be from 1 to 65535 (0)"),
+    ],
+)  # fmt: skip
+def test_smtp_settings_smtplib_cannot_use_are_a_config_error_when_the_backend_is_built(
+    setting: str, value: str, error: str
+) -> None:
+    environ = {
+        "EMAIL_BACKEND": "smtp", "EMAIL_HOST": "smtp.example.co.ke", "EMAIL_PORT": "587",
+        "EMAIL_HOST_USER": "office", "EMAIL_HOST_PASSWORD": CANARY, setting: value,
+    }  # fmt: skip
+
+    with pytest.raises(ConfigError) as raised:
+        backend_from_settings(load_settings(environ=environ))
+
+    assert str(raised.value) == error
+    assert raised.value.hint
+    assert CANARY not in str(raised.value) + raised.value.hint
+
+
+def test_international_host_name_is_a_usable_setting() -> None:
+    backend = SmtpBackend("mäil.example.de", 587, username="office", password=CANARY)
+    assert backend.where == "mäil.example.de:587"
+
+
 # -- secrets -----------------------------------------------------------------------------------
 
 
