@@ -6,8 +6,12 @@ faults the tests switch: stopped mid-batch, 451 or 550 for chosen recipients, a 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,9 +31,11 @@ from support import (
     run,
     run_json,
     sfcrm_process,
+    wait_for,
 )
 
 from sfcrm.cli.runtime import RootOptions, Runtime
+from sfcrm.mail import INTERRUPTED
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 CANARY = "CANARY-smtp-pw-7c41d0e2"
@@ -509,6 +515,20 @@ def smtp_requiring_login(monkeypatch: pytest.MonkeyPatch, office: Path) -> Itera
     sink.stop()
 
 
+@dataclass
+class DroppingRecorder(Recorder):
+    """While ``drop`` is on, takes the whole message, then hangs up instead of answering: the
+    client cannot know whether it was delivered."""
+
+    drop: bool = True
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await super().handle_DATA(server, session, envelope)
+        if self.drop:
+            server.transport.close()
+        return "250 2.0.0 accepted"
+
+
 def test_non_ascii_smtp_password_is_a_config_error_before_any_email_is_written(
     smtp_requiring_login: SmtpSink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -586,6 +606,110 @@ def test_refused_login_leaves_the_emails_for_mail_retry_and_a_non_ascii_password
     assert sorted(recipients(smtp_requiring_login)) == sorted(addresses)  # each exactly once
     assert run_json("mail", "retry")["sent"] == []
     assert len(smtp_requiring_login.handler.messages) == 3
+
+
+def test_ctrl_c_while_connecting_leaves_the_email_for_mail_retry(
+    smtp_env: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 1, confirmed=False)
+    with socket.socket() as silent:  # takes the connection, never greets
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.setblocking(False)
+        monkeypatch.setenv("EMAIL_PORT", str(silent.getsockname()[1]))
+        proc = sfcrm_process("crew", "invite", "--event", "1")
+
+        def connected() -> bool:
+            try:
+                silent.accept()[0].close()
+            except BlockingIOError:
+                return False
+            return True
+
+        wait_for(connected, timeout=20)
+        proc.send_signal(signal.SIGINT)
+        [(_, err)] = finish([proc])
+
+    assert proc.returncode == 130, err
+    [logged] = run_json("mail", "list", "--failed")
+    assert logged["last_error"] != INTERRUPTED  # nothing was handed over: not "may have been"
+    assert "not delivered" in logged["last_error"]
+
+    monkeypatch.setenv("EMAIL_PORT", str(smtp_env.port))
+    retried = run_json("mail", "retry")
+
+    assert retried["sent"] == [logged["id"]]
+    assert recipients(smtp_env) == ["crew0@example.co.ke"]
+    assert run_json("crew", "list")[0]["invitation_sent"] is True
+
+
+@dataclass
+class SlowToAnswerRecorder(Recorder):
+    """Takes the whole message, says so through ``taken``, and never answers."""
+
+    taken: threading.Event = field(default_factory=threading.Event)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.taken.set()
+        await asyncio.sleep(30)  # stopping the server cancels this
+        return "250 2.0.0 accepted"
+
+
+def test_ctrl_c_while_the_server_takes_the_message_leaves_it_maybe_delivered(
+    monkeypatch: pytest.MonkeyPatch, office: Path
+) -> None:
+    handler = SlowToAnswerRecorder()
+    sink = SmtpSink(handler)
+    sink.start()
+    try:
+        use_smtp(monkeypatch, sink.port)
+        add_event("Gala", timedelta(days=2))
+        seed_crew(1, 1, confirmed=False)
+        proc = sfcrm_process("crew", "invite", "--event", "1")
+
+        assert handler.taken.wait(20)
+        proc.send_signal(signal.SIGINT)
+        stopping = time.monotonic()
+        [(_, err)] = finish([proc])
+
+        assert proc.returncode == 130, err
+        assert time.monotonic() - stopping < 5  # no polite QUIT waiting on the silent server
+        [logged] = run_json("mail", "list", "--failed")
+        assert logged["last_error"] == INTERRUPTED
+        assert run_json("mail", "retry")["sent"] == []
+    finally:
+        sink.stop()
+
+
+def test_hang_up_after_the_message_data_is_maybe_delivered_and_never_resent_unless_named(
+    monkeypatch: pytest.MonkeyPatch, office: Path
+) -> None:
+    sink = SmtpSink(DroppingRecorder())
+    sink.start()
+    try:
+        use_smtp(monkeypatch, sink.port)
+        add_event("Gala", timedelta(days=2))
+        seed_crew(1, 1, confirmed=False)
+
+        result = run("crew", "invite", "--event", "1", "--json")
+
+        assert result.exit_code == 10, result.output
+        [failed] = json.loads(result.stdout)["failed"]
+        assert "may have been delivered" in failed["error"]
+        assert run_json("mail", "show", str(failed["id"]))["last_error"] == INTERRUPTED
+        assert len(sink.handler.messages) == 1  # it did reach the server
+
+        sink.handler.drop = False  # the server behaves again: cron's retry must not resend
+        again = run_json("mail", "retry")
+        assert (again["sent"], again["failed"]) == ([], [])
+        assert len(sink.handler.messages) == 1
+
+        named = run_json("mail", "retry", str(failed["id"]))  # checked with the crew member
+        assert named["sent"] == [failed["id"]]
+        assert len(sink.handler.messages) == 2
+    finally:
+        sink.stop()
 
 
 # -- output for cron and scripts ---------------------------------------------------------------
