@@ -348,6 +348,8 @@ class CrewMail:
     ) -> MailRun:
         run = MailRun(dry_run=dry_run)
         mailer = None if dry_run else self._mailer()
+        if mailer is not None:
+            mailer.check()  # a setting that cannot work fails now, with nothing written
         # One transaction selects, writes the log rows and claims the assignments.
         with self.db.raw_read() if dry_run else self.db.raw_write() as conn:
             if check_event is not None and not _event_exists(conn, check_event):

@@ -22,13 +22,16 @@ _BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 
 
 class Redactor:
-    """Replaces known secret strings, their encodings and pieces of them in text.
+    """Replaces known secret strings, their encodings and pieces of them in text, in any case.
 
     Caught: each secret as is, URL-quoted and JSON-escaped; any run of ``PIECE`` characters of
     one (an echo cut short, as error snippets are); and any base64 token whose decoding holds a
     secret or such a piece. The last matters because the Basic header is base64 of
     ``key:secret`` and the STK Password base64 of ``shortcode + passkey + timestamp``: neither
     contains base64 of the secret alone, and the timestamp changes every second.
+
+    Matching ignores case (a gateway or server may echo a key upper- or lower-cased): secrets
+    and text are compared case-folded, and what matched is masked in the original text.
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
@@ -43,9 +46,10 @@ class Redactor:
             forms.add(quote(value, safe=""))
             forms.add(quote_plus(value))
             forms.add(json.dumps(value)[1:-1])
-        self._forms = sorted(forms, key=len, reverse=True)
+        self._forms = sorted({f for form in forms for f in _foldings(form)}, key=len, reverse=True)
         # Pieces come from the smallest secrets only: the callback URL's host is not secret,
         # its path is (and is a secret of its own).
+        values = {f for value in values for f in _foldings(value)}
         atoms = [v for v in values if not any(o != v and o in v for o in values)]
         self._short = [a for a in atoms if len(a) < PIECE]
         self._pieces = frozenset(
@@ -62,33 +66,35 @@ class Redactor:
         if not self._forms:
             return text
         text = _BASE64_RUN.sub(self._base64_token, text)
+        folded = _fold(text)  # once: every search below runs on it
         for form in self._forms:
-            if form in text:
-                text = text.replace(form, MASK)
-        return self._mask_pieces(text)
+            if form in folded:
+                text, folded = _mask_each(text, folded, form)
+        return self._mask_pieces(text, folded)
 
-    def _may_hold_piece(self, text: str) -> bool:
+    def _may_hold_piece(self, folded: str) -> bool:
         grams = self._grams
-        return any(text[i : i + GRAM] in grams for i in range(0, len(text) - GRAM + 1, GRAM))
+        return any(folded[i : i + GRAM] in grams for i in range(0, len(folded) - GRAM + 1, GRAM))
 
     def _holds_secret(self, text: str) -> bool:
-        if any(short in text for short in self._short):
+        folded = text.casefold()  # no span to mask here, so no need to keep places
+        if any(short in folded for short in self._short):
             return True
-        if not self._may_hold_piece(text):
+        if not self._may_hold_piece(folded):
             return False
         pieces = self._pieces
-        return any(text[i : i + PIECE] in pieces for i in range(len(text) - PIECE + 1))
+        return any(folded[i : i + PIECE] in pieces for i in range(len(folded) - PIECE + 1))
 
     def _base64_token(self, match: re.Match[str]) -> str:
         token = match.group()
         return MASK if any(self._holds_secret(d) for d in _base64_readings(token)) else token
 
-    def _mask_pieces(self, text: str) -> str:
-        if not self._pieces or not self._may_hold_piece(text):
+    def _mask_pieces(self, text: str, folded: str) -> str:
+        if not self._pieces or not self._may_hold_piece(folded):
             return text
         spans: list[list[int]] = []
-        for i in range(len(text) - PIECE + 1):
-            if text[i : i + PIECE] in self._pieces:
+        for i in range(len(folded) - PIECE + 1):
+            if folded[i : i + PIECE] in self._pieces:
                 if spans and i <= spans[-1][1]:
                     spans[-1][1] = i + PIECE
                 else:
@@ -96,6 +102,40 @@ class Redactor:
         for start, end in reversed(spans):
             text = text[:start] + MASK + text[end:]
         return text
+
+
+def _fold(text: str) -> str:
+    """``text`` case-folded with every character kept at its place, so that a span found in
+    the folded text is the same span of the original. Only when some character folds to more
+    than one (``ß`` to ``ss``) is it done character by character, those kept as they are."""
+    folded = text.casefold()
+    if len(folded) == len(text):  # no character grew, so none moved
+        return folded
+    return "".join(f if len(f := c.casefold()) == 1 else c for c in text)
+
+
+def _foldings(secret: str) -> set[str]:
+    """Both ways a secret can look in folded text: as ``_fold`` leaves it (in text holding a
+    character that grows when folded, like ``ß``, which stays) and fully case-folded (in other
+    text, and in base64 readings)."""
+    return {_fold(secret), secret.casefold()}
+
+
+def _mask_each(text: str, folded: str, form: str) -> tuple[str, str]:
+    """``text`` and its folding with each occurrence of ``form`` (found in the folding) masked,
+    left to right, as ``str.replace`` would."""
+    out: list[str] = []
+    out_folded: list[str] = []
+    start = 0
+    found = folded.find(form)
+    while found != -1:
+        out += (text[start:found], MASK)
+        out_folded += (folded[start:found], MASK)
+        start = found + len(form)
+        found = folded.find(form, start)
+    out.append(text[start:])
+    out_folded.append(folded[start:])
+    return "".join(out), "".join(out_folded)
 
 
 def _base64_readings(token: str) -> Iterator[str]:

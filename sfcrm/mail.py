@@ -7,11 +7,16 @@ The rules:
 - a sender *claims* an email in its own short ``BEGIN IMMEDIATE`` transaction before sending it,
   so two runs at once (threads or processes, ``crew remind`` or ``mail retry`` from cron) never
   deliver one email twice;
-- a claim that expired without a result means the sender died mid-send: the email may have
-  been delivered, so it is logged as failed and retried only when named by id;
+- an email may have been delivered only once its message data went to the server (SMTP's
+  DATA): a send that ended after that without the server's answer is logged as failed and
+  retried only when named by id, and so is a claim that expired without a result (the sender
+  died mid-send); anything that went wrong before DATA (connecting, TLS, the login, MAIL FROM,
+  RCPT, Ctrl-C, even a bug) is an ordinary failure that ``mail retry`` sends again;
 - one SMTP connection carries a whole batch; when the server cannot be reached, the rest of the
   batch is logged as failed at once instead of connecting again for each email;
 - permanent refusals (SMTP 5xx) are not retried unless named; a refused login stops the batch;
+- settings SMTP cannot use (a password smtplib cannot send, a port out of range) are a
+  ConfigError when the backend is built, before any email is written;
 - no stored or logged error ever holds the SMTP password.
 """
 
@@ -52,6 +57,7 @@ CREW_REMINDER = "crew_reminder"
 CREW_BRIEFING = "crew_briefing"
 
 INTERRUPTED = "interrupted while sending; it may have been delivered"
+MAYBE_DELIVERED = "it may have been delivered, so it is sent again only when named by id"
 MAX_ERROR = 1000
 DEFAULT_LEASE = timedelta(minutes=10)
 
@@ -68,6 +74,8 @@ class SendError(MailError):
     ``permanent``: the server refused it for good (5xx); retried only when named.
     ``stops_batch``: the server cannot be used at all (unreachable, login refused); the rest of
     the batch fails with the same error instead of trying again for each email.
+    ``maybe_delivered``: the message went to the server but no answer came back (a hang-up or
+    a timeout after DATA); retried only when named, so that nobody gets it twice.
     """
 
     def __init__(
@@ -78,10 +86,20 @@ class SendError(MailError):
         hint: str | None = None,
         permanent: bool = False,
         stops_batch: bool = False,
+        maybe_delivered: bool = False,
     ) -> None:
         super().__init__(message, value=value, hint=hint)
         self.permanent = permanent
         self.stops_batch = stops_batch
+        self.maybe_delivered = maybe_delivered
+
+
+def _not_sent(exc: BaseException) -> str:
+    """The logged error of a send that raised before handing its message over. Only the
+    exception's type: its text could quote a setting (the password, say)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted before the message was sent; not delivered"
+    return f"unexpected {type(exc).__name__} before the message was sent; not delivered"
 
 
 def one_line(text: str, limit: int = MAX_ERROR) -> str:
@@ -339,6 +357,12 @@ class Backend(ABC):
     ) -> None:
         """Deliver one message; ``label`` (the log id) may name what is written."""
 
+    def may_have_delivered(self) -> bool:
+        """Whether the last ``send``, which raised something other than SendError (Ctrl-C, a
+        bug), had already handed its message over. A backend that cannot tell says yes, which
+        keeps the email from being sent again without being named."""
+        return True
+
     def close(self) -> None:  # noqa: B027  (nothing to release by default)
         """End the batch; never raises."""
 
@@ -393,6 +417,8 @@ class SmtpBackend(Backend):
                 "EMAIL_USE_TLS and EMAIL_USE_SSL are both on",
                 hint="use EMAIL_USE_SSL for port 465, EMAIL_USE_TLS (STARTTLS) for port 587",
             )
+        _check_server(host, int(port))
+        _check_login(username or None, password or None)
         self.host = host
         self.port = int(port)
         self.use_tls = use_tls
@@ -402,6 +428,7 @@ class SmtpBackend(Backend):
         self.timeout = timeout
         self._ssl_context = ssl_context
         self._conn: smtplib.SMTP | None = None
+        self._data_started = False  # the current send got as far as DATA
         self.connections = 0  # connections opened so far
 
     def __repr__(self) -> str:
@@ -498,11 +525,15 @@ class SmtpBackend(Backend):
         error.stops_batch = True
         return error
 
+    def may_have_delivered(self) -> bool:
+        return self._data_started
+
     def send(
         self, message: bytes, sender: str, recipients: list[str], *, label: str | None = None
     ) -> None:
         import smtplib
 
+        self._data_started = False
         for attempt in (1, 2):
             reused = self._conn is not None
             self.open()
@@ -527,7 +558,20 @@ class SmtpBackend(Backend):
                 raise self._scrub(classify_smtp_error(exc)) from None
             except OSError as exc:
                 self._drop()
-                raise self._scrub(classify_smtp_error(exc)) from None
+                error = classify_smtp_error(exc)
+                if self._data_started:
+                    # The message went out; whether the server kept it, only it knows.
+                    error.message += " after the message was sent"
+                    error.maybe_delivered = True
+                    error.hint = (
+                        "it may have been delivered: ask the recipient, then send it again "
+                        "with `sfcrm mail retry ID` if it did not arrive"
+                    )
+                raise self._scrub(error) from None
+            except BaseException:
+                # Ctrl-C or a bug mid-command: a polite QUIT would wait for the answer
+                self._drop()
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _transfer(self, message: bytes, sender: str, recipients: list[str]) -> None:
@@ -561,6 +605,8 @@ class SmtpBackend(Backend):
         if len(refused) == len(recipients):
             self._reset()
             raise smtplib.SMTPRecipientsRefused(refused)
+        # From here on a failure without the server's answer leaves the outcome unknown.
+        self._data_started = True
         try:
             code, response = conn.data(message)
         except smtplib.SMTPDataError as exc:  # DATA itself was refused: nothing was sent
@@ -597,6 +643,42 @@ class SmtpBackend(Backend):
             self._conn = None
 
 
+def _check_server(host: str, port: int) -> None:
+    """Refuse, as a ConfigError, a host or port the socket layer would refuse with an
+    exception that is neither an OSError nor an SMTP error."""
+    try:
+        host.encode("idna")  # what the socket does with a host name
+    except UnicodeError:
+        raise ConfigError(
+            "EMAIL_HOST is not a usable host name",
+            value=ascii(host)[1:-1],
+            hint="use the SMTP server's name, like smtp.example.co.ke, or its address",
+        ) from None
+    if not 0 < port < 65536:
+        raise ConfigError(
+            "EMAIL_PORT must be from 1 to 65535",
+            value=str(port),
+            hint="587 with EMAIL_USE_TLS, 465 with EMAIL_USE_SSL, 25 for a server without TLS",
+        )
+
+
+def _check_login(username: str | None, password: str | None) -> None:
+    """smtplib encodes the AUTH exchange (PLAIN, LOGIN, CRAM-MD5) as ASCII whatever the server
+    offers, even SMTPUTF8, and raises UnicodeEncodeError mid-login on anything else."""
+    if username is not None and not username.isascii():
+        raise ConfigError(
+            "EMAIL_HOST_USER holds a character SMTP login cannot send (only ASCII works)",
+            value=ascii(username)[1:-1],
+            hint="use the login the mail provider gives, usually the plain mailbox address",
+        )
+    if password is not None and not password.isascii():
+        raise ConfigError(  # never shown, not even in part
+            "EMAIL_HOST_PASSWORD holds a character SMTP login cannot send (only ASCII works)",
+            hint="set a password of ASCII letters, digits and punctuation at the mail provider "
+            "(or an app password) and put it in EMAIL_HOST_PASSWORD",
+        )
+
+
 def _close_quietly(conn: smtplib.SMTP, *, quit: bool = True) -> None:
     if quit:
         try:
@@ -613,14 +695,20 @@ class ConsoleBackend(Backend):
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
+        self._writing = False
 
     def __repr__(self) -> str:
         return f"ConsoleBackend({getattr(self.stream, 'name', self.stream)!r})"
 
+    def may_have_delivered(self) -> bool:
+        return self._writing
+
     def send(
         self, message: bytes, sender: str, recipients: list[str], *, label: str | None = None
     ) -> None:
+        self._writing = False
         text = message.decode("utf-8", "replace").replace("\r\n", "\n")
+        self._writing = True
         try:
             self.stream.write(text if text.endswith("\n") else text + "\n")
             self.stream.write("-" * 79 + "\n")
@@ -635,6 +723,7 @@ class FileBackend(Backend):
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.written: list[Path] = []
+        self._placing = False  # the current send got as far as moving its file into place
 
     def __repr__(self) -> str:
         return f"FileBackend({str(self.folder)!r})"
@@ -649,11 +738,15 @@ class FileBackend(Backend):
                 stops_batch=True,
             ) from None
 
+    def may_have_delivered(self) -> bool:
+        return self._placing
+
     def send(
         self, message: bytes, sender: str, recipients: list[str], *, label: str | None = None
     ) -> None:
         import tempfile
 
+        self._placing = False
         self.open()
         stem = re.sub(r"[^A-Za-z0-9_-]", "_", label) if label else None
         stem = stem or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -665,6 +758,7 @@ class FileBackend(Backend):
                 out.write(message)
                 out.flush()
                 os.fsync(out.fileno())
+            self._placing = True
             os.replace(tmp, path)
         except OSError as exc:
             if tmp is not None:
@@ -865,6 +959,12 @@ class Mailer:
                 hint="e.g. DEFAULT_FROM_EMAIL='Sound Fusion <office@soundfusion.co.ke>'",
             ) from None
 
+    def check(self) -> None:
+        """Raise ConfigError now for mail settings that cannot work (DEFAULT_FROM_EMAIL, the
+        backend's), so that a bulk send fails before it writes a single email."""
+        _ = self.envelope_sender
+        self._backend_factory().close()
+
     # -- writing ---------------------------------------------------------------------------
 
     def queue(
@@ -1003,17 +1103,24 @@ class Mailer:
                         backend.send(claim.mime, envelope, [claim.recipient], label=str(email_id))
                     except SendError as exc:
                         text = one_line(str(exc))
-                        self._record_failure(claim, text, permanent=exc.permanent)
-                        report.failed.append((email_id, text))
+                        if exc.maybe_delivered:
+                            self._record_interrupted(claim, text)
+                            report.failed.append((email_id, f"{text}; {MAYBE_DELIVERED}"))
+                        else:
+                            self._record_failure(claim, text, permanent=exc.permanent)
+                            report.failed.append((email_id, text))
                         if exc.stops_batch:
                             rest = ids[index + 1 :]
                             self._fail_rest(rest, text, report, auto, max_attempts)
                             if progress is not None:
                                 progress(total, total)
                             break
-                    except BaseException:
-                        # Ctrl-C or a bug mid-send: the outcome is unknown, say so now
-                        self._record_interrupted(claim)
+                    except BaseException as exc:
+                        # Ctrl-C or a bug mid-send: record what is known now, then let it go on
+                        if backend.may_have_delivered():
+                            self._record_interrupted(claim)
+                        else:
+                            self._record_not_sent(claim, exc)
                         raise
                     else:
                         self._record_sent(claim)
@@ -1117,13 +1224,20 @@ class Mailer:
             ", permanent" if permanent else "", text,
         )  # fmt: skip
 
-    def _record_interrupted(self, claim: _Claim) -> None:
+    def _record_not_sent(self, claim: _Claim, exc: BaseException) -> None:
+        """A send that raised before its message went out: an ordinary failure, retried."""
+        try:
+            self._record_failure(claim, _not_sent(exc), permanent=False)
+        except Exception:  # the claim's expiry records it in the end, as maybe delivered
+            log.exception("email %s: could not record the failure", claim.id)
+
+    def _record_interrupted(self, claim: _Claim, detail: str | None = None) -> None:
         try:
             with self.db.raw_write() as conn:
                 row = _load_state(conn, claim.id)
                 if row is None or row.is_sent or row.claim_token != claim.token:
                     return
-                self._log_interrupted(row)
+                self._log_interrupted(row, detail)
                 _mark_interrupted(row)
                 _save_state(conn, row)
         except Exception:  # the claim's expiry records it in the end
@@ -1163,10 +1277,11 @@ class Mailer:
 
     # -- interrupted sends -----------------------------------------------------------------
 
-    def _log_interrupted(self, row: _State) -> None:
+    def _log_interrupted(self, row: _State, detail: str | None = None) -> None:
         log.warning(
-            "email %s (%s to %s): %s", row.id, row.notification_type, row.recipient, INTERRUPTED
-        )
+            "email %s (%s to %s): %s%s", row.id, row.notification_type, row.recipient,
+            INTERRUPTED, f" ({detail})" if detail else "",
+        )  # fmt: skip
 
     def _settle_interrupted(self) -> None:
         """Log as failed every email whose claim expired without a result. A cheap read first:

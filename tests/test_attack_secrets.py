@@ -52,6 +52,7 @@ from sfcrm.emulator import SANDBOX_SHORTCODE, DarajaEmulator, EmulatorSettings
 
 runner = CliRunner()
 NAIROBI = ZoneInfo("Africa/Nairobi")
+MASK = "********"
 
 CONSUMER_KEY = "CANARY-ck-7f3a91e2c4d5"
 CONSUMER_SECRET = "CANARY-cs-2d8e41b79a0c"
@@ -72,6 +73,7 @@ CANARIES = [
 SMTP_USER = "office"
 PIECE = 12  # a piece of a canary this long is a leak too (a cut-off echo, say)
 PIECES = sorted({c[i : i + PIECE] for c in CANARIES for i in range(len(c) - PIECE + 1)})
+FOLDED_PIECES = sorted({p.casefold() for p in PIECES})
 BASIC = base64.b64encode(f"{CONSUMER_KEY}:{CONSUMER_SECRET}".encode()).decode()
 _B64_TOKEN = re.compile(r"[A-Za-z0-9+/_-]{12,}={0,2}")
 
@@ -95,11 +97,13 @@ def _decodings(token: str) -> Iterator[str]:
 
 
 def leaks(text: str) -> list[str]:
-    """What of the canaries shows in text: a canary, a piece of one, or either inside base64."""
-    found = [f"plain {p!r}" for p in PIECES if p in text]
+    """What of the canaries shows in text, in any case: a canary, a piece of one, or either
+    inside base64."""
+    folded = text.casefold()
+    found = [f"plain {p!r}" for p in FOLDED_PIECES if p in folded]
     for token in set(_B64_TOKEN.findall(text)):
         for decoded in _decodings(token):
-            hits = [p for p in PIECES if p in decoded]
+            hits = [p for p in FOLDED_PIECES if p in decoded.casefold()]
             if hits:
                 found.append(f"base64 {token[:40]!r} holds {hits[0]!r}")
                 break
@@ -117,6 +121,8 @@ def test_the_leak_finder_finds_each_form_it_is_meant_to() -> None:
         base64.b64encode(f"\0{SMTP_USER}\0{SMTP_PASSWORD}".encode()).decode(),
         f"path=/cb/{CALLBACK_SECRET}",
         base64.urlsafe_b64encode(SECRET_KEY.encode()).decode(),
+        f"invalid key {CONSUMER_KEY.lower()}",
+        f"INVALID SECRET {CONSUMER_SECRET.upper()[:13]}",
     ):
         assert leaks(text), text
     assert all(len(c) % 3 == 1 for c in CANARIES)
@@ -187,14 +193,17 @@ def words_of(args: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class FakeDaraja:
-    """Token: ``ok``, ``html500`` or ``hang``; push and query: ``html500``, ``hang`` or
-    ``json400echo``. The 500 page echoes the request line, headers and body, as some gateways'
-    debug pages do; ``json400echo`` is Daraja's error envelope quoting the Password and the
-    CallBackURL it was sent."""
+    """Token: ``ok``, ``html500``, ``hang`` or ``echo_key``; push and query: ``html500``,
+    ``hang`` or ``json400echo``. The 500 page echoes the request line, headers and body, as some
+    gateways' debug pages do; ``json400echo`` is Daraja's error envelope quoting the Password and
+    the CallBackURL it was sent; ``echo_key`` answers 500 quoting the consumer key and secret of
+    the Basic header passed through ``echo_case`` (a gateway that upper- or lower-cases what it
+    logs)."""
 
     def __init__(self) -> None:
         self.token_mode = "html500"
         self.api_mode = "html500"
+        self.echo_case: Any = str.lower
         self.release = threading.Event()
         self.requests = 0
         fake = self
@@ -219,6 +228,13 @@ class FakeDaraja:
                 if mode == "ok":
                     token = {"access_token": "fake-token-0001", "expires_in": "3599"}
                     self.reply(200, "application/json", json.dumps(token))
+                    return
+                if mode == "echo_key":
+                    basic = self.headers.get("Authorization", "").removeprefix("Basic ")
+                    key, _, secret = base64.b64decode(basic).decode().partition(":")
+                    quoted = f"no app with consumer key {fake.echo_case(key)}"
+                    quoted += f" and secret {fake.echo_case(secret)}"
+                    self.reply(500, "text/plain", quoted)
                     return
                 if mode == "json400echo":  # Daraja's own envelope, quoting what it was sent
                     sent = json.loads(body or "{}")
@@ -828,6 +844,97 @@ def test_redactor_hides_the_basic_header_and_the_stk_password_whatever_the_times
             assert leaks(redact(text)) == [], text
     shown = redact(f"headers={{'Authorization': 'Basic {BASIC}'}} url=http://127.0.0.1:9/x")
     assert shown == "headers={'Authorization': 'Basic ********'} url=http://127.0.0.1:9/x"
+
+
+def mixed_case(text: str) -> str:
+    return "".join(c.upper() if n % 2 else c.lower() for n, c in enumerate(text))
+
+
+@pytest.mark.parametrize("case", [str.lower, str.upper, mixed_case, str.swapcase])
+def test_redactor_hides_a_secret_whatever_its_case(case: Any) -> None:
+    from sfcrm.logs import Redactor
+
+    redact = Redactor(CANARIES)
+    for secret in CANARIES:
+        echoed = case(secret)
+        for text in (
+            f"Error: Daraja said: invalid client {echoed}",
+            f"cut off: {echoed[:14]}…",
+            f'{{"key": "{echoed}", "url": "http://127.0.0.1:9/x"}}',
+            base64.b64encode(f"{echoed}:{case(CONSUMER_SECRET)}".encode()).decode(),
+        ):
+            shown = redact(text)
+            assert leaks(shown) == [], (text, shown)
+            assert MASK in shown
+    assert redact("Daraja said: INVALID CLIENT, url http://127.0.0.1:9/X") == (
+        "Daraja said: INVALID CLIENT, url http://127.0.0.1:9/X"
+    )
+
+
+def test_redactor_masks_the_echo_itself_beside_letters_that_grow_when_case_folded() -> None:
+    from sfcrm.logs import Redactor
+
+    eszett = "Nywila-Straße-2025"  # folds to ...strasse...: one character more
+    redact = Redactor([CONSUMER_KEY, eszett])
+
+    assert redact(f"Grüße aus Köln, STRASSE: {CONSUMER_KEY.upper()}!") == (
+        "Grüße aus Köln, STRASSE: ********!"
+    )
+    assert redact(f"ẞ key={eszett.upper()} ß") == "ẞ key=******** ß"
+    assert redact(f"key={eszett.lower()} ß") == "key=******** ß"
+
+
+def test_log_line_echoing_a_secret_in_another_case_is_masked(tmp_path: Path) -> None:
+    import logging
+
+    from sfcrm.logs import Redactor, configure_logging
+
+    log_file = tmp_path / "sfcrm.log"
+    configure_logging(log_file, Redactor(CANARIES))
+    logger = logging.getLogger("sfcrm.test")
+    try:
+        logger.warning("token refused for %s", CONSUMER_KEY.upper())
+        logger.warning("smtp said: 535 bad password %s", SMTP_PASSWORD.lower())
+        try:
+            raise RuntimeError(f"AUTH failed for office:{mixed_case(SMTP_PASSWORD)}")
+        except RuntimeError:
+            logger.exception("crashed")
+    finally:
+        configure_logging(None, Redactor([]))
+
+    logged = log_file.read_text(encoding="utf-8")
+    assert logged.count(MASK) == 3
+    assert leaks(logged) == [], logged
+
+
+@pytest.mark.parametrize("case", [str.lower, str.upper, mixed_case])
+def test_daraja_echoing_the_consumer_key_in_another_case_shows_it_nowhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_daraja: FakeDaraja, case: Any
+) -> None:
+    for name, value in secret_settings("http://127.0.0.1:9/cb/" + CALLBACK_SECRET).items():
+        monkeypatch.setenv(name, value)
+    fake_daraja.token_mode, fake_daraja.echo_case = "echo_key", case
+    env = {
+        "SFCRM_DATABASE_URL": str(tmp_path / "sfcrm.db"),
+        "SFCRM_LOG_FILE": str(tmp_path / "sfcrm.log"),
+        "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
+        "MPESA_BASE_URL": fake_daraja.url,
+    }
+    runner.invoke(app, ["people", "add", "--name", "P", "--phone", "0708374149"], env=env)
+    args = ["mpesa", "request", "--person", "1", "--amount", "10", "--purpose", "X"]
+
+    results = [runner.invoke(app, args, env=env), runner.invoke(app, [*args, "--json"], env=env)]
+
+    assert fake_daraja.requests >= 2  # the key was echoed both times
+    assert [r.exit_code for r in results] == [7, 7]
+    shown = "Daraja answered HTTP 500 to the token request (no app with consumer key ******** "
+    shown += "and secret ********)"
+    assert results[0].stderr.splitlines()[0] == f"Error: payment 1: {shown}"
+    assert json.loads(results[1].stdout)["error"] == f"payment 2: {shown}"
+    for text in [r.stdout + r.stderr for r in results]:
+        assert leaks(text) == [], text
+    assert leaks((tmp_path / "sfcrm.log").read_text(encoding="utf-8")) == []
+    assert leaks(dump_database(tmp_path / "sfcrm.db")) == []
 
 
 def test_redactor_hides_a_secret_cut_short_but_not_the_callback_host() -> None:

@@ -6,8 +6,12 @@ faults the tests switch: stopped mid-batch, 451 or 550 for chosen recipients, a 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,9 +23,19 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiosmtpd.smtp import AuthResult
-from support import Recorder, SmtpSink, finish, recipients, run, run_json, sfcrm_process
+from support import (
+    Recorder,
+    SmtpSink,
+    finish,
+    recipients,
+    run,
+    run_json,
+    sfcrm_process,
+    wait_for,
+)
 
 from sfcrm.cli.runtime import RootOptions, Runtime
+from sfcrm.mail import INTERRUPTED
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 CANARY = "CANARY-smtp-pw-7c41d0e2"
@@ -474,6 +488,228 @@ def test_retry_never_resends_an_email_already_sent_even_when_named(smtp_env: Smt
     assert result.exit_code == 0
     assert result.stdout == "Retry: 0 sent, 0 failed, 1 skipped.\n"
     assert len(smtp_env.handler.messages) == 1
+
+
+# -- what may have been delivered, and what certainly was not ----------------------------------
+
+OFFICE_USER = "office"
+OFFICE_PASSWORD = "pa55-Word!"  # what the mail provider gave: ASCII
+
+
+@pytest.fixture
+def smtp_requiring_login(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+    """Offers AUTH and accepts only the office's login, which sfcrm is set up with."""
+
+    def only_the_office(
+        server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        office = (OFFICE_USER.encode(), OFFICE_PASSWORD.encode())
+        return AuthResult(success=(auth_data.login, auth_data.password) == office, handled=False)
+
+    sink = SmtpSink(Recorder(), authenticator=only_the_office, auth_require_tls=False)
+    sink.start()
+    use_smtp(monkeypatch, sink.port)
+    monkeypatch.setenv("EMAIL_HOST_USER", OFFICE_USER)
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", OFFICE_PASSWORD)
+    yield sink
+    sink.stop()
+
+
+@dataclass
+class DroppingRecorder(Recorder):
+    """While ``drop`` is on, takes the whole message, then hangs up instead of answering: the
+    client cannot know whether it was delivered."""
+
+    drop: bool = True
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await super().handle_DATA(server, session, envelope)
+        if self.drop:
+            server.transport.close()
+        return "250 2.0.0 accepted"
+
+
+def test_non_ascii_smtp_password_is_a_config_error_before_any_email_is_written(
+    smtp_requiring_login: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 2, confirmed=False)
+    secret = "Jambo-pässwörd-2025"  # smtplib logs in with ASCII only
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", secret)
+
+    results = [run("crew", "invite", "--event", "1"), run("crew", "invite", "1", "--json")]
+
+    assert [r.exit_code for r in results] == [3, 3]
+    first = results[0].stderr.splitlines()
+    assert first[0] == (
+        "Error: EMAIL_HOST_PASSWORD holds a character SMTP login cannot send (only ASCII works)"
+    )
+    assert first[1].startswith("Hint: ")
+    assert json.loads(results[1].stdout)["code"] == "CONFIG_ERROR"
+    assert not any(secret in r.stdout + r.stderr for r in results)
+    assert run_json("mail", "list") == []  # nothing written, so nothing stranded
+    assert not any(c["invitation_sent"] for c in run_json("crew", "list"))
+
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", OFFICE_PASSWORD)
+    assert len(run_json("crew", "invite", "--event", "1")["sent"]) == 2
+    assert sorted(recipients(smtp_requiring_login)) == [
+        "crew0@example.co.ke",
+        "crew1@example.co.ke",
+    ]
+
+
+def test_non_ascii_smtp_user_is_a_config_error_too(
+    smtp_requiring_login: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 1, confirmed=False)
+    monkeypatch.setenv("EMAIL_HOST_USER", "ofisi-ñ")
+
+    result = run("crew", "invite", "--event", "1")
+
+    assert result.exit_code == 3
+    assert result.stderr.splitlines()[0] == (
+        "Error: EMAIL_HOST_USER holds a character SMTP login cannot send (only ASCII works) "
+        "(ofisi-\\xf1)"
+    )
+    assert run_json("mail", "list") == []
+
+
+def test_refused_login_leaves_the_emails_for_mail_retry_and_a_non_ascii_password_touches_none(
+    smtp_requiring_login: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    addresses = seed_crew(1, 3, confirmed=False)
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", "an-old-password")
+
+    refused = run_json("crew", "invite", "--event", "1", code=10)
+
+    assert len(refused["failed"]) == 3
+    assert all("refused the login" in f["error"] for f in refused["failed"])
+    before = run_json("mail", "list", "--failed")
+    assert [m["failed_attempts"] for m in before] == [1, 1, 1]
+    assert all("refused the login" in m["last_error"] for m in before)
+
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", "nywila-mpya-ë")  # a new one SMTP cannot carry
+    result = run("mail", "retry")
+
+    assert result.exit_code == 3
+    assert result.stderr.splitlines()[0] == (
+        "Error: EMAIL_HOST_PASSWORD holds a character SMTP login cannot send (only ASCII works)"
+    )
+    assert run_json("mail", "list", "--failed") == before  # not claimed, not counted
+
+    monkeypatch.setenv("EMAIL_HOST_PASSWORD", OFFICE_PASSWORD)
+    retried = run_json("mail", "retry")
+
+    assert sorted(retried["sent"]) == sorted(m["id"] for m in before)
+    assert sorted(recipients(smtp_requiring_login)) == sorted(addresses)  # each exactly once
+    assert run_json("mail", "retry")["sent"] == []
+    assert len(smtp_requiring_login.handler.messages) == 3
+
+
+def test_ctrl_c_while_connecting_leaves_the_email_for_mail_retry(
+    smtp_env: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 1, confirmed=False)
+    with socket.socket() as silent:  # takes the connection, never greets
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.setblocking(False)
+        monkeypatch.setenv("EMAIL_PORT", str(silent.getsockname()[1]))
+        proc = sfcrm_process("crew", "invite", "--event", "1")
+
+        def connected() -> bool:
+            try:
+                silent.accept()[0].close()
+            except BlockingIOError:
+                return False
+            return True
+
+        wait_for(connected, timeout=20)
+        proc.send_signal(signal.SIGINT)
+        [(_, err)] = finish([proc])
+
+    assert proc.returncode == 130, err
+    [logged] = run_json("mail", "list", "--failed")
+    assert logged["last_error"] != INTERRUPTED  # nothing was handed over: not "may have been"
+    assert "not delivered" in logged["last_error"]
+
+    monkeypatch.setenv("EMAIL_PORT", str(smtp_env.port))
+    retried = run_json("mail", "retry")
+
+    assert retried["sent"] == [logged["id"]]
+    assert recipients(smtp_env) == ["crew0@example.co.ke"]
+    assert run_json("crew", "list")[0]["invitation_sent"] is True
+
+
+@dataclass
+class SlowToAnswerRecorder(Recorder):
+    """Takes the whole message, says so through ``taken``, and never answers."""
+
+    taken: threading.Event = field(default_factory=threading.Event)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.taken.set()
+        await asyncio.sleep(30)  # stopping the server cancels this
+        return "250 2.0.0 accepted"
+
+
+def test_ctrl_c_while_the_server_takes_the_message_leaves_it_maybe_delivered(
+    monkeypatch: pytest.MonkeyPatch, office: Path
+) -> None:
+    handler = SlowToAnswerRecorder()
+    sink = SmtpSink(handler)
+    sink.start()
+    try:
+        use_smtp(monkeypatch, sink.port)
+        add_event("Gala", timedelta(days=2))
+        seed_crew(1, 1, confirmed=False)
+        proc = sfcrm_process("crew", "invite", "--event", "1")
+
+        assert handler.taken.wait(20)
+        proc.send_signal(signal.SIGINT)
+        stopping = time.monotonic()
+        [(_, err)] = finish([proc])
+
+        assert proc.returncode == 130, err
+        assert time.monotonic() - stopping < 5  # no polite QUIT waiting on the silent server
+        [logged] = run_json("mail", "list", "--failed")
+        assert logged["last_error"] == INTERRUPTED
+        assert run_json("mail", "retry")["sent"] == []
+    finally:
+        sink.stop()
+
+
+def test_hang_up_after_the_message_data_is_maybe_delivered_and_never_resent_unless_named(
+    monkeypatch: pytest.MonkeyPatch, office: Path
+) -> None:
+    sink = SmtpSink(DroppingRecorder())
+    sink.start()
+    try:
+        use_smtp(monkeypatch, sink.port)
+        add_event("Gala", timedelta(days=2))
+        seed_crew(1, 1, confirmed=False)
+
+        result = run("crew", "invite", "--event", "1", "--json")
+
+        assert result.exit_code == 10, result.output
+        [failed] = json.loads(result.stdout)["failed"]
+        assert "may have been delivered" in failed["error"]
+        assert run_json("mail", "show", str(failed["id"]))["last_error"] == INTERRUPTED
+        assert len(sink.handler.messages) == 1  # it did reach the server
+
+        sink.handler.drop = False  # the server behaves again: cron's retry must not resend
+        again = run_json("mail", "retry")
+        assert (again["sent"], again["failed"]) == ([], [])
+        assert len(sink.handler.messages) == 1
+
+        named = run_json("mail", "retry", str(failed["id"]))  # checked with the crew member
+        assert named["sent"] == [failed["id"]]
+        assert len(sink.handler.messages) == 2
+    finally:
+        sink.stop()
 
 
 # -- output for cron and scripts ---------------------------------------------------------------

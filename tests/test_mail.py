@@ -569,6 +569,65 @@ def test_ctrl_c_during_a_send_logs_the_email_as_interrupted(db: Database) -> Non
     assert mailer.retry().sent == []
 
 
+def test_bug_raised_before_the_message_is_handed_over_leaves_the_email_for_retry(
+    db: Database, smtp_sink: SmtpSink
+) -> None:
+    class Broken(Backend):
+        def send(self, message: bytes, sender: str, recipients: list[str], **_: Any) -> None:
+            raise ValueError(f"a library choked on its settings ({CANARY})")
+
+        def may_have_delivered(self) -> bool:
+            return False
+
+    broken = Mailer(db, Broken, sender=SENDER, clock=utcnow)
+    [email_id] = queue(broken, ["a@example.co.ke"])
+
+    with pytest.raises(ValueError):  # a bug still shows as one
+        broken.send([email_id])
+
+    logged = row(db, email_id)
+    assert logged.last_error == "unexpected ValueError before the message was sent; not delivered"
+    assert logged.failed_attempts == 1 and logged.claim_token is None
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    assert mailer.retry().sent == [email_id]
+    assert [m.recipients for m in smtp_sink.handler.messages] == [["a@example.co.ke"]]
+
+
+def test_server_silent_after_the_message_data_leaves_it_maybe_delivered(
+    db: Database, smtp_sink: SmtpSink
+) -> None:
+    smtp_sink.handler.delay = 30  # takes the message, never answers (stopping it ends the wait)
+    mailer, _ = smtp_mailer(db, smtp_sink.port, timeout=0.5)
+    [email_id] = queue(mailer, ["a@example.co.ke"])
+
+    report = mailer.send([email_id])
+
+    [(failed_id, text)] = report.failed
+    assert failed_id == email_id
+    assert text.startswith("the SMTP server did not answer in time after the message was sent")
+    assert "may have been delivered" in text
+    logged = row(db, email_id)
+    assert logged.last_error == INTERRUPTED and logged.failed_attempts == 1
+    assert mailer.retry().sent == []  # cron's retry leaves it alone
+
+
+def test_smtp_backend_tells_whether_the_last_send_reached_data(
+    db: Database, smtp_sink: SmtpSink
+) -> None:
+    smtp_sink.handler.perm_fail = {"gone@example.co.ke"}
+    backend = SmtpBackend("127.0.0.1", smtp_sink.port, timeout=5)
+    message = build_message(
+        sender=SENDER, recipient="a@example.co.ke", subject="Hi", text="Hello\n",
+        message_id_domain="soundfusion.co.ke",
+    )  # fmt: skip
+    with backend:
+        with pytest.raises(SendError):
+            backend.send(message, "office@soundfusion.co.ke", ["gone@example.co.ke"])
+        assert backend.may_have_delivered() is False  # refused at RCPT
+        backend.send(message, "office@soundfusion.co.ke", ["a@example.co.ke"])
+        assert backend.may_have_delivered() is True
+
+
 def test_retry_skips_named_emails_already_sent(db: Database, smtp_sink: SmtpSink) -> None:
     mailer, _ = smtp_mailer(db, smtp_sink.port)
     [email_id] = queue(mailer, ["a@example.co.ke"])
@@ -715,6 +774,42 @@ def test_smtp_backend_from_settings_uses_host_port_and_login() -> None:
 def test_tls_and_ssl_both_on_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="EMAIL_USE_TLS and EMAIL_USE_SSL"):
         SmtpBackend("localhost", 25, use_tls=True, use_ssl=True)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "error"),
+    [
+        ("EMAIL_HOST_PASSWORD", f"{CANARY}-ñ", "EMAIL_HOST_PASSWORD holds a character SMTP "
+         "login cannot send (only ASCII works)"),
+        ("EMAIL_HOST_PASSWORD", f"{CANARY}-😀", "EMAIL_HOST_PASSWORD holds a character SMTP "
+         "login cannot send (only ASCII works)"),
+        ("EMAIL_HOST_USER", "ofisi@mfano.ke-ü", "EMAIL_HOST_USER holds a character SMTP login "
+         "cannot send (only ASCII works) (ofisi@mfano.ke-\\xfc)"),
+        ("EMAIL_HOST", "smtp..example.co.ke", "EMAIL_HOST is not a usable host name "
+         "(smtp..example.co.ke)"),
+        ("EMAIL_PORT", "70000", "EMAIL_PORT must be from 1 to 65535 (70000)"),
+        ("EMAIL_PORT", "0", "EMAIL_PORT must be from 1 to 65535 (0)"),
+    ],
+)  # fmt: skip
+def test_smtp_settings_smtplib_cannot_use_are_a_config_error_when_the_backend_is_built(
+    setting: str, value: str, error: str
+) -> None:
+    environ = {
+        "EMAIL_BACKEND": "smtp", "EMAIL_HOST": "smtp.example.co.ke", "EMAIL_PORT": "587",
+        "EMAIL_HOST_USER": "office", "EMAIL_HOST_PASSWORD": CANARY, setting: value,
+    }  # fmt: skip
+
+    with pytest.raises(ConfigError) as raised:
+        backend_from_settings(load_settings(environ=environ))
+
+    assert str(raised.value) == error
+    assert raised.value.hint
+    assert CANARY not in str(raised.value) + raised.value.hint
+
+
+def test_international_host_name_is_a_usable_setting() -> None:
+    backend = SmtpBackend("mäil.example.de", 587, username="office", password=CANARY)
+    assert backend.where == "mäil.example.de:587"
 
 
 # -- secrets -----------------------------------------------------------------------------------

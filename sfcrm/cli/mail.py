@@ -93,7 +93,8 @@ def retry(
 ) -> None:
     """Send failed emails again; never one already sent. Safe for cron.
 
-    Permanent refusals (SMTP 5xx) are retried only when named by id.
+    Permanent refusals (SMTP 5xx) are retried only when named by id, and so are emails that may
+    have been delivered (the server took the message but its answer never came).
 
     Example: sfcrm mail retry --max-attempts 5
     """
