@@ -76,7 +76,16 @@ class Runtime:
 
         settings = load_settings(self.options.config)
         self._redactor = Redactor(settings.secret_values())
-        configure_logging(settings.log_file, self._redactor)
+        try:
+            configure_logging(settings.log_file, self._redactor)
+        except OSError as exc:
+            from sfcrm.errors import ConfigError
+
+            raise ConfigError(
+                f"SFCRM_LOG_FILE cannot be opened for writing: {exc.strerror or exc}",
+                value=str(settings.log_file),
+                hint="point SFCRM_LOG_FILE at a file in a folder that exists and sfcrm may write",
+            ) from None
         return settings
 
     @cached_property
