@@ -19,16 +19,21 @@ app = typer.Typer(
     help="Request, resend, check and reconcile M-Pesa payments.", no_args_is_help=True
 )
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_DURATION = re.compile(r"\s*([0-9]+)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = timedelta(days=3650)
 
 
 def parse_duration(text: str) -> timedelta:
-    """``90s``, ``2m``, ``1h``, ``1d``; a bare number is seconds."""
-    match = _DURATION.match(text)
+    """``90s``, ``2m``, ``1h``, ``1d``; a bare number is seconds; at most ten years."""
+    match = _DURATION.fullmatch(text)
     if not match:
         raise ValidationError("not a duration; use e.g. 90s, 2m, 1h", value=text)
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    digits = match.group(1).lstrip("0") or "0"
+    seconds = int(digits) * _UNITS[match.group(2)] if len(digits) < 20 else None
+    if seconds is None or seconds > MAX_DURATION.total_seconds():
+        raise ValidationError("a duration must be at most 3650d (ten years)", value=text)
+    return timedelta(seconds=seconds)
 
 
 def warn_if_not_safaricom(rt: "Runtime", phone: str) -> None:
