@@ -6,7 +6,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, text_cell
+from sfcrm.cli.runtime import (
+    MAX_INT,
+    JsonOption,
+    command,
+    host_option,
+    id_argument,
+    port_option,
+    text_cell,
+)
 from sfcrm.errors import BatchError, SfcrmError, ValidationError
 
 if TYPE_CHECKING:
@@ -112,9 +120,7 @@ def request(
 
 @app.command("resend")
 def resend(
-    payment_ids: Annotated[
-        list[int] | None, typer.Argument(help="payment ids", show_default=False)
-    ] = None,
+    payment_ids: Annotated[list[int] | None, id_argument("payment ids")] = None,
     all_pending: Annotated[
         bool, typer.Option("--all-pending", help="every payment still pending")
     ] = False,
@@ -180,7 +186,7 @@ def _single_error_code(result: dict[str, object]) -> int:
 
 @app.command("status")
 def status(
-    payment_id: Annotated[int | None, typer.Argument(help="one payment's id")] = None,
+    payment_id: Annotated[int | None, id_argument("one payment's id")] = None,
     status_filter: Annotated[
         str | None, typer.Option("--status", help="initiated, pending, completed, failed, ...")
     ] = None,
@@ -189,7 +195,7 @@ def status(
         bool, typer.Option("--refresh", help="ask Daraja about pending payments first")
     ] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="rows to show")] = 50,
-    offset: Annotated[int, typer.Option("--offset", min=0, help="rows to skip")] = 0,
+    offset: Annotated[int, typer.Option("--offset", min=0, max=MAX_INT, help="rows to skip")] = 0,
     json_output: JsonOption = False,
 ) -> None:
     """Show one payment, or a filtered list (newest first).
@@ -309,10 +315,13 @@ def callbacks(
 
 @app.command("emulator")
 def emulator(
-    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8900,
-    host: Annotated[str, typer.Option("--host", help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, port_option()] = 8900,
+    host: Annotated[str, host_option()] = "127.0.0.1",
     callback_delay: Annotated[
-        float, typer.Option("--callback-delay", help="seconds before the callback is posted")
+        float,
+        typer.Option(
+            "--callback-delay", min=0, max=600, help="seconds before the callback is posted"
+        ),
     ] = 3.0,
     json_output: JsonOption = False,
 ) -> None:

@@ -39,6 +39,37 @@ JsonOption = Annotated[
     bool, typer.Option("--json", help="print one JSON document on stdout instead of text")
 ]
 
+# The bounds every whole-number option and argument declares (``min=``/``max=``), so a value
+# SQLite cannot hold, or one that means nothing, is a usage error (exit 2) naming the option.
+# SQLite's INTEGER is a signed 64-bit number: no id, count or offset can be larger.
+MAX_INT = 2**63 - 1
+MAX_PORT = 65535
+
+
+def id_argument(help: str) -> Any:
+    """A record id typed on the command line: 1 up to the largest SQLite integer."""
+    return typer.Argument(help=help, min=1, max=MAX_INT, show_default=False)
+
+
+def id_option(name: str, help: str) -> Any:
+    return typer.Option(name, help=help, min=1, max=MAX_INT)
+
+
+def port_option(help: str = "port to listen on (1-65535)") -> Any:
+    return typer.Option("--port", help=help, min=1, max=MAX_PORT)
+
+
+def _listen_host(value: str) -> str:
+    from sfcrm.config import valid_host
+
+    if not valid_host(value.strip().removeprefix("[").removesuffix("]")):
+        raise typer.BadParameter(f"not an address or host name: {clean_text(value)!r}")
+    return value.strip().removeprefix("[").removesuffix("]")
+
+
+def host_option(help: str = "address to bind") -> Any:
+    return typer.Option("--host", help=help, callback=_listen_host)
+
 
 @dataclass
 class RootOptions:
@@ -260,7 +291,7 @@ class Runtime:
     def out(self) -> Console:
         from rich.console import Console
 
-        return Console(highlight=False, soft_wrap=True)
+        return Console(file=_Stdout(), highlight=False, soft_wrap=True)  # type: ignore[arg-type]
 
     @cached_property
     def err(self) -> Console:
