@@ -7,13 +7,16 @@ only; a secret found in ``sfcrm.toml`` is an error, so it cannot sit in a file t
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from sfcrm.errors import ConfigError
 
@@ -50,6 +53,8 @@ class Spec:
     kind: Kind = "str"
     secret: bool = False
     help: str = ""
+    low: float | None = None  # bounds of an int or float setting, both included
+    high: float | None = None
 
 
 SPECS: tuple[Spec, ...] = (
@@ -75,8 +80,8 @@ SPECS: tuple[Spec, ...] = (
          "CustomerPayBillOnline", help="CustomerPayBillOnline or CustomerBuyGoodsOnline"),
     Spec("mpesa_till_number", "MPESA_TILL_NUMBER", "mpesa.till_number", None,
          help="till number (PartyB) for CustomerBuyGoodsOnline"),
-    Spec("mpesa_timeout", "MPESA_TIMEOUT", "mpesa.timeout", "30", kind="float",
-         help="seconds to wait for any Daraja answer"),
+    Spec("mpesa_timeout", "MPESA_TIMEOUT", "mpesa.timeout", "30", kind="float", high=600,
+         help="seconds to wait for any Daraja answer (more than 0, at most 600)"),
     Spec("mpesa_confirm_by_query", "MPESA_CONFIRM_BY_QUERY", "mpesa.confirm_by_query", "false",
          kind="bool", help="confirm every 'paid' callback with an STK Push Query first"),
     Spec("database_url", "SFCRM_DATABASE_URL", "database.url", None, kind="path",
@@ -92,13 +97,15 @@ SPECS: tuple[Spec, ...] = (
     Spec("listener_trusted_proxies", "SFCRM_TRUSTED_PROXIES", "listener.trusted_proxies", None,
          kind="list", help="proxy addresses whose X-Forwarded-For is believed"),
     Spec("listener_max_body", "SFCRM_CALLBACK_MAX_BODY", "listener.max_body", "65536",
-         kind="int", help="largest callback body accepted, in bytes"),
+         kind="int", low=1, high=2**30, help="largest callback body accepted, in bytes"),
     Spec("listener_threads", "SFCRM_LISTENER_THREADS", "listener.threads", "1", kind="int",
+         low=1, high=100,
          help="worker threads of serve-callback (writes take turns; more threads only contend)"),
     Spec("email_backend", "EMAIL_BACKEND", "email.backend", None,
          help="smtp, console or file (Django names accepted)"),
     Spec("email_host", "EMAIL_HOST", "email.host", "localhost", help="SMTP server"),
-    Spec("email_port", "EMAIL_PORT", "email.port", "25", kind="int", help="SMTP port"),
+    Spec("email_port", "EMAIL_PORT", "email.port", "25", kind="int", low=1, high=65535,
+         help="SMTP port"),
     Spec("email_use_tls", "EMAIL_USE_TLS", "email.use_tls", "false", kind="bool",
          help="STARTTLS after connecting"),
     Spec("email_use_ssl", "EMAIL_USE_SSL", "email.use_ssl", "false", kind="bool",
@@ -236,8 +243,24 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("the config file is not UTF-8 text", value=str(path)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # Notepad starts UTF-8 with a BOM
+    except UnicodeDecodeError:
+        raise ConfigError("the .env file is not UTF-8 text", value=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the .env file: {exc.strerror}", value=str(path)) from None
+    import io
+
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 
 def _toml_lookup(data: Mapping[str, Any], dotted: str) -> Any:
@@ -269,19 +292,15 @@ def _check_toml_has_no_secrets(data: Mapping[str, Any], path: Path) -> None:
     walk(data, "")
 
 
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
+
+
 def _convert(spec: Spec, raw: str, base: Path) -> Any:
     if spec.kind == "str":
         return raw
-    if spec.kind == "int":
-        try:
-            return int(raw)
-        except ValueError:
-            raise ConfigError(f"{spec.env} must be a whole number", value=raw) from None
-    if spec.kind == "float":
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"{spec.env} must be a number", value=raw) from None
+    if spec.kind in ("int", "float"):
+        return _number(spec, raw)
     if spec.kind == "bool":
         lowered = raw.strip().lower()
         if lowered in _TRUE:
@@ -292,9 +311,93 @@ def _convert(spec: Spec, raw: str, base: Path) -> Any:
     if spec.kind == "list":
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     # path: relative paths from sfcrm.toml are relative to that file
-    text = raw.removeprefix("sqlite:///") if spec.name == "database_url" else raw
-    path = Path(text).expanduser()
+    text = database_file(raw) if spec.name == "database_url" else raw
+    if "\x00" in text:
+        raise ConfigError(f"{spec.env} holds a NUL character", value=repr(text))
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not know
+        raise ConfigError(f"{spec.env} starts with an unknown home folder", value=text) from None
     return path if path.is_absolute() else base / path
+
+
+def _number(spec: Spec, raw: str) -> int | float:
+    """Digits only (no 1e3, 1_000, nan or inf), within the spec's bounds."""
+    text = raw.strip()
+    whole = spec.kind == "int"
+    if not (_WHOLE if whole else _DECIMAL).fullmatch(text):
+        what = "a whole number" if whole else "a number (digits, like 30 or 2.5)"
+        raise ConfigError(f"{spec.env} must be {what}", value=raw)
+    # (int() of thousands of digits is refused by Python itself; no bound is that long)
+    value: int | float = math.inf if len(text) > 30 else int(text) if whole else float(text)
+    low = -math.inf if spec.low is None else spec.low
+    high = math.inf if spec.high is None else spec.high
+    if not low <= value <= high:
+        if spec.low is None:
+            bounds = f"at most {spec.high:g}"
+        elif spec.high is None:
+            bounds = f"at least {spec.low:g}"
+        else:
+            bounds = f"from {spec.low:.0f} to {spec.high:.0f}"
+        raise ConfigError(f"{spec.env} must be {bounds}", value=raw)
+    return value
+
+
+def database_file(raw: str) -> str:
+    """The file SFCRM_DATABASE_URL names, parsed here once for every opener of the file.
+
+    A path is taken as written (``%`` and ``?`` are letters of a file name). A
+    ``sqlite:///path`` URL is URL-decoded as SQLAlchemy decodes it (``%20`` is a space);
+    three slashes then a relative path, four for an absolute one.
+    """
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", raw.strip())
+    if match is None:
+        return raw
+    scheme = match.group(1).lower()
+    if scheme not in ("sqlite", "sqlite+pysqlite"):
+        raise ConfigError(
+            f"SFCRM_DATABASE_URL names a database sfcrm does not support yet ({scheme})",
+            value=shown_url(raw),
+            hint="sfcrm runs on SQLite: give a file path or sqlite:///path",
+        )
+    rest = raw.strip()[match.end() :]
+    if not rest.startswith("/"):
+        raise ConfigError(
+            "SFCRM_DATABASE_URL must be sqlite:///path (three slashes, then the file)",
+            value=raw,
+        )
+    if "?" in rest or "#" in rest:
+        raise ConfigError(
+            "SFCRM_DATABASE_URL holds options sfcrm does not use ('?' or '#')",
+            value=raw,
+            hint="name only the file; write a '?' or '#' in its name as %3F or %23",
+        )
+    try:
+        path = unquote(rest[1:], errors="strict")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            "SFCRM_DATABASE_URL has a %-escape that is not UTF-8", value=raw
+        ) from None
+    if path in ("", ":memory:"):
+        raise ConfigError(
+            "SFCRM_DATABASE_URL must name a file (an in-memory database ends with the command)",
+            value=raw,
+        )
+    return path
+
+
+def shown_url(url: str) -> str:
+    """A URL fit for an error message: any password in it masked."""
+    try:
+        parts = urlsplit(url.strip())
+        if parts.password is None:
+            return url
+    except ValueError:  # unparsable: mask whatever stands before an @
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}{SECRET_MASK}@{rest.rpartition('@')[2]}" if "@" in rest else url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:{SECRET_MASK}@{host}").geturl()
 
 
 def _as_text(value: Any) -> str:
@@ -321,9 +424,7 @@ def load_settings(
     dotenv: dict[str, str] = {}
     dotenv_file = Path(".env") if dotenv_path is None else dotenv_path
     if dotenv_file.is_file():
-        from dotenv import dotenv_values
-
-        dotenv = {k: v for k, v in dotenv_values(dotenv_file).items() if v is not None}
+        dotenv = _read_dotenv(dotenv_file)
 
     toml_base = path.parent.resolve() if path else Path.cwd()
     values: dict[str, Any] = {}
@@ -346,6 +447,11 @@ def load_settings(
         if raw is not None and raw.strip() == "":
             # An empty line in an old .env means "not set", not "set to nothing".
             raw = spec.default
+        if raw is not None and not raw.isascii():
+            try:
+                raw.encode("utf-8")  # bytes that are not UTF-8 come in as lone surrogates
+            except UnicodeEncodeError:
+                raise ConfigError(f"{spec.env} is not UTF-8 text", hint=f"from {source}") from None
         values[spec.name] = None if raw is None or raw == "" else _convert(spec, raw, base)
         sources[spec.name] = source
 
@@ -363,31 +469,83 @@ def _validate(values: Mapping[str, Any]) -> None:
             "MPESA_TRANSACTION_TYPE must be CustomerPayBillOnline or CustomerBuyGoodsOnline",
             value=values["mpesa_transaction_type"],
         )
-    url = values.get("mpesa_callback_url")
-    if url:
-        parts = urlsplit(str(url))
-        if parts.scheme not in ("http", "https") or not parts.netloc or " " in str(url):
-            raise ConfigError(
-                "MPESA_CALLBACK_URL must be an http(s) URL without spaces",
-                hint="for example https://pay.example.co.ke/cb/<long random secret>",
-            )
-    base = values.get("mpesa_base_url")
-    if base and urlsplit(str(base)).scheme not in ("http", "https"):
-        raise ConfigError("MPESA_BASE_URL must be an http(s) URL", value=str(base))
+    for name in ("mpesa_base_url", "mpesa_callback_url", "public_url"):
+        if values.get(name):
+            _check_url(SPECS_BY_NAME[name], str(values[name]))
+    for name in ("listener_allowlist", "listener_trusted_proxies"):
+        for item in values.get(name) or ():
+            _check_network(SPECS_BY_NAME[name], item)
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     try:
         ZoneInfo(values["timezone"])
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file
         raise ConfigError(
             "SFCRM_TIMEZONE is not a known time zone", value=values["timezone"]
         ) from None
-    if values["listener_max_body"] <= 0:
-        raise ConfigError("SFCRM_CALLBACK_MAX_BODY must be positive")
-    if values["listener_threads"] <= 0:
-        raise ConfigError("SFCRM_LISTENER_THREADS must be positive")
     if values["mpesa_timeout"] <= 0:
-        raise ConfigError("MPESA_TIMEOUT must be positive")
+        raise ConfigError("MPESA_TIMEOUT must be more than 0", value=f"{values['mpesa_timeout']:g}")
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _check_url(spec: Spec, url: str) -> None:
+    """An http(s) URL whose host and port a client can use. The callback URL's path is a
+    secret: its error shows no part of it."""
+    shown = None if spec.secret else shown_url(url)
+    example = {
+        "mpesa_callback_url": "https://pay.example.co.ke/cb/<long random secret>",
+        "mpesa_base_url": "http://127.0.0.1:8900 (the emulator); unset means MPESA_ENVIRONMENT's",
+        "public_url": "https://pay.example.co.ke",
+    }[spec.name]
+    hint = f"for example {example}"
+    if not url.isprintable() or " " in url:
+        raise ConfigError(f"{spec.env} must be an http(s) URL without spaces", value=shown,
+                          hint=hint)  # fmt: skip
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError as exc:  # an unclosed [ of an IPv6 address, a port that is no number
+        raise ConfigError(f"{spec.env} is not a valid URL: {exc}", value=shown,
+                          hint=hint) from None  # fmt: skip
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{spec.env} must be an http(s) URL", value=shown, hint=hint)
+    if port == 0:
+        raise ConfigError(f"{spec.env} has port 0, which no server listens on", value=shown)
+    if not valid_host(host):
+        raise ConfigError(f"{spec.env} has a host name that is not valid", value=shown,
+                          hint=hint)  # fmt: skip
+
+
+def valid_host(host: str) -> bool:
+    """An IP address or a syntactically valid DNS name (not looked up)."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_host.removesuffix(".").split(".")
+    return len(ascii_host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def _check_network(spec: Spec, item: str) -> None:
+    if spec.name == "listener_allowlist" and item.lower() == "safaricom":
+        return
+    try:
+        ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        raise ConfigError(
+            f"{spec.env} holds something that is not an address or network",
+            value=item,
+            hint="list addresses or CIDR networks, comma-separated: 10.0.0.0/8,127.0.0.1"
+            + (", or 'safaricom'" if spec.name == "listener_allowlist" else ""),
+        ) from None
 
 
 def allowlist(settings: Settings) -> frozenset[str] | None:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sfcrm.crew")
 
+MAX_REMIND_HOURS = 24 * 366  # `crew remind --hours`: a (leap) year ahead at most
+
 INVITATION = "crew_invitation"
 REMINDER = "crew_reminder"
 BRIEFING = "crew_briefing"
@@ -268,6 +270,10 @@ class CrewMail:
         the event has started, and never twice."""
         if hours <= 0:
             raise ValidationError("--hours must be positive", value=f"{hours:g}")
+        if not hours <= MAX_REMIND_HOURS:  # also NaN
+            raise ValidationError(
+                f"--hours must be at most {MAX_REMIND_HOURS} (a year)", value=f"{hours:g}"
+            )
         now = self.clock()
         # the event index picks the window; the rest is checked on its few rows
         where = (

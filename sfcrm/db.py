@@ -237,12 +237,13 @@ class Database:
             )
 
     def _open(self) -> Engine:
-        from sqlalchemy import create_engine, event
+        from sqlalchemy import URL, create_engine, event
         from sqlalchemy.exc import DatabaseError as SADatabaseError
 
         self._check_folder()
         engine = create_engine(
-            f"sqlite:///{self.path}",
+            # built, not formatted: a '%' or '?' in the path is part of the file's name
+            URL.create("sqlite", database=str(self.path)),
             connect_args={"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
         )
         event.listen(engine, "connect", _on_connect)

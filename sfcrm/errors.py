@@ -20,7 +20,9 @@ class ExitCode(IntEnum):
     DATABASE = 9  # the database file cannot be opened or is damaged
     MAIL = 10  # mail could not be sent
     INTERNAL = 70  # a bug: rerun with --traceback and report it
+    OUTPUT = 74  # standard output could not be written (a full disk, an I/O error)
     INTERRUPTED = 130
+    BROKEN_PIPE = 141  # the reader of stdout went away (`| head`): as a shell reports SIGPIPE
 
 
 class SfcrmError(Exception):

@@ -24,6 +24,10 @@ from sfcrm.models import Event
 
 MAX_TEXT = 200
 MAX_DETAILS = 4000
+# Every date typed (an event's, `mail list --since`) lies here: far enough from the ends of
+# Python's calendar that its UTC moment, and the next day, exist in every time zone.
+FIRST_DATE = Date(1900, 1, 1)
+LAST_DATE = Date(2999, 12, 31)
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -59,9 +63,14 @@ def clean_details(text: str | None) -> str | None:
 
 def parse_date(text: str) -> Date:
     try:
-        return Date.fromisoformat(text.strip())
+        day = Date.fromisoformat(text.strip())
     except ValueError:
         raise ValidationError("date must be YYYY-MM-DD", value=text) from None
+    if not FIRST_DATE <= day <= LAST_DATE:
+        raise ValidationError(
+            f"date must be from {FIRST_DATE.isoformat()} to {LAST_DATE.isoformat()}", value=text
+        )
+    return day
 
 
 def parse_time(text: str | None, what: str = "time") -> Time | None:

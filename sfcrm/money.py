@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from sfcrm.errors import ValidationError
 
 MAX_STK_AMOUNT = 250_000
 # thousands separators only where they belong: 1,500 or 1,500.50, never 1,5,0,0
-_GROUPED = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
+_GROUPED = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
+# digits and one decimal point: Decimal would also read 1e3, 1_000, NaN and Infinity
+_PLAIN = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
+_DIGITS_WRITTEN_OTHERWISE = re.compile(r"[+-]?[\d_.]*\d[\d_.]*([eE][+-]?\d+)?")
 
 
 def parse_kes(text: str | int | Decimal, *, what: str = "amount") -> int:
     """Parse a KES amount (``1500``, ``1500.5``, ``"1,500.00"``) into cents."""
     raw = str(text).strip()
-    if not raw.isascii() or ("," in raw and not _GROUPED.match(raw)):
+    if not raw.isascii() or ("," in raw and not _GROUPED.fullmatch(raw)):
         raise ValidationError(f"{what} must be a number", value=str(text))
-    try:
-        value = Decimal(raw.replace(",", ""))
-    except InvalidOperation:
-        raise ValidationError(f"{what} must be a number", value=str(text)) from None
-    if not value.is_finite():
+    plain = raw.replace(",", "")
+    if not _PLAIN.fullmatch(plain):
+        if _DIGITS_WRITTEN_OTHERWISE.fullmatch(plain):
+            raise ValidationError(
+                f"{what} must be written in plain digits, like 1500 or 1,500.50", value=str(text)
+            )
         raise ValidationError(f"{what} must be a number", value=str(text))
+    value = Decimal(plain)
     if value.copy_abs() >= Decimal(10) ** 13:
         raise ValidationError(f"{what} is too large", value=str(text))
     cents = value * 100

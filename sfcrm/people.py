@@ -63,6 +63,8 @@ def record_balance_change(
 
     The one place a balance changes. Returns the balance after the change.
     """
+    if type(amount_cents) is not int:  # a float (or bool) would make the column inexact
+        raise TypeError(f"a balance moves by whole cents, not {type(amount_cents).__name__}")
     # (UPDATE ... RETURNING would need SQLite 3.35; older ones are still in the field)
     conn.execute(
         "UPDATE person SET balance_cents = balance_cents + ? WHERE id = ?",

@@ -1,5 +1,7 @@
 """The ``sfcrm`` command: a thin layer that parses options, calls the core, renders results."""
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -8,6 +10,7 @@ import typer
 from sfcrm import __version__
 from sfcrm.cli import config_cmd, crew, events, mail, mpesa, people, system
 from sfcrm.cli.runtime import RootOptions, set_root_options
+from sfcrm.errors import ExitCode
 
 app = typer.Typer(
     name="sfcrm",
@@ -54,4 +57,13 @@ app.add_typer(mail.app, name="mail")
 
 
 def main() -> None:
+    # Bytes that are not UTF-8 reach Python as lone surrogates, which no file, database or
+    # terminal takes: refuse them before anything runs.
+    for arg in sys.argv[1:]:
+        if not arg.isascii():
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                sys.stderr.write(f"Error: an argument is not UTF-8 text ({os.fsencode(arg)!r})\n")
+                raise SystemExit(int(ExitCode.INVALID)) from None
     app()

@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, text_cell
+from sfcrm.cli.runtime import JsonOption, command, id_argument, id_option, text_cell
 from sfcrm.errors import MailError
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def _render_preview(rt: "Runtime", what: str, run: "MailRun") -> None:
 
 @app.command("assign")
 def assign(
-    event: Annotated[int, typer.Option("--event", help="event id")],
+    event: Annotated[int, id_option("--event", "event id")],
     person: Annotated[str, typer.Option("--person", help="id, phone or email")],
     role: Annotated[str, typer.Option("--role", help="e.g. Sound Engineer")],
     notes: Annotated[str | None, typer.Option("--notes", help="special instructions")] = None,
@@ -100,7 +100,7 @@ def assign(
 
 @app.command("list")
 def list_crew(
-    event: Annotated[int | None, typer.Option("--event", help="event id")] = None,
+    event: Annotated[int | None, id_option("--event", "event id")] = None,
     status: Annotated[
         str | None, typer.Option("--status", help="invited, confirmed, declined, completed")
     ] = None,
@@ -131,7 +131,7 @@ def _respond(assignment_id: int, answer: str, json_output: bool) -> None:
 
 @app.command("confirm")
 def confirm(
-    assignment_id: Annotated[int, typer.Argument(help="assignment id")],
+    assignment_id: Annotated[int, id_argument("assignment id")],
     json_output: JsonOption = False,
 ) -> None:
     """Record that a crew member confirmed.
@@ -143,7 +143,7 @@ def confirm(
 
 @app.command("decline")
 def decline(
-    assignment_id: Annotated[int, typer.Argument(help="assignment id")],
+    assignment_id: Annotated[int, id_argument("assignment id")],
     json_output: JsonOption = False,
 ) -> None:
     """Record that a crew member declined.
@@ -155,7 +155,7 @@ def decline(
 
 @app.command("complete")
 def complete(
-    event: Annotated[int, typer.Option("--event", help="event id")],
+    event: Annotated[int, id_option("--event", "event id")],
     json_output: JsonOption = False,
 ) -> None:
     """After the event: mark every confirmed crew member completed.
@@ -206,10 +206,8 @@ def assignments(
 
 @app.command("invite")
 def invite(
-    assignment_ids: Annotated[
-        list[int] | None, typer.Argument(help="assignment ids", show_default=False)
-    ] = None,
-    event: Annotated[int | None, typer.Option("--event", help="every assignment of it")] = None,
+    assignment_ids: Annotated[list[int] | None, id_argument("assignment ids")] = None,
+    event: Annotated[int | None, id_option("--event", "every assignment of it")] = None,
     dry_run: DryRun = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -228,9 +226,9 @@ def invite(
 
 @app.command("remind")
 def remind(
-    event: Annotated[int | None, typer.Option("--event", help="only this event")] = None,
+    event: Annotated[int | None, id_option("--event", "only this event")] = None,
     hours: Annotated[
-        float, typer.Option("--hours", help="events starting within this many hours")
+        float, typer.Option("--hours", help="events starting within this many hours (to 8784)")
     ] = 24,
     dry_run: DryRun = False,
     json_output: JsonOption = False,
@@ -249,7 +247,7 @@ def remind(
 
 @app.command("brief")
 def brief(
-    event: Annotated[int, typer.Option("--event", help="event id")],
+    event: Annotated[int, id_option("--event", "event id")],
     again: Annotated[
         bool, typer.Option("--again", help="also send to those already briefed")
     ] = False,

@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, text_cell
+from sfcrm.cli.runtime import JsonOption, command, id_argument, text_cell
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -73,7 +73,7 @@ def list_events(
 
 @app.command("show")
 def show(
-    event_id: Annotated[int, typer.Argument(help="event id")],
+    event_id: Annotated[int, id_argument("event id")],
     json_output: JsonOption = False,
 ) -> None:
     """Show an event and its crew roster with each one's status.

@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, text_cell
+from sfcrm.cli.runtime import MAX_INT, JsonOption, clean_text, command, id_argument, text_cell
 from sfcrm.errors import MailError
 
 app = typer.Typer(help="The mail log: list, show and retry failed emails.", no_args_is_help=True)
@@ -58,7 +58,7 @@ def list_mail(
 
 @app.command("show")
 def show(
-    email_id: Annotated[int, typer.Argument(help="email id")],
+    email_id: Annotated[int, id_argument("email id")],
     json_output: JsonOption = False,
 ) -> None:
     """Show one logged email with its text.
@@ -74,7 +74,7 @@ def show(
         def render() -> None:
             for key in ("id", "recipient", "notification_type", "subject", "is_sent",
                         "sent_at", "failed_attempts", "last_error"):  # fmt: skip
-                rt.print(f"{key}: {doc[key] if doc[key] is not None else ''}")
+                rt.print(f"{key}: {clean_text(doc[key])}")
             rt.print("")
             rt.print(n.message)
 
@@ -84,10 +84,11 @@ def show(
 @app.command("retry")
 def retry(
     email_ids: Annotated[
-        list[int] | None, typer.Argument(help="email ids (default: every failed one)")
+        list[int] | None, id_argument("email ids (default: every failed one)")
     ] = None,
     max_attempts: Annotated[
-        int, typer.Option("--max-attempts", min=1, help="give up after this many attempts")
+        int,
+        typer.Option("--max-attempts", min=1, max=MAX_INT, help="give up after this many attempts"),
     ] = 5,
     json_output: JsonOption = False,
 ) -> None:

@@ -6,7 +6,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, text_cell
+from sfcrm.cli.runtime import (
+    MAX_INT,
+    JsonOption,
+    command,
+    host_option,
+    id_argument,
+    port_option,
+    text_cell,
+)
 from sfcrm.errors import BatchError, SfcrmError, ValidationError
 
 if TYPE_CHECKING:
@@ -19,16 +27,21 @@ app = typer.Typer(
     help="Request, resend, check and reconcile M-Pesa payments.", no_args_is_help=True
 )
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_DURATION = re.compile(r"\s*([0-9]+)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = timedelta(days=3650)
 
 
 def parse_duration(text: str) -> timedelta:
-    """``90s``, ``2m``, ``1h``, ``1d``; a bare number is seconds."""
-    match = _DURATION.match(text)
+    """``90s``, ``2m``, ``1h``, ``1d``; a bare number is seconds; at most ten years."""
+    match = _DURATION.fullmatch(text)
     if not match:
         raise ValidationError("not a duration; use e.g. 90s, 2m, 1h", value=text)
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    digits = match.group(1).lstrip("0") or "0"
+    seconds = int(digits) * _UNITS[match.group(2)] if len(digits) < 20 else None
+    if seconds is None or seconds > MAX_DURATION.total_seconds():
+        raise ValidationError("a duration must be at most 3650d (ten years)", value=text)
+    return timedelta(seconds=seconds)
 
 
 def warn_if_not_safaricom(rt: "Runtime", phone: str) -> None:
@@ -107,9 +120,7 @@ def request(
 
 @app.command("resend")
 def resend(
-    payment_ids: Annotated[
-        list[int] | None, typer.Argument(help="payment ids", show_default=False)
-    ] = None,
+    payment_ids: Annotated[list[int] | None, id_argument("payment ids")] = None,
     all_pending: Annotated[
         bool, typer.Option("--all-pending", help="every payment still pending")
     ] = False,
@@ -175,7 +186,7 @@ def _single_error_code(result: dict[str, object]) -> int:
 
 @app.command("status")
 def status(
-    payment_id: Annotated[int | None, typer.Argument(help="one payment's id")] = None,
+    payment_id: Annotated[int | None, id_argument("one payment's id")] = None,
     status_filter: Annotated[
         str | None, typer.Option("--status", help="initiated, pending, completed, failed, ...")
     ] = None,
@@ -184,7 +195,7 @@ def status(
         bool, typer.Option("--refresh", help="ask Daraja about pending payments first")
     ] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="rows to show")] = 50,
-    offset: Annotated[int, typer.Option("--offset", min=0, help="rows to skip")] = 0,
+    offset: Annotated[int, typer.Option("--offset", min=0, max=MAX_INT, help="rows to skip")] = 0,
     json_output: JsonOption = False,
 ) -> None:
     """Show one payment, or a filtered list (newest first).
@@ -312,10 +323,13 @@ def callbacks(
 
 @app.command("emulator")
 def emulator(
-    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8900,
-    host: Annotated[str, typer.Option("--host", help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, port_option()] = 8900,
+    host: Annotated[str, host_option()] = "127.0.0.1",
     callback_delay: Annotated[
-        float, typer.Option("--callback-delay", help="seconds before the callback is posted")
+        float,
+        typer.Option(
+            "--callback-delay", min=0, max=600, help="seconds before the callback is posted"
+        ),
     ] = 3.0,
     json_output: JsonOption = False,
 ) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -37,6 +39,37 @@ JsonOption = Annotated[
     bool, typer.Option("--json", help="print one JSON document on stdout instead of text")
 ]
 
+# The bounds every whole-number option and argument declares (``min=``/``max=``), so a value
+# SQLite cannot hold, or one that means nothing, is a usage error (exit 2) naming the option.
+# SQLite's INTEGER is a signed 64-bit number: no id, count or offset can be larger.
+MAX_INT = 2**63 - 1
+MAX_PORT = 65535
+
+
+def id_argument(help: str) -> Any:
+    """A record id typed on the command line: 1 up to the largest SQLite integer."""
+    return typer.Argument(help=help, min=1, max=MAX_INT, show_default=False)
+
+
+def id_option(name: str, help: str) -> Any:
+    return typer.Option(name, help=help, min=1, max=MAX_INT)
+
+
+def port_option(help: str = "port to listen on (1-65535)") -> Any:
+    return typer.Option("--port", help=help, min=1, max=MAX_PORT)
+
+
+def _listen_host(value: str) -> str:
+    from sfcrm.config import valid_host
+
+    if not valid_host(value.strip().removeprefix("[").removesuffix("]")):
+        raise typer.BadParameter(f"not an address or host name: {clean_text(value)!r}")
+    return value.strip().removeprefix("[").removesuffix("]")
+
+
+def host_option(help: str = "address to bind") -> Any:
+    return typer.Option("--host", help=help, callback=_listen_host)
+
 
 @dataclass
 class RootOptions:
@@ -58,6 +91,65 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# Terminal control sequences (CSI, OSC, DCS and the other ESC forms, 7- and 8-bit), then any
+# C0/C1 control left: text from a callback or a typed name must not move the cursor, recolour
+# or retitle the terminal of whoever reads it.
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"  # CSI ... final byte
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f]).*?(?:\x07|\x1b\\|\x9c|$)"  # strings up to ST
+    r"|\x1b[ -/]*[0-~]?",  # the other escapes, and a lone ESC
+    re.DOTALL,
+)
+_BREAKS = re.compile(r"\r\n|[\n\r\v\f\x85\u2028\u2029]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_text(value: object, *, lines: bool = False) -> str:
+    """``value`` as text safe to show on a terminal: escape sequences and control characters
+    removed, line breaks made spaces (with ``lines``: plain newlines, and tabs kept)."""
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    text = _BREAKS.sub("\n" if lines else " ", _ESCAPES.sub("", text))
+    return _CONTROLS.sub("", text if lines else text.replace("\t", " "))
+
+
+class StdoutError(Exception):
+    """Standard output could not be written (a closed pipe, a full disk): the command's
+    result did not reach its reader. Raised by :class:`_Stdout`, handled in :func:`command`."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
+        self.errno = error.errno
+
+
+class _Stdout:
+    """``sys.stdout`` (looked up at each write: tests swap it) for the output console and the
+    JSON writer; a failed write raises StdoutError, which no other error can be taken for."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except OSError as exc:
+            raise StdoutError(exc) from None
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except OSError as exc:
+            raise StdoutError(exc) from None
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
 class Runtime:
     """Built per command; settings, database and services load on first use, inside the
     error boundary, so a bad config is reported like any other error."""
@@ -76,7 +168,16 @@ class Runtime:
 
         settings = load_settings(self.options.config)
         self._redactor = Redactor(settings.secret_values())
-        configure_logging(settings.log_file, self._redactor)
+        try:
+            configure_logging(settings.log_file, self._redactor)
+        except OSError as exc:
+            from sfcrm.errors import ConfigError
+
+            raise ConfigError(
+                f"SFCRM_LOG_FILE cannot be opened for writing: {exc.strerror or exc}",
+                value=str(settings.log_file),
+                hint="point SFCRM_LOG_FILE at a file in a folder that exists and sfcrm may write",
+            ) from None
         return settings
 
     @cached_property
@@ -191,7 +292,7 @@ class Runtime:
     def out(self) -> Console:
         from rich.console import Console
 
-        return Console(highlight=False, soft_wrap=True)
+        return Console(file=_Stdout(), highlight=False, soft_wrap=True)  # type: ignore[arg-type]
 
     @cached_property
     def err(self) -> Console:
@@ -225,8 +326,9 @@ class Runtime:
             self._pending = doc
 
     def _write(self, doc: Any) -> None:
-        sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
-        sys.stdout.flush()
+        out = _Stdout()
+        out.write(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
+        out.flush()
 
     def flush(self) -> None:
         if self._pending is not None:
@@ -236,11 +338,11 @@ class Runtime:
     def say(self, text: str) -> None:
         """A message for the person at the terminal (stderr, never under --json)."""
         if not self.json:
-            self.err.print(self.redact(text), markup=False)
+            self.err.print(clean_text(self.redact(text), lines=True), markup=False)
 
     def print(self, text: str) -> None:
-        """A line of plain text output on stdout."""
-        self.out.print(text, markup=False)
+        """A line of plain text output on stdout (control sequences removed)."""
+        self.out.print(clean_text(text, lines=True), markup=False)
 
     def close(self) -> None:
         if "db" in self.__dict__:
@@ -262,10 +364,30 @@ class Runtime:
                 doc["data"] = pending
             self._write(doc)
         else:
-            self.err.print(f"Error: {message}", markup=False, style="red")
+            self.err.print(f"Error: {clean_text(message)}", markup=False, style="red")
             if hint:
-                self.err.print(f"Hint: {hint}", markup=False)
+                self.err.print(f"Hint: {clean_text(hint)}", markup=False)
         return typer.Exit(int(error.exit_code))
+
+    def output_failed(self, error: StdoutError) -> typer.Exit:
+        """stdout is gone: a closed pipe (``| head``) ends quietly as SIGPIPE would, with
+        141; anything else (a full disk) is one line on stderr and exit 74."""
+        self._pending = None
+        # Point the descriptor at /dev/null so that Python's own flush at exit neither fails
+        # again nor prints "Exception ignored" (there is no descriptor under CliRunner).
+        with suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)
+        if error.errno == errno.EPIPE:
+            return typer.Exit(int(ExitCode.BROKEN_PIPE))
+        with suppress(OSError):
+            self.err.print(
+                f"Error: cannot write to standard output: {error}", markup=False, style="red"
+            )
+        return typer.Exit(int(ExitCode.OUTPUT))
 
 
 @contextmanager
@@ -274,38 +396,43 @@ def command(json_output: bool = False) -> Iterator[Runtime]:
     options = current_options
     rt = Runtime(options, json_output)
     try:
-        yield rt
-    except (typer.Exit, typer.Abort):
-        raise
-    except SfcrmError as exc:
-        raise rt.fail(exc) from None
-    except KeyboardInterrupt as exc:
-        # (a push cut short says which payment may be on a phone, and what not to do)
-        rt.say(getattr(exc, "message", None) or "Interrupted.")
-        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
-    except Exception as exc:
-        if options.traceback or os.environ.get("SFCRM_TRACEBACK") == "1":
-            # The whole traceback, as Python prints it, but through the redactor: an
-            # exception's text can carry a request it was given (a header, a push body).
-            import traceback
+        try:
+            yield rt
+        except (typer.Exit, typer.Abort, StdoutError):
+            raise
+        except SfcrmError as exc:
+            raise rt.fail(exc) from None
+        except KeyboardInterrupt as exc:
+            # (a push cut short says which payment may be on a phone, and what not to do)
+            rt.say(getattr(exc, "message", None) or "Interrupted.")
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except Exception as exc:
+            if options.traceback or os.environ.get("SFCRM_TRACEBACK") == "1":
+                # The whole traceback, as Python prints it, but through the redactor: an
+                # exception's text can carry a request it was given (a header, a push body).
+                import traceback
 
-            sys.stderr.write(rt.redact_error("".join(traceback.format_exception(exc))))
-            sys.stderr.flush()
-            raise typer.Exit(int(ExitCode.INTERNAL)) from None
-        error = SfcrmError(
-            f"unexpected {type(exc).__name__}: {exc}",
-            hint="rerun with --traceback and report it",
-        )
-        error.exit_code = ExitCode.INTERNAL
-        error.code = "INTERNAL_ERROR"
-        raise rt.fail(error) from None
+                sys.stderr.write(rt.redact_error("".join(traceback.format_exception(exc))))
+                sys.stderr.flush()
+                raise typer.Exit(int(ExitCode.INTERNAL)) from None
+            error = SfcrmError(
+                f"unexpected {type(exc).__name__}: {exc}",
+                hint="rerun with --traceback and report it",
+            )
+            error.exit_code = ExitCode.INTERNAL
+            error.code = "INTERNAL_ERROR"
+            raise rt.fail(error) from None
+        finally:
+            rt.flush()
+    except StdoutError as exc:
+        raise rt.output_failed(exc) from None
     finally:
-        rt.flush()
         rt.close()
 
 
 def text_cell(value: object) -> Any:
-    """A table cell showing user data literally (no rich markup)."""
+    """A table cell showing user data literally: no rich markup, no terminal control
+    sequences, one line."""
     from rich.text import Text
 
-    return Text("" if value is None else str(value))
+    return Text(clean_text(value))

@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command
-from sfcrm.errors import ConfigError
+from sfcrm.cli.runtime import JsonOption, command, host_option, port_option
+from sfcrm.errors import ConfigError, ValidationError
 
 
 def init(json_output: JsonOption = False) -> None:
@@ -23,7 +23,14 @@ def init(json_output: JsonOption = False) -> None:
             (Path(".env.example"), template_path("env.example")),
         ):
             if not target.exists():
-                target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+                try:
+                    target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot write {target}: {exc.strerror or exc}",
+                        value=str(Path.cwd()),
+                        hint="run `sfcrm init` in a folder you may write",
+                    ) from None
                 written.append(str(target))
         rt.options.config = rt.options.config or (
             Path("sfcrm.toml") if Path("sfcrm.toml").is_file() else None
@@ -40,8 +47,8 @@ def init(json_output: JsonOption = False) -> None:
 
 
 def serve_callback(
-    host: Annotated[str, typer.Option("--host", help="address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8000,
+    host: Annotated[str, host_option()] = "127.0.0.1",
+    port: Annotated[int, port_option()] = 8000,
     json_output: JsonOption = False,
 ) -> None:
     """Run the listener Daraja posts payment results to (put it behind HTTPS).
@@ -94,6 +101,10 @@ def serve_callback(
             server = make_server(app, host, port, settings.listener_threads)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        except ValueError:  # waitress: the host name resolves to no address
+            raise ValidationError(
+                f"cannot listen on {host}:{port}: not an address of this machine", value=host
+            ) from None
         try:
             if path is not None and len(path.rstrip("/").rsplit("/", 1)[-1]) < 16:
                 rt.say(
