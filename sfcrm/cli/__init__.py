@@ -66,4 +66,28 @@ def main() -> None:
             except UnicodeEncodeError:
                 sys.stderr.write(f"Error: an argument is not UTF-8 text ({os.fsencode(arg)!r})\n")
                 raise SystemExit(int(ExitCode.INVALID)) from None
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:
+        raise SystemExit(_usage_error(exc)) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc: typer.TyperException) -> int:
+    """A usage error (a value out of range, an unknown option) as one line like every other
+    error, with its hint; help asked for by giving no arguments is shown as Typer shows it."""
+    # (Typer exports BadParameter but not its base, UsageError)
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, usage_error) and type(exc).__name__ != "NoArgsIsHelpError":
+        names: list[str] = []
+        while ctx is not None and ctx.parent is not None:  # the root's name is the program's
+            names.insert(0, ctx.info_name or "")
+            ctx = ctx.parent
+        where = " ".join(["sfcrm", *names])
+        sys.stderr.write(f"Error: {exc.format_message()}\nHint: see `{where} --help`\n")
+        return int(ExitCode.USAGE)
+    from typer import rich_utils
+
+    rich_utils.rich_format_error(exc)  # type: ignore[arg-type]
+    return int(getattr(exc, "exit_code", ExitCode.USAGE))

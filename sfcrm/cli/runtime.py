@@ -160,6 +160,7 @@ class Runtime:
         self.clock: Callable[[], datetime] = utcnow
         self._redactor: Redactor | None = None
         self._pending: Any = None  # the --json document, printed when the command ends
+        self._clean_ups: list[Callable[[], None]] = []
 
     @cached_property
     def settings(self) -> Settings:
@@ -344,7 +345,14 @@ class Runtime:
         """A line of plain text output on stdout (control sequences removed)."""
         self.out.print(clean_text(text, lines=True), markup=False)
 
+    def on_close(self, clean_up: Callable[[], None]) -> None:
+        """Run ``clean_up`` when the command ends, however it ends."""
+        self._clean_ups.append(clean_up)
+
     def close(self) -> None:
+        for clean_up in reversed(self._clean_ups):
+            clean_up()
+        self._clean_ups.clear()
         if "db" in self.__dict__:
             self.db.close()
 

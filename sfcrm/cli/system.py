@@ -1,12 +1,15 @@
 """Top-level commands: ``init``, ``serve-callback`` and ``demo``."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sfcrm.cli.runtime import JsonOption, command, host_option, port_option
 from sfcrm.errors import ConfigError, ValidationError
+
+if TYPE_CHECKING:
+    import logging
 
 
 def init(json_output: JsonOption = False) -> None:
@@ -97,6 +100,8 @@ def serve_callback(
         for name in ("sfcrm", "waitress"):
             logging.getLogger(name).addHandler(handler)
             logging.getLogger(name).setLevel(logging.INFO)
+        # The handler writes to this run's stderr: it goes when the run ends.
+        rt.on_close(lambda: _remove_handler(handler, "sfcrm", "waitress"))
         try:
             server = make_server(app, host, port, settings.listener_threads)
         except OSError as exc:
@@ -127,6 +132,14 @@ def serve_callback(
         finally:
             server.close()
             app.worker.stop()
+
+
+def _remove_handler(handler: "logging.Handler", *names: str) -> None:
+    import logging
+
+    for name in names:
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
 
 
 def demo(
