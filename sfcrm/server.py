@@ -9,6 +9,7 @@ Daraja callback is stored and answered 400.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -491,10 +492,27 @@ class ListenerServer:
         self._server.task_dispatcher.shutdown()
         serving = self._serving
         listening = [s for s in list(self._sockets.values()) if isinstance(s, BaseWSGIServer)]
+        triggers: list[Any] = [s.trigger for s in listening]
         if serving is not None and serving != threading.get_ident() and listening:
-            trigger: Any = listening[0].trigger
-            trigger.pull_trigger(lambda: wasyncore.close_all(self._sockets))
+
+            def stop() -> None:  # in the serving thread
+                # Every socket, but not the triggers' pipes: they stay open until
+                # pull_trigger() below has returned. The serving thread may run this before
+                # that call has written its byte (woken by a worker's earlier pull), and a
+                # pipe closed then made the write fail, or land in whatever file took its
+                # number. (A listening server's own close() closes its trigger too.)
+                for dispatcher in list(self._sockets.values()):
+                    if dispatcher in triggers:
+                        dispatcher.del_channel()
+                    else:
+                        with contextlib.suppress(OSError):
+                            wasyncore.dispatcher.close(dispatcher)
+                # the map is empty now: the loop ends
+
+            triggers[0].pull_trigger(stop)
             self._stopped.wait(5)
         else:
             wasyncore.close_all(self._sockets)
+        for trigger in triggers:
+            trigger.close()
         self._server.close()

@@ -928,3 +928,24 @@ def test_listener_closed_from_another_thread_stops_its_loop_and_workers_cleanly(
         assert not serving.is_alive()
     assert died == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_listener_closed_just_after_an_answer_always_wakes_its_loop_and_stops(
+    payments: Payments,
+) -> None:
+    # Regression: close() had the serving thread close the trigger's pipe, and the wake-up a
+    # worker sends after each answer could make it do so before close() had written its own
+    # byte to that pipe: about one close in 30 failed with EBADF (or wrote into whatever file
+    # had taken the descriptor).
+    from sfcrm.server import CallbackApp, make_server
+
+    for _ in range(300):
+        server = make_server(CallbackApp(payments, callback_path="/cb/x"), "127.0.0.1", 0, 2)
+        serving = threading.Thread(target=server.run, daemon=True)
+        serving.start()
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert status_of(sock.recv(65536)) == 404
+            server.close()
+        serving.join(timeout=5)
+        assert not serving.is_alive()
