@@ -188,14 +188,18 @@ class CallbackApp:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
-            return self._handle(environ, start_response)
+            body = self._handle(environ, start_response)
         except Exception:
             log.exception("listener error")
-            return _reply(
+            body = _reply(
                 start_response,
                 "503 Service Unavailable",
                 {"ResultCode": 1, "ResultDesc": "Try again"},
             )
+        # HEAD: the headers GET would send, Content-Length included, and no body. waitress
+        # sends whatever the app returns, and a kept-alive client would read those bytes as
+        # the start of its next answer.
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else body
 
     def _handle(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = self._normal(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode(
@@ -203,8 +207,8 @@ class CallbackApp:
         )
         if not hmac.compare_digest(path, self._path):
             text = path.decode("latin-1")
-            if self.rsvp is not None and RSVP_PREFIX in text:
-                token = text.rsplit(RSVP_PREFIX, 1)[1]
+            if self.rsvp is not None and text.startswith(RSVP_PREFIX):
+                token = text[len(RSVP_PREFIX) :]
                 if token and "/" not in token:
                     return self.rsvp(environ, start_response, token)
             return _reply(start_response, "404 Not Found", {"error": "not found"})

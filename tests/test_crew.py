@@ -373,3 +373,66 @@ def test_expired_rsvp_link_gets_403(rsvp_listener: str, tmp_path: Path) -> None:
     )
     answer = requests.get(f"{rsvp_listener}/crew/rsvp/{token}", timeout=10)
     assert answer.status_code == 403 and "expired" in answer.text
+
+
+def _raw_answer(base: str, request: str) -> tuple[int, dict[str, str], bytes]:
+    """One request with Connection: close over a plain socket: status, headers, and every
+    byte that came after the headers."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, rest
+
+
+def test_head_on_an_rsvp_page_sends_its_headers_and_no_body(
+    rsvp_listener: str, smtp_env: SmtpSink
+) -> None:
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    run_json("crew", "invite", "1")
+    path = "/crew/rsvp/" + rsvp_link(smtp_env).rsplit("/crew/rsvp/", 1)[1]
+    request = "{} " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    status, headers, body = _raw_answer(rsvp_listener, request.format("GET"))
+    assert status == 200 and "Gala" in body.decode()
+
+    status, head_headers, after = _raw_answer(rsvp_listener, request.format("HEAD"))
+
+    assert status == 200
+    assert after == b""
+    assert head_headers["content-type"] == "text/html; charset=utf-8"
+    assert head_headers["content-length"] == headers["content-length"] == str(len(body))
+    assert run_json("crew", "list")[0]["status"] == "invited"
+
+
+def test_rsvp_page_is_served_only_under_crew_rsvp(rsvp_listener: str, smtp_env: SmtpSink) -> None:
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    run_json("crew", "invite", "1")
+    token = rsvp_link(smtp_env).rsplit("/crew/rsvp/", 1)[1]
+    for elsewhere in (
+        f"/x/crew/rsvp/{token}",
+        f"/cb/crew/rsvp/{token}",
+        f"/rsvp/{token}",
+        f"/crew/{token}",
+        f"/crew/rsvp/crew/rsvp/{token}",
+        f"/CREW/RSVP/{token}",
+    ):
+        for method in ("get", "post"):
+            answer = getattr(requests, method)(
+                rsvp_listener + elsewhere, data={"answer": "confirm"}, timeout=10
+            )
+            assert answer.status_code == 404, (elsewhere, method)
+            assert "Gala" not in answer.text
+    assert run_json("crew", "list")[0]["status"] == "invited"
+    assert requests.get(f"{rsvp_listener}/crew/rsvp/{token}", timeout=10).status_code == 200
