@@ -31,7 +31,7 @@ from sfcrm.models import CallbackOutcome
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from sfcrm.crew import Crew
+    from sfcrm.crew import Crew, CrewRow
     from sfcrm.payments import Payments
     from sfcrm.render import Renderer
 
@@ -304,21 +304,19 @@ class RsvpPages:
         self, environ: dict[str, Any], start_response: StartResponse, token: str
     ) -> Iterable[bytes]:
         from sfcrm.errors import ConflictError, NotFoundError, ValidationError
-        from sfcrm.rsvp import InvalidToken, read_token
+        from sfcrm.rsvp import InvalidToken
 
         org = {
             "name": self.crew.org.name,
             "phone": self.crew.org.phone,
             "email": self.crew.org.email,
         }
+        not_valid = "This link is not a valid invitation link."
         try:
-            assignment_id = read_token(self._secret, token, self.clock())
-            row = self.crew.get(assignment_id)
+            row = self._assignment(token)
         except (InvalidToken, NotFoundError) as exc:
             reason = (
-                "This link has expired: the event is over."
-                if str(exc) == "expired"
-                else "This link is not a valid invitation link."
+                "This link has expired: the event is over." if str(exc) == "expired" else not_valid
             )
             return self._page(
                 start_response, "403 Forbidden", "rsvp_denied.html.j2", org=org, reason=reason
@@ -335,8 +333,16 @@ class RsvpPages:
                 reason="Use the buttons on the invitation page.",
             )  # fmt: skip
         answer = self._answer(environ)
+        assignment_id = row.crew.id
+        assert assignment_id is not None
         try:
-            row = self.crew.respond(assignment_id, answer or "", via="rsvp link")
+            row = self.crew.respond(
+                assignment_id, answer or "", via="rsvp link", bound_to=row.binding
+            )
+        except NotFoundError:  # deleted, or its id taken by another, since it was read above
+            return self._page(
+                start_response, "403 Forbidden", "rsvp_denied.html.j2", org=org, reason=not_valid
+            )
         except ValidationError:
             return self._page(
                 start_response, "400 Bad Request", "rsvp_denied.html.j2", org=org,
@@ -354,6 +360,20 @@ class RsvpPages:
             status=row.crew.status,
             **self.crew.context(row),
         )
+
+    def _assignment(self, token: str) -> CrewRow:
+        """The assignment a genuine, unexpired link was made for: InvalidToken or
+        NotFoundError otherwise, also when the row now at its id is another assignment."""
+        from sfcrm.rsvp import InvalidToken, parse_token, verify
+
+        link = parse_token(token)
+        row = self.crew.get(link.assignment_id)
+        kind = verify(self._secret, link, row.binding, self.clock())
+        if kind == "unbound" and not self.crew.invitation_carries(
+            link.assignment_id, RSVP_PREFIX + token
+        ):
+            raise InvalidToken("not sent for this assignment")
+        return row
 
     def _answer(self, environ: dict[str, Any]) -> str | None:
         from urllib.parse import parse_qs
