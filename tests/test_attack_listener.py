@@ -965,24 +965,29 @@ def test_callback_answered_in_under_2s_while_1000_connections_trickle_their_head
 ) -> None:
     raise_open_files(1000 + 500)
     served = serve_callback()
-    payment = payments.request(str(person_with_balance.id), 100, "Crew deposit")
+    paid = [payments.request(str(person_with_balance.id), 100, "Crew deposit") for _ in range(3)]
     pid = served.process.pid
     before = listener_sockets(pid)
     head = f"POST {served.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ".encode()
     held = open_connections(served.port, 1000, head)
     stop = threading.Event()
+    rounds = [0]
 
     def trickle() -> None:  # one more header byte a second on each connection
         while not stop.wait(1.0):
             for sock in held:
                 with suppress(OSError):
                     sock.send(b"a")
+            rounds[0] += 1
 
     trickler = threading.Thread(target=trickle, daemon=True)
     trickler.start()
+    took: list[float] = []
     try:
         wait_for(lambda: listener_sockets(pid) - before >= 1000, timeout=8)
-        took = timed_paid_callback(served, payment)
+        for n, payment in enumerate(paid):  # one callback after each of 3 rounds of bytes
+            wait_for(lambda n=n: rounds[0] > n, timeout=5)
+            took.append(timed_paid_callback(served, payment))
         open_after = listener_sockets(pid) - before
     finally:
         stop.set()
@@ -990,15 +995,15 @@ def test_callback_answered_in_under_2s_while_1000_connections_trickle_their_head
         close_all(held)
 
     print(
-        f"\n[slow clients] paid callback answered in {took * 1000:.0f} ms with 1,000 "
-        f"connections trickling a header byte a second ({open_after} still open after it)"
+        f"\n[slow clients] paid callbacks answered in {max(took) * 1000:.0f} ms at most "
+        f"({', '.join(f'{t * 1000:.0f}' for t in took)} ms) with 1,000 connections trickling a "
+        f"header byte a second for {rounds[0]} s ({open_after} still open after them)"
     )
     assert open_after >= 1000  # answered while every trickling connection was still open
-    assert took < 2.0
-    assert balance(db_path, person_with_balance.id) == 150_000 - 10_000
+    assert max(took) < 2.0
+    assert balance(db_path, person_with_balance.id) == 150_000 - 30_000
 
 
-@pytest.mark.slow
 def test_callback_answered_in_under_2s_while_1000_idle_connections_are_open(
     serve_callback: Callable[..., Served],
     payments: Payments,
@@ -1007,24 +1012,25 @@ def test_callback_answered_in_under_2s_while_1000_idle_connections_are_open(
 ) -> None:
     raise_open_files(1000 + 500)
     served = serve_callback()
-    payment = payments.request(str(person_with_balance.id), 100, "Crew deposit")
+    paid = [payments.request(str(person_with_balance.id), 100, "Crew deposit") for _ in range(3)]
     pid = served.process.pid
     before = listener_sockets(pid)
     held = open_connections(served.port, 1000)
     try:
         wait_for(lambda: listener_sockets(pid) - before >= 1000, timeout=8)
-        took = timed_paid_callback(served, payment)
+        took = [timed_paid_callback(served, payment) for payment in paid]
         open_after = listener_sockets(pid) - before
     finally:
         close_all(held)
 
     print(
-        f"\n[idle clients] paid callback answered in {took * 1000:.0f} ms with 1,000 idle "
-        f"connections open ({open_after} still open after it)"
+        f"\n[idle clients] paid callbacks answered in {max(took) * 1000:.0f} ms at most "
+        f"({', '.join(f'{t * 1000:.0f}' for t in took)} ms) with 1,000 idle connections open "
+        f"({open_after} still open after them)"
     )
     assert open_after >= 1000
-    assert took < 2.0
-    assert balance(db_path, person_with_balance.id) == 150_000 - 10_000
+    assert max(took) < 2.0
+    assert balance(db_path, person_with_balance.id) == 150_000 - 30_000
 
 
 def test_serve_callback_caps_connections_per_address_but_not_those_of_a_trusted_proxy(
