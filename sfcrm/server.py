@@ -284,7 +284,8 @@ class RsvpPages:
     """The crew member's confirm/decline page behind the personal link in an invitation.
 
     GET shows the event and two buttons and changes nothing (mail scanners open links);
-    POST from that page records the answer. A forged, tampered or expired link gets 403.
+    POST from that page records the answer. A forged, tampered or expired link gets 403, and
+    so does one made for an assignment whose id another assignment now has.
     """
 
     def __init__(
@@ -553,7 +554,7 @@ def _listener_channel(limits: ConnectionLimits, gate: AddressGate) -> Callable[.
         def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
             # None while a request is being answered; else when the wait for one began
             self._waiting_since: float | None = time.monotonic()
-            self._answering = 0  # requests a worker has begun on (worker threads count)
+            self._answering = 0  # answers begun; counted by the worker threads
             self._gated: str | None = _address(addr)
             try:
                 super().__init__(server, sock, addr, adj, map)
