@@ -17,8 +17,9 @@ from sfcrm.crewmail import Org, email_context
 from sfcrm.db import Database
 from sfcrm.errors import ConflictError, NotFoundError, ValidationError
 from sfcrm.events import _one_line
-from sfcrm.models import CrewStatus, Event, EventCrew, Person
+from sfcrm.models import CrewStatus, EmailNotification, Event, EventCrew, Person
 from sfcrm.people import find_person
+from sfcrm.rsvp import binding
 
 log = logging.getLogger("sfcrm.crew")
 
@@ -28,6 +29,11 @@ class CrewRow:
     crew: EventCrew
     event: Event
     person: Person
+
+    @property
+    def binding(self) -> str:
+        """What this assignment's RSVP links are bound to (see :mod:`sfcrm.rsvp`)."""
+        return binding(self.crew.event_id, self.crew.person_id, self.crew.created_at)
 
     def json(self, tz: ZoneInfo) -> dict[str, Any]:
         c = self.crew
@@ -180,14 +186,26 @@ class Crew:
             raise NotFoundError("no such assignment", value=str(assignment_id))
         return rows[0]
 
-    def respond(self, assignment_id: int, answer: str, *, via: str = "office") -> CrewRow:
-        """Record a confirm or decline. Allowed until the event ends; completed is final."""
+    def respond(
+        self,
+        assignment_id: int,
+        answer: str,
+        *,
+        via: str = "office",
+        bound_to: str | None = None,
+    ) -> CrewRow:
+        """Record a confirm or decline. Allowed until the event ends; completed is final.
+        With ``bound_to`` (an RSVP link's binding), only if the row at that id is still the
+        assignment the link was made for."""
         target = {"confirm": CrewStatus.CONFIRMED, "decline": CrewStatus.DECLINED}.get(answer)
         if target is None:
             raise ValidationError("answer must be confirm or decline", value=answer)
         with self.db.write() as session:
             crew = session.get(EventCrew, assignment_id)
-            if crew is None:
+            if crew is None or (
+                bound_to is not None
+                and binding(crew.event_id, crew.person_id, crew.created_at) != bound_to
+            ):
                 raise NotFoundError("no such assignment", value=str(assignment_id))
             event = session.get(Event, crew.event_id)
             assert event is not None
@@ -201,6 +219,18 @@ class Crew:
                 session.add(crew)
                 log.info("assignment %s %s (%s)", assignment_id, target, via)
         return self.get(assignment_id)
+
+    def invitation_carries(self, assignment_id: int, text: str) -> bool:
+        """Whether the invitation the mail log holds for this assignment contains ``text``
+        (a link, say). An assignment that took a deleted one's id has its own invitation,
+        or none."""
+        with self.db.read() as session:
+            message = session.exec(
+                select(EmailNotification.message)
+                .join(EventCrew, col(EventCrew.invitation_email_id) == col(EmailNotification.id))
+                .where(EventCrew.id == assignment_id)
+            ).first()
+        return message is not None and text in message
 
     def complete(self, event_id: int) -> list[CrewRow]:
         """After the event: every confirmed crew member becomes completed."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sfcrm.db import Database, db_time
 from sfcrm.errors import NotFoundError, ValidationError
+from sfcrm.rsvp import binding
 from sfcrm.status import CrewStatus
 
 if TYPE_CHECKING:
@@ -146,6 +147,7 @@ class AssignmentFacts:
     status: str
     invitation_sent: bool
     invitation_email_id: int | None
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +167,8 @@ class MailRow:
 
 _SELECT = """
     SELECT c.id, c.role, c.notes, c.status, c.invitation_sent, c.invitation_email_id,
-           e.id, e.name, e.date, e.time, e.end_time, e.location, e.details, e.starts_at,
-           e.ends_at, p.id, p.name, p.email, p.phone
+           c.created_at, e.id, e.name, e.date, e.time, e.end_time, e.location, e.details,
+           e.starts_at, e.ends_at, p.id, p.name, p.email, p.phone
     FROM event_crew c
     JOIN event e ON e.id = c.event_id
     JOIN person p ON p.id = c.person_id
@@ -181,13 +183,13 @@ def _select(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> list
     rows = conn.execute(f"{_SELECT} WHERE {where} ORDER BY e.starts_at, c.id", params)
     return [
         MailRow(
-            AssignmentFacts(cid, role, notes, status, bool(sent), email_id),
+            AssignmentFacts(cid, role, notes, status, bool(sent), email_id, _utc(created)),
             EventFacts(eid, name, date, time, end, location, details, _utc(start), _utc(stop)),
             PersonFacts(pid, pname, email, phone),
         )
         for (
-            cid, role, notes, status, sent, email_id, eid, name, date, time, end, location,
-            details, start, stop, pid, pname, email, phone,
+            cid, role, notes, status, sent, email_id, created, eid, name, date, time, end,
+            location, details, start, stop, pid, pname, email, phone,
         ) in rows
     ]  # fmt: skip
 
@@ -208,7 +210,8 @@ class CrewMail:
         mailer: Callable[[], Mailer],
         renderer: Callable[[], Renderer],
         org: Org,
-        rsvp: Callable[[int, datetime], str | None] = lambda _id, _exp: None,
+        # (assignment id, its binding, expiry) -> the personal link, if links are on
+        rsvp: Callable[[int, str, datetime], str | None] = lambda _id, _bound, _exp: None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -238,7 +241,8 @@ class CrewMail:
             return f"You are invited to work on: {row.event.name}"
 
         def extra(row: MailRow) -> dict[str, Any]:
-            return {"rsvp_url": self._rsvp(row.crew.id, row.event.ends_at)}
+            bound_to = binding(row.event.id, row.person.id, row.crew.created_at)
+            return {"rsvp_url": self._rsvp(row.crew.id, bound_to, row.event.ends_at)}
 
         def wanted(row: MailRow) -> str | None:
             if row.crew.invitation_sent:

@@ -109,8 +109,8 @@ def run_demo(
             mailer=lambda: mailer,
             renderer=lambda: renderer,
             org=org,
-            rsvp=lambda aid, expires: rsvp_url(
-                listener["url"], make_token(secret_key, aid, expires, clock())
+            rsvp=lambda aid, bound_to, expires: rsvp_url(
+                listener["url"], make_token(secret_key, aid, bound_to, expires, clock())
             ),
         )
         pages = RsvpPages(crew, renderer, secret_key=secret_key, clock=clock)

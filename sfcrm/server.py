@@ -9,17 +9,21 @@ Daraja callback is stored and answered 400.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
 import queue
+import socket
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, unquote
 
 from sfcrm.models import CallbackOutcome
@@ -27,9 +31,7 @@ from sfcrm.models import CallbackOutcome
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from waitress.channel import HTTPChannel
-
-    from sfcrm.crew import Crew
+    from sfcrm.crew import Crew, CrewRow
     from sfcrm.payments import Payments
     from sfcrm.render import Renderer
 
@@ -186,14 +188,18 @@ class CallbackApp:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
-            return self._handle(environ, start_response)
+            body = self._handle(environ, start_response)
         except Exception:
             log.exception("listener error")
-            return _reply(
+            body = _reply(
                 start_response,
                 "503 Service Unavailable",
                 {"ResultCode": 1, "ResultDesc": "Try again"},
             )
+        # HEAD: the headers GET would send, Content-Length included, and no body. waitress
+        # sends whatever the app returns, and a kept-alive client would read those bytes as
+        # the start of its next answer.
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else body
 
     def _handle(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = self._normal(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode(
@@ -201,8 +207,8 @@ class CallbackApp:
         )
         if not hmac.compare_digest(path, self._path):
             text = path.decode("latin-1")
-            if self.rsvp is not None and RSVP_PREFIX in text:
-                token = text.rsplit(RSVP_PREFIX, 1)[1]
+            if self.rsvp is not None and text.startswith(RSVP_PREFIX):
+                token = text[len(RSVP_PREFIX) :]
                 if token and "/" not in token:
                     return self.rsvp(environ, start_response, token)
             return _reply(start_response, "404 Not Found", {"error": "not found"})
@@ -278,7 +284,8 @@ class RsvpPages:
     """The crew member's confirm/decline page behind the personal link in an invitation.
 
     GET shows the event and two buttons and changes nothing (mail scanners open links);
-    POST from that page records the answer. A forged, tampered or expired link gets 403.
+    POST from that page records the answer. A forged, tampered or expired link gets 403, and
+    so does one made for an assignment whose id another assignment now has.
     """
 
     def __init__(
@@ -298,21 +305,19 @@ class RsvpPages:
         self, environ: dict[str, Any], start_response: StartResponse, token: str
     ) -> Iterable[bytes]:
         from sfcrm.errors import ConflictError, NotFoundError, ValidationError
-        from sfcrm.rsvp import InvalidToken, read_token
+        from sfcrm.rsvp import InvalidToken
 
         org = {
             "name": self.crew.org.name,
             "phone": self.crew.org.phone,
             "email": self.crew.org.email,
         }
+        not_valid = "This link is not a valid invitation link."
         try:
-            assignment_id = read_token(self._secret, token, self.clock())
-            row = self.crew.get(assignment_id)
+            row = self._assignment(token)
         except (InvalidToken, NotFoundError) as exc:
             reason = (
-                "This link has expired: the event is over."
-                if str(exc) == "expired"
-                else "This link is not a valid invitation link."
+                "This link has expired: the event is over." if str(exc) == "expired" else not_valid
             )
             return self._page(
                 start_response, "403 Forbidden", "rsvp_denied.html.j2", org=org, reason=reason
@@ -329,8 +334,16 @@ class RsvpPages:
                 reason="Use the buttons on the invitation page.",
             )  # fmt: skip
         answer = self._answer(environ)
+        assignment_id = row.crew.id
+        assert assignment_id is not None
         try:
-            row = self.crew.respond(assignment_id, answer or "", via="rsvp link")
+            row = self.crew.respond(
+                assignment_id, answer or "", via="rsvp link", bound_to=row.binding
+            )
+        except NotFoundError:  # deleted, or its id taken by another, since it was read above
+            return self._page(
+                start_response, "403 Forbidden", "rsvp_denied.html.j2", org=org, reason=not_valid
+            )
         except ValidationError:
             return self._page(
                 start_response, "400 Bad Request", "rsvp_denied.html.j2", org=org,
@@ -348,6 +361,20 @@ class RsvpPages:
             status=row.crew.status,
             **self.crew.context(row),
         )
+
+    def _assignment(self, token: str) -> CrewRow:
+        """The assignment a genuine, unexpired link was made for: InvalidToken or
+        NotFoundError otherwise, also when the row now at its id is another assignment."""
+        from sfcrm.rsvp import InvalidToken, parse_token, verify
+
+        link = parse_token(token)
+        row = self.crew.get(link.assignment_id)
+        kind = verify(self._secret, link, row.binding, self.clock())
+        if kind == "unbound" and not self.crew.invitation_carries(
+            link.assignment_id, RSVP_PREFIX + token
+        ):
+            raise InvalidToken("not sent for this assignment")
+        return row
 
     def _answer(self, environ: dict[str, Any]) -> str | None:
         from urllib.parse import parse_qs
@@ -398,13 +425,117 @@ def _reply(
     return [body]
 
 
-def _client_error_channel() -> type[HTTPChannel]:
-    """waitress's connection class, answering 400 where waitress would answer 501.
+LOOPBACK = ("127.0.0.1", "::1")
 
-    waitress refuses a Transfer-Encoding it does not know (``gzip``, ``identity``…) with
-    "501 Not Implemented" before the app sees the request. That is the client's fault, and
-    the listener promises that nothing a client sends gets a 5xx (monitoring reads a 5xx as
-    "the listener is broken").
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What keeps slow, idle or greedy clients from starving Daraja's callbacks.
+
+    waitress alone serves a connection for as long as bytes keep trickling in and, once
+    ``total`` connections are open, accepts no more: a thousand clients sending a byte a
+    second shut Daraja out for as long as they liked.
+    """
+
+    # A client has this long, from connecting or from the end of the previous answer on the
+    # connection, to send a whole request, headers and body. Each byte does not restart it.
+    request_seconds: float = 10.0
+    # Open connections one source address may hold; more are closed at once (0: no cap).
+    per_address: int = 32
+    # Open connections in all; the listener raises its open-file limit to fit them.
+    total: int = 4000
+    # Addresses held to no per-address cap: a reverse proxy or tunnel, whose connections
+    # carry everyone's requests (it bounds its own slow clients), and Daraja's addresses.
+    uncapped: tuple[str, ...] = LOOPBACK
+
+
+# Files the listener needs besides its connections: the database, logs, Daraja, the trigger.
+_SPARE_FILES = 64
+
+
+def _fit_open_files(connections: int) -> int:
+    """Raise this process's soft limit on open files to hold ``connections`` (as far as the
+    hard limit allows); the number of connections that fit."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: nothing to raise
+        return connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + _SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return connections
+    fitting = max(1, soft - _SPARE_FILES)
+    log.warning(
+        "the open-file limit (%s) lets the listener hold %s connections, not %s",
+        soft,
+        fitting,
+        connections,
+    )
+    return fitting
+
+
+class AddressGate:
+    """Counts the open connections of each source address and refuses one over the cap."""
+
+    def __init__(self, per_address: int, uncapped: Iterable[str]) -> None:
+        self.per_address = per_address
+        self._uncapped = _parse_networks(uncapped)
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()  # connections close on worker threads too
+        self._warned = -1e9
+
+    def admit(self, address: str) -> bool:
+        if self.per_address <= 0 or _in(address, self._uncapped):
+            return True
+        with self._lock:
+            held = self._open.get(address, 0)
+            if held < self.per_address:
+                self._open[address] = held + 1
+                return True
+            now = time.monotonic()
+            warn = now - self._warned > 60  # one line a minute, not one per refusal
+            if warn:
+                self._warned = now
+        if warn:
+            log.warning(
+                "%s holds %s connections, the most one address may: closing its new ones",
+                address,
+                held,
+            )
+        return False
+
+    def release(self, address: str) -> None:
+        """One connection admitted for ``address`` closed (an uncapped one is not counted)."""
+        with self._lock:
+            held = self._open.get(address, 0)
+            if held > 1:
+                self._open[address] = held - 1
+            else:
+                self._open.pop(address, None)
+
+    def held(self, address: str) -> int:
+        with self._lock:
+            return self._open.get(address, 0)
+
+
+def _listener_channel(limits: ConnectionLimits, gate: AddressGate) -> Callable[..., Any]:
+    """waitress's connection class with the listener's rules, behind the per-address gate.
+
+    - A request must arrive whole within ``limits.request_seconds``, counted from the
+      connection's start or from the end of its previous answer. waitress only closes a
+      connection that has been silent for ``channel_timeout``, so one byte a second kept a
+      connection forever.
+    - waitress refuses a Transfer-Encoding it does not know (``gzip``, ``identity``…) with
+      "501 Not Implemented" before the app sees the request. That is the client's fault, and
+      the listener promises that nothing a client sends gets a 5xx (monitoring reads a 5xx as
+      "the listener is broken"): it answers 400.
     """
     from waitress.channel import HTTPChannel
     from waitress.task import ErrorTask
@@ -417,16 +548,90 @@ def _client_error_channel() -> type[HTTPChannel]:
                 request.error = BadRequest(request.error.body)
             super().execute()
 
-    class ClientErrorChannel(HTTPChannel):
+    class ListenerChannel(HTTPChannel):
         error_task_class = ClientErrorTask
 
-    return ClientErrorChannel
+        def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
+            # None while a request is being answered; else when the wait for one began
+            self._waiting_since: float | None = time.monotonic()
+            self._answering = 0  # answers begun; counted by the worker threads
+            self._gated: str | None = _address(addr)
+            try:
+                super().__init__(server, sock, addr, adj, map)
+            except BaseException:
+                self._release()
+                raise
+
+        def received(self, data: bytes) -> bool:
+            begun = self._answering
+            done = bool(super().received(data))
+            # A request arrived whole: the clock stops until its answer is sent. (A fast
+            # worker may have answered it already, hence the count.)
+            if self.requests or self._answering != begun:
+                self._waiting_since = None
+            return done
+
+        def service(self) -> None:
+            self._answering += 1
+            super().service()
+
+        def readable(self) -> bool:
+            # waitress asks every connection this at least once a second (the loop timeout)
+            if self.requests:
+                self._waiting_since = None
+            elif self._waiting_since is None:  # answered: the clock starts for the next one
+                self._waiting_since = time.monotonic()
+            elif time.monotonic() - self._waiting_since > limits.request_seconds:
+                self.will_close = True  # the loop closes it as soon as it may write
+                return False
+            return bool(super().readable())
+
+        def del_channel(self, map: Any = None) -> None:
+            # every way a connection closes comes here (handle_close skips close())
+            self._release()
+            super().del_channel(map)
+
+        def _release(self) -> None:
+            gated, self._gated = self._gated, None
+            if gated is not None:
+                gate.release(gated)
+
+    def connect(server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> Any:
+        address = _address(addr)
+        if not gate.admit(address):
+            with contextlib.suppress(OSError):
+                # a reset, not a close: no TIME_WAIT left behind for each refused connection
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            return None
+        try:
+            return ListenerChannel(server, sock, addr, adj, map)
+        except OSError:
+            # gone before it was set up (reset at once); raising here would make waitress
+            # close its listening socket
+            sock.close()
+            return None
+
+    return connect
 
 
-def make_server(app: CallbackApp, host: str, port: int, threads: int) -> Any:
+def _address(addr: Any) -> str:
+    """The host part of a peer's socket address."""
+    return str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
+
+
+def make_server(
+    app: CallbackApp,
+    host: str,
+    port: int,
+    threads: int,
+    *,
+    limits: ConnectionLimits | None = None,
+) -> Any:
     """A waitress server for ``app``; ``.effective_port`` tells the port, ``.run()`` serves."""
     from waitress.server import BaseWSGIServer, create_server
 
+    limits = limits or ConnectionLimits()
     sockets: dict[int, Any] = {}
     server = create_server(
         app,
@@ -438,16 +643,20 @@ def make_server(app: CallbackApp, host: str, port: int, threads: int) -> Any:
         # waitress refuses a body *equal* to its limit, the app takes up to max_body: hence + 1.
         max_request_body_size=app.max_body + 1,
         channel_timeout=30,
-        connection_limit=1000,
+        connection_limit=_fit_open_files(limits.total),
+        # select() takes no descriptor above 1023: poll() serves thousands of connections
+        asyncore_use_poll=True,
         ident="sfcrm",
         clear_untrusted_proxy_headers=False,
     )
-    channel = _client_error_channel()
+    gate = AddressGate(limits.per_address, limits.uncapped)
+    channel = _listener_channel(limits, gate)
     # One listening socket per address the host resolves to; each makes its own connections.
     for listening in list(sockets.values()):
         if isinstance(listening, BaseWSGIServer):
-            listening.channel_class = channel
-    return ListenerServer(server, sockets)
+            # waitress calls it with (server, socket, address, adjustments, map=...)
+            listening.channel_class = cast(Any, channel)
+    return ListenerServer(server, sockets, gate)
 
 
 class ListenerServer:
@@ -462,9 +671,10 @@ class ListenerServer:
     socket itself (through the trigger), so that its loop ends.
     """
 
-    def __init__(self, server: Any, sockets: dict[int, Any]) -> None:
+    def __init__(self, server: Any, sockets: dict[int, Any], gate: AddressGate) -> None:
         self._server = server
         self._sockets = sockets
+        self.gate = gate
         self._serving: int | None = None  # the thread in run(), while it is there
         self._stopped = threading.Event()
 
@@ -491,10 +701,27 @@ class ListenerServer:
         self._server.task_dispatcher.shutdown()
         serving = self._serving
         listening = [s for s in list(self._sockets.values()) if isinstance(s, BaseWSGIServer)]
+        triggers: list[Any] = [s.trigger for s in listening]
         if serving is not None and serving != threading.get_ident() and listening:
-            trigger: Any = listening[0].trigger
-            trigger.pull_trigger(lambda: wasyncore.close_all(self._sockets))
+
+            def stop() -> None:  # in the serving thread
+                # Every socket, but not the triggers' pipes: they stay open until
+                # pull_trigger() below has returned. The serving thread may run this before
+                # that call has written its byte (woken by a worker's earlier pull), and a
+                # pipe closed then made the write fail, or land in whatever file took its
+                # number. (A listening server's own close() closes its trigger too.)
+                for dispatcher in list(self._sockets.values()):
+                    if dispatcher in triggers:
+                        dispatcher.del_channel()
+                    else:
+                        with contextlib.suppress(OSError):
+                            wasyncore.dispatcher.close(dispatcher)
+                # the map is empty now: the loop ends
+
+            triggers[0].pull_trigger(stop)
             self._stopped.wait(5)
         else:
             wasyncore.close_all(self._sockets)
+        for trigger in triggers:
+            trigger.close()
         self._server.close()

@@ -14,13 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from aiosmtpd.controller import Controller
 
 from sfcrm.payments import Payments
 from sfcrm.server import CallbackApp, make_server
+
+if TYPE_CHECKING:
+    from sfcrm.server import ConnectionLimits
 
 CONSUMER_KEY = "test-consumer-key"
 CONSUMER_SECRET = "test-consumer-secret"
@@ -44,10 +47,12 @@ class Listener:
         return requests.post(self.url, data=data, headers=headers, timeout=10, **kwargs)
 
 
-def start_listener(payments: Payments, **app_options: Any) -> Listener:
+def start_listener(
+    payments: Payments, *, limits: ConnectionLimits | None = None, **app_options: Any
+) -> Listener:
     path = "/cb/" + secrets.token_urlsafe(16)
     app = CallbackApp(payments, callback_path=path, **app_options)
-    server = make_server(app, "127.0.0.1", 0, threads=8)
+    server = make_server(app, "127.0.0.1", 0, threads=8, limits=limits)
     threading.Thread(target=server.run, daemon=True).start()
     base = f"http://127.0.0.1:{server.effective_port}"
     payments.callback_url = base + path
@@ -139,6 +144,45 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def connect_from(source: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection to 127.0.0.1:port from ``source``: any of 127.0.0.0/8 works on
+    loopback, so one test can be many client addresses."""
+    sock = socket.socket()
+    sock.settimeout(timeout)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """True when the server ends the connection within ``timeout`` s, False when it is still
+    open then. Whatever the server sends first is read and dropped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            if not sock.recv(65536):
+                return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+
+def raise_open_files(needed: int) -> None:
+    """Let this process hold ``needed`` open files, or skip the test where the system will not."""
+    import resource
+
+    import pytest
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"the open-file limit ({hard}) is under the {needed} this test holds")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 class SmtpSink:

@@ -36,7 +36,17 @@ from typing import Any
 
 import pytest
 import requests
-from support import CONSUMER_KEY, CONSUMER_SECRET, Listener, free_port, paid_callback, wait_for
+from support import (
+    CONSUMER_KEY,
+    CONSUMER_SECRET,
+    Listener,
+    closed_by_server,
+    connect_from,
+    free_port,
+    paid_callback,
+    raise_open_files,
+    wait_for,
+)
 
 from sfcrm.daraja import DarajaClient
 from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE, DarajaEmulator, EmulatorSettings
@@ -902,6 +912,149 @@ def test_150_silent_connections_do_not_delay_a_valid_callback(
     assert balance(db_path, person_with_balance.id) == 150_000 - 60_000
 
 
+# == slow and idle clients by the thousand =========================================================
+
+# 40 source addresses (all of 127.0.0.0/8 is loopback), 25 connections each: under the cap of
+# connections one address may hold, so the listener keeps every one of them open.
+ATTACKERS = [f"127.0.0.{n}" for n in range(2, 42)]
+
+
+def listener_sockets(pid: int) -> int:
+    """Sockets the listener process holds open."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def open_connections(port: int, count: int, first_bytes: bytes = b"") -> list[socket.socket]:
+    held: list[socket.socket] = []
+    try:
+        for n in range(count):
+            sock = connect_from(ATTACKERS[n % len(ATTACKERS)], port)
+            held.append(sock)
+            if first_bytes:
+                sock.sendall(first_bytes)
+    except BaseException:
+        close_all(held)
+        raise
+    return held
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        with suppress(OSError):
+            sock.close()
+
+
+def timed_paid_callback(served: Served, payment: MpesaPayment) -> float:
+    began = time.perf_counter()
+    answer = served.post(encode(paid_callback(cid(payment), amount=payment.amount)))
+    took = time.perf_counter() - began
+    assert answer.status_code == 200, answer.text
+    return took
+
+
+@pytest.mark.slow
+def test_callback_answered_in_under_2s_while_1000_connections_trickle_their_headers(
+    serve_callback: Callable[..., Served],
+    payments: Payments,
+    person_with_balance: Person,
+    db_path: Path,
+) -> None:
+    raise_open_files(1000 + 500)
+    served = serve_callback()
+    paid = [payments.request(str(person_with_balance.id), 100, "Crew deposit") for _ in range(3)]
+    pid = served.process.pid
+    before = listener_sockets(pid)
+    head = f"POST {served.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ".encode()
+    held = open_connections(served.port, 1000, head)
+    stop = threading.Event()
+    rounds = [0]
+
+    def trickle() -> None:  # one more header byte a second on each connection
+        while not stop.wait(1.0):
+            for sock in held:
+                with suppress(OSError):
+                    sock.send(b"a")
+            rounds[0] += 1
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    took: list[float] = []
+    try:
+        wait_for(lambda: listener_sockets(pid) - before >= 1000, timeout=8)
+        for n, payment in enumerate(paid):  # one callback after each of 3 rounds of bytes
+            wait_for(lambda n=n: rounds[0] > n, timeout=5)
+            took.append(timed_paid_callback(served, payment))
+        open_after = listener_sockets(pid) - before
+    finally:
+        stop.set()
+        trickler.join(5)
+        close_all(held)
+
+    print(
+        f"\n[slow clients] paid callbacks answered in {max(took) * 1000:.0f} ms at most "
+        f"({', '.join(f'{t * 1000:.0f}' for t in took)} ms) with 1,000 connections trickling a "
+        f"header byte a second for {rounds[0]} s ({open_after} still open after them)"
+    )
+    assert open_after >= 1000  # answered while every trickling connection was still open
+    assert max(took) < 2.0
+    assert balance(db_path, person_with_balance.id) == 150_000 - 30_000
+
+
+def test_callback_answered_in_under_2s_while_1000_idle_connections_are_open(
+    serve_callback: Callable[..., Served],
+    payments: Payments,
+    person_with_balance: Person,
+    db_path: Path,
+) -> None:
+    raise_open_files(1000 + 500)
+    served = serve_callback()
+    paid = [payments.request(str(person_with_balance.id), 100, "Crew deposit") for _ in range(3)]
+    pid = served.process.pid
+    before = listener_sockets(pid)
+    held = open_connections(served.port, 1000)
+    try:
+        wait_for(lambda: listener_sockets(pid) - before >= 1000, timeout=8)
+        took = [timed_paid_callback(served, payment) for payment in paid]
+        open_after = listener_sockets(pid) - before
+    finally:
+        close_all(held)
+
+    print(
+        f"\n[idle clients] paid callbacks answered in {max(took) * 1000:.0f} ms at most "
+        f"({', '.join(f'{t * 1000:.0f}' for t in took)} ms) with 1,000 idle connections open "
+        f"({open_after} still open after them)"
+    )
+    assert open_after >= 1000
+    assert max(took) < 2.0
+    assert balance(db_path, person_with_balance.id) == 150_000 - 30_000
+
+
+def test_serve_callback_caps_connections_per_address_but_not_those_of_a_trusted_proxy(
+    serve_callback: Callable[..., Served],
+) -> None:
+    served = serve_callback(SFCRM_TRUSTED_PROXIES="127.0.0.9")
+    request = b"GET /anything HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    greedy = [connect_from("127.0.0.2", served.port) for _ in range(32)]
+    proxy = [connect_from("127.0.0.9", served.port) for _ in range(40)]
+    try:
+        for sock in greedy + proxy:  # every one of these is served
+            sock.sendall(request)
+            assert status_of(sock.recv(65536)) == 404
+        try:
+            over = connect_from("127.0.0.2", served.port)
+        except ConnectionResetError:  # reset before connect() even returned
+            pass
+        else:
+            with closing(over):
+                assert closed_by_server(over, 2.0)
+    finally:
+        close_all(greedy + proxy)
+
+
 # == found on the way ===========================================================================
 
 
@@ -928,3 +1081,24 @@ def test_listener_closed_from_another_thread_stops_its_loop_and_workers_cleanly(
         assert not serving.is_alive()
     assert died == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_listener_closed_just_after_an_answer_always_wakes_its_loop_and_stops(
+    payments: Payments,
+) -> None:
+    # Regression: close() had the serving thread close the trigger's pipe, and the wake-up a
+    # worker sends after each answer could make it do so before close() had written its own
+    # byte to that pipe: about one close in 30 failed with EBADF (or wrote into whatever file
+    # had taken the descriptor).
+    from sfcrm.server import CallbackApp, make_server
+
+    for _ in range(300):
+        server = make_server(CallbackApp(payments, callback_path="/cb/x"), "127.0.0.1", 0, 2)
+        serving = threading.Thread(target=server.run, daemon=True)
+        serving.start()
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert status_of(sock.recv(65536)) == 404
+            server.close()
+        serving.join(timeout=5)
+        assert not serving.is_alive()

@@ -369,7 +369,204 @@ def test_expired_rsvp_link_gets_403(rsvp_listener: str, tmp_path: Path) -> None:
     run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
     now = datetime.now(UTC)
     token = make_token(
-        "rsvp-test-secret-key", 1, now - timedelta(seconds=1), now - timedelta(days=1)
-    )
+        "rsvp-test-secret-key", 1, bound_to(tmp_path / "sfcrm.db", 1),
+        now - timedelta(seconds=1), now - timedelta(days=1),
+    )  # fmt: skip
     answer = requests.get(f"{rsvp_listener}/crew/rsvp/{token}", timeout=10)
     assert answer.status_code == 403 and "expired" in answer.text
+
+
+def bound_to(db_path: Path, assignment_id: int) -> str:
+    """The binding of the assignment now at ``assignment_id``, read behind sfcrm's back."""
+    import sqlite3
+    from contextlib import closing
+
+    from sfcrm.rsvp import binding
+
+    with closing(sqlite3.connect(db_path)) as conn:
+        event_id, person_id, created = conn.execute(
+            "SELECT event_id, person_id, created_at FROM event_crew WHERE id = ?",
+            (assignment_id,),
+        ).fetchone()
+    return binding(event_id, person_id, datetime.fromisoformat(created).replace(tzinfo=UTC))
+
+
+def drop_assignment(db_path: Path, assignment_id: int) -> None:
+    """Delete an assignment the way a hand edit (or a future "remove" command) would; its
+    logged emails stay, no longer pointing at it."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(db_path)) as conn, conn:
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(
+            "UPDATE email_notification SET assignment_id = NULL WHERE assignment_id = ?",
+            (assignment_id,),
+        )
+        conn.execute("DELETE FROM event_crew WHERE id = ?", (assignment_id,))
+
+
+def test_rsvp_link_is_refused_once_its_assignment_id_belongs_to_another_assignment(
+    rsvp_listener: str, smtp_env: SmtpSink, tmp_path: Path
+) -> None:
+    add_event("Gala", day(5))
+    for n in range(1, 7):
+        add_person(f"Crew {n}", f"071200000{n}", f"c{n}@x.co.ke")
+    for n in range(1, 6):
+        run_json("crew", "assign", "--event", "1", "--person", str(n), "--role", "Sound")
+    run_json("crew", "invite", "5")
+    old_link = rsvp_link(smtp_env)  # Crew 5's link, for assignment 5
+    assert old_link.rsplit("/", 1)[1].startswith("5.")
+    drop_assignment(tmp_path / "sfcrm.db", 5)
+    # SQLite gives the next row the id of the deleted last one
+    again = run_json("crew", "assign", "--event", "1", "--person", "6", "--role", "Lights")
+    assert again["id"] == 5 and again["name"] == "Crew 6"
+
+    for method in ("get", "post"):
+        answer = getattr(requests, method)(old_link, data={"answer": "decline"}, timeout=10)
+        assert answer.status_code == 403, method
+        assert "not a valid invitation link" in answer.text
+        assert "Crew 6" not in answer.text and "Lights" not in answer.text
+    assert run_json("crew", "list")[4]["status"] == "invited"
+
+    run_json("crew", "invite", "5")  # the new assignment's own link works
+    new_link = rsvp_link(smtp_env)
+    assert new_link != old_link
+    assert requests.post(new_link, data={"answer": "confirm"}, timeout=10).status_code == 200
+    assert run_json("crew", "list")[4]["status"] == "confirmed"
+
+
+def _raw_answer(base: str, request: str) -> tuple[int, dict[str, str], bytes]:
+    """One request with Connection: close over a plain socket: status, headers, and every
+    byte that came after the headers."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, rest
+
+
+def test_head_on_an_rsvp_page_sends_its_headers_and_no_body(
+    rsvp_listener: str, smtp_env: SmtpSink
+) -> None:
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    run_json("crew", "invite", "1")
+    path = "/crew/rsvp/" + rsvp_link(smtp_env).rsplit("/crew/rsvp/", 1)[1]
+    request = "{} " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    status, headers, body = _raw_answer(rsvp_listener, request.format("GET"))
+    assert status == 200 and "Gala" in body.decode()
+
+    status, head_headers, after = _raw_answer(rsvp_listener, request.format("HEAD"))
+
+    assert status == 200
+    assert after == b""
+    assert head_headers["content-type"] == "text/html; charset=utf-8"
+    assert head_headers["content-length"] == headers["content-length"] == str(len(body))
+    assert run_json("crew", "list")[0]["status"] == "invited"
+
+
+def test_rsvp_page_is_served_only_under_crew_rsvp(rsvp_listener: str, smtp_env: SmtpSink) -> None:
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    run_json("crew", "invite", "1")
+    token = rsvp_link(smtp_env).rsplit("/crew/rsvp/", 1)[1]
+    for elsewhere in (
+        f"/x/crew/rsvp/{token}",
+        f"/cb/crew/rsvp/{token}",
+        f"/rsvp/{token}",
+        f"/crew/{token}",
+        f"/crew/rsvp/crew/rsvp/{token}",
+        f"/CREW/RSVP/{token}",
+    ):
+        for method in ("get", "post"):
+            answer = getattr(requests, method)(
+                rsvp_listener + elsewhere, data={"answer": "confirm"}, timeout=10
+            )
+            assert answer.status_code == 404, (elsewhere, method)
+            assert "Gala" not in answer.text
+    assert run_json("crew", "list")[0]["status"] == "invited"
+    assert requests.get(f"{rsvp_listener}/crew/rsvp/{token}", timeout=10).status_code == 200
+
+
+def first_kind_token(secret: str, assignment_id: int, expiry: str) -> str:
+    """A link as sfcrm signed them before links were bound: over the id and expiry only."""
+    import base64
+    import hashlib
+    import hmac
+
+    payload = f"{assignment_id}.{expiry}"
+    digest = hmac.new(secret.encode(), b"sfcrm-rsvp:" + payload.encode(), hashlib.sha256)
+    return f"{payload}.{base64.urlsafe_b64encode(digest.digest()[:18]).decode()}"
+
+
+def test_link_emailed_before_links_were_bound_works_only_for_the_assignment_it_went_to(
+    rsvp_listener: str, smtp_env: SmtpSink, tmp_path: Path
+) -> None:
+    import sqlite3
+    from contextlib import closing
+
+    db_path = tmp_path / "sfcrm.db"
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    add_person("Baraka", "0712000002", "b@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    run_json("crew", "assign", "--event", "1", "--person", "2", "--role", "Lights")
+    run_json("crew", "invite", "1")
+    link = rsvp_link(smtp_env)
+    base, token = link.rsplit("/", 1)
+    expiry = token.split(".")[1]
+    old = first_kind_token("rsvp-test-secret-key", 1, expiry)
+    with closing(sqlite3.connect(db_path)) as conn, conn:  # as the earlier sfcrm wrote it
+        conn.execute("UPDATE email_notification SET message = replace(message, ?, ?)", (token, old))
+
+    assert requests.get(f"{base}/{old}", timeout=10).status_code == 200
+    done = requests.post(f"{base}/{old}", data={"answer": "confirm"}, timeout=10)
+    assert done.status_code == 200 and "confirmed" in done.text
+    # of the same kind, but never sent for assignment 2
+    never_sent = first_kind_token("rsvp-test-secret-key", 2, expiry)
+    assert requests.get(f"{base}/{never_sent}", timeout=10).status_code == 403
+
+    drop_assignment(db_path, 2)
+    drop_assignment(db_path, 1)
+    again = run_json("crew", "assign", "--event", "1", "--person", "2", "--role", "Stage")
+    assert again["id"] == 1
+    run_json("crew", "invite", "1")
+    for method in ("get", "post"):
+        answer = getattr(requests, method)(f"{base}/{old}", data={"answer": "decline"}, timeout=10)
+        assert answer.status_code == 403 and "not a valid invitation link" in answer.text
+    assert run_json("crew", "list")[0]["status"] == "invited"
+
+
+def test_answer_by_link_is_not_recorded_on_an_assignment_that_replaced_the_linked_one(
+    tmp_path: Path,
+) -> None:
+    # the page checks the link, then records the answer: if the row changed in between, the
+    # write itself refuses
+    from sfcrm.cli.runtime import RootOptions, Runtime
+    from sfcrm.errors import NotFoundError
+
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001", "a@x.co.ke")
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
+    linked = bound_to(tmp_path / "sfcrm.db", 1)
+    drop_assignment(tmp_path / "sfcrm.db", 1)
+    run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Stage")
+    rt = Runtime(RootOptions(), json_output=False)
+    try:
+        with pytest.raises(NotFoundError):
+            rt.crew.respond(1, "confirm", via="rsvp link", bound_to=linked)
+        assert rt.crew.respond(1, "confirm", bound_to=bound_to(tmp_path / "sfcrm.db", 1))
+    finally:
+        rt.close()
+    assert run_json("crew", "list")[0]["status"] == "confirmed"

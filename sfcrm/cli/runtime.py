@@ -262,14 +262,14 @@ class Runtime:
             rsvp=self.rsvp_link,
         )
 
-    def rsvp_link(self, assignment_id: int, expires: datetime) -> str | None:
+    def rsvp_link(self, assignment_id: int, bound_to: str, expires: datetime) -> str | None:
         """The personal confirm/decline link, when SFCRM_PUBLIC_URL and the key are set."""
         from sfcrm.rsvp import make_token, rsvp_url
 
         public, key = self.settings.public_url, self.settings.secret_key
         if not public or not key:
             return None
-        return rsvp_url(public, make_token(key, assignment_id, expires, self.clock()))
+        return rsvp_url(public, make_token(key, assignment_id, bound_to, expires, self.clock()))
 
     @contextmanager
     def progress(self, label: str) -> Iterator[Callable[[int, int], None] | None]:

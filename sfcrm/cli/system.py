@@ -59,6 +59,9 @@ def serve_callback(
     It serves the path of MPESA_CALLBACK_URL (keep a long random secret in that path) and,
     when SFCRM_SECRET_KEY is set, the crew's confirm/decline pages under /crew/rsvp/.
 
+    Each request must arrive whole within 10 s, and one address may hold 32 connections
+    (127.0.0.1, SFCRM_TRUSTED_PROXIES and SFCRM_CALLBACK_ALLOWLIST are not capped).
+
     Example: sfcrm serve-callback --host 127.0.0.1 --port 8000
     """
     with command(json_output) as rt:
@@ -66,7 +69,7 @@ def serve_callback(
 
         from sfcrm.config import allowlist
         from sfcrm.logs import RedactingFilter, Redactor
-        from sfcrm.server import CallbackApp, RsvpPages, make_server
+        from sfcrm.server import LOOPBACK, CallbackApp, ConnectionLimits, RsvpPages, make_server
 
         settings = rt.settings
         path = settings.callback_path
@@ -84,14 +87,19 @@ def serve_callback(
             if settings.secret_key
             else None
         )
+        allowed = allowlist(settings)
+        proxies = settings.listener_trusted_proxies or ()
         app = CallbackApp(
             rt.payments,
             callback_path=path,
             max_body=settings.listener_max_body,
-            allowlist=allowlist(settings),
-            trusted_proxies=settings.listener_trusted_proxies or (),
+            allowlist=allowed,
+            trusted_proxies=proxies,
             rsvp=rsvp,
         )
+        # A proxy's connections carry everyone's requests, and Daraja's must never be refused:
+        # neither is held to the cap of connections per address.
+        limits = ConnectionLimits(uncapped=(*LOOPBACK, *proxies, *sorted(allowed or ())))
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
         handler.addFilter(RedactingFilter(Redactor(settings.secret_values())))
@@ -103,7 +111,7 @@ def serve_callback(
         # The handler writes to this run's stderr: it goes when the run ends.
         rt.on_close(lambda: _remove_handler(handler, "sfcrm", "waitress"))
         try:
-            server = make_server(app, host, port, settings.listener_threads)
+            server = make_server(app, host, port, settings.listener_threads, limits=limits)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         except ValueError:  # waitress: the host name resolves to no address
