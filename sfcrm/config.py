@@ -101,6 +101,17 @@ SPECS: tuple[Spec, ...] = (
     Spec("listener_threads", "SFCRM_LISTENER_THREADS", "listener.threads", "1", kind="int",
          low=1, high=100,
          help="worker threads of serve-callback (writes take turns; more threads only contend)"),
+    Spec("listener_request_timeout", "SFCRM_LISTENER_REQUEST_TIMEOUT",
+         "listener.request_timeout", "10", kind="float", low=1, high=300,
+         help="seconds a client has to send a whole request, from connecting or from the "
+         "previous answer"),
+    Spec("listener_connections_per_address", "SFCRM_LISTENER_CONNECTIONS_PER_ADDRESS",
+         "listener.connections_per_address", "32", kind="int", low=0, high=100_000,
+         help="open connections one address may hold (0: no cap); 127.0.0.1, trusted proxies "
+         "and the allowlist are not capped"),
+    Spec("listener_max_connections", "SFCRM_LISTENER_MAX_CONNECTIONS",
+         "listener.max_connections", "4000", kind="int", low=1, high=100_000,
+         help="open connections in all"),
     Spec("email_backend", "EMAIL_BACKEND", "email.backend", None,
          help="smtp, console or file (Django names accepted)"),
     Spec("email_host", "EMAIL_HOST", "email.host", "localhost", help="SMTP server"),

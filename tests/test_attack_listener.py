@@ -1055,6 +1055,31 @@ def test_serve_callback_caps_connections_per_address_but_not_those_of_a_trusted_
         close_all(greedy + proxy)
 
 
+def test_serve_callback_takes_its_connection_limits_from_the_settings(
+    serve_callback: Callable[..., Served],
+) -> None:
+    served = serve_callback(
+        SFCRM_LISTENER_CONNECTIONS_PER_ADDRESS="3", SFCRM_LISTENER_REQUEST_TIMEOUT="1"
+    )
+    request = b"GET /anything HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    held = [connect_from("127.0.0.2", served.port) for _ in range(3)]
+    try:
+        for sock in held:
+            sock.sendall(request)
+            assert status_of(sock.recv(65536)) == 404
+        try:
+            over = connect_from("127.0.0.2", served.port)
+        except ConnectionResetError:
+            pass
+        else:
+            with closing(over):
+                assert closed_by_server(over, 2.0)
+        # silent after their answer: closed once the one-second allowance is gone
+        assert all(closed_by_server(sock, 5.0) for sock in held)
+    finally:
+        close_all(held)
+
+
 # == found on the way ===========================================================================
 
 

@@ -99,7 +99,12 @@ def serve_callback(
         )
         # A proxy's connections carry everyone's requests, and Daraja's must never be refused:
         # neither is held to the cap of connections per address.
-        limits = ConnectionLimits(uncapped=(*LOOPBACK, *proxies, *sorted(allowed or ())))
+        limits = ConnectionLimits(
+            request_seconds=settings.listener_request_timeout,
+            per_address=settings.listener_connections_per_address,
+            total=settings.listener_max_connections,
+            uncapped=(*LOOPBACK, *proxies, *sorted(allowed or ())),
+        )
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
         handler.addFilter(RedactingFilter(Redactor(settings.secret_values())))
