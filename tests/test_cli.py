@@ -418,3 +418,17 @@ def test_a_completed_payment_is_in_the_ledger_once(
         ("opening", "1500.00", None),
     ]
     assert run_json("people", "show", "1")["balance"] == "1000.00"
+
+
+def test_tables_into_a_pipe_cut_nothing() -> None:
+    name = "Wanjiku Njeri Kamau-Otieno of the Sound Fusion Rigging Crew"
+    email = "wanjiku.njeri.kamau.otieno.rigging@soundfusion-events.example.co.ke"
+    assert (
+        run("people", "add", "--name", name, "--phone", "0712345678", "--email", email).exit_code
+        == 0
+    )
+    result = run("people", "list")
+    assert result.exit_code == 0
+    assert name in result.stdout
+    assert email in result.stdout
+    assert "…" not in result.stdout

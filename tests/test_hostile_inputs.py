@@ -412,7 +412,7 @@ def test_a_listener_host_that_resolves_to_nothing_is_refused(
 ) -> None:
     import sfcrm.server
 
-    def unresolved(*args: Any) -> Any:
+    def unresolved(*args: Any, **options: Any) -> Any:
         raise ValueError("Invalid host/port specified.")  # what waitress raises
 
     monkeypatch.setattr(sfcrm.server, "make_server", unresolved)

@@ -293,7 +293,10 @@ class Runtime:
     def out(self) -> Console:
         from rich.console import Console
 
-        return Console(file=_Stdout(), highlight=False, soft_wrap=True)  # type: ignore[arg-type]
+        stdout = _Stdout()
+        # Into a pipe or a file nothing is cut: tables take the width their cells need.
+        width = None if stdout.isatty() else 100_000
+        return Console(file=stdout, highlight=False, soft_wrap=True, width=width)  # type: ignore[arg-type]
 
     @cached_property
     def err(self) -> Console:
