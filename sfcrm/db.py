@@ -179,7 +179,8 @@ MIGRATIONS: tuple[str, ...] = (
         FROM person WHERE balance_cents != 0;
     """,
     # 4: a payment left "initiated" by an older release may have been pushed (that release
-    # recorded the push only once Daraja answered): its outcome is unknown, not "never sent"
+    # recorded the push only once Daraja answered): its outcome is unknown, not "never sent";
+    # pushes are found by when they were sent (a "paid" callback no push holds)
     """
     UPDATE mpesa_payment
         SET status = 'unknown',
@@ -187,6 +188,7 @@ MIGRATIONS: tuple[str, ...] = (
             result_desc = COALESCE(result_desc, 'left initiated by an older sfcrm: the push '
                                                 || 'may have been sent')
         WHERE status = 'initiated';
+    CREATE INDEX ix_mpesa_payment_last_pushed_at ON mpesa_payment (last_pushed_at);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

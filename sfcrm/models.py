@@ -67,7 +67,7 @@ class MpesaPayment(SQLModel, table=True):
     transaction_date: datetime | None = _ts()
     initiated_at: datetime = _ts(nullable=False)
     completed_at: datetime | None = _ts()
-    last_pushed_at: datetime | None = _ts()
+    last_pushed_at: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
     push_count: int = 0
     balance_applied: bool = False
     refund_due: bool = False

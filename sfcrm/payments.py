@@ -39,6 +39,7 @@ from sfcrm.errors import (
     CallbackFormatError,
     ConflictError,
     DarajaError,
+    DarajaRequestError,
     DarajaTimeoutError,
     DarajaUnreachableError,
     DatabaseBusyError,
@@ -163,6 +164,8 @@ def _apply(
         candidate = _adoptable(conn, result, received_at or now)
         if candidate is None:
             return Applied(CallbackOutcome.UNMATCHED, "no payment has this CheckoutRequestID")
+        if isinstance(candidate, str):
+            return Applied(CallbackOutcome.UNMATCHED, candidate)
         pid, rivals = candidate
         note = _adoption_note(rivals)
         if source != "query":
@@ -260,44 +263,61 @@ def _apply(
 
 # A "paid" callback for a CheckoutRequestID no push of ours holds is matched to a push that got
 # no answer only when that push was sent around the time the callback came: not after it (with
-# some room for clock skew between machines) and not long before.
+# some room for clock skew between machines), and not longer before it than a prompt stays on a
+# phone and its callback takes to come (Daraja: about a minute and a half, then 3-10 s).
 ADOPT_SKEW = timedelta(minutes=5)
-ADOPT_WINDOW = timedelta(hours=24)
+ADOPT_WINDOW = timedelta(minutes=15)
 # How long an STK prompt can stay on a phone before M-Pesa times it out (1037/1019), with room.
 PROMPT_LIFETIME = timedelta(seconds=120)
+# A masked PhoneNumber (M-Pesa began masking in 2026) matches only with this many digits shown.
+MIN_SHOWN_DIGITS = 6
 
 
 def _adoptable(
     conn: sqlite3.Connection, result: StkResult, received_at: datetime
-) -> tuple[int, int] | None:
+) -> tuple[int, int] | str | None:
     """The payment a "paid" result for an unknown CheckoutRequestID belongs to, and how many
-    payments it could have belonged to.
+    payments it could have belonged to; or why it is left for a person to settle.
 
     When a push's answer never came back (or the command sending it was stopped), its
     CheckoutRequestID was never stored: the payment has more pushes than recorded checkouts
     (it is ``unknown`` with no checkout, or a later push of it was answered). Its callback
-    still carries the amount and (unless M-Pesa masked it) the phone. Payments that match both
-    are the same debt of the same phone: the oldest push is settled first, so each callback
-    settles one of them.
+    still carries the amount and (unless M-Pesa masked it) the phone. Payments of one person
+    that match both are the same debt: the oldest push is settled first, so each callback
+    settles one of them. Payments of several people are never guessed between. A payment
+    already paid takes it only when no open one does, and is then flagged for a refund.
     """
     if not result.paid or result.amount is None or result.amount != int(result.amount):
         return None
+    if result.phone is None or sum(ch != "*" for ch in result.phone) < MIN_SHOWN_DIGITS:
+        return None
     candidates = conn.execute(
-        "SELECT p.id, p.phone_number FROM mpesa_payment AS p "
-        "WHERE p.status IN (?, ?, ?, ?) AND NOT p.balance_applied AND p.amount = ? "
-        "AND p.initiated_at <= ? AND p.last_pushed_at >= ? "
+        "SELECT p.id, p.phone_number, p.person_id, p.balance_applied FROM mpesa_payment AS p "
+        "WHERE p.last_pushed_at BETWEEN ? AND ? AND p.amount = ? "
+        "AND p.status IN (?, ?, ?, ?, ?) "
         "AND ((p.status = ? AND p.checkout_request_id IS NULL) OR p.push_count > "
         "(SELECT COUNT(*) FROM mpesa_checkout AS c WHERE c.payment_id = p.id)) "
-        "ORDER BY p.last_pushed_at, p.id",
+        "ORDER BY p.balance_applied, p.last_pushed_at, p.id",
         (
-            PaymentStatus.UNKNOWN, PaymentStatus.PENDING, PaymentStatus.FAILED,
-            PaymentStatus.CANCELLED, int(result.amount),
-            db_time(received_at + ADOPT_SKEW), db_time(received_at - ADOPT_WINDOW),
+            db_time(received_at - ADOPT_WINDOW), db_time(received_at + ADOPT_SKEW),
+            int(result.amount), PaymentStatus.UNKNOWN, PaymentStatus.PENDING,
+            PaymentStatus.FAILED, PaymentStatus.CANCELLED, PaymentStatus.COMPLETED,
             PaymentStatus.UNKNOWN,
         ),
     ).fetchall()  # fmt: skip
-    matches = [pid for pid, phone in candidates if _same_phone(phone, result.phone)]
-    return (matches[0], len(matches)) if matches else None
+    matches = [(pid, person, paid) for pid, phone, person, paid in candidates
+               if _same_phone(phone, result.phone)]  # fmt: skip
+    open_ones = [m for m in matches if not m[2]] or matches
+    if not open_ones:
+        return None
+    people = {person for _, person, _ in open_ones}
+    if len(people) > 1:
+        ids = ", ".join(str(pid) for pid, _, _ in open_ones)
+        return (
+            f"paid; its phone and amount match unanswered pushes of {len(people)} people "
+            f"(payments {ids}): for a person to settle"
+        )
+    return open_ones[0][0], len(open_ones)
 
 
 def _adoption_note(rivals: int) -> str:
@@ -313,7 +333,8 @@ def _adopt(
     conn: sqlite3.Connection, result: StkResult, pid: int, stamp: str | None, note: str
 ) -> Any:
     """Give the payment the CheckoutRequestID a query has just confirmed as paid; returns the
-    row ``_apply`` reads for a known CheckoutRequestID."""
+    row ``_apply`` reads for a known CheckoutRequestID. A payment already paid only gains the
+    push (its result then flags the refund); its own columns stay as they are."""
     conn.execute(
         "INSERT INTO mpesa_checkout (payment_id, checkout_request_id, merchant_request_id, "
         "pushed_at) SELECT id, ?, ?, COALESCE(last_pushed_at, ?) FROM mpesa_payment WHERE id = ?",
@@ -321,10 +342,10 @@ def _adopt(
     )
     conn.execute(
         "UPDATE mpesa_payment SET checkout_request_id = ?, merchant_request_id = ?, status = ?, "
-        "result_desc = ? WHERE id = ?",
+        "result_desc = ? WHERE id = ? AND NOT balance_applied AND status != ?",
         (
             result.checkout_request_id, result.merchant_request_id, PaymentStatus.PENDING,
-            note, pid,
+            note, pid, PaymentStatus.NEEDS_REVIEW,
         ),
     )  # fmt: skip
     log.info("payment %s takes checkout %s: %s", pid, result.checkout_request_id, note)
@@ -617,7 +638,8 @@ class Payments:
         assert pid is not None
         try:
             client.token()  # a token that never came proves the push was never sent
-            before = self._mark_sending(pid)
+            before = self._mark_sending(pid, payment.push_count)
+            marked = payment.push_count + 1
         except DatabaseBusyError as exc:
             exc.message = f"payment {pid} was not pushed: {exc.message}"
             exc.hint = f"`sfcrm mpesa resend {pid}` pushes it once the other write is done"
@@ -643,7 +665,7 @@ class Payments:
                 transaction_desc=payment.payment_purpose,
             )
         except DarajaError as exc:
-            self._patiently(pid, partial(self._record_push_error, pid, exc, before))
+            self._patiently(pid, partial(self._record_push_error, pid, exc, before, marked))
             log.warning("payment %s push failed: %s", pid, exc)
             exc.message = f"payment {pid}: {exc.message}"
             if isinstance(exc, DarajaTimeoutError):
@@ -658,15 +680,18 @@ class Payments:
         except KeyboardInterrupt:
             raise PushInterrupted(pid) from None
         log.info("payment %s pushed: checkout %s", pid, accepted.checkout_request_id)
-        self._patiently(pid, partial(self._record_accepted, pid, accepted))
+        self._patiently(pid, partial(self._record_accepted, pid, accepted, marked))
         # The callback can beat the push's own answer: apply any that is already waiting.
         self.replay_callbacks(accepted.checkout_request_id)
         return self.get(pid)
 
-    def _mark_sending(self, pid: int) -> datetime | None:
+    def _mark_sending(self, pid: int, seen_pushes: int) -> datetime | None:
         """Record that a push is about to be sent. Until its answer is recorded the payment is
         ``unknown`` with no CheckoutRequestID: a "paid" callback for it is matched by phone and
-        amount (and confirmed by query), and ``resend`` will not push over it."""
+        amount (and confirmed by query), and ``resend`` will not push over it.
+
+        ``seen_pushes`` is the push count the caller decided on: another sfcrm that pushed
+        since (a resend while this request waited for its token) wins, and this one stops."""
         with self.db.write() as session:
             row = session.get(MpesaPayment, pid)
             assert row is not None
@@ -674,6 +699,11 @@ class Payments:
                 raise ConflictError(
                     f"payment {pid} is {row.status}; it is never pushed again",
                     hint="request a new payment if more is owed",
+                )
+            if row.push_count != seen_pushes:
+                raise ConflictError(
+                    f"payment {pid} was pushed by another sfcrm meanwhile; not pushed again",
+                    hint=f"see `sfcrm mpesa status {pid}`",
                 )
             before = row.last_pushed_at
             row.status = PaymentStatus.UNKNOWN
@@ -689,7 +719,7 @@ class Payments:
         return before
 
     def _record_push_error(
-        self, pid: int, exc: DarajaError, pushed_before: datetime | None
+        self, pid: int, exc: DarajaError, pushed_before: datetime | None, marked: int
     ) -> None:
         with self.db.write() as session:
             row = session.get(MpesaPayment, pid)
@@ -697,6 +727,8 @@ class Payments:
             if _settled(row) or row.status != PaymentStatus.UNKNOWN or row.checkout_request_id:
                 # a result arrived meanwhile (a callback matched and confirmed): keep it
                 return
+            if row.push_count != marked:
+                return  # a newer push went out meanwhile: the row is about that one
             if not isinstance(exc, DarajaTimeoutError):
                 # Daraja refused it, or it never left: no prompt reached the phone, and the
                 # push does not count
@@ -707,7 +739,7 @@ class Payments:
             row.result_desc = exc.message
             session.add(row)
 
-    def _record_accepted(self, pid: int, accepted: PushAccepted) -> None:
+    def _record_accepted(self, pid: int, accepted: PushAccepted, marked: int) -> None:
         with self.db.write() as session:
             row = session.get(MpesaPayment, pid)
             assert row is not None
@@ -716,6 +748,20 @@ class Payments:
                     MpesaCheckout.checkout_request_id == accepted.checkout_request_id
                 )
             ).first()
+            if known is not None and known.payment_id != pid:
+                # Its callback came first and settled another unanswered push of the same
+                # person, phone and amount (the oldest): this payment keeps waiting for that
+                # push's callback instead, and says so.
+                row.result_desc = (
+                    f"its push was paid and settled payment {known.payment_id} of the same "
+                    "person, phone and amount"
+                )
+                session.add(row)
+                log.warning(
+                    "payment %s: its push %s settled payment %s", pid,
+                    accepted.checkout_request_id, known.payment_id,
+                )  # fmt: skip
+                return
             if known is None:
                 # (already there when its callback came first and was matched by phone and
                 # amount, then confirmed by query)
@@ -727,9 +773,12 @@ class Payments:
                         pushed_at=row.last_pushed_at or self.clock(),
                     )
                 )
-            if not _settled(row) and row.status == PaymentStatus.UNKNOWN:
+            if not _settled(row) and row.status == PaymentStatus.UNKNOWN and (
+                row.push_count == marked
+            ):
                 # (when a push was paid meanwhile, this one is only recorded: if it is paid
-                # too, its callback flags the refund)
+                # too, its callback flags the refund; when a newer push went out, the row is
+                # about that one)
                 row.checkout_request_id = accepted.checkout_request_id
                 row.merchant_request_id = accepted.merchant_request_id
                 row.status = PaymentStatus.PENDING
@@ -860,7 +909,9 @@ class Payments:
                 if outcome != CallbackOutcome.NEEDS_QUERY:
                     outcome = self.process_callback(callback_id).outcome
                 if outcome == CallbackOutcome.NEEDS_QUERY:
-                    self.confirm_callback(callback_id)
+                    outcome = self.confirm_callback(callback_id).outcome
+                if outcome == CallbackOutcome.UNMATCHED:
+                    self._check_unmatched(callback_id)
             except DarajaError as exc:
                 log.warning("callback %s could not be confirmed: %s", callback_id, exc)
         return self._waiting_paid_callbacks(payment)
@@ -885,13 +936,53 @@ class Payments:
             parsed = _read_callback(bytes(body))
             if not isinstance(parsed, StkResult) or not parsed.paid:
                 continue
+            # (an amount or phone M-Pesa left out or masked could be this payment's too)
             if owner == pid or (
                 owner is None
-                and parsed.amount == Decimal(payment.amount)
-                and _same_phone(payment.phone_number, parsed.phone)
+                and parsed.amount in (None, Decimal(payment.amount))
+                and (parsed.phone is None or _same_phone(payment.phone_number, parsed.phone))
             ):
                 found.append((int(callback_id), str(outcome)))
         return found
+
+    def _check_unmatched(self, callback_id: int) -> None:
+        """Ask Daraja about a stored "paid" that no payment takes: one Daraja never issued is
+        rejected and one it says was not paid is ignored, so a forged callback cannot hold up
+        resends; one it confirms stays, waiting for a person."""
+        with self.db.read() as session:
+            row = session.get(MpesaCallback, callback_id)
+            if row is None or row.outcome != CallbackOutcome.UNMATCHED:
+                return
+            result = parse_stk_callback(row.body)
+        try:
+            query = self.client.stk_query(result.checkout_request_id)
+        except DarajaRequestError:
+            outcome, detail = (
+                CallbackOutcome.REJECTED,
+                "Daraja knows no such CheckoutRequestID: not a real payment",
+            )
+        else:
+            if query.processing:
+                return
+            if query.result_code == "0":
+                outcome, detail = (
+                    CallbackOutcome.UNMATCHED,
+                    "confirmed paid by query, but no payment matches it",
+                )
+            else:
+                outcome, detail = (
+                    CallbackOutcome.IGNORED,
+                    f"query says {query.result_code}: the 'paid' was not confirmed",
+                )
+        with self.db.write() as session:
+            row = session.get(MpesaCallback, callback_id)
+            if row is None or row.outcome != CallbackOutcome.UNMATCHED:
+                return
+            row.outcome = outcome
+            row.detail = detail
+            row.processed_at = self.clock()
+            session.add(row)
+        log.info("callback %s checked by query: %s (%s)", callback_id, outcome, detail)
 
     def pending_ids(self) -> list[int]:
         with self.db.read() as session:

@@ -81,7 +81,9 @@ def callback_body(
             {"Name": "TransactionDate", "Value": 20250314102030},
         ]
         if phone is not None:
-            items.append({"Name": "PhoneNumber", "Value": int(phone)})
+            # masked by M-Pesa ("2547******09") it comes as a string
+            shown = phone if isinstance(phone, str) and not phone.isdigit() else int(phone)
+            items.append({"Name": "PhoneNumber", "Value": shown})
         stk["CallbackMetadata"] = {"Item": items}
     return json.dumps({"Body": {"stkCallback": stk}}).encode()
 

@@ -24,7 +24,7 @@ from fake_daraja import FakeDaraja, callback_body
 from sqlmodel import select
 from support import CONSUMER_KEY, CONSUMER_SECRET, Listener, finish, sfcrm_env, utcnow, wait_for
 
-from sfcrm.daraja import DarajaClient
+from sfcrm.daraja import DarajaClient, QueryResult
 from sfcrm.db import Database
 from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE
 from sfcrm.errors import ConflictError
@@ -98,6 +98,11 @@ def only_payment(db: Database) -> MpesaPayment:
     with db.read() as session:
         [row] = session.exec(select(MpesaPayment)).all()
         return row
+
+
+def payment_count(db: Database) -> int:
+    with db.read() as session:
+        return len(session.exec(select(MpesaPayment)).all())
 
 
 def balance_entries(db: Database, pid: int) -> int:
@@ -404,8 +409,12 @@ def test_paid_callback_of_an_unanswered_push_settles_the_payment_after_a_later_p
     assert balance_entries(db, pid) == 1
 
 
-def test_resend_refuses_while_an_unmatched_paid_callback_has_the_payments_phone_and_amount(
-    fake: FakeDaraja, payments: Payments, db: Database, person_id: int
+def test_resend_refuses_while_a_confirmed_unmatched_paid_has_the_payments_phone_and_amount(
+    fake: FakeDaraja,
+    payments: Payments,
+    db: Database,
+    person_id: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pushed = payments.request(str(person_id), 500, "Crew deposit")
     pid = pushed.id
@@ -415,9 +424,17 @@ def test_resend_refuses_while_an_unmatched_paid_callback_has_the_payments_phone_
     )
     payments.process_callback(failed)
     assert payment_row(db, pid).status == PaymentStatus.FAILED
+
+    # a "paid" no payment takes, with this payment's phone and amount; Daraja confirms it
     stray = payments.store_callback(
-        callback_body("ws_CO_NOBODY_KNOWS", amount=500, phone=254712000009), "127.0.0.1",
+        callback_body("ws_CO_PAID_ELSEWHERE", amount=500, phone=254712000009), "127.0.0.1",
         trusted=True,
+    )  # fmt: skip
+    real_query = payments.client.stk_query
+    monkeypatch.setattr(
+        payments.client, "stk_query",
+        lambda cid: QueryResult(cid, "0", "paid") if cid == "ws_CO_PAID_ELSEWHERE"
+        else real_query(cid),
     )  # fmt: skip
     with pytest.raises(ConflictError) as refused:
         payments.resend(pid)
@@ -426,11 +443,140 @@ def test_resend_refuses_while_an_unmatched_paid_callback_has_the_payments_phone_
         f"(callback {stray}); not pushed again"
     )
     assert fake.snapshot().push == 1
-    # another amount is not this payment's: the resend goes out
-    with closing(sqlite3.connect(db.path)) as conn, conn:
-        conn.execute("DELETE FROM mpesa_callback WHERE id = ?", (stray,))
-    payments.store_callback(
-        callback_body("ws_CO_OTHER", amount=499, phone=254712000009), "127.0.0.1", trusted=True
+
+
+@pytest.mark.parametrize(
+    "phone", [254712000009, "2547******09", None], ids=["plain", "masked", "no-phone"]
+)
+def test_a_forged_paid_daraja_never_issued_is_rejected_and_holds_up_no_resend(
+    fake: FakeDaraja, payments: Payments, db: Database, person_id: int, phone: object
+) -> None:
+    pushed = payments.request(str(person_id), 500, "Crew deposit")
+    pid = pushed.id
+    assert pid is not None and pushed.checkout_request_id
+    cancelled = payments.store_callback(
+        callback_body(pushed.checkout_request_id, 1032), "127.0.0.1", trusted=True
+    )
+    payments.process_callback(cancelled)
+    forged = payments.store_callback(
+        callback_body("ws_CO_FORGED", amount=500, phone=phone), "203.0.113.9", trusted=True
     )
     assert payments.resend(pid).pushed
     assert fake.snapshot().push == 2
+    [row] = [c for c in callbacks(db) if c.id == forged]
+    assert row.outcome == CallbackOutcome.REJECTED
+    assert row.detail == "Daraja knows no such CheckoutRequestID: not a real payment"
+
+
+def test_a_paid_without_its_phone_holds_up_a_forced_resend_until_daraja_settles_it(
+    fake: FakeDaraja, payments: Payments, db: Database, person_id: int
+) -> None:
+    # The push gets no answer; the customer pays it; M-Pesa's callback lacks the PhoneNumber,
+    # so nothing can match it by phone.
+    fake.configure(push_latency=1.5)
+    payments.client.timeout = 0.5
+    with pytest.raises(Exception, match="may have reached the phone"):
+        payments.request(str(person_id), 500, "Crew deposit")
+    pid = only_payment(db).id
+    assert pid is not None
+    payments.client.timeout = 5.0
+    fake.configure(push_latency=0, query_answer="processing")
+    first_push = fake.pushes[0].checkout_request_id
+    payments.store_callback(callback_body(first_push, phone=None), "127.0.0.1", trusted=True)
+    age_the_push(db, pid)
+    with pytest.raises(ConflictError, match="no payment has taken"):
+        payments.resend(pid, force=True)
+    assert fake.snapshot().push == 1
+
+
+def test_paid_that_beats_its_answer_is_never_given_to_another_persons_push(
+    fake: FakeDaraja, listener: Listener, payments: Payments, db: Database, people: People
+) -> None:
+    # Two children, one parent's phone, one amount. The first child's push got no answer; the
+    # second child's push is paid at once, its callback before Daraja's answer to the push.
+    first = people.add("Child One", "0711000001", None, "1500").id
+    second = people.add("Child Two", "0711000002", None, "1500").id
+    assert first is not None and second is not None
+    fake.configure(push_latency=1.5)
+    payments.client.timeout = 0.5
+    with pytest.raises(Exception, match="may have reached the phone"):
+        payments.request(str(first), 500, "School trip", phone=PHONE)
+    payments.client.timeout = 5.0
+    fake.configure(
+        push_latency=1.0, callback="paid", callback_delay=0.1, callback_before_answer=True,
+        query_answer="paid",
+    )  # fmt: skip
+    paid = payments.request(str(second), 500, "School trip", phone=PHONE)
+
+    assert paid.status == PaymentStatus.COMPLETED
+    assert payment_row(db, 1).status == PaymentStatus.UNKNOWN
+    assert (balance(db, first), balance(db, second)) == (START, START - 500_00)
+    [stored] = callbacks(db)
+    assert (stored.outcome, stored.payment_id) == (CallbackOutcome.APPLIED, paid.id)
+
+
+def test_a_resend_while_the_request_waits_for_its_token_sends_one_prompt(
+    fake: FakeDaraja, payments: Payments, db: Database, person_id: int, db_path: Path
+) -> None:
+    # The request has written its row and waits for Daraja's token; the office resends it.
+    token_free = threading.Event()
+    slow = DarajaClient(
+        fake.url, CONSUMER_KEY, CONSUMER_SECRET, SANDBOX_SHORTCODE, SANDBOX_PASSKEY,
+        session=requests.Session(), timeout=5.0, clock=utcnow,
+        token_cache=DatabaseTokenCache(db),
+    )  # fmt: skip
+    real_token = slow.token
+
+    def token_after_the_resend(**options: object) -> str:
+        token_free.wait(10)
+        return real_token(**options)  # type: ignore[arg-type]
+
+    slow.token = token_after_the_resend  # type: ignore[method-assign]
+    requester = Payments(
+        db, callback_url="http://127.0.0.1:9/unused", clock=utcnow, client_factory=lambda: slow
+    )
+    outcome: list[object] = []
+
+    def request() -> None:
+        try:
+            outcome.append(requester.request(str(person_id), 500, "Crew deposit"))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    try:
+        wait_for(lambda: payment_count(db) == 1, timeout=10)
+        assert payments.resend(1).pushed
+    finally:
+        token_free.set()
+        thread.join(10)
+    [refused] = outcome
+    assert isinstance(refused, ConflictError)
+    assert "was pushed by another sfcrm meanwhile" in refused.message
+    assert fake.snapshot().push == 1
+    assert payment_row(db, 1).status == PaymentStatus.PENDING
+
+
+def test_the_paid_of_an_unanswered_push_after_the_payment_completed_flags_a_refund(
+    fake: FakeDaraja, listener: Listener, payments: Payments, db: Database, person_id: int
+) -> None:
+    # Push 1 gets no answer but reaches the phone; minutes later the office forces push 2,
+    # which is paid; then push 1's "paid" arrives: the customer paid both prompts.
+    fake.configure(push_latency=1.5, query_answer="paid")
+    payments.client.timeout = 0.5
+    with pytest.raises(Exception, match="may have reached the phone"):
+        payments.request(str(person_id), 500, "Crew deposit")
+    age_the_push(db, 1)
+    payments.client.timeout = 5.0
+    fake.configure(push_latency=0)
+    second = payments.resend(1, force=True).payment
+    first_push, second_push = (p.checkout_request_id for p in fake.pushes)
+    assert second.checkout_request_id == second_push
+    assert fake.post_callback(listener.url, callback_body(second_push, phone=254712000009)) == 200
+    assert payment_row(db, 1).status == PaymentStatus.COMPLETED
+
+    assert fake.post_callback(listener.url, callback_body(first_push, phone=254712000009)) == 200
+    wait_for(lambda: payment_row(db, 1).refund_due, timeout=10)
+    assert balance(db, person_id) == START - 500_00
+    assert balance_entries(db, 1) == 1
