@@ -773,8 +773,10 @@ class Payments:
                         pushed_at=row.last_pushed_at or self.clock(),
                     )
                 )
-            if not _settled(row) and row.status == PaymentStatus.UNKNOWN and (
-                row.push_count == marked
+            if (
+                not _settled(row)
+                and row.status == PaymentStatus.UNKNOWN
+                and (row.push_count == marked)
             ):
                 # (when a push was paid meanwhile, this one is only recorded: if it is paid
                 # too, its callback flags the refund; when a newer push went out, the row is
@@ -1380,6 +1382,13 @@ class Payments:
                 why = (
                     "never pushed (the command stopped before the push); "
                     f"`sfcrm mpesa resend {p.id}` pushes it"
+                )
+            elif waiting := self._waiting_paid_callbacks(p):
+                why = (
+                    "pushed, but Daraja's answer never came; 'paid' callback "
+                    f"{', '.join(str(i) for i, _ in waiting)} could be its and was not matched: "
+                    "see `sfcrm mpesa callbacks --unmatched` and the M-Pesa statement for "
+                    f"account SF-{p.id}"
                 )
             else:
                 why = (
