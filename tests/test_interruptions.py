@@ -27,7 +27,7 @@ from support import CONSUMER_KEY, CONSUMER_SECRET, Listener, finish, sfcrm_env, 
 from sfcrm.daraja import DarajaClient, QueryResult
 from sfcrm.db import Database
 from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE
-from sfcrm.errors import ConflictError
+from sfcrm.errors import ConflictError, DarajaTimeoutError
 from sfcrm.models import BalanceEntry, CallbackOutcome, MpesaCallback, MpesaPayment, PaymentStatus
 from sfcrm.payments import DatabaseTokenCache, Payments
 from sfcrm.people import People
@@ -133,6 +133,20 @@ def age_the_push(db: Database, pid: int, minutes: int = 5) -> None:
             "initiated_at = datetime(initiated_at, ?), resend_claimed_until = NULL WHERE id = ?",
             (f"-{minutes} minutes", f"-{minutes} minutes", pid),
         )
+
+
+def request_without_answer(
+    payments: Payments, fake: FakeDaraja, person_ref: str, phone: str | None = None
+) -> int:
+    """A request whose push Daraja takes but answers only after the client gave up (the
+    prompt is on the phone); then Daraja answers at once again. Returns the payment's id."""
+    fake.configure(push_latency=1.5)
+    payments.client.timeout = 0.5
+    with pytest.raises(DarajaTimeoutError, match="may have reached the phone"):
+        payments.request(person_ref, 500, "Crew deposit", phone=phone)
+    payments.client.timeout = 5.0
+    fake.configure(push_latency=0)
+    return int(fake.pushes[-1].body["AccountReference"].removeprefix("SF-"))
 
 
 # -- a request stopped while Daraja holds the push's answer ------------------------------------
@@ -268,7 +282,9 @@ def test_resend_stopped_mid_push_never_pushes_again_while_its_paid_callback_wait
     assert callbacks(db)[1].outcome == CallbackOutcome.APPLIED
     assert balance(db, person_id) == START - 500_00
     assert balance_entries(db, pid) == 1
-    assert paid.id is not None
+    settled_by = callbacks(db)[1]
+    assert (settled_by.id, settled_by.payment_id) == (paid.id, pid)
+    assert settled_by.detail is not None and settled_by.detail.startswith("confirmed by query")
 
 
 # -- a long write lock while a push is answered ------------------------------------------------
@@ -357,12 +373,7 @@ def test_two_unanswered_pushes_of_one_amount_to_one_phone_are_both_settled_oldes
 def test_resend_refuses_a_push_that_may_still_be_on_the_phone_even_with_force(
     fake: FakeDaraja, payments: Payments, db: Database, person_id: int
 ) -> None:
-    fake.configure(push_latency=1.5)
-    payments.client.timeout = 0.5
-    with pytest.raises(Exception, match="may have reached the phone"):
-        payments.request(str(person_id), 500, "Crew deposit")
-    pid = only_payment(db).id
-    assert pid is not None
+    pid = request_without_answer(payments, fake, str(person_id))
     with pytest.raises(ConflictError, match=r"has an unknown outcome and was sent [01] s ago"):
         payments.resend(pid, force=True)
     assert fake.snapshot().push == 1
@@ -370,8 +381,6 @@ def test_resend_refuses_a_push_that_may_still_be_on_the_phone_even_with_force(
     with pytest.raises(ConflictError, match=r"was sent 6[012] s ago"):
         payments.resend(pid, force=True)
     age_the_push(db, pid, minutes=2)
-    payments.client.timeout = 5.0
-    fake.configure(push_latency=0)
     assert payments.resend(pid, force=True).pushed
     assert fake.snapshot().push == 2
 
@@ -381,15 +390,9 @@ def test_paid_callback_of_an_unanswered_push_settles_the_payment_after_a_later_p
 ) -> None:
     # The first push got no answer; minutes later the office forced a new prompt. Then the
     # customer's payment of the first prompt arrives: it is this payment's money.
-    fake.configure(push_latency=1.5, query_answer="paid")
-    payments.client.timeout = 0.5
-    with pytest.raises(Exception, match="may have reached the phone"):
-        payments.request(str(person_id), 500, "Crew deposit")
-    pid = only_payment(db).id
-    assert pid is not None
+    fake.configure(query_answer="paid")
+    pid = request_without_answer(payments, fake, str(person_id))
     age_the_push(db, pid)
-    payments.client.timeout = 5.0
-    fake.configure(push_latency=0)
     second = payments.resend(pid, force=True).payment
     assert second.status == PaymentStatus.PENDING
     first_push, second_push = (p.checkout_request_id for p in fake.pushes)
@@ -473,14 +476,8 @@ def test_a_paid_without_its_phone_holds_up_a_forced_resend_until_daraja_settles_
 ) -> None:
     # The push gets no answer; the customer pays it; M-Pesa's callback lacks the PhoneNumber,
     # so nothing can match it by phone.
-    fake.configure(push_latency=1.5)
-    payments.client.timeout = 0.5
-    with pytest.raises(Exception, match="may have reached the phone"):
-        payments.request(str(person_id), 500, "Crew deposit")
-    pid = only_payment(db).id
-    assert pid is not None
-    payments.client.timeout = 5.0
-    fake.configure(push_latency=0, query_answer="processing")
+    pid = request_without_answer(payments, fake, str(person_id))
+    fake.configure(query_answer="processing")
     first_push = fake.pushes[0].checkout_request_id
     payments.store_callback(callback_body(first_push, phone=None), "127.0.0.1", trusted=True)
     age_the_push(db, pid)
@@ -497,19 +494,15 @@ def test_paid_that_beats_its_answer_is_never_given_to_another_persons_push(
     first = people.add("Child One", "0711000001", None, "1500").id
     second = people.add("Child Two", "0711000002", None, "1500").id
     assert first is not None and second is not None
-    fake.configure(push_latency=1.5)
-    payments.client.timeout = 0.5
-    with pytest.raises(Exception, match="may have reached the phone"):
-        payments.request(str(first), 500, "School trip", phone=PHONE)
-    payments.client.timeout = 5.0
+    unanswered = request_without_answer(payments, fake, str(first), phone=PHONE)
     fake.configure(
         push_latency=1.0, callback="paid", callback_delay=0.1, callback_before_answer=True,
         query_answer="paid",
     )  # fmt: skip
-    paid = payments.request(str(second), 500, "School trip", phone=PHONE)
+    paid = payments.request(str(second), 500, "Crew deposit", phone=PHONE)
 
     assert paid.status == PaymentStatus.COMPLETED
-    assert payment_row(db, 1).status == PaymentStatus.UNKNOWN
+    assert payment_row(db, unanswered).status == PaymentStatus.UNKNOWN
     assert (balance(db, first), balance(db, second)) == (START, START - 500_00)
     [stored] = callbacks(db)
     assert (stored.outcome, stored.payment_id) == (CallbackOutcome.APPLIED, paid.id)
@@ -563,20 +556,16 @@ def test_the_paid_of_an_unanswered_push_after_the_payment_completed_flags_a_refu
 ) -> None:
     # Push 1 gets no answer but reaches the phone; minutes later the office forces push 2,
     # which is paid; then push 1's "paid" arrives: the customer paid both prompts.
-    fake.configure(push_latency=1.5, query_answer="paid")
-    payments.client.timeout = 0.5
-    with pytest.raises(Exception, match="may have reached the phone"):
-        payments.request(str(person_id), 500, "Crew deposit")
-    age_the_push(db, 1)
-    payments.client.timeout = 5.0
-    fake.configure(push_latency=0)
-    second = payments.resend(1, force=True).payment
+    fake.configure(query_answer="paid")
+    pid = request_without_answer(payments, fake, str(person_id))
+    age_the_push(db, pid)
+    second = payments.resend(pid, force=True).payment
     first_push, second_push = (p.checkout_request_id for p in fake.pushes)
     assert second.checkout_request_id == second_push
     assert fake.post_callback(listener.url, callback_body(second_push, phone=254712000009)) == 200
-    assert payment_row(db, 1).status == PaymentStatus.COMPLETED
+    assert payment_row(db, pid).status == PaymentStatus.COMPLETED
 
     assert fake.post_callback(listener.url, callback_body(first_push, phone=254712000009)) == 200
-    wait_for(lambda: payment_row(db, 1).refund_due, timeout=10)
+    wait_for(lambda: payment_row(db, pid).refund_due, timeout=10)
     assert balance(db, person_id) == START - 500_00
-    assert balance_entries(db, 1) == 1
+    assert balance_entries(db, pid) == 1
