@@ -15,10 +15,10 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sfcrm.db import Database, db_time
+from sfcrm.db import Database, db_time, from_db_time
 from sfcrm.errors import NotFoundError, ValidationError
 from sfcrm.rsvp import binding
 from sfcrm.status import CrewStatus
@@ -175,16 +175,15 @@ _SELECT = """
 """
 
 
-def _utc(value: str) -> datetime:
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
 def _select(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> list[MailRow]:
     rows = conn.execute(f"{_SELECT} WHERE {where} ORDER BY e.starts_at, c.id", params)
     return [
         MailRow(
-            AssignmentFacts(cid, role, notes, status, bool(sent), email_id, _utc(created)),
-            EventFacts(eid, name, date, time, end, location, details, _utc(start), _utc(stop)),
+            AssignmentFacts(cid, role, notes, status, bool(sent), email_id, from_db_time(created)),
+            EventFacts(
+                eid, name, date, time, end, location, details, from_db_time(start),
+                from_db_time(stop),
+            ),
             PersonFacts(pid, pname, email, phone),
         )
         for (

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from sfcrm.errors import DatabaseBusyError, DatabaseError
 
@@ -401,6 +401,17 @@ def db_time(value: datetime | None) -> str | None:
     if value.tzinfo is None:
         raise ValueError("naive datetime given to a UTC column")
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+@overload
+def from_db_time(value: str) -> datetime: ...
+@overload
+def from_db_time(value: None) -> None: ...
+@overload
+def from_db_time(value: str | None) -> datetime | None: ...
+def from_db_time(value: str | None) -> datetime | None:
+    """A time as the columns store it (``db_time``) read back: an aware datetime in UTC."""
+    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TextIO
 from zoneinfo import ZoneInfo
 
-from sfcrm.db import Database, db_time
+from sfcrm.db import Database, db_time, from_db_time
 from sfcrm.errors import ConfigError, MailError, NotFoundError, ValidationError
 from sfcrm.reads import iso_in
 
@@ -858,10 +858,6 @@ _STATE = (
 )  # fmt: skip
 
 
-def _from_db(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
 @dataclass(slots=True)
 class _State:
     """An email's sending state, read with plain SQL: claims run once per email, and a
@@ -888,10 +884,10 @@ def _load_state(conn: sqlite3.Connection, email_id: int) -> _State | None:
     if found is None:
         return None
     sent, until, token, permanent, error, attempts, created, mime, recipient, kind = found
-    created_at = _from_db(created)
+    created_at = from_db_time(created)
     assert created_at is not None  # NOT NULL
     return _State(
-        email_id, bool(sent), _from_db(until), token, bool(permanent), error, attempts,
+        email_id, bool(sent), from_db_time(until), token, bool(permanent), error, attempts,
         created_at, bytes(mime), recipient, kind,
     )  # fmt: skip
 

@@ -34,7 +34,7 @@ from sfcrm.daraja import (
     StkResult,
     parse_stk_callback,
 )
-from sfcrm.db import Database, db_time, raw_connection
+from sfcrm.db import Database, db_time, from_db_time, raw_connection
 from sfcrm.errors import (
     CallbackFormatError,
     ConflictError,
@@ -382,13 +382,6 @@ def _record(
             checkout_id,
         ),
     )  # fmt: skip
-
-
-def _from_db(value: str | None) -> datetime | None:
-    """A time as the columns store it (naive UTC text), read back."""
-    from datetime import UTC
-
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def _read_callback(body: bytes) -> StkResult | str:
@@ -1150,7 +1143,7 @@ class Payments:
             now = self.clock()
             return self._act(
                 conn, callback_id, parsed, bool(trusted), now, db_time(now),
-                received_at=_from_db(received),
+                received_at=from_db_time(received),
             )  # fmt: skip
 
     def _act(

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sfcrm.db import from_db_time
 from sfcrm.errors import NotFoundError, ValidationError
 from sfcrm.money import format_kes
 from sfcrm.phone import normalise_phone
@@ -117,18 +118,14 @@ _COLUMNS = (
 )
 
 
-def _utc(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
 def _view(row: tuple[Any, ...]) -> PaymentView:
     (pid, person_id, phone, amount, purpose, reference, status, checkout_id, merchant_id,
      code, desc, receipt, paid_at, initiated_at, completed_at, pushes, refund) = row  # fmt: skip
-    initiated = _utc(initiated_at)
+    initiated = from_db_time(initiated_at)
     assert initiated is not None  # NOT NULL
     return PaymentView(
         pid, person_id, phone, amount, purpose, reference, status, checkout_id, merchant_id,
-        code, desc, receipt, _utc(paid_at), initiated, _utc(completed_at), pushes,
+        code, desc, receipt, from_db_time(paid_at), initiated, from_db_time(completed_at), pushes,
         bool(refund),
     )  # fmt: skip
 
