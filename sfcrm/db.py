@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
+from urllib.parse import quote
 
 from sfcrm.errors import DatabaseBusyError, DatabaseError
 
@@ -375,6 +376,28 @@ class Database:
             yield
         except SADatabaseError as exc:
             raise _database_error(exc, self.path) from None
+
+    @property
+    def dialect(self) -> str:
+        """The engine's kind: "sqlite" (or "postgresql")."""
+        return "sqlite"
+
+    def checkpoint(self) -> None:
+        """Copy SQLite's write-ahead log back into the file (PASSIVE: blocks no reader or
+        writer). Only SQLite has one; elsewhere this does nothing."""
+        if self.dialect != "sqlite":
+            return
+        conn: sqlite3.Connection | None = getattr(self._local, "checkpoint", None)
+        if conn is None:
+            # mode=rw: never create a file that is not there
+            conn = sqlite3.connect(
+                f"file:{quote(str(self.path))}?mode=rw", uri=True, isolation_level=None,
+                check_same_thread=False,
+            )  # fmt: skip
+            self._local.checkpoint = conn
+            with self._raw_lock:
+                self._raw_connections.append(conn)
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def close(self) -> None:
         with self._raw_lock:
