@@ -1,198 +1,71 @@
-"""The SQLite file: connection settings, transactions and in-place schema upgrades.
+"""The database: one engine (a SQLite file, or a PostgreSQL server), its transactions, its
+cross-process locks, its schema upgrades (Alembic, :mod:`sfcrm.migrations`) and its backup.
 
-Every connection runs in WAL mode with a busy timeout and foreign keys on. Writes go through
-:meth:`Database.write`, which opens ``BEGIN IMMEDIATE``: the write lock is taken before the
-first read, so a read-modify-write (a balance, a status move) can never interleave with another
-process's, and SQLite waits for the lock instead of failing half-way with "database is locked".
+This is the only module that knows which engine it runs on.
+
+- SQLite: every connection runs in WAL mode with a busy timeout and foreign keys on. Writes go
+  through :meth:`Database.write`, which opens ``BEGIN IMMEDIATE``: the write lock is taken
+  before the first read, so a read-modify-write (a balance, a status move) can never interleave
+  with another process's, and SQLite waits for the lock instead of failing half-way.
+- PostgreSQL: a write transaction is READ COMMITTED; each read-modify-write locks the rows it
+  reads (``with_for_update``, a no-op on SQLite, where the whole file is locked already), and
+  claims of work skip rows another sender holds (``skip_locked``). A serialization failure or a
+  deadlock is :class:`DatabaseConflictError`; :meth:`Database.transaction` runs the work again.
+
+The rule that makes running again safe: no transaction spans a Daraja or SMTP call. Work that
+talks to the outside world writes what it is about to do, commits, talks, then records the
+answer in a transaction of its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
+import re
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, overload
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+from urllib.parse import quote, urlsplit
 
-from sfcrm.errors import DatabaseBusyError, DatabaseError
+from sfcrm.errors import (
+    ConfigError,
+    DatabaseBusyError,
+    DatabaseConflictError,
+    DatabaseError,
+    ValidationError,
+)
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
+    from sqlalchemy import Connection, Engine
     from sqlalchemy.exc import DatabaseError as SADatabaseError
     from sqlmodel import Session
+
+T = TypeVar("T")
 
 log = logging.getLogger("sfcrm.db")
 
 BUSY_TIMEOUT_SECONDS = 60.0
 
-# Each entry upgrades the schema by one version; never edit one that has shipped, add another.
-MIGRATIONS: tuple[str, ...] = (
-    # 1: people, payments, their pushes, the callback inbox and the token cache
-    """
-    CREATE TABLE person (
-        id INTEGER NOT NULL PRIMARY KEY,
-        name VARCHAR NOT NULL,
-        phone VARCHAR NOT NULL UNIQUE,
-        email VARCHAR UNIQUE,
-        balance_cents INTEGER NOT NULL,
-        created_at DATETIME NOT NULL
-    );
-    CREATE TABLE mpesa_payment (
-        id INTEGER NOT NULL PRIMARY KEY,
-        person_id INTEGER NOT NULL REFERENCES person (id),
-        phone_number VARCHAR NOT NULL,
-        amount INTEGER NOT NULL,
-        payment_purpose VARCHAR NOT NULL,
-        account_reference VARCHAR,
-        status VARCHAR NOT NULL,
-        checkout_request_id VARCHAR UNIQUE,
-        merchant_request_id VARCHAR,
-        result_code VARCHAR,
-        result_desc VARCHAR,
-        receipt_number VARCHAR,
-        transaction_date DATETIME,
-        initiated_at DATETIME NOT NULL,
-        completed_at DATETIME,
-        last_pushed_at DATETIME,
-        push_count INTEGER NOT NULL,
-        balance_applied BOOLEAN NOT NULL,
-        refund_due BOOLEAN NOT NULL,
-        resend_claimed_until DATETIME
-    );
-    CREATE INDEX ix_mpesa_payment_person_status ON mpesa_payment (person_id, status);
-    CREATE INDEX ix_mpesa_payment_status ON mpesa_payment (status);
-    CREATE TABLE mpesa_checkout (
-        id INTEGER NOT NULL PRIMARY KEY,
-        payment_id INTEGER NOT NULL REFERENCES mpesa_payment (id),
-        checkout_request_id VARCHAR NOT NULL UNIQUE,
-        merchant_request_id VARCHAR,
-        pushed_at DATETIME NOT NULL,
-        result_code VARCHAR,
-        result_desc VARCHAR,
-        result_source VARCHAR,
-        result_at DATETIME,
-        receipt_number VARCHAR,
-        paid_amount VARCHAR
-    );
-    CREATE INDEX ix_mpesa_checkout_payment_id ON mpesa_checkout (payment_id);
-    CREATE TABLE mpesa_callback (
-        id INTEGER NOT NULL PRIMARY KEY,
-        received_at DATETIME NOT NULL,
-        source_addr VARCHAR,
-        body BLOB NOT NULL,
-        checkout_request_id VARCHAR,
-        result_code VARCHAR,
-        trusted BOOLEAN NOT NULL,
-        outcome VARCHAR NOT NULL,
-        detail VARCHAR,
-        payment_id INTEGER REFERENCES mpesa_payment (id),
-        processed_at DATETIME
-    );
-    CREATE INDEX ix_mpesa_callback_checkout_request_id ON mpesa_callback (checkout_request_id);
-    CREATE INDEX ix_mpesa_callback_outcome ON mpesa_callback (outcome);
-    CREATE TABLE daraja_token (
-        cache_key VARCHAR NOT NULL PRIMARY KEY,
-        access_token VARCHAR NOT NULL,
-        expires_at DATETIME NOT NULL,
-        fetched_at DATETIME NOT NULL
-    );
-    """,
-    # 2: events, crew assignments and the mail log
-    """
-    CREATE TABLE event (
-        id INTEGER NOT NULL PRIMARY KEY,
-        name VARCHAR NOT NULL,
-        date VARCHAR NOT NULL,
-        time VARCHAR,
-        end_time VARCHAR,
-        location VARCHAR NOT NULL,
-        details VARCHAR,
-        starts_at DATETIME NOT NULL,
-        ends_at DATETIME NOT NULL,
-        created_at DATETIME NOT NULL
-    );
-    CREATE INDEX ix_event_starts_at ON event (starts_at);
-    CREATE TABLE email_notification (
-        id INTEGER NOT NULL PRIMARY KEY,
-        recipient VARCHAR NOT NULL,
-        person_id INTEGER REFERENCES person (id),
-        assignment_id INTEGER REFERENCES event_crew (id),
-        notification_type VARCHAR NOT NULL,
-        subject VARCHAR NOT NULL,
-        message VARCHAR NOT NULL,
-        mime BLOB NOT NULL,
-        created_at DATETIME NOT NULL,
-        is_sent BOOLEAN NOT NULL,
-        sent_at DATETIME,
-        failed_attempts INTEGER NOT NULL,
-        last_error VARCHAR,
-        permanent_failure BOOLEAN NOT NULL,
-        claimed_until DATETIME,
-        claim_token VARCHAR
-    );
-    CREATE INDEX ix_email_notification_person_id ON email_notification (person_id);
-    CREATE INDEX ix_email_notification_notification_type ON email_notification (notification_type);
-    CREATE INDEX ix_email_notification_created_at ON email_notification (created_at);
-    CREATE INDEX ix_email_notification_is_sent ON email_notification (is_sent);
-    CREATE TABLE event_crew (
-        id INTEGER NOT NULL PRIMARY KEY,
-        event_id INTEGER NOT NULL REFERENCES event (id),
-        person_id INTEGER NOT NULL REFERENCES person (id),
-        role VARCHAR NOT NULL,
-        status VARCHAR NOT NULL,
-        notes VARCHAR,
-        invitation_sent BOOLEAN NOT NULL,
-        invitation_sent_at DATETIME,
-        invitation_email_id INTEGER REFERENCES email_notification (id),
-        reminder_sent BOOLEAN NOT NULL,
-        reminder_sent_at DATETIME,
-        reminder_email_id INTEGER REFERENCES email_notification (id),
-        responded_at DATETIME,
-        created_at DATETIME NOT NULL
-    );
-    CREATE UNIQUE INDEX ux_event_crew_event_person ON event_crew (event_id, person_id);
-    CREATE INDEX ix_event_crew_event_status ON event_crew (event_id, status);
-    CREATE INDEX ix_event_crew_person_status ON event_crew (person_id, status);
-    """,
-    # 3: the balance ledger; balances held before it become opening entries
-    """
-    CREATE TABLE balance_entry (
-        id INTEGER NOT NULL PRIMARY KEY,
-        person_id INTEGER NOT NULL REFERENCES person (id),
-        amount_cents INTEGER NOT NULL,
-        balance_after_cents INTEGER NOT NULL,
-        kind VARCHAR NOT NULL,
-        reason VARCHAR,
-        payment_id INTEGER REFERENCES mpesa_payment (id),
-        created_at DATETIME NOT NULL
-    );
-    CREATE INDEX ix_balance_entry_person_id ON balance_entry (person_id);
-    CREATE UNIQUE INDEX ux_balance_entry_payment ON balance_entry (payment_id)
-        WHERE payment_id IS NOT NULL;
-    INSERT INTO balance_entry (person_id, amount_cents, balance_after_cents, kind, reason,
-                               created_at)
-        SELECT id, balance_cents, balance_cents, 'opening', 'balance before the ledger',
-               strftime('%Y-%m-%d %H:%M:%S', 'now')
-        FROM person WHERE balance_cents != 0;
-    """,
-    # 4: a payment left "initiated" by an older release may have been pushed (that release
-    # recorded the push only once Daraja answered): its outcome is unknown, not "never sent";
-    # pushes are found by when they were sent (a "paid" callback no push holds)
-    """
-    UPDATE mpesa_payment
-        SET status = 'unknown',
-            last_pushed_at = COALESCE(last_pushed_at, initiated_at),
-            result_desc = COALESCE(result_desc, 'left initiated by an older sfcrm: the push '
-                                                || 'may have been sent')
-        WHERE status = 'initiated';
-    CREATE INDEX ix_mpesa_payment_last_pushed_at ON mpesa_payment (last_pushed_at);
-    """,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
+# The newest Alembic revision in sfcrm/migrations/versions (a test checks they agree): a file
+# at it opens without loading Alembic.
+HEAD = "0004"
+# Releases before Alembic counted upgrades in PRAGMA user_version; each count is a revision.
+LEGACY_REVISIONS = {1: "0001", 2: "0002", 3: "0003", 4: "0004"}
+# Written to PRAGMA user_version once Alembic keeps the schema: those releases then refuse the
+# file ("newer than this sfcrm knows") instead of writing to a schema they do not know.
+ALEMBIC_USER_VERSION = 100
+# A serialization failure or deadlock is tried this many times in all.
+CONFLICT_ATTEMPTS = 8
+
+
+POSTGRES_SCHEMES = ("postgresql+psycopg", "postgresql+psycopg2", "postgresql", "postgres")
 
 
 def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
@@ -211,12 +84,71 @@ def _on_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-class Database:
-    """One SQLite file. Cheap to build; the engine and schema are set up on first use."""
+def masked_url(url: str) -> str:
+    """A database URL fit to show: any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        password = None
+    if not password:
+        return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+
+def url_password(url: str) -> str | None:
+    """The password inside a database URL, for redaction."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    if password is None:
+        return None
+    from urllib.parse import unquote
+
+    return unquote(password)
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where a database's schema stands (``sfcrm db current``)."""
+
+    revision: str | None  # Alembic's, or the one an older release's user_version stands for
+    legacy_version: int | None  # PRAGMA user_version of a file no Alembic revision was written to
+    head: str = HEAD
+
+    @property
+    def current(self) -> bool:
+        return self.revision == self.head and self.legacy_version is None
+
+    @property
+    def empty(self) -> bool:
+        return self.revision is None and self.legacy_version is None
+
+
+class Database:
+    """One database: a SQLite file (a path) or a PostgreSQL server (a ``postgresql+psycopg://``
+    URL). Cheap to build; the engine is made and the schema upgraded on first use."""
+
+    def __init__(self, target: Path | str) -> None:
+        self.url: str | None = None
+        self.path: Path
+        if isinstance(target, str) and "://" in target:
+            scheme = target.partition("://")[0].lower()
+            if scheme not in POSTGRES_SCHEMES:
+                raise ConfigError(
+                    f"SFCRM_DATABASE_URL names a database sfcrm does not support ({scheme})",
+                    value=masked_url(target),
+                    hint="give a SQLite file path, sqlite:///path or postgresql+psycopg://…",
+                )
+            self.url = "postgresql+psycopg://" + target.partition("://")[2]
+            self.path = Path()  # no file: only SQLite has one
+        else:
+            self.path = Path(target)
         self._engine: Engine | None = None
+        self._plain: Engine | None = None  # the engine before any upgrade (``db current``)
         self._local = threading.local()
         self._raw_connections: list[sqlite3.Connection] = []
         self._raw_lock = threading.Lock()
@@ -224,26 +156,68 @@ class Database:
         # handler, which sleeps in growing steps: under a burst that sleeping is most of the
         # time. Other processes still meet the busy timeout.
         self._writer_turn = threading.Lock()
+        self._named_locks: dict[str, threading.Lock] = {}
+
+    @property
+    def dialect(self) -> str:
+        """The engine's kind: "sqlite" or "postgresql"."""
+        return "sqlite" if self.url is None else "postgresql"
+
+    @property
+    def where(self) -> str:
+        """The database, fit for a message: the file, or the URL with its password masked."""
+        return str(self.path) if self.url is None else masked_url(self.url)
+
+    def __repr__(self) -> str:
+        return f"Database({self.where})"
 
     @property
     def engine(self) -> Engine:
+        """The engine, the schema brought up to date first."""
         if self._engine is None:
-            self._engine = self._open()
+            engine = self._plain_engine()
+            try:
+                upgrade(engine, self.where)
+            except BaseException:
+                self._dispose_plain()  # a refused database (newer schema) must not stay open
+                raise
+            self._engine = engine
         return self._engine
 
+    def _plain_engine(self) -> Engine:
+        if self._plain is None:
+            self._plain = self._create_engine()
+        return self._plain
+
+    def _dispose_plain(self) -> None:
+        if self._plain is not None:
+            self._plain.dispose()
+            self._plain = None
+
     def _check_folder(self) -> None:
-        if not self.path.parent.is_dir():
+        if self.url is None and not self.path.parent.is_dir():
             raise DatabaseError(
                 "the database folder does not exist",
                 value=str(self.path.parent),
                 hint="create it, or point SFCRM_DATABASE_URL somewhere else",
             )
 
-    def _open(self) -> Engine:
+    def _create_engine(self) -> Engine:
         from sqlalchemy import URL, create_engine, event
-        from sqlalchemy.exc import DatabaseError as SADatabaseError
 
         self._check_folder()
+        if self.url is not None:
+            return create_engine(
+                self.url,
+                pool_size=10,
+                max_overflow=40,
+                pool_pre_ping=True,
+                connect_args={
+                    "connect_timeout": 10,
+                    # a lock held longer than SQLite's busy timeout is "busy" on both engines
+                    "options": f"-c lock_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}",
+                },
+            )
         engine = create_engine(
             # built, not formatted: a '%' or '?' in the path is part of the file's name
             URL.create("sqlite", database=str(self.path)),
@@ -251,19 +225,13 @@ class Database:
         )
         event.listen(engine, "connect", _on_connect)
         event.listen(engine, "begin", _on_begin)
-        try:
-            migrate(engine)
-        except SADatabaseError as exc:
-            engine.dispose()
-            raise _database_error(exc, self.path) from None
-        except BaseException:
-            engine.dispose()  # a refused file (newer schema) must not stay open
-            raise
         return engine
+
+    # -- transactions ----------------------------------------------------------------------
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        """A session for reading (a deferred transaction: one consistent snapshot)."""
+        """A session for reading (one consistent snapshot on SQLite)."""
         from sqlmodel import Session
 
         with self._guard(), Session(self.engine, expire_on_commit=False) as session:
@@ -271,10 +239,13 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """One ``BEGIN IMMEDIATE`` transaction, committed on success, rolled back on error."""
+        """One write transaction, committed on success, rolled back on error. On SQLite it is
+        ``BEGIN IMMEDIATE``; on PostgreSQL lock what you read (``with_for_update``)."""
         from sqlmodel import Session
 
-        bind = self.engine.execution_options(sfcrm_immediate=True)
+        bind = self.engine
+        if self.url is None:
+            bind = bind.execution_options(sfcrm_immediate=True)
         with (
             self._one_writer(),
             self._guard(),
@@ -282,6 +253,50 @@ class Database:
             session.begin(),
         ):
             yield session
+
+    def transaction(self, work: Callable[[Session], T]) -> T:
+        """``work`` in one write transaction, run again when PostgreSQL reports a serialization
+        failure or a deadlock (nothing of the failed run was written). ``work`` must only read
+        and write the database: never call Daraja or send mail inside it."""
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                with self.write() as session:
+                    return work(session)
+            except DatabaseConflictError:
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+                log.info("write conflict, running the transaction again (%d)", attempt)
+                time.sleep(random.uniform(0.0, 0.01 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """One holder at a time of the lock ``name``, across threads, processes and machines:
+        an advisory lock on PostgreSQL, a file lock beside a SQLite file. Held outside any
+        transaction, so a Daraja call may run under it (the token refresh)."""
+        with self._raw_lock:
+            lock = self._named_locks.setdefault(name, threading.Lock())
+        with lock:
+            if self.url is None:
+                with (
+                    self._guard(),
+                    _file_lock(self.path.with_name(f"{self.path.name}.{name}-lock")),
+                ):
+                    yield
+                return
+            from sqlalchemy import func, select
+
+            key = int.from_bytes(
+                hashlib.sha256(f"sfcrm:{name}".encode()).digest()[:8], "big", signed=True
+            )
+            with self._guard(), self.engine.connect() as conn:
+                conn.execute(select(func.pg_advisory_lock(key)))
+                conn.commit()  # the lock is the session's: it outlives the transaction
+                try:
+                    yield
+                finally:
+                    conn.execute(select(func.pg_advisory_unlock(key)))
+                    conn.commit()
 
     @contextmanager
     def raw_write(self) -> Iterator[sqlite3.Connection]:
@@ -304,12 +319,12 @@ class Database:
         try:
             conn.execute(begin)
         except sqlite3.DatabaseError as exc:
-            raise _sqlite_error(exc, self.path) from None
+            raise _sqlite_error(exc, self.where) from None
         try:
             yield conn
         except sqlite3.DatabaseError as exc:
             _rollback(conn)
-            raise _sqlite_error(exc, self.path) from None
+            raise _sqlite_error(exc, self.where) from None
         except BaseException:
             _rollback(conn)
             raise
@@ -317,43 +332,25 @@ class Database:
             conn.execute("COMMIT" if commit else "ROLLBACK")
         except sqlite3.DatabaseError as exc:
             _rollback(conn)
-            raise _sqlite_error(exc, self.path) from None
+            raise _sqlite_error(exc, self.where) from None
 
     def _raw_connection(self) -> sqlite3.Connection:
+        if self.url is not None:
+            raise RuntimeError("plain sqlite3 connections exist only on SQLite")
         conn: sqlite3.Connection | None = getattr(self._local, "raw", None)
         if conn is None:
-            conn = self._connect_raw()
+            _ = self.engine  # creates or upgrades the schema, or refuses a newer one
+            try:
+                conn = sqlite3.connect(
+                    self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
+                    check_same_thread=False,
+                )  # fmt: skip
+                _on_connect(conn, None)
+            except sqlite3.DatabaseError as exc:
+                raise _sqlite_error(exc, self.where) from None
             self._local.raw = conn
             with self._raw_lock:
                 self._raw_connections.append(conn)
-        return conn
-
-    def _connect_raw(self) -> sqlite3.Connection:
-        """A plain connection to a file whose schema is current. The SQLAlchemy engine, which
-        creates and upgrades the schema, is loaded only when the file is new or older."""
-        if self._engine is None:
-            self._check_folder()
-        try:
-            conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
-                check_same_thread=False,
-            )  # fmt: skip
-        except sqlite3.DatabaseError as exc:
-            raise _sqlite_error(exc, self.path) from None
-        try:
-            _on_connect(conn, None)
-            current = self._engine is not None or (
-                conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-            )
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise _sqlite_error(exc, self.path) from None
-        if not current:
-            try:
-                _ = self.engine  # creates or upgrades the schema, or refuses a newer one
-            except BaseException:
-                conn.close()
-                raise
         return conn
 
     @contextmanager
@@ -363,7 +360,10 @@ class Database:
             raise RuntimeError("a write transaction is already open in this thread")
         self._local.writing = True
         try:
-            with self._writer_turn:
+            if self.url is None:
+                with self._writer_turn:
+                    yield
+            else:
                 yield
         finally:
             self._local.writing = False
@@ -375,17 +375,27 @@ class Database:
         try:
             yield
         except SADatabaseError as exc:
-            raise _database_error(exc, self.path) from None
+            raise _database_error(exc, self.where) from None
+        except sqlite3.DatabaseError as exc:
+            raise _sqlite_error(exc, self.where) from None
 
-    @property
-    def dialect(self) -> str:
-        """The engine's kind: "sqlite" (or "postgresql")."""
-        return "sqlite"
+    # -- the schema, checkpoints, backups --------------------------------------------------
+
+    def schema(self) -> SchemaState:
+        """Where the schema stands, without upgrading anything."""
+        with self._guard(), self._plain_engine().connect() as conn:
+            return _schema_state(conn)
+
+    def upgrade(self) -> tuple[SchemaState, SchemaState]:
+        """Bring the schema to HEAD now; the states before and after."""
+        before = self.schema()
+        _ = self.engine
+        return before, self.schema()
 
     def checkpoint(self) -> None:
         """Copy SQLite's write-ahead log back into the file (PASSIVE: blocks no reader or
         writer). Only SQLite has one; elsewhere this does nothing."""
-        if self.dialect != "sqlite":
+        if self.url is not None:
             return
         conn: sqlite3.Connection | None = getattr(self._local, "checkpoint", None)
         if conn is None:
@@ -399,6 +409,42 @@ class Database:
                 self._raw_connections.append(conn)
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
+    def backup(self, target: Path) -> Path:
+        """A consistent copy of the SQLite file at ``target`` (SQLite's online backup: writers
+        go on meanwhile). Written beside it first, then renamed, so a stopped backup leaves no
+        half file under the name. PostgreSQL is backed up with its own ``pg_dump``."""
+        if self.url is not None:
+            raise ConfigError(
+                "sfcrm backup copies a SQLite file; this database is on PostgreSQL",
+                value=self.where,
+                hint="back it up with PostgreSQL's own tool: pg_dump --format=custom "
+                "--file FILE DBNAME (see the README's PostgreSQL section)",
+            )
+        target = target.expanduser()
+        if target.exists():
+            raise ValidationError(
+                "the backup file exists already", value=str(target), hint="name a new file"
+            )
+        if not target.parent.is_dir():
+            raise ValidationError("the backup's folder does not exist", value=str(target.parent))
+        _ = self.engine  # the file exists and its schema is current
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            with (
+                self._guard(),
+                _closing(sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True)) as src,
+                _closing(sqlite3.connect(partial)) as dst,
+            ):
+                src.backup(dst, pages=1024, sleep=0.005)
+            partial.replace(target)
+        except OSError as exc:
+            raise ValidationError(
+                f"cannot write the backup: {exc.strerror or exc}", value=str(target)
+            ) from None
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+
     def close(self) -> None:
         with self._raw_lock:
             for conn in self._raw_connections:
@@ -408,6 +454,36 @@ class Database:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+        self._dispose_plain()
+
+
+@contextmanager
+def _closing(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: threads are still serialised by the caller
+        yield
+        return
+    try:
+        handle = path.open("a")
+    except OSError as exc:
+        raise DatabaseError(
+            f"cannot open the lock file: {exc.strerror or exc}", value=str(path)
+        ) from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def raw_connection(session: Session) -> sqlite3.Connection:
@@ -446,48 +522,171 @@ def _rollback(conn: sqlite3.Connection) -> None:
             log.warning("rollback failed after an error", exc_info=True)
 
 
-def _sqlite_error(exc: sqlite3.DatabaseError, path: Path) -> DatabaseError:
+def _busy(where: str) -> DatabaseBusyError:
+    return DatabaseBusyError(
+        "the database stayed busy for too long",
+        value=where,
+        hint="another sfcrm is holding a long write; try again",
+    )
+
+
+def _sqlite_error(exc: sqlite3.DatabaseError, where: str) -> DatabaseError:
     if "locked" in str(exc):
-        return DatabaseBusyError(
-            "the database stayed busy for too long",
-            value=str(path),
-            hint="another sfcrm is holding a long write; try again",
-        )
-    return DatabaseError(f"database error: {exc}", value=str(path))
+        return _busy(where)
+    return DatabaseError(f"database error: {exc}", value=where)
 
 
-def _database_error(exc: SADatabaseError, path: Path) -> DatabaseError:
+# PostgreSQL's SQLSTATEs: the transaction lost a race and may run again; a lock wait timed out
+_CONFLICT_STATES = ("40001", "40P01")
+_BUSY_STATES = ("55P03",)
+
+
+def _database_error(exc: SADatabaseError, where: str) -> DatabaseError:
     from sqlalchemy.exc import OperationalError
 
     text = str(exc.orig) if exc.orig is not None else str(exc)
-    if isinstance(exc, OperationalError) and "locked" in text:
-        return DatabaseBusyError(
-            "the database stayed busy for too long",
-            value=str(path),
-            hint="another sfcrm is holding a long write; try again",
+    state = getattr(exc.orig, "sqlstate", None)
+    if state in _CONFLICT_STATES:
+        return DatabaseConflictError(
+            "another writer's change crossed this one; nothing was written",
+            value=where,
+            hint="run the command again",
         )
-    return DatabaseError(f"database error: {text}", value=str(path))
+    if state in _BUSY_STATES or (isinstance(exc, OperationalError) and "locked" in text):
+        return _busy(where)
+    if state is None and isinstance(exc, OperationalError) and where.startswith("postgresql"):
+        first = text.strip().splitlines()[0] if text.strip() else "no answer"
+        return DatabaseError(
+            f"cannot reach the database server: {first}",
+            value=where,
+            hint="check SFCRM_DATABASE_URL and that the PostgreSQL server runs and takes you",
+        )
+    return DatabaseError(f"database error: {text}", value=where)
 
 
-def migrate(engine: Engine) -> int:
-    """Bring the file up to SCHEMA_VERSION in place; returns the version found before."""
-    with engine.connect() as conn:
-        found = int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
+# -- schema upgrades (Alembic) -----------------------------------------------------------------
+
+
+def _stored_revision(conn: Connection) -> str | None:
+    """Alembic's revision of the database, or None where no revision was ever written."""
+    from sqlalchemy import column, select, table
+    from sqlalchemy.exc import DatabaseError as SADatabaseError
+
+    try:
+        revisions: list[str] = list(
+            conn.scalars(select(column("version_num")).select_from(table("alembic_version")))
+        )
+    except SADatabaseError:
         conn.rollback()
-        if found == SCHEMA_VERSION:
+        if not conn.dialect.has_table(conn, "alembic_version"):
+            return None
+        raise
+    conn.rollback()
+    return revisions[0] if revisions else None
+
+
+def _user_version(conn: Connection) -> int:
+    if conn.dialect.name != "sqlite":
+        return 0
+    value = int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
+    conn.rollback()
+    return value
+
+
+def _schema_state(conn: Connection) -> SchemaState:
+    revision = _stored_revision(conn)
+    if revision is not None:
+        return SchemaState(revision, None)
+    legacy = _user_version(conn)
+    if legacy == 0:
+        return SchemaState(None, None)
+    return SchemaState(LEGACY_REVISIONS.get(legacy), legacy)
+
+
+def _newer(found: str, where: str) -> DatabaseError:
+    return DatabaseError(
+        f"the database has schema {found}, newer than this sfcrm knows ({HEAD})",
+        value=where,
+        hint="upgrade sfcrm",
+    )
+
+
+def upgrade(engine: Engine, where: str) -> SchemaState:
+    """Bring the database to HEAD in place, in one transaction; the state found before.
+
+    Two processes may start on a new database at once: the second waits for the first's lock,
+    then finds the work done.
+    """
+    from sqlalchemy.exc import DatabaseError as SADatabaseError
+
+    try:
+        with engine.connect() as conn:
+            found = _schema_state(conn)
+            if found.current:
+                return found
+            if found.legacy_version is not None and found.revision is None:
+                raise _newer(str(found.legacy_version), where)
+            _run_alembic(conn, where)
             return found
-        if found > SCHEMA_VERSION:
-            raise DatabaseError(
-                f"the database has schema {found}, newer than this sfcrm knows ({SCHEMA_VERSION})",
-                hint="upgrade sfcrm",
-            )
-        # Two processes may start on a new file at once: the second waits, then sees the work done.
-        conn = conn.execution_options(sfcrm_immediate=True)
+    except SADatabaseError as exc:
+        raise _database_error(exc, where) from None
+
+
+def _run_alembic(conn: Connection, where: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import func, select
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    config.attributes["connection"] = conn
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    quiet = logging.getLogger("alembic")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        conn.rollback()  # end the read of the state: the upgrade takes its lock first
+        if conn.dialect.name == "sqlite":
+            conn = conn.execution_options(sfcrm_immediate=True)
         with conn.begin():
-            current = int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version - 1].split(";"):
-                    if statement.strip():
-                        conn.exec_driver_sql(statement)
-            conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        return found
+            if conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+            # again under the lock: another process may have done it meanwhile
+            state = _locked_state(conn)
+            if state.revision is not None and state.revision not in known:
+                raise _newer(state.revision, where)
+            if state.legacy_version is not None:
+                command.stamp(config, str(state.revision))
+            if state.revision != HEAD or state.legacy_version is not None:
+                command.upgrade(config, "head")
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql(f"PRAGMA user_version = {ALEMBIC_USER_VERSION}")
+    finally:
+        quiet.setLevel(level)
+
+
+def _lock_key(name: str) -> int:
+    """The 64-bit key of PostgreSQL's advisory lock called ``name``."""
+    return int.from_bytes(hashlib.sha256(f"sfcrm:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+_SCHEMA_LOCK = _lock_key("schema")
+
+
+def _locked_state(conn: Connection) -> SchemaState:
+    """The schema state read inside the upgrade's own transaction (no rollback)."""
+    from sqlalchemy import column, select, table
+
+    if conn.dialect.has_table(conn, "alembic_version"):
+        revisions: list[str] = list(
+            conn.scalars(select(column("version_num")).select_from(table("alembic_version")))
+        )
+        return SchemaState(revisions[0] if revisions else None, None)
+    if conn.dialect.name == "sqlite":
+        legacy = int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
+        if legacy:
+            if legacy not in LEGACY_REVISIONS:
+                raise AssertionError("checked before the lock")  # pragma: no cover
+            return SchemaState(LEGACY_REVISIONS[legacy], legacy)
+    return SchemaState(None, None)

@@ -78,6 +78,13 @@ class DatabaseBusyError(DatabaseError):
     code = "DATABASE_BUSY"
 
 
+class DatabaseConflictError(DatabaseBusyError):
+    """Another transaction's writes crossed this one's (PostgreSQL's serialization failure or
+    deadlock); nothing was written, and the transaction is safe to run again."""
+
+    code = "DATABASE_CONFLICT"
+
+
 class MailError(SfcrmError):
     exit_code = ExitCode.MAIL
     code = "MAIL_ERROR"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, Index, LargeBinary, text
+from sqlalchemy import Column, ForeignKey, Index, LargeBinary, text
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -191,7 +191,11 @@ class EmailNotification(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     recipient: str
     person_id: int | None = Field(default=None, foreign_key="person.id", index=True)
-    assignment_id: int | None = Field(default=None, foreign_key="event_crew.id")
+    # (the assignment points back at its emails: this reference is added after both tables)
+    assignment_id: int | None = Field(
+        default=None,
+        sa_column_args=[ForeignKey("event_crew.id", use_alter=True)],
+    )
     notification_type: str = Field(index=True)
     subject: str
     message: str  # the plain-text body, for people reading the log
@@ -229,6 +233,7 @@ class BalanceEntry(SQLModel, table=True):
             "payment_id",
             unique=True,
             sqlite_where=text("payment_id IS NOT NULL"),
+            postgresql_where=text("payment_id IS NOT NULL"),
         ),
     )
 

@@ -29,7 +29,10 @@ from fake_daraja import FakeDaraja  # noqa: E402
 from support import (  # noqa: E402
     CONSUMER_KEY,
     CONSUMER_SECRET,
+    ENGINES,
+    PG_URL,
     Listener,
+    PostgresServer,
     Recorder,
     SmtpSink,
     start_listener,
@@ -52,12 +55,46 @@ from sfcrm.people import People  # noqa: E402
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
+    """The SQLite file of a test that looks at the file itself (such tests run on SQLite only)."""
     return tmp_path / "sfcrm.db"
 
 
+@pytest.fixture(params=ENGINES)
+def engine_name(request: pytest.FixtureRequest) -> str:
+    """Each database test runs on SQLite, and on PostgreSQL when SFCRM_TEST_DATABASE_URL names
+    a server. A test that asks for ``db_path`` looks at the SQLite file: SQLite only."""
+    if request.param == "postgresql":
+        if not PG_URL:
+            pytest.skip("SFCRM_TEST_DATABASE_URL names no PostgreSQL server")
+        if "db_path" in request.fixturenames:
+            pytest.skip("looks at the SQLite file itself")
+    return str(request.param)
+
+
 @pytest.fixture
-def db(db_path: Path) -> Iterator[Database]:
-    database = Database(db_path)
+def database_url(engine_name: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """SFCRM_DATABASE_URL of the test's own database: a new file, or a new PostgreSQL
+    database made from a migrated template (dropped after the test)."""
+    if engine_name == "sqlite":
+        yield str(tmp_path / "sfcrm.db")
+        return
+    server = request.getfixturevalue("postgres_server")
+    url = server.new_database()
+    yield url
+    server.drop(url)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    assert PG_URL is not None
+    server = PostgresServer(PG_URL)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
     yield database
     database.close()
 
@@ -118,7 +155,7 @@ def listener(payments: Payments) -> Iterator[Listener]:
 
 @pytest.fixture
 def cli_env(
-    monkeypatch: pytest.MonkeyPatch, emulator: DarajaEmulator, listener: Listener, db_path: Path
+    monkeypatch: pytest.MonkeyPatch, emulator: DarajaEmulator, listener: Listener, database_url: str
 ) -> dict[str, str]:
     """Environment for CLI runs: Daraja is the emulator, results come back to the listener."""
     env = {
@@ -128,7 +165,7 @@ def cli_env(
         "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
         "MPESA_BASE_URL": emulator.url,
         "MPESA_CALLBACK_URL": listener.url,
-        "SFCRM_DATABASE_URL": str(db_path),
+        "SFCRM_DATABASE_URL": database_url,
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)

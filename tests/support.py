@@ -6,7 +6,9 @@ import asyncio
 import email
 import email.message
 import email.policy
+import itertools
 import json
+import os
 import secrets
 import socket
 import threading
@@ -24,6 +26,10 @@ from sfcrm.server import CallbackApp, make_server
 
 if TYPE_CHECKING:
     from sfcrm.server import ConnectionLimits
+
+# A PostgreSQL server for the database tests' second run (see conftest's ``engine_name``)
+PG_URL = os.environ.get("SFCRM_TEST_DATABASE_URL") or None
+ENGINES = ("sqlite", "postgresql")
 
 CONSUMER_KEY = "test-consumer-key"
 CONSUMER_SECRET = "test-consumer-secret"
@@ -69,6 +75,62 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> A
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+# -- PostgreSQL: a new database per test -------------------------------------------------
+
+
+class PostgresServer:
+    """The server SFCRM_TEST_DATABASE_URL names. Each test gets a database of its own, copied
+    from a template that sfcrm's migrations built once, and dropped after the test."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        from sfcrm.db import Database
+
+        self.url = make_url(url).set(drivername="postgresql+psycopg")
+        self._names = itertools.count(1)
+        self._made: list[str] = []
+        self._prefix = f"sfcrm_test_{os.getpid()}"
+        self._admin = psycopg.connect(
+            self.url.set(drivername="postgresql").render_as_string(hide_password=False),
+            autocommit=True,
+        )
+        self.template = f"{self._prefix}_template"
+        self._admin.execute(f'DROP DATABASE IF EXISTS "{self.template}" WITH (FORCE)')
+        self._admin.execute(f'CREATE DATABASE "{self.template}"')
+        built = Database(self._url_of(self.template))
+        _ = built.engine  # runs every migration
+        built.close()
+
+    def _url_of(self, name: str) -> str:
+        return self.url.set(database=name).render_as_string(hide_password=False)
+
+    def new_database(self) -> str:
+        name = f"{self._prefix}_{next(self._names)}"
+        self._admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        self._made.append(name)
+        return self._url_of(name)
+
+    def new_empty_database(self) -> str:
+        """A database with no schema at all (what a new office's server hands sfcrm)."""
+        name = f"{self._prefix}_{next(self._names)}"
+        self._admin.execute(f'CREATE DATABASE "{name}"')
+        self._made.append(name)
+        return self._url_of(name)
+
+    def drop(self, url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        name = make_url(url).database
+        self._admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def close(self) -> None:
+        for name in [*self._made, self.template]:
+            self._admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self._admin.close()
 
 
 # -- a real SMTP server on loopback (aiosmtpd) ------------------------------------------
