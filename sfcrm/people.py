@@ -19,6 +19,7 @@ from sqlmodel import Session, col, select
 
 from sfcrm.db import Database, db_time, raw_connection
 from sfcrm.errors import ConflictError, NotFoundError, SfcrmError, ValidationError
+from sfcrm.ledger import change_balance
 from sfcrm.models import BalanceEntry, BalanceKind, Person
 from sfcrm.money import format_cents, parse_kes
 from sfcrm.phone import normalise_phone
@@ -79,32 +80,6 @@ def record_balance_change(
         (person_id, amount_cents, after, kind, reason, payment_id, db_time(now)),
     )
     return int(after)
-
-
-def change_balance(
-    session: Session,
-    person: Person,
-    amount_cents: int,
-    *,
-    kind: str,
-    now: datetime,
-    reason: str | None = None,
-) -> BalanceEntry:
-    """``record_balance_change`` for code working with a session and a Person."""
-    from sqlalchemy.orm.attributes import set_committed_value
-
-    assert person.id is not None
-    session.flush()
-    conn = raw_connection(session)
-    after = record_balance_change(conn, person.id, amount_cents, kind=kind, now=now, reason=reason)
-    set_committed_value(person, "balance_cents", after)
-    entry = session.exec(
-        select(BalanceEntry)
-        .where(BalanceEntry.person_id == person.id)
-        .order_by(col(BalanceEntry.id).desc())
-        .limit(1)
-    ).one()
-    return entry
 
 
 def entry_json(entry: BalanceEntry, tz: Any) -> dict[str, Any]:
@@ -189,8 +164,9 @@ class People:
         person = Person(name=new.name, phone=new.phone, email=new.email, created_at=now)
         session.add(person)
         session.flush()
+        assert person.id is not None
         if new.balance_cents:
-            change_balance(session, person, new.balance_cents, kind=BalanceKind.OPENING, now=now)
+            change_balance(session, person.id, new.balance_cents, kind=BalanceKind.OPENING, now=now)
         return person
 
     def charge(self, ref: str, amount: str, reason: str) -> tuple[Person, BalanceEntry]:
@@ -211,7 +187,10 @@ class People:
         with self.db.write() as session:
             person = find_person(session, ref)
             signed = cents if kind == BalanceKind.CHARGE else -cents
-            entry = change_balance(session, person, signed, kind=kind, now=self.clock(), reason=why)
+            assert person.id is not None
+            entry = change_balance(
+                session, person.id, signed, kind=kind, now=self.clock(), reason=why
+            )
             session.flush()
         log.info("person %s %s %s: %s", person.id, kind, format_cents(cents), why)
         return person, entry
