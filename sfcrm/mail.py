@@ -41,7 +41,7 @@ from zoneinfo import ZoneInfo
 
 from sfcrm.db import Database, db_time, from_db_time
 from sfcrm.errors import ConfigError, MailError, NotFoundError, ValidationError
-from sfcrm.reads import iso_in
+from sfcrm.times import iso_in
 
 if TYPE_CHECKING:
     import smtplib

@@ -60,8 +60,8 @@ from sfcrm.models import (
 from sfcrm.money import format_cents, parse_stk_amount
 from sfcrm.people import find_person, printable_line, record_balance_change
 from sfcrm.phone import normalise_phone
-from sfcrm.reads import iso_in
 from sfcrm.reads import payment_json as payment_json  # where the CLI has always found it
+from sfcrm.times import iso_in
 
 if TYPE_CHECKING:
     from sfcrm.config import Settings

@@ -13,6 +13,7 @@ from sfcrm.errors import NotFoundError, ValidationError
 from sfcrm.money import format_kes
 from sfcrm.phone import normalise_phone
 from sfcrm.status import PaymentStatus
+from sfcrm.times import iso_in
 
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
@@ -170,11 +171,6 @@ def get_payment(db: Database, payment_id: int) -> PaymentView:
     if row is None:
         raise NotFoundError("no such payment", value=str(payment_id))
     return _view(row)
-
-
-def iso_in(value: datetime | None, tz: ZoneInfo) -> str | None:
-    """A stored UTC time as local ISO text, to the second."""
-    return value.astimezone(tz).isoformat(timespec="seconds") if value else None
 
 
 def payment_json(payment: PaymentLike, tz: ZoneInfo) -> dict[str, Any]:
