@@ -194,7 +194,11 @@ class EmailNotification(SQLModel, table=True):
     # (the assignment points back at its emails: this reference is added after both tables)
     assignment_id: int | None = Field(
         default=None,
-        sa_column_args=[ForeignKey("event_crew.id", use_alter=True)],
+        sa_column_args=[
+            ForeignKey(
+                "event_crew.id", use_alter=True, name="email_notification_assignment_id_fkey"
+            )
+        ],
     )
     notification_type: str = Field(index=True)
     subject: str
