@@ -445,6 +445,66 @@ class Database:
             partial.unlink(missing_ok=True)
         return target
 
+    def copy_to(self, target: Database, *, batch: int = 5000) -> dict[str, int]:
+        """Every row of this database into ``target``, which must hold none yet (moving an office
+        from its SQLite file to a PostgreSQL server, or back). One transaction on the target:
+        all rows or none. Ids are kept, so links already emailed keep working; PostgreSQL's id
+        sequences are moved past the copied ids. Returns the rows copied per table."""
+        from sqlalchemy import func, select, update
+        from sqlmodel import SQLModel
+
+        import sfcrm.models  # noqa: F401 - registers every table on SQLModel.metadata
+
+        if target.where == self.where:
+            raise ValidationError("the database cannot be copied onto itself", value=self.where)
+        tables = SQLModel.metadata.sorted_tables
+        copied: dict[str, int] = {}
+        # The mail log and the assignments point at each other: emails go in first without
+        # their assignment, which is set once the assignments are in.
+        emails = SQLModel.metadata.tables["email_notification"]
+        links: list[tuple[int, int]] = []
+        with self._guard(), target._guard(), self.engine.connect() as source:
+            with target.engine.begin() as sink:
+                if target.dialect == "sqlite":
+                    sink.exec_driver_sql("PRAGMA defer_foreign_keys = ON")
+                for table in tables:
+                    if sink.execute(select(func.count()).select_from(table)).scalar_one():
+                        raise ValidationError(
+                            f"the target database holds data already ({table.name})",
+                            value=target.where,
+                            hint="copy into a new, empty database",
+                        )
+                for table in tables:
+                    copied[table.name] = 0
+                    ordered = select(table).order_by(*table.primary_key.columns)
+                    for chunk in source.execute(ordered).mappings().partitions(batch):
+                        rows = [dict(row) for row in chunk]
+                        if table is emails:
+                            links += [
+                                (row["id"], row["assignment_id"])
+                                for row in rows
+                                if row["assignment_id"] is not None
+                            ]
+                            for row in rows:
+                                row["assignment_id"] = None
+                        sink.execute(table.insert(), rows)
+                        copied[table.name] += len(rows)
+                for email_id, assignment_id in links:
+                    sink.execute(
+                        update(emails)
+                        .where(emails.c.id == email_id)
+                        .values(assignment_id=assignment_id)
+                    )
+                if target.dialect == "postgresql":
+                    for table in tables:
+                        if "id" in table.c and table.c.id.autoincrement is not False:
+                            highest = sink.execute(select(func.max(table.c.id))).scalar_one()
+                            if highest is not None:
+                                sequence = func.pg_get_serial_sequence(table.name, "id")
+                                sink.execute(select(func.setval(sequence, highest)))
+            source.rollback()
+        return copied
+
     def close(self) -> None:
         with self._raw_lock:
             for conn in self._raw_connections:

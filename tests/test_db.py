@@ -27,7 +27,7 @@ from support import utcnow
 
 import sfcrm.models  # noqa: F401 - registers every table on SQLModel.metadata
 from sfcrm.db import ALEMBIC_USER_VERSION, HEAD, Database
-from sfcrm.errors import DatabaseError
+from sfcrm.errors import DatabaseError, ValidationError
 from sfcrm.models import BalanceEntry, MpesaCheckout, MpesaPayment, Person
 from sfcrm.people import People
 
@@ -765,3 +765,30 @@ def test_backup_on_postgresql_says_to_use_pg_dump() -> None:
         database.backup(Path("copy.db"))
     assert "pg_dump" in (caught.value.hint or "")
     assert "pw@" not in str(caught.value)
+
+
+# -- moving an office to another database --------------------------------------------------------
+
+
+def test_copy_moves_every_row_and_new_rows_follow_the_copied_ids(
+    database_url: str, tmp_path: Path
+) -> None:
+    shutil.copy(DATA / "schema4.db", tmp_path / "office.db")
+    source, target = Database(tmp_path / "office.db"), Database(database_url)
+    copied = source.copy_to(target)
+    assert copied["person"] == 5 and copied["mpesa_payment"] == 7 and copied["event_crew"] == 7
+
+    def everything(db: Database) -> dict[str, list[Any]]:
+        found = {}
+        with db.read() as session:
+            for table in SQLModel.metadata.sorted_tables:
+                rows = session.execute(select(table).order_by(*table.primary_key.columns))
+                found[table.name] = [tuple(row) for row in rows]
+        return found
+
+    assert everything(target) == everything(source)
+    assert add_person(target, "New", "254799000001") == 6  # after the copied ids
+    with pytest.raises(ValidationError, match="holds data already"):
+        source.copy_to(target)
+    source.close()
+    target.close()
