@@ -113,7 +113,7 @@ def listener(payments: Payments) -> Iterator[Listener]:
     running = start_listener(payments)
     yield running
     running.server.close()
-    running.app.worker.stop()
+    running.app.stop()
 
 
 @pytest.fixture

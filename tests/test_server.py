@@ -187,8 +187,23 @@ def worker(payments: Payments) -> RecordingWorker:
 
 
 @pytest.fixture
-def app(payments: Payments, worker: RecordingWorker) -> CallbackApp:
-    return CallbackApp(payments, callback_path=SECRET_PATH, worker=worker)
+def make_app(payments: Payments, worker: RecordingWorker) -> Iterator[Callable[..., CallbackApp]]:
+    """CallbackApp on the secret path with options; its threads stop before the database
+    closes."""
+    made: list[CallbackApp] = []
+
+    def make(**options: Any) -> CallbackApp:
+        made.append(CallbackApp(payments, callback_path=SECRET_PATH, worker=worker, **options))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.stop()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., CallbackApp]) -> CallbackApp:
+    return make_app()
 
 
 # -- state -------------------------------------------------------------------------------------
@@ -224,7 +239,7 @@ def open_listener(payments: Payments) -> Iterator[Callable[..., Listener]]:
     yield start
     for running in started:
         running.server.close()
-        running.app.worker.stop()
+        running.app.stop()
 
 
 def cid(payment: MpesaPayment) -> str:
@@ -552,9 +567,9 @@ def test_bad_content_length_called_directly_is_400_not_500(app: CallbackApp) -> 
 
 
 def test_body_over_max_body_called_directly_is_413_and_never_read(
-    payments: Payments, worker: RecordingWorker, db: Database
+    make_app: Callable[..., CallbackApp], db: Database
 ) -> None:
-    app = CallbackApp(payments, callback_path=SECRET_PATH, max_body=1024, worker=worker)
+    app = make_app(max_body=1024)
     env = environ(b"x" * 2000)
 
     reply = call(app, env)
@@ -566,9 +581,9 @@ def test_body_over_max_body_called_directly_is_413_and_never_read(
 
 
 def test_body_without_length_over_max_body_called_directly_is_413(
-    payments: Payments, worker: RecordingWorker, db: Database
+    make_app: Callable[..., CallbackApp], db: Database
 ) -> None:
-    app = CallbackApp(payments, callback_path=SECRET_PATH, max_body=1024, worker=worker)
+    app = make_app(max_body=1024)
     env = environ(b"x" * 2000, content_length=None)
 
     reply = call(app, env)
@@ -579,9 +594,9 @@ def test_body_without_length_over_max_body_called_directly_is_413(
 
 
 def test_body_of_exactly_max_body_called_directly_is_accepted(
-    payments: Payments, worker: RecordingWorker, pending_payment: MpesaPayment
+    make_app: Callable[..., CallbackApp], pending_payment: MpesaPayment
 ) -> None:
-    app = CallbackApp(payments, callback_path=SECRET_PATH, max_body=1024, worker=worker)
+    app = make_app(max_body=1024)
     raw = encode(paid_callback(cid(pending_payment))).ljust(1024)
 
     assert call(app, environ(raw)).status == 200
@@ -899,13 +914,14 @@ def test_paid_after_unreachable_over_socket_is_completed_by_confirm_worker(
 
 def test_paid_from_outside_allowlist_moves_nothing_until_query_confirms(
     payments: Payments,
+    make_app: Callable[..., CallbackApp],
     worker: RecordingWorker,
     daraja_client: DarajaClient,
     pending_payment: MpesaPayment,
     person_with_balance: Person,
     db: Database,
 ) -> None:
-    app = CallbackApp(payments, callback_path=SECRET_PATH, allowlist=[SAFARICOM], worker=worker)
+    app = make_app(allowlist=[SAFARICOM])
 
     reply = post(app, paid_callback(cid(pending_payment)), remote_addr="127.0.0.1")
 
@@ -925,15 +941,13 @@ def test_paid_from_outside_allowlist_moves_nothing_until_query_confirms(
 
 
 def test_paid_from_allowlisted_address_is_applied_at_once(
-    payments: Payments,
+    make_app: Callable[..., CallbackApp],
     worker: RecordingWorker,
     pending_payment: MpesaPayment,
     person_with_balance: Person,
     db: Database,
 ) -> None:
-    app = CallbackApp(
-        payments, callback_path=SECRET_PATH, allowlist=["196.201.214.0/24"], worker=worker
-    )
+    app = make_app(allowlist=["196.201.214.0/24"])
 
     reply = post(app, paid_callback(cid(pending_payment)), remote_addr=SAFARICOM)
 
@@ -1027,8 +1041,7 @@ def test_forwarded_for_from_untrusted_peer_is_ignored(
     ],
 )
 def test_source_address_is_read_from_forwarded_for_only_behind_trusted_proxy(
-    payments: Payments,
-    worker: RecordingWorker,
+    make_app: Callable[..., CallbackApp],
     db: Database,
     peer: str,
     forwarded: str,
@@ -1036,13 +1049,7 @@ def test_source_address_is_read_from_forwarded_for_only_behind_trusted_proxy(
     source: str,
     trusted: bool,
 ) -> None:
-    app = CallbackApp(
-        payments,
-        callback_path=SECRET_PATH,
-        allowlist=[SAFARICOM],
-        trusted_proxies=proxies,
-        worker=worker,
-    )
+    app = make_app(allowlist=[SAFARICOM], trusted_proxies=proxies)
     body = cancelled_callback("ws_CO_unknown")
 
     reply = post(app, body, remote_addr=peer, x_forwarded_for=forwarded)
@@ -1436,8 +1443,105 @@ def test_checkpointer_copies_stored_callbacks_into_the_file_then_goes_idle(
     payments.store_callback(b'{"Body": {}}', "127.0.0.1", trusted=True)
     assert _file_only_count(db.path) == 0  # stored, but only in the write-ahead log so far
 
-    checkpointer = WalCheckpointer(db.path, delay=0.01, idle=0.2)
+    checkpointer = WalCheckpointer(db.checkpoint, delay=0.01, idle=0.2)
     checkpointer.poke()
 
     wait_for(lambda: _file_only_count(db.path) == 1, timeout=5)
     wait_for(lambda: checkpointer._thread is None, timeout=5)  # idle: the thread has ended
+
+
+def test_checkpointer_that_fails_warns_once_and_leaves_checkpoints_to_sqlite(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sfcrm.server import WalCheckpointer
+
+    tries: list[float] = []
+
+    def refused() -> None:
+        tries.append(time.monotonic())
+        raise OSError("disk I/O error")
+
+    checkpointer = WalCheckpointer(refused, delay=0.01, idle=5.0)
+    checkpointer.poke()
+    wait_for(lambda: tries and checkpointer._thread is None, timeout=5)
+    checkpointer.poke()  # broken for good: no thread, no second try
+
+    assert checkpointer._thread is None
+    assert len(tries) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "sfcrm.listener"] == [
+        "checkpoints left to SQLite: disk I/O error"
+    ]
+
+
+def test_stopped_checkpointer_waits_for_the_checkpoint_under_way_and_starts_no_other() -> None:
+    from sfcrm.server import WalCheckpointer
+
+    started, release = threading.Event(), threading.Event()
+    done: list[float] = []
+
+    def slow() -> None:
+        started.set()
+        release.wait(5)
+        done.append(time.monotonic())
+
+    checkpointer = WalCheckpointer(slow, delay=0.01, idle=5.0)
+    checkpointer.poke()
+    assert started.wait(5)
+    stopping = threading.Thread(target=checkpointer.stop)
+    stopping.start()
+    stopping.join(0.2)
+    assert stopping.is_alive()  # the database must not close under that checkpoint
+    release.set()
+    stopping.join(5)
+
+    assert not stopping.is_alive()
+    assert len(done) == 1
+    checkpointer.poke()
+    assert checkpointer._thread is None
+
+
+def test_listener_on_sqlite_checkpoints_through_the_database(
+    payments: Payments, app: CallbackApp, pending_payment: MpesaPayment
+) -> None:
+    checkpoints: list[float] = []
+    assert app.checkpointer is not None
+    assert app.checkpointer.checkpoint == payments.db.checkpoint
+    app.checkpointer.checkpoint = lambda: checkpoints.append(time.monotonic())
+
+    assert post(app, paid_callback(cid(pending_payment))).status == 200
+
+    wait_for(lambda: checkpoints, timeout=5)
+
+
+def test_listener_on_an_engine_without_a_write_ahead_log_makes_no_checkpointer(
+    payments: Payments,
+    make_app: Callable[..., CallbackApp],
+    pending_payment: MpesaPayment,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Database, "dialect", property(lambda self: "postgresql"))
+    app = make_app()
+
+    assert app.checkpointer is None
+    assert post(app, paid_callback(cid(pending_payment))).status == 200
+    assert payment_now(payments, pending_payment).status == "completed"
+
+
+def test_no_module_of_the_listener_opens_sqlite_itself() -> None:
+    import ast
+    from pathlib import Path
+
+    import sfcrm.server
+
+    imports: dict[str, list[str]] = {}
+    for module in sorted(Path(sfcrm.server.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            imports.setdefault(module.name, []).extend(names)
+    assert "callbacks.py" in imports
+    assert {name: found for name, found in imports.items() if "sqlite3" in found} == {}

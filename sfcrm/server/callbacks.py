@@ -101,7 +101,17 @@ class CallbackApp:
         self._allow = parse_networks(allowlist) if allowlist is not None else None
         self._proxies = parse_networks(trusted_proxies)
         self.worker = worker or ConfirmWorker(payments)
-        self.checkpointer = checkpointer or WalCheckpointer(payments.db.path)
+        # Only SQLite keeps a write-ahead log to copy back into the file.
+        if checkpointer is None and payments.db.dialect == "sqlite":
+            checkpointer = WalCheckpointer(payments.db.checkpoint)
+        self.checkpointer = checkpointer
+
+    def stop(self) -> None:
+        """Stops the app's own threads, the confirmations and the checkpoints: before the
+        database is closed."""
+        self.worker.stop()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
 
     @staticmethod
     def _normal(path: str) -> str:
@@ -154,7 +164,8 @@ class CallbackApp:
         # Stored and acted on in one transaction; if acting fails the body is still stored
         # (outcome "error") and Daraja is answered 200: reconcile retries it.
         callback_id, applied = self.payments.receive(body, source, trusted=trusted)
-        self.checkpointer.poke()
+        if self.checkpointer is not None:
+            self.checkpointer.poke()
         if applied.outcome == CallbackOutcome.REJECTED:
             log.info("callback %s from %s rejected: %s", callback_id, source, applied.detail)
             return _reply(
