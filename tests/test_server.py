@@ -25,10 +25,9 @@ import pytest
 import requests
 from support import (
     Listener,
-    closed_by_server,
-    connect_from,
     paid_callback,
-    start_listener,
+    read_answer,
+    status_of,
     wait_for,
 )
 
@@ -224,22 +223,6 @@ def cancelling_payment(payments: Payments, person_with_balance: Person) -> Mpesa
     )
     assert payment.status == "pending" and payment.checkout_request_id
     return payment
-
-
-@pytest.fixture
-def open_listener(payments: Payments) -> Iterator[Callable[..., Listener]]:
-    """start_listener with options; every listener started is closed at the end."""
-    started: list[Listener] = []
-
-    def start(**options: Any) -> Listener:
-        running = start_listener(payments, **options)
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        running.server.close()
-        running.app.stop()
 
 
 def cid(payment: MpesaPayment) -> str:
@@ -664,24 +647,7 @@ def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         with suppress(OSError):  # the server may answer and close before all is sent
             sock.sendall(request)
-        received = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not chunk:
-                break
-            received += chunk
-        return received
-
-
-def status_of(response: bytes) -> int | None:
-    """The final status code of a raw HTTP answer (past any "100 Continue"), or None."""
-    while response.startswith(b"HTTP/1.1 100 "):
-        response = response.split(b"\r\n\r\n", 1)[-1]
-    first = response.split(b"\r\n", 1)[0].split()
-    return int(first[1]) if len(first) >= 2 and first[1].isdigit() else None
+        return read_answer(sock, time.monotonic() + timeout)
 
 
 def test_declared_100_mib_body_sent_short_is_413_at_once(listener: Listener, db: Database) -> None:
@@ -1322,105 +1288,6 @@ def test_replay_goes_on_past_a_stored_callback_that_keeps_failing(
     assert payment_now(payments, second).status == "completed"
     assert outcome_of(db, later.id) == "applied"
     assert outcome_of(db, stuck.id) == "error"
-
-
-# -- slow, idle and greedy clients --------------------------------------------------------------
-
-
-def _answer_on(sock: socket.socket, request: bytes) -> int:
-    """Send one request on a kept-alive connection; the status of its whole answer."""
-    sock.settimeout(5)
-    sock.sendall(request)
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, "the listener closed the connection instead of answering"
-        received += chunk
-    head, body = received.split(b"\r\n\r\n", 1)
-    length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
-                 .split(b":")[1])  # fmt: skip
-    while len(body) < length:
-        body += sock.recv(65536)
-    return int(head.split()[1])
-
-
-def _refused_from(source: str, port: int) -> bool:
-    """The listener closed a new connection from ``source`` at once (it may even reset it
-    before connect() has returned)."""
-    try:
-        sock = connect_from(source, port)
-    except ConnectionResetError:
-        return True
-    with closing(sock):
-        return closed_by_server(sock, 1.0)
-
-
-GET_ANY = b"GET /anything HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-
-
-def test_connection_trickling_its_headers_is_closed_at_the_deadline_however_often_it_sends(
-    open_listener: Callable[..., Listener],
-) -> None:
-    from sfcrm.server import ConnectionLimits
-
-    running = open_listener(limits=ConnectionLimits(request_seconds=1.0))
-    port = running.server.effective_port
-    began = time.monotonic()
-    with (
-        closing(connect_from("127.0.0.2", port)) as slow,
-        closing(connect_from("127.0.0.2", port)) as idle,
-    ):
-        slow.sendall(b"GET /anything HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
-        closed = False
-        while not closed and time.monotonic() - began < 5:
-            with suppress(OSError):
-                slow.sendall(b"a")  # a byte every 0.1 s: never silent for long
-            closed = closed_by_server(slow, 0.1)
-        trickled_for = time.monotonic() - began
-        assert closed_by_server(idle, 0.5)  # one that never sent a byte went the same way
-    assert closed, "a connection sending a byte every 0.1 s was kept open for 5 s"
-    assert 1.0 <= trickled_for < 2.5
-
-
-def test_kept_alive_connection_is_not_cut_while_its_requests_come_in_time(
-    open_listener: Callable[..., Listener],
-) -> None:
-    from sfcrm.server import ConnectionLimits
-
-    running = open_listener(limits=ConnectionLimits(request_seconds=1.0))
-    with closing(connect_from("127.0.0.2", running.server.effective_port)) as sock:
-        for _ in range(4):  # 2.4 s on one connection: the clock restarts after each answer
-            assert _answer_on(sock, GET_ANY) == 404
-            assert not closed_by_server(sock, 0.6)
-        assert _answer_on(sock, GET_ANY) == 404
-
-
-def test_connections_over_the_per_address_cap_are_closed_at_once_and_others_still_served(
-    open_listener: Callable[..., Listener],
-) -> None:
-    from sfcrm.server import ConnectionLimits
-
-    running = open_listener(limits=ConnectionLimits(per_address=3))
-    port = running.server.effective_port
-    gate = running.server.gate
-    held = [connect_from("127.0.0.2", port) for _ in range(3)]
-    try:
-        wait_for(lambda: gate.held("127.0.0.2") == 3, timeout=5)
-        assert _refused_from("127.0.0.2", port)
-        with closing(connect_from("127.0.0.3", port)) as other:  # another address: served
-            assert _answer_on(other, GET_ANY) == 404
-        local = [connect_from("127.0.0.1", port) for _ in range(5)]  # a proxy on this host
-        for sock in local:
-            assert _answer_on(sock, GET_ANY) == 404
-            sock.close()
-        assert _answer_on(held[0], GET_ANY) == 404  # those within the cap work as ever
-        held.pop().close()
-        wait_for(lambda: gate.held("127.0.0.2") == 2, timeout=5)
-        held.append(connect_from("127.0.0.2", port))  # a place came free
-        assert _answer_on(held[-1], GET_ANY) == 404
-    finally:
-        for sock in held:
-            sock.close()
 
 
 # -- WAL checkpoints after a burst ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Where the listener changes how waitress itself behaves, and nowhere else.
 
 Each override below says what waitress does, why the listener does otherwise, and which test
-(over a real loopback socket) fails without it:
+of tests/test_waitress_fixes.py (over a real loopback socket) fails without it:
 
 - ``ClientErrorTask``: a Transfer-Encoding waitress does not know gets 400, not 501.
 - ``ListenerChannel``: a request must arrive whole within a deadline, and a connection gives
@@ -55,14 +55,17 @@ class ListenerChannel(HTTPChannel):
     - waitress closes a connection only once it has been silent for ``channel_timeout``, so a
       byte a second kept one open forever. Here a request must arrive whole within
       ``request_seconds``, counted from the connection's start or from the end of its
-      previous answer (``received``, ``service`` and ``readable`` keep that clock).
+      previous answer. ``readable`` keeps that clock, ``received`` and ``service`` stop it
+      even when a worker answers before the loop looks at the connection again.
       Tests:
       ``test_connection_trickling_its_headers_is_closed_at_the_deadline_however_often_it_sends``,
-      ``test_kept_alive_connection_is_not_cut_while_its_requests_come_in_time``.
+      ``test_kept_alive_connection_is_not_cut_while_its_requests_come_in_time``,
+      ``test_kept_alive_connection_is_not_cut_when_its_answer_beats_the_loop_to_the_next_look``.
     - waitress knows nothing of the per-address cap: every way a connection closes (and a
       set-up that fails) gives its place at the gate back (``del_channel``).
-      Test:
-      ``test_connections_over_the_per_address_cap_are_closed_at_once_and_others_still_served``.
+      Tests:
+      ``test_connections_over_the_per_address_cap_are_closed_at_once_and_others_still_served``,
+      ``test_connection_gone_before_it_is_set_up_leaves_the_listener_serving``.
     """
 
     error_task_class = ClientErrorTask
@@ -136,6 +139,7 @@ def listener_channel(request_seconds: float, gate: AddressGate) -> Callable[...,
     - waitress lets an error in setting a connection up reach its loop, which then closes the
       listening socket: a client that resets its connection at once would stop the listener.
       Here that connection is dropped and the listener goes on.
+      Test: ``test_connection_gone_before_it_is_set_up_leaves_the_listener_serving``.
     """
 
     def connect(server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> Any:
