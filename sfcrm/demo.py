@@ -191,5 +191,6 @@ def run_demo(
     finally:
         if server is not None:
             server.close()
+            app.stop()  # its threads work on the database closed below
         emulator.stop()
         db.close()

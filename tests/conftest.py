@@ -4,8 +4,9 @@ the machine, the working directory is a fresh tmp_path (so no real sfcrm.toml or
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,7 +151,23 @@ def listener(payments: Payments) -> Iterator[Listener]:
     running = start_listener(payments)
     yield running
     running.server.close()
-    running.app.worker.stop()
+    running.app.stop()
+
+
+@pytest.fixture
+def open_listener(payments: Payments) -> Iterator[Callable[..., Listener]]:
+    """start_listener with options; every listener started is closed at the end."""
+    started: list[Listener] = []
+
+    def start(**options: Any) -> Listener:
+        running = start_listener(payments, **options)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.server.close()
+        running.app.stop()
 
 
 @pytest.fixture

@@ -131,6 +131,36 @@ class PostgresServer:
         for name in [*self._made, self.template]:
             self._admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         self._admin.close()
+# -- raw HTTP over a socket ------------------------------------------------------------------
+
+
+def status_of(response: bytes) -> int | None:
+    """The final status code of a raw HTTP answer (past any "100 Continue"), or None."""
+    while response.startswith(b"HTTP/1.1 100 "):
+        response = response.split(b"\r\n\r\n", 1)[-1]
+    first = response.split(b"\r\n", 1)[0].split()
+    return int(first[1]) if len(first) >= 2 and first[1].isdigit() else None
+
+
+def read_answer(sock: socket.socket, deadline: float) -> bytes:
+    """Everything the server sends until it closes the connection or the deadline passes."""
+    received = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def request_head(path: str, **headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 # -- a real SMTP server on loopback (aiosmtpd) ------------------------------------------

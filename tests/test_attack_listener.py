@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 import os
 import random
 import secrets
@@ -45,6 +44,9 @@ from support import (
     free_port,
     paid_callback,
     raise_open_files,
+    read_answer,
+    request_head,
+    status_of,
     wait_for,
 )
 
@@ -225,35 +227,6 @@ def serve_callback(
 
 
 # -- raw sockets -------------------------------------------------------------------------------
-
-
-def status_of(response: bytes) -> int | None:
-    """The final status code of a raw HTTP answer (past any "100 Continue"), or None."""
-    while response.startswith(b"HTTP/1.1 100 "):
-        response = response.split(b"\r\n\r\n", 1)[-1]
-    first = response.split(b"\r\n", 1)[0].split()
-    return int(first[1]) if len(first) >= 2 and first[1].isdigit() else None
-
-
-def read_answer(sock: socket.socket, deadline: float) -> bytes:
-    """Everything the server sends until it closes the connection or the deadline passes."""
-    received = b""
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not chunk:
-            break
-        received += chunk
-    return received
-
-
-def request_head(path: str, **headers: str) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
-    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def percentile(values: list[float], pct: int) -> float:
@@ -736,31 +709,6 @@ def test_paid_callback_with_unreadable_amount_is_rejected_and_moves_no_balance(
     assert callback_outcomes(db_path) == {"rejected": 1}
 
 
-@pytest.mark.parametrize(
-    "encoding", ["gzip", "deflate", "identity", "gzip, chunked", "chunked, gzip", "x-custom"]
-)
-def test_unsupported_transfer_encoding_is_400_not_501(
-    listener: Listener, payments: Payments, person_with_balance: Person, db_path: Path,
-    encoding: str,
-) -> None:  # fmt: skip
-    # waitress answers 501 Not Implemented to a Transfer-Encoding it does not know; a client's
-    # mistake must not read as "the listener is broken" (make_server turns it into a 400).
-    target = payments.request(str(person_with_balance.id), 500, "Crew deposit")
-    body = encode(paid_callback(cid(target)))
-    request = request_head(listener.path, Transfer_Encoding=encoding, Connection="close")
-    request += b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-
-    with socket.create_connection(("127.0.0.1", listener.server.effective_port), timeout=5) as s:
-        s.sendall(request)
-        answer = read_answer(s, time.monotonic() + 5)
-
-    assert status_of(answer) == 400
-    assert b"Transfer-Encoding" in answer
-    assert callback_outcomes(db_path) == {}
-    assert listener.post(body).status_code == 200
-    assert payments.get(target.id or 0).status == "completed"
-
-
 # == row 10: oversized bodies ===================================================================
 
 
@@ -1078,52 +1026,3 @@ def test_serve_callback_takes_its_connection_limits_from_the_settings(
         assert all(closed_by_server(sock, 5.0) for sock in held)
     finally:
         close_all(held)
-
-
-# == found on the way ===========================================================================
-
-
-def test_listener_closed_from_another_thread_stops_its_loop_and_workers_cleanly(
-    payments: Payments, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Regression: waitress's close() from another thread (the tests' fixtures, the demo) left
-    # the serving thread selecting forever on the connections still open, and a worker then
-    # wrote to the closed trigger's descriptor ("Exception when servicing", EBADF), which by
-    # then could be another file's; at times the serving thread died of EBADF.
-    from sfcrm.server import CallbackApp, make_server
-
-    died: list[BaseException | None] = []
-    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
-    for _ in range(30):
-        server = make_server(CallbackApp(payments, callback_path="/cb/x"), "127.0.0.1", 0, 2)
-        serving = threading.Thread(target=server.run, daemon=True)
-        serving.start()
-        with requests.Session() as kept_alive:  # a connection still open when it closes
-            answer = kept_alive.get(f"http://127.0.0.1:{server.effective_port}/", timeout=5)
-            assert answer.status_code == 404
-            server.close()
-            serving.join(timeout=5)
-        assert not serving.is_alive()
-    assert died == []
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-
-
-def test_listener_closed_just_after_an_answer_always_wakes_its_loop_and_stops(
-    payments: Payments,
-) -> None:
-    # Regression: close() had the serving thread close the trigger's pipe, and the wake-up a
-    # worker sends after each answer could make it do so before close() had written its own
-    # byte to that pipe: about one close in 30 failed with EBADF (or wrote into whatever file
-    # had taken the descriptor).
-    from sfcrm.server import CallbackApp, make_server
-
-    for _ in range(300):
-        server = make_server(CallbackApp(payments, callback_path="/cb/x"), "127.0.0.1", 0, 2)
-        serving = threading.Thread(target=server.run, daemon=True)
-        serving.start()
-        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=5) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            assert status_of(sock.recv(65536)) == 404
-            server.close()
-        serving.join(timeout=5)
-        assert not serving.is_alive()

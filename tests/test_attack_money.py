@@ -706,7 +706,7 @@ def recorded_listener(payments: Payments) -> Iterator[RecordedListener]:
     payments.callback_url = base + path
     yield RecordedListener(Listener(base + path, base, path, app, server), recorder)
     server.close()
-    app.worker.stop()
+    app.stop()
 
 
 def cli_env(
@@ -789,7 +789,7 @@ def test_payments_completed_while_the_listener_was_down_are_settled_by_one_recon
             statuses = list(pool.map(lambda b: late.post(b).status_code, bodies))
     finally:
         late.server.close()
-        late.app.worker.stop()
+        late.app.stop()
     assert statuses == [200] * 20
     assert [r.outcome for r in callback_rows(db)] == [CallbackOutcome.DUPLICATE] * 20
     assert balances(db) == expected

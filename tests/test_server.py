@@ -25,10 +25,9 @@ import pytest
 import requests
 from support import (
     Listener,
-    closed_by_server,
-    connect_from,
     paid_callback,
-    start_listener,
+    read_answer,
+    status_of,
     wait_for,
 )
 
@@ -187,8 +186,23 @@ def worker(payments: Payments) -> RecordingWorker:
 
 
 @pytest.fixture
-def app(payments: Payments, worker: RecordingWorker) -> CallbackApp:
-    return CallbackApp(payments, callback_path=SECRET_PATH, worker=worker)
+def make_app(payments: Payments, worker: RecordingWorker) -> Iterator[Callable[..., CallbackApp]]:
+    """CallbackApp on the secret path with options; its threads stop before the database
+    closes."""
+    made: list[CallbackApp] = []
+
+    def make(**options: Any) -> CallbackApp:
+        made.append(CallbackApp(payments, callback_path=SECRET_PATH, worker=worker, **options))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.stop()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., CallbackApp]) -> CallbackApp:
+    return make_app()
 
 
 # -- state -------------------------------------------------------------------------------------
@@ -209,22 +223,6 @@ def cancelling_payment(payments: Payments, person_with_balance: Person) -> Mpesa
     )
     assert payment.status == "pending" and payment.checkout_request_id
     return payment
-
-
-@pytest.fixture
-def open_listener(payments: Payments) -> Iterator[Callable[..., Listener]]:
-    """start_listener with options; every listener started is closed at the end."""
-    started: list[Listener] = []
-
-    def start(**options: Any) -> Listener:
-        running = start_listener(payments, **options)
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        running.server.close()
-        running.app.worker.stop()
 
 
 def cid(payment: MpesaPayment) -> str:
@@ -552,9 +550,9 @@ def test_bad_content_length_called_directly_is_400_not_500(app: CallbackApp) -> 
 
 
 def test_body_over_max_body_called_directly_is_413_and_never_read(
-    payments: Payments, worker: RecordingWorker, db: Database
+    make_app: Callable[..., CallbackApp], db: Database
 ) -> None:
-    app = CallbackApp(payments, callback_path=SECRET_PATH, max_body=1024, worker=worker)
+    app = make_app(max_body=1024)
     env = environ(b"x" * 2000)
 
     reply = call(app, env)
@@ -566,9 +564,9 @@ def test_body_over_max_body_called_directly_is_413_and_never_read(
 
 
 def test_body_without_length_over_max_body_called_directly_is_413(
-    payments: Payments, worker: RecordingWorker, db: Database
+    make_app: Callable[..., CallbackApp], db: Database
 ) -> None:
-    app = CallbackApp(payments, callback_path=SECRET_PATH, max_body=1024, worker=worker)
+    app = make_app(max_body=1024)
     env = environ(b"x" * 2000, content_length=None)
 
     reply = call(app, env)
@@ -579,9 +577,9 @@ def test_body_without_length_over_max_body_called_directly_is_413(
 
 
 def test_body_of_exactly_max_body_called_directly_is_accepted(
-    payments: Payments, worker: RecordingWorker, pending_payment: MpesaPayment
+    make_app: Callable[..., CallbackApp], pending_payment: MpesaPayment
 ) -> None:
-    app = CallbackApp(payments, callback_path=SECRET_PATH, max_body=1024, worker=worker)
+    app = make_app(max_body=1024)
     raw = encode(paid_callback(cid(pending_payment))).ljust(1024)
 
     assert call(app, environ(raw)).status == 200
@@ -649,24 +647,7 @@ def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         with suppress(OSError):  # the server may answer and close before all is sent
             sock.sendall(request)
-        received = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not chunk:
-                break
-            received += chunk
-        return received
-
-
-def status_of(response: bytes) -> int | None:
-    """The final status code of a raw HTTP answer (past any "100 Continue"), or None."""
-    while response.startswith(b"HTTP/1.1 100 "):
-        response = response.split(b"\r\n\r\n", 1)[-1]
-    first = response.split(b"\r\n", 1)[0].split()
-    return int(first[1]) if len(first) >= 2 and first[1].isdigit() else None
+        return read_answer(sock, time.monotonic() + timeout)
 
 
 def test_declared_100_mib_body_sent_short_is_413_at_once(listener: Listener, db: Database) -> None:
@@ -899,13 +880,14 @@ def test_paid_after_unreachable_over_socket_is_completed_by_confirm_worker(
 
 def test_paid_from_outside_allowlist_moves_nothing_until_query_confirms(
     payments: Payments,
+    make_app: Callable[..., CallbackApp],
     worker: RecordingWorker,
     daraja_client: DarajaClient,
     pending_payment: MpesaPayment,
     person_with_balance: Person,
     db: Database,
 ) -> None:
-    app = CallbackApp(payments, callback_path=SECRET_PATH, allowlist=[SAFARICOM], worker=worker)
+    app = make_app(allowlist=[SAFARICOM])
 
     reply = post(app, paid_callback(cid(pending_payment)), remote_addr="127.0.0.1")
 
@@ -925,15 +907,13 @@ def test_paid_from_outside_allowlist_moves_nothing_until_query_confirms(
 
 
 def test_paid_from_allowlisted_address_is_applied_at_once(
-    payments: Payments,
+    make_app: Callable[..., CallbackApp],
     worker: RecordingWorker,
     pending_payment: MpesaPayment,
     person_with_balance: Person,
     db: Database,
 ) -> None:
-    app = CallbackApp(
-        payments, callback_path=SECRET_PATH, allowlist=["196.201.214.0/24"], worker=worker
-    )
+    app = make_app(allowlist=["196.201.214.0/24"])
 
     reply = post(app, paid_callback(cid(pending_payment)), remote_addr=SAFARICOM)
 
@@ -1027,8 +1007,7 @@ def test_forwarded_for_from_untrusted_peer_is_ignored(
     ],
 )
 def test_source_address_is_read_from_forwarded_for_only_behind_trusted_proxy(
-    payments: Payments,
-    worker: RecordingWorker,
+    make_app: Callable[..., CallbackApp],
     db: Database,
     peer: str,
     forwarded: str,
@@ -1036,13 +1015,7 @@ def test_source_address_is_read_from_forwarded_for_only_behind_trusted_proxy(
     source: str,
     trusted: bool,
 ) -> None:
-    app = CallbackApp(
-        payments,
-        callback_path=SECRET_PATH,
-        allowlist=[SAFARICOM],
-        trusted_proxies=proxies,
-        worker=worker,
-    )
+    app = make_app(allowlist=[SAFARICOM], trusted_proxies=proxies)
     body = cancelled_callback("ws_CO_unknown")
 
     reply = post(app, body, remote_addr=peer, x_forwarded_for=forwarded)
@@ -1317,105 +1290,6 @@ def test_replay_goes_on_past_a_stored_callback_that_keeps_failing(
     assert outcome_of(db, stuck.id) == "error"
 
 
-# -- slow, idle and greedy clients --------------------------------------------------------------
-
-
-def _answer_on(sock: socket.socket, request: bytes) -> int:
-    """Send one request on a kept-alive connection; the status of its whole answer."""
-    sock.settimeout(5)
-    sock.sendall(request)
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, "the listener closed the connection instead of answering"
-        received += chunk
-    head, body = received.split(b"\r\n\r\n", 1)
-    length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
-                 .split(b":")[1])  # fmt: skip
-    while len(body) < length:
-        body += sock.recv(65536)
-    return int(head.split()[1])
-
-
-def _refused_from(source: str, port: int) -> bool:
-    """The listener closed a new connection from ``source`` at once (it may even reset it
-    before connect() has returned)."""
-    try:
-        sock = connect_from(source, port)
-    except ConnectionResetError:
-        return True
-    with closing(sock):
-        return closed_by_server(sock, 1.0)
-
-
-GET_ANY = b"GET /anything HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-
-
-def test_connection_trickling_its_headers_is_closed_at_the_deadline_however_often_it_sends(
-    open_listener: Callable[..., Listener],
-) -> None:
-    from sfcrm.server import ConnectionLimits
-
-    running = open_listener(limits=ConnectionLimits(request_seconds=1.0))
-    port = running.server.effective_port
-    began = time.monotonic()
-    with (
-        closing(connect_from("127.0.0.2", port)) as slow,
-        closing(connect_from("127.0.0.2", port)) as idle,
-    ):
-        slow.sendall(b"GET /anything HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
-        closed = False
-        while not closed and time.monotonic() - began < 5:
-            with suppress(OSError):
-                slow.sendall(b"a")  # a byte every 0.1 s: never silent for long
-            closed = closed_by_server(slow, 0.1)
-        trickled_for = time.monotonic() - began
-        assert closed_by_server(idle, 0.5)  # one that never sent a byte went the same way
-    assert closed, "a connection sending a byte every 0.1 s was kept open for 5 s"
-    assert 1.0 <= trickled_for < 2.5
-
-
-def test_kept_alive_connection_is_not_cut_while_its_requests_come_in_time(
-    open_listener: Callable[..., Listener],
-) -> None:
-    from sfcrm.server import ConnectionLimits
-
-    running = open_listener(limits=ConnectionLimits(request_seconds=1.0))
-    with closing(connect_from("127.0.0.2", running.server.effective_port)) as sock:
-        for _ in range(4):  # 2.4 s on one connection: the clock restarts after each answer
-            assert _answer_on(sock, GET_ANY) == 404
-            assert not closed_by_server(sock, 0.6)
-        assert _answer_on(sock, GET_ANY) == 404
-
-
-def test_connections_over_the_per_address_cap_are_closed_at_once_and_others_still_served(
-    open_listener: Callable[..., Listener],
-) -> None:
-    from sfcrm.server import ConnectionLimits
-
-    running = open_listener(limits=ConnectionLimits(per_address=3))
-    port = running.server.effective_port
-    gate = running.server.gate
-    held = [connect_from("127.0.0.2", port) for _ in range(3)]
-    try:
-        wait_for(lambda: gate.held("127.0.0.2") == 3, timeout=5)
-        assert _refused_from("127.0.0.2", port)
-        with closing(connect_from("127.0.0.3", port)) as other:  # another address: served
-            assert _answer_on(other, GET_ANY) == 404
-        local = [connect_from("127.0.0.1", port) for _ in range(5)]  # a proxy on this host
-        for sock in local:
-            assert _answer_on(sock, GET_ANY) == 404
-            sock.close()
-        assert _answer_on(held[0], GET_ANY) == 404  # those within the cap work as ever
-        held.pop().close()
-        wait_for(lambda: gate.held("127.0.0.2") == 2, timeout=5)
-        held.append(connect_from("127.0.0.2", port))  # a place came free
-        assert _answer_on(held[-1], GET_ANY) == 404
-    finally:
-        for sock in held:
-            sock.close()
-
-
 # -- WAL checkpoints after a burst ---------------------------------------------------------------
 
 
@@ -1436,8 +1310,105 @@ def test_checkpointer_copies_stored_callbacks_into_the_file_then_goes_idle(
     payments.store_callback(b'{"Body": {}}', "127.0.0.1", trusted=True)
     assert _file_only_count(db.path) == 0  # stored, but only in the write-ahead log so far
 
-    checkpointer = WalCheckpointer(db.path, delay=0.01, idle=0.2)
+    checkpointer = WalCheckpointer(db.checkpoint, delay=0.01, idle=0.2)
     checkpointer.poke()
 
     wait_for(lambda: _file_only_count(db.path) == 1, timeout=5)
     wait_for(lambda: checkpointer._thread is None, timeout=5)  # idle: the thread has ended
+
+
+def test_checkpointer_that_fails_warns_once_and_leaves_checkpoints_to_sqlite(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sfcrm.server import WalCheckpointer
+
+    tries: list[float] = []
+
+    def refused() -> None:
+        tries.append(time.monotonic())
+        raise OSError("disk I/O error")
+
+    checkpointer = WalCheckpointer(refused, delay=0.01, idle=5.0)
+    checkpointer.poke()
+    wait_for(lambda: tries and checkpointer._thread is None, timeout=5)
+    checkpointer.poke()  # broken for good: no thread, no second try
+
+    assert checkpointer._thread is None
+    assert len(tries) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "sfcrm.listener"] == [
+        "checkpoints left to SQLite: disk I/O error"
+    ]
+
+
+def test_stopped_checkpointer_waits_for_the_checkpoint_under_way_and_starts_no_other() -> None:
+    from sfcrm.server import WalCheckpointer
+
+    started, release = threading.Event(), threading.Event()
+    done: list[float] = []
+
+    def slow() -> None:
+        started.set()
+        release.wait(5)
+        done.append(time.monotonic())
+
+    checkpointer = WalCheckpointer(slow, delay=0.01, idle=5.0)
+    checkpointer.poke()
+    assert started.wait(5)
+    stopping = threading.Thread(target=checkpointer.stop)
+    stopping.start()
+    stopping.join(0.2)
+    assert stopping.is_alive()  # the database must not close under that checkpoint
+    release.set()
+    stopping.join(5)
+
+    assert not stopping.is_alive()
+    assert len(done) == 1
+    checkpointer.poke()
+    assert checkpointer._thread is None
+
+
+def test_listener_on_sqlite_checkpoints_through_the_database(
+    payments: Payments, app: CallbackApp, pending_payment: MpesaPayment
+) -> None:
+    checkpoints: list[float] = []
+    assert app.checkpointer is not None
+    assert app.checkpointer.checkpoint == payments.db.checkpoint
+    app.checkpointer.checkpoint = lambda: checkpoints.append(time.monotonic())
+
+    assert post(app, paid_callback(cid(pending_payment))).status == 200
+
+    wait_for(lambda: checkpoints, timeout=5)
+
+
+def test_listener_on_an_engine_without_a_write_ahead_log_makes_no_checkpointer(
+    payments: Payments,
+    make_app: Callable[..., CallbackApp],
+    pending_payment: MpesaPayment,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Database, "dialect", property(lambda self: "postgresql"))
+    app = make_app()
+
+    assert app.checkpointer is None
+    assert post(app, paid_callback(cid(pending_payment))).status == 200
+    assert payment_now(payments, pending_payment).status == "completed"
+
+
+def test_no_module_of_the_listener_opens_sqlite_itself() -> None:
+    import ast
+    from pathlib import Path
+
+    import sfcrm.server
+
+    imports: dict[str, list[str]] = {}
+    for module in sorted(Path(sfcrm.server.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            imports.setdefault(module.name, []).extend(names)
+    assert "callbacks.py" in imports
+    assert {name: found for name, found in imports.items() if "sqlite3" in found} == {}

@@ -144,7 +144,7 @@ def serve_callback(
             rt.say("Stopping.")
         finally:
             server.close()
-            app.worker.stop()
+            app.stop()
 
 
 def _remove_handler(handler: "logging.Handler", *names: str) -> None:
