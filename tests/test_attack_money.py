@@ -313,14 +313,14 @@ class Spawner:
     database_url: str
     started: list[ListenerProcess] = field(default_factory=list)
 
-    def listener(self, name: str, *, timeout: float = 20.0) -> ListenerProcess:
+    def listener(self, name: str, *, threads: int = 8, timeout: float = 20.0) -> ListenerProcess:
         port = free_port()
         url = f"http://127.0.0.1:{port}/cb/{secrets.token_urlsafe(18)}"
         env = {
             **os.environ,
             "SFCRM_DATABASE_URL": self.database_url,
             "MPESA_CALLBACK_URL": url,
-            "SFCRM_LISTENER_THREADS": "8",
+            "SFCRM_LISTENER_THREADS": str(threads),
         }
         output = self.folder / f"{name}.out"
         with output.open("wb") as sink:
@@ -615,6 +615,71 @@ def test_worker_and_reconcile_confirming_one_callback_at_once_keep_it_applied(
     assert money_problems(db) == []
 
 
+# -- 2c. two listener processes on one database, in a storm of duplicates ---------------------
+
+STORM_PAYMENTS = 60
+STORM_COPIES = 6  # each success callback is posted this many times, to both listeners
+
+
+@pytest.mark.slow
+def test_two_listener_processes_in_a_duplicate_storm_complete_each_payment_once(
+    db: Database, people: People, spawner: Spawner
+) -> None:
+    """Daraja resends, and the office runs two listeners (behind one proxy, or one per
+    machine) on one database: the same success callbacks reach both many times at once.
+    Every body is stored, each payment is completed by exactly one of them, and each balance
+    moves once."""
+    crew = [people.add(f"Crew {n}", f"07140000{n:02d}", None, "50000") for n in range(1, 4)]
+    opening = balances(db)
+    pending: list[tuple[int, str, int]] = []  # (person id, checkout id, amount)
+    for n, person in enumerate(crew):
+        checkout_ids = [f"ws_CO_S{n}_{k:03d}" for k in range(STORM_PAYMENTS // len(crew))]
+        amounts = [100 + k for k in range(len(checkout_ids))]
+        add_pending(db, person, checkout_ids, amounts)
+        pending += [(person.id or 0, c, a) for c, a in zip(checkout_ids, amounts, strict=True)]
+    first = spawner.listener("storm-a", threads=4)
+    second = spawner.listener("storm-b", threads=4)
+    bodies = [paid_body(c, str(a), receipt=f"TS{n:08d}") for n, (_p, c, a) in enumerate(pending)]
+    posts = [
+        ((first, second)[copy % 2].url, body) for body in bodies for copy in range(STORM_COPIES)
+    ]
+    random.Random(4).shuffle(posts)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        answers = list(pool.map(lambda p: post(p[0], p[1], timeout=30), posts))
+    took = time.monotonic() - started
+    first.stop()
+    second.stop()
+
+    assert [status for status, _ in answers] == [200] * len(posts)
+    for listener in (first, second):
+        log = listener.output.read_text(errors="replace")
+        assert "Traceback" not in log
+        assert "locked" not in log.lower()
+    rows = callback_rows(db)
+    assert sorted(r.body for r in rows) == sorted(body for _url, body in posts)  # all stored
+    applied = [r for r in rows if r.outcome == CallbackOutcome.APPLIED]
+    assert sorted(r.checkout_request_id or "" for r in applied) == sorted(c for _, c, _ in pending)
+    assert {r.outcome for r in rows} == {CallbackOutcome.APPLIED, CallbackOutcome.DUPLICATE}
+    with db.read() as session:
+        payments = session.exec(select(MpesaPayment)).all()
+    assert {p.status for p in payments} == {PaymentStatus.COMPLETED}
+    expected = dict(opening)
+    for person_id, _checkout, amount in pending:
+        expected[person_id] -= amount * 100
+    assert balances(db) == expected
+    assert len(ledger_entries(db, BalanceKind.PAYMENT)) == len(pending)
+    assert money_problems(db) == []
+    latencies = [seconds for _, seconds in answers]
+    print(
+        f"\n[row 2c] {db.dialect}: 2 listeners x 4 threads took {len(posts)} posts "
+        f"({len(pending)} payments x {STORM_COPIES}) in {took:.1f} s, p50 "
+        f"{percentile(latencies, 0.5) * 1000:.0f} ms, p99 {percentile(latencies, 0.99) * 1000:.0f} "
+        f"ms; {len(applied)} applied, {len(rows) - len(applied)} duplicates"
+    )
+
+
 # -- 3. the listener SIGKILLed mid-burst -------------------------------------------------------
 
 KILL_ROUNDS = 50
@@ -646,16 +711,28 @@ def test_listener_killed_mid_burst_fifty_times_keeps_every_answered_callback_and
         listener = spawner.listener(f"kill-{round_no:02d}")
         startups.append(time.monotonic() - up)
 
-        def fire(marker: str, checkout_id: str, url: str = listener.url) -> bool:
+        answering = threading.Event()
+
+        def fire(
+            marker: str,
+            checkout_id: str,
+            url: str = listener.url,
+            answering: threading.Event = answering,
+        ) -> bool:
             body = paid_body(checkout_id, "500", desc=f"{PAID_DESC} {marker}")
             try:
-                return post(url, body, timeout=10)[0] == 200
+                ok = post(url, body, timeout=10)[0] == 200
             except requests.RequestException:
                 return False
+            answering.set()
+            return ok
 
         delay = rng.uniform(0.0, 0.1)
         with ThreadPoolExecutor(max_workers=10) as pool:
             futures = [(m, c, pool.submit(fire, m, c)) for m, c in burst]
+            # Counted from the first answer: a listener on PostgreSQL opens a connection for
+            # each of its threads on their first requests, so its bursts start later.
+            answering.wait(10)
             time.sleep(delay)
             listener.kill()
             results = [(m, c, f.result(timeout=30)) for m, c, f in futures]
