@@ -381,6 +381,27 @@ def test_short_lived_tokens_fail_no_push_and_a_refused_token_is_refreshed_once(
     assert all(n == 1 for n in no_duplicate_pushes(fake).values())
 
 
+def test_requests_from_five_processes_at_once_fetch_one_token_between_them(
+    fake: FakeDaraja, people: People, database_url: str
+) -> None:
+    """Each new token kills the one before it: processes starting together on one database
+    (SQLite or PostgreSQL) take turns for the token, so the first one's serves them all."""
+    person_ids = [add_person(people, f"07220001{n:02d}", f"Guest {n}") for n in range(5)]
+    fake.configure(token_latency=2.0)  # longer than the processes take to start together
+    env = sfcrm_env(fake, database_url, "http://127.0.0.1:9/cb/unused")
+    procs = [
+        spawn(env, "mpesa", "request", "--person", str(pid), "--amount", "100",
+              "--purpose", "Ticket", "--json")
+        for pid in person_ids
+    ]  # fmt: skip
+    outputs = finish(procs)
+    snap = fake.snapshot()
+    figures(14, processes=5, token_requests=snap.token, pushes=snap.push,
+            replaced_token_rejections=snap.replaced_token_rejections)  # fmt: skip
+    assert [p.returncode for p in procs] == [0] * 5, outputs
+    assert (snap.token, snap.push, snap.replaced_token_rejections) == (1, 5, 0)
+
+
 # -- row 20: phone inputs ------------------------------------------------------------------------
 
 VALID_PHONES = [
