@@ -6,9 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, ForeignKey, Index, LargeBinary, column
+from pydantic import ConfigDict
+from sqlalchemy import Column, ColumnElement, ForeignKey, Index, LargeBinary, and_, column, or_
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.types import DateTime, TypeDecorator
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, SQLModel, col
 
 # re-exported: the statuses live apart from the ORM, for commands that never load it
 from sfcrm.status import CrewStatus as CrewStatus
@@ -30,6 +32,10 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
+
+
+# a payment in one of these has moved money, or holds it for review (MpesaPayment.settled)
+_MONEY_MOVED = (PaymentStatus.COMPLETED, PaymentStatus.NEEDS_REVIEW)
 
 
 def _ts(nullable: bool = True) -> Any:
@@ -72,6 +78,33 @@ class MpesaPayment(SQLModel, table=True):
     balance_applied: bool = False
     refund_due: bool = False
     resend_claimed_until: datetime | None = _ts()
+
+    # the rules below work on a loaded row and inside a query alike
+    model_config = ConfigDict(ignored_types=(hybrid_property,))  # type: ignore[assignment]
+
+    @hybrid_property
+    def settled(self) -> bool:
+        """Money moved for this payment (or is held for review): its status never goes back,
+        and it is never pushed again. (``completed`` always comes with ``balance_applied``.)"""
+        return self.balance_applied or self.status in _MONEY_MOVED
+
+    @settled.inplace.expression
+    @classmethod
+    def _settled_expression(cls) -> ColumnElement[bool]:
+        return or_(col(cls.balance_applied), col(cls.status).in_(_MONEY_MOVED))
+
+    @hybrid_property
+    def unanswered(self) -> bool:
+        """Its latest push was sent and Daraja's answer to it never recorded: the prompt may be
+        on the phone, and only a callback matched by phone and amount can settle it."""
+        return self.status == PaymentStatus.UNKNOWN and self.checkout_request_id is None
+
+    @unanswered.inplace.expression
+    @classmethod
+    def _unanswered_expression(cls) -> ColumnElement[bool]:
+        return and_(
+            col(cls.status) == PaymentStatus.UNKNOWN, col(cls.checkout_request_id).is_(None)
+        )
 
 
 class MpesaCheckout(SQLModel, table=True):

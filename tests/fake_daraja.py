@@ -8,6 +8,8 @@ Switches (all thread-safe; set them with :meth:`FakeDaraja.configure` or the hel
 
 - ``token_lifetime``: seconds a token lives; an older one is answered ``404.001.03``. Each new
   token also kills the previous one, as on the real Daraja.
+- ``token_latency``: seconds before a token request is answered (a slow gateway), so that
+  processes starting together all need the token at once.
 - ``push_latency``: seconds before a push is answered. Longer than the client's timeout, the
   push is still accepted (the prompt "reaches the phone") and its callback still posted.
 - ``callback`` / ``callback_delay``: the outcome posted to the push's CallBackURL
@@ -154,6 +156,7 @@ class FakeDaraja:
         # switches
         self.token_lifetime = token_lifetime
         self.push_latency = 0.0
+        self.token_latency = 0.0
         self.callback: str | None = None
         self.callback_delay = 0.0
         self.callback_before_answer = False
@@ -173,8 +176,8 @@ class FakeDaraja:
 
     def configure(self, **switches: Any) -> None:
         allowed = {
-            "token_lifetime", "push_latency", "callback", "callback_delay", "query_answer",
-            "callback_before_answer",
+            "token_lifetime", "token_latency", "push_latency", "callback", "callback_delay",
+            "query_answer", "callback_before_answer",
         }  # fmt: skip
         unknown = set(switches) - allowed
         if unknown:
@@ -442,6 +445,9 @@ class FakeDaraja:
                 if self.headers.get("Authorization") != f"Basic {fake._basic}":
                     self._reply(400, None)  # Daraja: empty body, "Invalid Credentials"
                     return
+                with fake._lock:
+                    latency = fake.token_latency
+                time.sleep(latency)
                 self._reply(200, fake._mint())
 
             def do_POST(self) -> None:

@@ -12,7 +12,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +29,6 @@ from sfcrm.errors import SfcrmError
 from sfcrm.models import BalanceEntry, MpesaPayment, PaymentStatus, Person
 from sfcrm.payments import DatabaseTokenCache, Payments
 from sfcrm.people import People
-from sfcrm.reads import find_payments
 
 START_BALANCE = 150_000  # cents
 PROCESS_TIMEOUT = 60.0  # no child process may run longer
@@ -130,7 +128,7 @@ PROCESSING = "payment {pid} is still being processed on the phone; not pushed ag
 
 def test_ten_resend_processes_at_once_send_exactly_one_push_and_none_after_completion(
     fake: FakeDaraja, payments: Payments, listener: Listener, people: People, db: Database,
-    db_path: Path,
+    database_url: str,
 ) -> None:  # fmt: skip
     person_id = add_person(people, "0712345678")
     payment = payments.request(str(person_id), 500, "Crew deposit")
@@ -141,7 +139,7 @@ def test_ten_resend_processes_at_once_send_exactly_one_push_and_none_after_compl
     assert payments.get(pid).status == PaymentStatus.FAILED
     before = fake.snapshot()
 
-    env = sfcrm_env(fake, db_path, listener.url)
+    env = sfcrm_env(fake, database_url, listener.url)
     started = time.monotonic()
     procs = [spawn(env, "mpesa", "resend", str(pid), "--json") for _ in range(10)]
     outputs = finish(procs)
@@ -193,20 +191,20 @@ def test_ten_resend_processes_at_once_send_exactly_one_push_and_none_after_compl
 
 def test_push_answered_after_the_timeout_is_unknown_never_repushed_and_settled_by_reconcile(
     fake: FakeDaraja, payments: Payments, listener: Listener, people: People, db: Database,
-    db_path: Path,
+    database_url: str,
 ) -> None:  # fmt: skip
     person_id = add_person(people, "0722000013", "Otieno Ouma")
     # Daraja takes the push, answers at 3 s (the client gave up at 1 s), then posts "paid".
     fake.configure(push_latency=3.0, callback="paid", callback_delay=0.2)
     fake.hold_callbacks()
-    env = sfcrm_env(fake, db_path, listener.url, timeout=1)
+    env = sfcrm_env(fake, database_url, listener.url, timeout=1)
 
     started = time.monotonic()
     request = run_sfcrm(env, "mpesa", "request", "--person", str(person_id), "--amount", "500",
                         "--purpose", "Crew deposit")  # fmt: skip
     request_seconds = time.monotonic() - started
     lines = error_lines(request.stderr)
-    payment = find_payments(payments.db)[0]
+    payment = payments.find()[0]
     pid = payment.id
     assert pid is not None
     figures(13, request_exit=request.returncode, request_seconds=round(request_seconds, 2),
@@ -272,7 +270,7 @@ def test_push_answered_after_the_timeout_is_unknown_never_repushed_and_settled_b
 
 @pytest.mark.parametrize("token_cached", [False, True], ids=["no-token", "token-cached"])
 def test_unreachable_daraja_fails_the_request_with_exit_8_and_sends_nothing(
-    fake: FakeDaraja, people: People, db: Database, db_path: Path, token_cached: bool
+    fake: FakeDaraja, people: People, db: Database, database_url: str, token_cached: bool
 ) -> None:
     person_id = add_person(people, "0722000031")
     if token_cached:  # the push itself, not the token fetch, finds the port closed
@@ -280,7 +278,7 @@ def test_unreachable_daraja_fails_the_request_with_exit_8_and_sends_nothing(
     url = fake.url
     before = fake.snapshot()
     fake.stop()
-    env = sfcrm_env(fake, db_path, "http://127.0.0.1:9/cb/unused", timeout=1)
+    env = sfcrm_env(fake, database_url, "http://127.0.0.1:9/cb/unused", timeout=1)
     result = run_sfcrm(env, "mpesa", "request", "--person", str(person_id), "--amount", "500",
                        "--purpose", "Crew deposit")  # fmt: skip
     fake.start()
@@ -300,14 +298,14 @@ def test_unreachable_daraja_fails_the_request_with_exit_8_and_sends_nothing(
 
 
 def test_a_failed_push_prints_its_error_once_without_a_stray_log_line(
-    fake: FakeDaraja, people: People, db_path: Path
+    fake: FakeDaraja, people: People, database_url: str
 ) -> None:
     """Regression: with no SFCRM_LOG_FILE, the core's log.warning reached stderr through
     logging's last-resort handler, unformatted and unredacted, above the Error line."""
     person_id = add_person(people, "0722000032")
     url = fake.url
     fake.stop()
-    env = sfcrm_env(fake, db_path, "http://127.0.0.1:9/cb/unused", timeout=1)
+    env = sfcrm_env(fake, database_url, "http://127.0.0.1:9/cb/unused", timeout=1)
     result = run_sfcrm(env, "mpesa", "request", "--person", str(person_id), "--amount", "500",
                        "--purpose", "Crew deposit")  # fmt: skip
     assert result.returncode == 8
@@ -331,7 +329,7 @@ def test_a_gateway_error_page_leaves_the_push_unknown_and_is_never_retried(
     fake.fail("push", status=status, style=style)
     with pytest.raises(SfcrmError) as caught:
         payments.request(str(person_id), 500, "Crew deposit")
-    [payment] = find_payments(payments.db)
+    [payment] = payments.find()
     figures(13, gateway=style, http_status=status, payment_status=payment.status,
             pushes=fake.snapshot().push, error=str(caught.value))  # fmt: skip
     assert payment.status == expected
@@ -383,6 +381,27 @@ def test_short_lived_tokens_fail_no_push_and_a_refused_token_is_refreshed_once(
     assert all(n == 1 for n in no_duplicate_pushes(fake).values())
 
 
+def test_requests_from_five_processes_at_once_fetch_one_token_between_them(
+    fake: FakeDaraja, people: People, database_url: str
+) -> None:
+    """Each new token kills the one before it: processes starting together on one database
+    (SQLite or PostgreSQL) take turns for the token, so the first one's serves them all."""
+    person_ids = [add_person(people, f"07220001{n:02d}", f"Guest {n}") for n in range(5)]
+    fake.configure(token_latency=2.0)  # longer than the processes take to start together
+    env = sfcrm_env(fake, database_url, "http://127.0.0.1:9/cb/unused")
+    procs = [
+        spawn(env, "mpesa", "request", "--person", str(pid), "--amount", "100",
+              "--purpose", "Ticket", "--json")
+        for pid in person_ids
+    ]  # fmt: skip
+    outputs = finish(procs)
+    snap = fake.snapshot()
+    figures(14, processes=5, token_requests=snap.token, pushes=snap.push,
+            replaced_token_rejections=snap.replaced_token_rejections)  # fmt: skip
+    assert [p.returncode for p in procs] == [0] * 5, outputs
+    assert (snap.token, snap.push, snap.replaced_token_rejections) == (1, 5, 0)
+
+
 # -- row 20: phone inputs ------------------------------------------------------------------------
 
 VALID_PHONES = [
@@ -400,8 +419,8 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def cli_on_fake(monkeypatch: pytest.MonkeyPatch, fake: FakeDaraja, db_path: Path) -> None:
-    for name, value in sfcrm_env(fake, db_path, "http://127.0.0.1:9/cb/unused").items():
+def cli_on_fake(monkeypatch: pytest.MonkeyPatch, fake: FakeDaraja, database_url: str) -> None:
+    for name, value in sfcrm_env(fake, database_url, "http://127.0.0.1:9/cb/unused").items():
         monkeypatch.setenv(name, value)
 
 

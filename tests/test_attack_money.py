@@ -32,6 +32,8 @@ from typing import Any, cast
 
 import pytest
 import requests
+from sqlalchemy import func
+from sqlalchemy import select as sa_select
 from sqlmodel import col, select
 from support import (
     CONSUMER_KEY,
@@ -162,60 +164,80 @@ def add_pending(
     return ids
 
 
-def money_problems(db_path: Path) -> list[str]:
-    """Everything wrong with the money in the file, read with plain sqlite3 (not sfcrm).
+def money_problems(db: Database) -> list[str]:
+    """Everything wrong with the money in the database, read with plain queries (not sfcrm's).
 
-    The file passes PRAGMA integrity_check and foreign_key_check; every payment is either
-    completed with balance_applied and exactly one ledger entry of minus its amount, or none of
-    the three; a checkout recorded as paid belongs to a payment that is completed or in review;
-    every person's balance is the sum of their ledger, and their newest entry's balance_after.
+    On SQLite the file passes PRAGMA integrity_check and foreign_key_check (PostgreSQL keeps its
+    own); every payment is either completed with balance_applied and exactly one ledger entry of
+    minus its amount, or none of the three; a checkout recorded as paid belongs to a payment
+    that is completed or in review; every person's balance is the sum of their ledger, and
+    their newest entry's balance_after.
     """
     problems: list[str] = []
-    with closing(sqlite3.connect(db_path, timeout=30)) as conn:
-        integrity = conn.execute("PRAGMA integrity_check").fetchall()
-        if integrity != [("ok",)]:
-            problems.append(f"integrity_check: {integrity[:5]}")
-        foreign = conn.execute("PRAGMA foreign_key_check").fetchall()
-        if foreign:
-            problems.append(f"foreign_key_check: {foreign[:5]}")
-        rows = conn.execute(
-            """
-            SELECT p.id, p.status, p.balance_applied, p.amount,
-                   (SELECT COUNT(*) FROM balance_entry e WHERE e.payment_id = p.id),
-                   (SELECT COUNT(*) FROM balance_entry e
-                     WHERE e.payment_id = p.id AND e.kind = 'payment'
-                       AND e.amount_cents = -p.amount * 100),
-                   (SELECT COUNT(*) FROM mpesa_checkout c
-                     WHERE c.payment_id = p.id AND c.result_code = '0')
-            FROM mpesa_payment p
-            """
-        ).fetchall()
-        for pid, status, applied, _amount, entries, right_entries, paid_pushes in rows:
-            completed = status == PaymentStatus.COMPLETED
-            if not (completed == bool(applied) == (entries == 1) == (right_entries == 1)):
-                problems.append(
-                    f"payment {pid} half-applied: status {status}, balance_applied {applied}, "
-                    f"{entries} ledger entries ({right_entries} of its amount)"
-                )
-            settled_paid = status in (PaymentStatus.COMPLETED, PaymentStatus.NEEDS_REVIEW)
-            if (paid_pushes > 0) != settled_paid:
-                problems.append(f"payment {pid} is {status} with {paid_pushes} paid pushes")
-        people = conn.execute(
-            """
-            SELECT p.id, p.balance_cents,
-                   (SELECT COALESCE(SUM(e.amount_cents), 0) FROM balance_entry e
-                     WHERE e.person_id = p.id),
-                   (SELECT e.balance_after_cents FROM balance_entry e
-                     WHERE e.person_id = p.id ORDER BY e.id DESC LIMIT 1)
-            FROM person p
-            """
-        ).fetchall()
-        for person_id, balance, ledger, last_after in people:
-            if balance != ledger or (last_after is not None and last_after != balance):
-                problems.append(
-                    f"person {person_id}: balance {balance}, ledger sum {ledger}, "
-                    f"newest entry says {last_after}"
-                )
+    if db.dialect == "sqlite":
+        with closing(sqlite3.connect(db.path, timeout=30)) as conn:
+            integrity = conn.execute("PRAGMA integrity_check").fetchall()
+            if integrity != [("ok",)]:
+                problems.append(f"integrity_check: {integrity[:5]}")
+            foreign = conn.execute("PRAGMA foreign_key_check").fetchall()
+            if foreign:
+                problems.append(f"foreign_key_check: {foreign[:5]}")
+
+    def count(model: Any, *where: Any) -> Any:
+        return sa_select(func.count()).select_from(model).where(*where).scalar_subquery()
+
+    of_payment = col(BalanceEntry.payment_id) == col(MpesaPayment.id)
+    of_person = col(BalanceEntry.person_id) == col(Person.id)
+    with db.read() as session:
+        rows = session.execute(
+            sa_select(
+                MpesaPayment.id,
+                MpesaPayment.status,
+                MpesaPayment.balance_applied,
+                count(BalanceEntry, of_payment),
+                count(
+                    BalanceEntry,
+                    of_payment,
+                    col(BalanceEntry.kind) == BalanceKind.PAYMENT,
+                    col(BalanceEntry.amount_cents) == -col(MpesaPayment.amount) * 100,
+                ),
+                count(
+                    MpesaCheckout,
+                    col(MpesaCheckout.payment_id) == col(MpesaPayment.id),
+                    col(MpesaCheckout.result_code) == "0",
+                ),
+            )
+        ).all()
+        people = session.execute(
+            sa_select(
+                Person.id,
+                Person.balance_cents,
+                sa_select(func.coalesce(func.sum(BalanceEntry.amount_cents), 0))
+                .where(of_person)
+                .scalar_subquery(),
+                sa_select(BalanceEntry.balance_after_cents)
+                .where(of_person)
+                .order_by(col(BalanceEntry.id).desc())
+                .limit(1)
+                .scalar_subquery(),
+            )
+        ).all()
+    for pid, status, applied, entries, right_entries, paid_pushes in rows:
+        completed = status == PaymentStatus.COMPLETED
+        if not (completed == bool(applied) == (entries == 1) == (right_entries == 1)):
+            problems.append(
+                f"payment {pid} half-applied: status {status}, balance_applied {applied}, "
+                f"{entries} ledger entries ({right_entries} of its amount)"
+            )
+        settled_paid = status in (PaymentStatus.COMPLETED, PaymentStatus.NEEDS_REVIEW)
+        if (paid_pushes > 0) != settled_paid:
+            problems.append(f"payment {pid} is {status} with {paid_pushes} paid pushes")
+    for person_id, balance, ledger, last_after in people:
+        if balance != ledger or (last_after is not None and last_after != balance):
+            problems.append(
+                f"person {person_id}: balance {balance}, ledger sum {ledger}, "
+                f"newest entry says {last_after}"
+            )
     return problems
 
 
@@ -288,17 +310,17 @@ class Spawner:
     """Starts ``sfcrm serve-callback`` processes on one database; kills any left at the end."""
 
     folder: Path
-    db_path: Path
+    database_url: str
     started: list[ListenerProcess] = field(default_factory=list)
 
-    def listener(self, name: str, *, timeout: float = 20.0) -> ListenerProcess:
+    def listener(self, name: str, *, threads: int = 8, timeout: float = 20.0) -> ListenerProcess:
         port = free_port()
         url = f"http://127.0.0.1:{port}/cb/{secrets.token_urlsafe(18)}"
         env = {
             **os.environ,
-            "SFCRM_DATABASE_URL": str(self.db_path),
+            "SFCRM_DATABASE_URL": self.database_url,
             "MPESA_CALLBACK_URL": url,
-            "SFCRM_LISTENER_THREADS": "8",
+            "SFCRM_LISTENER_THREADS": str(threads),
         }
         output = self.folder / f"{name}.out"
         with output.open("wb") as sink:
@@ -325,9 +347,9 @@ class Spawner:
 
 
 @pytest.fixture
-def spawner(tmp_path: Path, db_path: Path, db: Database) -> Iterator[Spawner]:
-    _ = db.engine  # the file exists, at the current schema, before any process opens it
-    running = Spawner(tmp_path, db_path)
+def spawner(tmp_path: Path, database_url: str, db: Database) -> Iterator[Spawner]:
+    _ = db.engine  # the database exists, at the current schema, before any process opens it
+    running = Spawner(tmp_path, database_url)
     yield running
     running.close()
 
@@ -348,9 +370,9 @@ from pathlib import Path
 from sfcrm.db import Database
 from sfcrm.people import People
 
-db_path, seed, ops, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+url, seed, ops, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 refs = sys.argv[5].split(",")
-people = People(Database(Path(db_path)), lambda: datetime.now(UTC))
+people = People(Database(url), lambda: datetime.now(UTC))
 people.show(refs[0])  # open the file before the start line
 Path(f"{go}.ready.{seed}").touch()
 rng = random.Random(seed)
@@ -383,7 +405,7 @@ print(json.dumps({"net": net, "errors": errors[:10], "error_count": len(errors),
 
 @pytest.mark.slow
 def test_eight_writer_processes_and_the_listener_lose_no_update_and_never_see_locked(
-    db: Database, db_path: Path, people: People, spawner: Spawner, tmp_path: Path
+    db: Database, database_url: str, people: People, spawner: Spawner, tmp_path: Path
 ) -> None:
     crew = [
         people.add(f"Crew {n}", f"07110000{n:02d}", None, f"{1000 * n}")
@@ -403,7 +425,13 @@ def test_eight_writer_processes_and_the_listener_lose_no_update_and_never_see_lo
     refs = ",".join(str(p.id) for p in crew)
     writers = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, *map(str, (db_path, seed, OPS_PER_WRITER, go)), refs],
+            [
+                sys.executable,
+                "-c",
+                WRITER,
+                *map(str, (database_url, seed, OPS_PER_WRITER, go)),
+                refs,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -515,7 +543,7 @@ def test_eight_writer_processes_and_the_listener_lose_no_update_and_never_see_lo
     for person_id, _checkout, amount in pending:
         expected[person_id] -= amount * 100
     assert balances(db) == expected
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
     entries = ledger_entries(db)
     assert len(entries) == len(opening) + ops + len(pending)
     assert sum(e.kind == BalanceKind.PAYMENT for e in entries) == len(pending)
@@ -529,7 +557,7 @@ def test_eight_writer_processes_and_the_listener_lose_no_update_and_never_see_lo
 
 
 def test_callback_replayed_by_reconcile_before_the_listener_acts_on_it_stays_applied(
-    db: Database, db_path: Path, person_with_balance: Person
+    db: Database, person_with_balance: Person
 ) -> None:
     """Regression: the listener stores a body, cron's reconcile replays it (the row is still
     "received"), then the listener acts on it: the row that moved the money must keep saying
@@ -545,7 +573,7 @@ def test_callback_replayed_by_reconcile_before_the_listener_acts_on_it_stays_app
     [row] = callback_rows(db)
     assert (row.outcome, row.payment_id) == (CallbackOutcome.APPLIED, pid)
     assert len(ledger_entries(db, BalanceKind.PAYMENT)) == 1
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
 
 
 @pytest.mark.parametrize(
@@ -553,7 +581,7 @@ def test_callback_replayed_by_reconcile_before_the_listener_acts_on_it_stays_app
     [EmulatorSettings(callback_delay=0, prompt_seconds=1.0, send_callbacks=False)],
 )
 def test_worker_and_reconcile_confirming_one_callback_at_once_keep_it_applied(
-    payments: Payments, db: Database, db_path: Path, crew_of_five: list[Person]
+    payments: Payments, db: Database, crew_of_five: list[Person]
 ) -> None:
     """Regression: a "paid" after a recorded 1037 waits for a query; the listener's worker and
     cron's reconcile confirm it at the same moment. One of them moves the money, and the row
@@ -584,7 +612,72 @@ def test_worker_and_reconcile_confirming_one_callback_at_once_keep_it_applied(
     assert [rows[i].outcome for i in waiting] == [CallbackOutcome.APPLIED] * 10
     assert [payments.get(p.id or 0).status for p in requested] == [PaymentStatus.COMPLETED] * 10
     assert len(ledger_entries(db, BalanceKind.PAYMENT)) == 10
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
+
+
+# -- 2c. two listener processes on one database, in a storm of duplicates ---------------------
+
+STORM_PAYMENTS = 60
+STORM_COPIES = 6  # each success callback is posted this many times, to both listeners
+
+
+@pytest.mark.slow
+def test_two_listener_processes_in_a_duplicate_storm_complete_each_payment_once(
+    db: Database, people: People, spawner: Spawner
+) -> None:
+    """Daraja resends, and the office runs two listeners (behind one proxy, or one per
+    machine) on one database: the same success callbacks reach both many times at once.
+    Every body is stored, each payment is completed by exactly one of them, and each balance
+    moves once."""
+    crew = [people.add(f"Crew {n}", f"07140000{n:02d}", None, "50000") for n in range(1, 4)]
+    opening = balances(db)
+    pending: list[tuple[int, str, int]] = []  # (person id, checkout id, amount)
+    for n, person in enumerate(crew):
+        checkout_ids = [f"ws_CO_S{n}_{k:03d}" for k in range(STORM_PAYMENTS // len(crew))]
+        amounts = [100 + k for k in range(len(checkout_ids))]
+        add_pending(db, person, checkout_ids, amounts)
+        pending += [(person.id or 0, c, a) for c, a in zip(checkout_ids, amounts, strict=True)]
+    first = spawner.listener("storm-a", threads=4)
+    second = spawner.listener("storm-b", threads=4)
+    bodies = [paid_body(c, str(a), receipt=f"TS{n:08d}") for n, (_p, c, a) in enumerate(pending)]
+    posts = [
+        ((first, second)[copy % 2].url, body) for body in bodies for copy in range(STORM_COPIES)
+    ]
+    random.Random(4).shuffle(posts)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        answers = list(pool.map(lambda p: post(p[0], p[1], timeout=30), posts))
+    took = time.monotonic() - started
+    first.stop()
+    second.stop()
+
+    assert [status for status, _ in answers] == [200] * len(posts)
+    for listener in (first, second):
+        log = listener.output.read_text(errors="replace")
+        assert "Traceback" not in log
+        assert "locked" not in log.lower()
+    rows = callback_rows(db)
+    assert sorted(r.body for r in rows) == sorted(body for _url, body in posts)  # all stored
+    applied = [r for r in rows if r.outcome == CallbackOutcome.APPLIED]
+    assert sorted(r.checkout_request_id or "" for r in applied) == sorted(c for _, c, _ in pending)
+    assert {r.outcome for r in rows} == {CallbackOutcome.APPLIED, CallbackOutcome.DUPLICATE}
+    with db.read() as session:
+        payments = session.exec(select(MpesaPayment)).all()
+    assert {p.status for p in payments} == {PaymentStatus.COMPLETED}
+    expected = dict(opening)
+    for person_id, _checkout, amount in pending:
+        expected[person_id] -= amount * 100
+    assert balances(db) == expected
+    assert len(ledger_entries(db, BalanceKind.PAYMENT)) == len(pending)
+    assert money_problems(db) == []
+    latencies = [seconds for _, seconds in answers]
+    print(
+        f"\n[row 2c] {db.dialect}: 2 listeners x 4 threads took {len(posts)} posts "
+        f"({len(pending)} payments x {STORM_COPIES}) in {took:.1f} s, p50 "
+        f"{percentile(latencies, 0.5) * 1000:.0f} ms, p99 {percentile(latencies, 0.99) * 1000:.0f} "
+        f"ms; {len(applied)} applied, {len(rows) - len(applied)} duplicates"
+    )
 
 
 # -- 3. the listener SIGKILLed mid-burst -------------------------------------------------------
@@ -596,7 +689,7 @@ BURST_RESENDS = 10  # the same payment's callback posted twice in a burst
 
 @pytest.mark.slow
 def test_listener_killed_mid_burst_fifty_times_keeps_every_answered_callback_and_no_half_payment(
-    db: Database, db_path: Path, people: People, spawner: Spawner
+    db: Database, people: People, spawner: Spawner
 ) -> None:
     crew = [people.add(f"Crew {n}", f"07120000{n:02d}", None, "100000") for n in range(1, 4)]
     rng = random.Random(3)
@@ -618,16 +711,28 @@ def test_listener_killed_mid_burst_fifty_times_keeps_every_answered_callback_and
         listener = spawner.listener(f"kill-{round_no:02d}")
         startups.append(time.monotonic() - up)
 
-        def fire(marker: str, checkout_id: str, url: str = listener.url) -> bool:
+        answering = threading.Event()
+
+        def fire(
+            marker: str,
+            checkout_id: str,
+            url: str = listener.url,
+            answering: threading.Event = answering,
+        ) -> bool:
             body = paid_body(checkout_id, "500", desc=f"{PAID_DESC} {marker}")
             try:
-                return post(url, body, timeout=10)[0] == 200
+                ok = post(url, body, timeout=10)[0] == 200
             except requests.RequestException:
                 return False
+            answering.set()
+            return ok
 
         delay = rng.uniform(0.0, 0.1)
         with ThreadPoolExecutor(max_workers=10) as pool:
             futures = [(m, c, pool.submit(fire, m, c)) for m, c in burst]
+            # Counted from the first answer: a listener on PostgreSQL opens a connection for
+            # each of its threads on their first requests, so its bursts start later.
+            answering.wait(10)
             time.sleep(delay)
             listener.kill()
             results = [(m, c, f.result(timeout=30)) for m, c, f in futures]
@@ -636,13 +741,12 @@ def test_listener_killed_mid_burst_fifty_times_keeps_every_answered_callback_and
         lost_in_flight += len(burst) - len(ok)
         mid_burst += 0 < len(ok) < len(burst)
 
-        problems = money_problems(db_path)
+        problems = money_problems(db)
         assert problems == [], f"round {round_no}: {problems}"
-        with closing(sqlite3.connect(db_path, timeout=30)) as conn:
-            stored = {
-                json.loads(body)["Body"]["stkCallback"]["ResultDesc"].rsplit(" ", 1)[-1]
-                for (body,) in conn.execute("SELECT body FROM mpesa_callback")
-            }
+        stored = {
+            json.loads(row.body)["Body"]["stkCallback"]["ResultDesc"].rsplit(" ", 1)[-1]
+            for row in callback_rows(db)
+        }
         missing = [m for m, _c in ok if m not in stored]
         assert missing == [], f"round {round_no}: answered 200 but not stored: {missing}"
 
@@ -650,7 +754,7 @@ def test_listener_killed_mid_burst_fifty_times_keeps_every_answered_callback_and
     leftovers = sum(r.outcome == CallbackOutcome.RECEIVED for r in callback_rows(db))
     replay = Payments(db, callback_url=None, clock=utcnow, client_factory=no_network)
     replay.replay_callbacks()
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
     with db.read() as session:
         status_of = {
             p.checkout_request_id: p.status for p in session.exec(select(MpesaPayment)).all()
@@ -710,7 +814,7 @@ def recorded_listener(payments: Payments) -> Iterator[RecordedListener]:
 
 
 def cli_env(
-    monkeypatch: pytest.MonkeyPatch, emulator: DarajaEmulator, db_path: Path, callback_url: str
+    monkeypatch: pytest.MonkeyPatch, emulator: DarajaEmulator, database_url: str, callback_url: str
 ) -> None:
     for name, value in {
         "MPESA_CONSUMER_KEY": CONSUMER_KEY,
@@ -719,7 +823,7 @@ def cli_env(
         "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
         "MPESA_BASE_URL": emulator.url,
         "MPESA_CALLBACK_URL": callback_url,
-        "SFCRM_DATABASE_URL": str(db_path),
+        "SFCRM_DATABASE_URL": database_url,
     }.items():
         monkeypatch.setenv(name, value)
 
@@ -746,7 +850,7 @@ def test_payments_completed_while_the_listener_was_down_are_settled_by_one_recon
     payments: Payments,
     emulator: DarajaEmulator,
     db: Database,
-    db_path: Path,
+    database_url: str,
     crew_of_five: list[Person],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -761,7 +865,7 @@ def test_payments_completed_while_the_listener_was_down_are_settled_by_one_recon
     assert callback_rows(db) == []
     assert all(payments.get(p.id or 0).status == PaymentStatus.PENDING for p in requested)
 
-    cli_env(monkeypatch, emulator, db_path, down)
+    cli_env(monkeypatch, emulator, database_url, down)
     started = time.monotonic()
     report = cli_json("mpesa", "reconcile", "--older-than", "0s")
     took = time.monotonic() - started
@@ -777,7 +881,7 @@ def test_payments_completed_while_the_listener_was_down_are_settled_by_one_recon
         expected[payment.person_id] -= payment.amount * 100
     assert balances(db) == expected
     assert len(ledger_entries(db, BalanceKind.PAYMENT)) == 20
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
 
     # The listener comes back and Daraja's lost callbacks turn up after all.
     late = start_listener(payments)
@@ -816,7 +920,6 @@ def test_callbacks_that_beat_the_push_answer_are_applied_once_when_it_is_stored(
     daraja_client: DarajaClient,
     recorded_listener: RecordedListener,
     db: Database,
-    db_path: Path,
     crew_of_five: list[Person],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -847,7 +950,7 @@ def test_callbacks_that_beat_the_push_answer_are_applied_once_when_it_is_stored(
     assert len(ledger_entries(db, BalanceKind.PAYMENT)) == 10
     payments.reconcile(older_than=timedelta(0))
     assert len(ledger_entries(db, BalanceKind.PAYMENT)) == 10
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
     assert recorded_listener.recorder.statuses == [200] * 10
 
 
@@ -860,7 +963,6 @@ def test_emulator_callbacks_racing_the_push_answer_complete_each_payment_once(
     emulator: DarajaEmulator,
     recorded_listener: RecordedListener,
     db: Database,
-    db_path: Path,
     crew_of_five: list[Person],
 ) -> None:
     opening = balances(db)
@@ -883,7 +985,7 @@ def test_emulator_callbacks_racing_the_push_answer_complete_each_payment_once(
     assert {r.outcome for r in rows} == {CallbackOutcome.APPLIED}
     assert balances(db) == {pid: cents - 6 * 100_00 for pid, cents in opening.items()}
     assert len(ledger_entries(db, BalanceKind.PAYMENT)) == count
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
     with db.read() as session:
         pushed_at = {
             c.checkout_request_id: c.pushed_at for c in session.exec(select(MpesaCheckout)).all()
@@ -900,7 +1002,7 @@ def test_callback_for_an_id_nobody_issued_is_answered_stored_and_stays_unmatched
     emulator: DarajaEmulator,
     listener: Listener,
     db: Database,
-    db_path: Path,
+    database_url: str,
     person_with_balance: Person,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -913,7 +1015,7 @@ def test_callback_for_an_id_nobody_issued_is_answered_stored_and_stays_unmatched
     assert answer.status_code == 200
     [row] = callback_rows(db)
     assert (row.body, row.outcome, row.payment_id) == (body, CallbackOutcome.UNMATCHED, None)
-    cli_env(monkeypatch, emulator, db_path, listener.url)
+    cli_env(monkeypatch, emulator, database_url, listener.url)
     listed = cli_json("mpesa", "callbacks", "--unmatched")
     assert [(d["id"], d["checkout_request_id"]) for d in listed] == [(row.id, stranger)]
     # Reconcile and a later push do not give it to anyone.
@@ -922,7 +1024,7 @@ def test_callback_for_an_id_nobody_issued_is_answered_stored_and_stays_unmatched
     listed = cli_json("mpesa", "callbacks", "--unmatched")
     assert [(d["id"], d["outcome"]) for d in listed] == [(row.id, CallbackOutcome.UNMATCHED)]
     assert payments.get(pending.id or 0).receipt_number != "TNOBODY001"
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
 
 
 # -- 6. amount forms -----------------------------------------------------------------------------
@@ -936,7 +1038,6 @@ def test_amount_forms_of_500_complete_and_1_goes_to_review_over_the_socket(
     payments: Payments,
     listener: Listener,
     db: Database,
-    db_path: Path,
     person_with_balance: Person,
 ) -> None:
     start = balances(db)[person_with_balance.id or 0]
@@ -970,7 +1071,7 @@ def test_amount_forms_of_500_complete_and_1_goes_to_review_over_the_socket(
         CallbackOutcome.REVIEW,
         CallbackOutcome.DUPLICATE,
     ]
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
 
 
 # -- 7. out of order -----------------------------------------------------------------------------
@@ -985,7 +1086,6 @@ def test_results_out_of_order_complete_only_what_daraja_confirms(
     daraja_client: DarajaClient,
     listener: Listener,
     db: Database,
-    db_path: Path,
     person_with_balance: Person,
 ) -> None:
     start = balances(db)[person_with_balance.id or 0]
@@ -1023,7 +1123,7 @@ def test_results_out_of_order_complete_only_what_daraja_confirms(
     assert payments.get(paid_then_cancelled.id or 0).status == PaymentStatus.COMPLETED
     assert balances(db)[person_with_balance.id or 0] == start - 2 * 500_00
     assert len(ledger_entries(db, BalanceKind.PAYMENT)) == 2
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
 
 
 @pytest.mark.parametrize(
@@ -1034,7 +1134,6 @@ def test_paid_and_cancelled_racing_for_twenty_payments_end_completed_once(
     payments: Payments,
     listener: Listener,
     db: Database,
-    db_path: Path,
     crew_of_five: list[Person],
 ) -> None:
     """Daraja (asked later) says all twenty were paid; 0 and 1032 arrive at once, either first."""
@@ -1061,7 +1160,7 @@ def test_paid_and_cancelled_racing_for_twenty_payments_end_completed_once(
     )
     assert balances(db) == {pid: cents - 4 * 100_00 for pid, cents in opening.items()}
     assert len(ledger_entries(db, BalanceKind.PAYMENT)) == 20
-    assert money_problems(db_path) == []
+    assert money_problems(db) == []
     print(
         f"\n[row 7] 20 payments, 0 and 1032 posted at once: {cancelled_first} cancels won the "
         f"race and were overturned by query; 20/20 completed, each once"

@@ -1,9 +1,9 @@
 """Every push that may have reached a phone is accounted for, whatever stops the command.
 
-The real program in its own process, the real SQLite file, the real listener on a loopback
-socket, and the tests' fake Daraja answering late: the command is killed (SIGKILL, SIGTERM) or
-interrupted (SIGINT, as Ctrl-C) while Daraja still holds the push's answer, and the customer's
-"paid" callback has already reached the listener.
+The real program in its own process, the real database (a SQLite file, or PostgreSQL), the
+real listener on a loopback socket, and the tests' fake Daraja answering late: the command is
+killed (SIGKILL, SIGTERM) or interrupted (SIGINT, as Ctrl-C) while Daraja still holds the
+push's answer, and the customer's "paid" callback has already reached the listener.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from contextlib import closing
-from pathlib import Path
+from datetime import timedelta
 
 import pytest
 import requests
@@ -28,7 +28,14 @@ from sfcrm.daraja import DarajaClient, QueryResult
 from sfcrm.db import Database
 from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE
 from sfcrm.errors import ConflictError, DarajaTimeoutError
-from sfcrm.models import BalanceEntry, CallbackOutcome, MpesaCallback, MpesaPayment, PaymentStatus
+from sfcrm.models import (
+    BalanceEntry,
+    CallbackOutcome,
+    MpesaCallback,
+    MpesaPayment,
+    PaymentStatus,
+    Person,
+)
 from sfcrm.payments import DatabaseTokenCache, Payments
 from sfcrm.people import People
 
@@ -57,8 +64,8 @@ def person_id(people: People) -> int:
     return person.id
 
 
-def env_for(fake: FakeDaraja, db_path: Path, listener: Listener, timeout: float = 20) -> dict:
-    return sfcrm_env(fake, db_path, listener.url, timeout)
+def env_for(fake: FakeDaraja, database_url: str, listener: Listener, timeout: float = 20) -> dict:
+    return sfcrm_env(fake, database_url, listener.url, timeout)
 
 
 def start(env: dict, *args: str) -> subprocess.Popen[str]:
@@ -112,12 +119,10 @@ def balance_entries(db: Database, pid: int) -> int:
 
 
 def balance(db: Database, person_id: int) -> int:
-    with closing(sqlite3.connect(db.path)) as conn:
-        return int(
-            conn.execute("SELECT balance_cents FROM person WHERE id = ?", (person_id,)).fetchone()[
-                0
-            ]
-        )
+    with db.read() as session:
+        person = session.get(Person, person_id)
+        assert person is not None
+        return person.balance_cents
 
 
 def callbacks(db: Database) -> list[MpesaCallback]:
@@ -127,12 +132,13 @@ def callbacks(db: Database) -> list[MpesaCallback]:
 
 def age_the_push(db: Database, pid: int, minutes: int = 5) -> None:
     """As if the office came back to the payment minutes later (its resend claim gone too)."""
-    with closing(sqlite3.connect(db.path)) as conn, conn:
-        conn.execute(
-            "UPDATE mpesa_payment SET last_pushed_at = datetime(last_pushed_at, ?), "
-            "initiated_at = datetime(initiated_at, ?), resend_claimed_until = NULL WHERE id = ?",
-            (f"-{minutes} minutes", f"-{minutes} minutes", pid),
-        )
+    with db.write() as session:
+        row = session.get(MpesaPayment, pid)
+        assert row is not None and row.last_pushed_at is not None
+        row.last_pushed_at -= timedelta(minutes=minutes)
+        row.initiated_at -= timedelta(minutes=minutes)
+        row.resend_claimed_until = None
+        session.add(row)
 
 
 def request_without_answer(
@@ -155,7 +161,12 @@ def request_without_answer(
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_request_stopped_mid_push_is_settled_by_its_paid_callback_and_never_pushed_twice(
-    how: str, fake: FakeDaraja, listener: Listener, db: Database, db_path: Path, person_id: int
+    how: str,
+    fake: FakeDaraja,
+    listener: Listener,
+    db: Database,
+    database_url: str,
+    person_id: int,
 ) -> None:
     # Daraja takes the push and the customer pays at once (callback at 1 s), but Daraja's HTTP
     # answer to the push takes 8 s; the command is stopped before it comes.
@@ -163,7 +174,7 @@ def test_request_stopped_mid_push_is_settled_by_its_paid_callback_and_never_push
         push_latency=8.0, callback="paid", callback_delay=1.0, callback_before_answer=True,
         query_answer="paid",
     )  # fmt: skip
-    env = env_for(fake, db_path, listener)
+    env = env_for(fake, database_url, listener)
     proc = start(env, "mpesa", "request", "--person", PHONE, "--amount", "500",
                  "--purpose", "Crew deposit")  # fmt: skip
     err = stop_mid_push(proc, fake, how)
@@ -198,10 +209,10 @@ def test_request_stopped_mid_push_is_settled_by_its_paid_callback_and_never_push
 
 @pytest.mark.slow
 def test_request_stopped_mid_push_without_a_callback_is_listed_by_reconcile_with_the_reason(
-    fake: FakeDaraja, listener: Listener, db: Database, db_path: Path, person_id: int
+    fake: FakeDaraja, listener: Listener, db: Database, database_url: str, person_id: int
 ) -> None:
     fake.configure(push_latency=8.0, callback=None)
-    env = env_for(fake, db_path, listener)
+    env = env_for(fake, database_url, listener)
     proc = start(env, "mpesa", "request", "--person", PHONE, "--amount", "500",
                  "--purpose", "Crew deposit")  # fmt: skip
     wait_for(lambda: fake.snapshot().push == 1, timeout=15)
@@ -238,7 +249,7 @@ def test_resend_stopped_mid_push_never_pushes_again_while_its_paid_callback_wait
     listener: Listener,
     payments: Payments,
     db: Database,
-    db_path: Path,
+    database_url: str,
     person_id: int,
 ) -> None:
     first = payments.request(str(person_id), 500, "Crew deposit")
@@ -253,7 +264,7 @@ def test_resend_stopped_mid_push_never_pushes_again_while_its_paid_callback_wait
         push_latency=8.0, callback="paid", callback_delay=1.0, callback_before_answer=True,
         query_answer="processing",
     )  # fmt: skip
-    env = env_for(fake, db_path, listener)
+    env = env_for(fake, database_url, listener)
     proc = start(env, "mpesa", "resend", str(pid))
     stop_mid_push(proc, fake, how)
     wait_for(lambda: fake.snapshot().query >= 1, timeout=15)
@@ -297,8 +308,9 @@ def test_push_answered_while_another_writer_holds_the_database_is_recorded_once_
     person_id: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Each write waits 0.2 s for the lock here (60 s in use); the lock is held for 2 s, ten
-    # busy timeouts, from the moment Daraja has the push until after it answered.
+    # Each write waits 0.2 s for the lock here (60 s in use); the lock (SQLite's on the file,
+    # PostgreSQL's on the payment's row) is held for 2 s, ten busy timeouts, from the moment
+    # Daraja has the push until after it answered.
     monkeypatch.setattr("sfcrm.db.BUSY_TIMEOUT_SECONDS", 0.2)
     db.close()
     notes: list[str] = []
@@ -308,11 +320,17 @@ def test_push_answered_while_another_writer_holds_the_database_is_recorded_once_
 
     def hold_the_lock() -> None:
         wait_for(lambda: fake.snapshot().push == 1, timeout=10, interval=0.005)
-        with closing(sqlite3.connect(db.path, isolation_level=None)) as conn:
-            conn.execute("BEGIN IMMEDIATE")
+        if db.dialect == "sqlite":  # the whole file
+            with closing(sqlite3.connect(db.path, isolation_level=None)) as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                held.set()
+                time.sleep(2.0)  # the other writer's long transaction (an import, say)
+                conn.execute("COMMIT")
+            return
+        with db.write() as session:  # PostgreSQL: the payment's row
+            session.exec(select(MpesaPayment).with_for_update()).one()
             held.set()
-            time.sleep(2.0)  # the other writer's long transaction (an import, say)
-            conn.execute("COMMIT")
+            time.sleep(2.0)
 
     writer = threading.Thread(target=hold_the_lock)
     writer.start()
@@ -336,12 +354,12 @@ def test_push_answered_while_another_writer_holds_the_database_is_recorded_once_
 
 @pytest.mark.slow
 def test_two_unanswered_pushes_of_one_amount_to_one_phone_are_both_settled_oldest_first(
-    fake: FakeDaraja, listener: Listener, db: Database, db_path: Path, person_id: int
+    fake: FakeDaraja, listener: Listener, db: Database, database_url: str, person_id: int
 ) -> None:
     # Daraja answers each push after the client gave up (1 s), and the customer pays both.
     fake.configure(push_latency=2.5, callback="paid", callback_delay=0.1, query_answer="paid")
     fake.hold_callbacks()
-    env = env_for(fake, db_path, listener, timeout=1)
+    env = env_for(fake, database_url, listener, timeout=1)
     for purpose in ("Crew deposit", "Cable damage"):
         request = sfcrm(env, "mpesa", "request", "--person", PHONE, "--amount", "500",
                         "--purpose", purpose)  # fmt: skip
@@ -509,7 +527,7 @@ def test_paid_that_beats_its_answer_is_never_given_to_another_persons_push(
 
 
 def test_a_resend_while_the_request_waits_for_its_token_sends_one_prompt(
-    fake: FakeDaraja, payments: Payments, db: Database, person_id: int, db_path: Path
+    fake: FakeDaraja, payments: Payments, db: Database, person_id: int
 ) -> None:
     # The request has written its row and waits for Daraja's token; the office resends it.
     token_free = threading.Event()

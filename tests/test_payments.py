@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import socket
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from datetime import timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -61,7 +58,6 @@ from sfcrm.payments import (
     build_daraja_client,
 )
 from sfcrm.people import People
-from sfcrm.reads import find_payments
 
 CANCELLING_PHONE = "254700000032"
 BROKE_PHONE = "254700000001"
@@ -290,19 +286,18 @@ def settle(payments: Payments, payment_id: int | None) -> MpesaPayment:
 
 
 def test_request_records_the_push_as_sent_before_daraja_is_called(
-    db: Database, db_path: Path, emulator: DarajaEmulator, person_with_balance: Person
+    db: Database, emulator: DarajaEmulator, person_with_balance: Person
 ) -> None:
     seen_at_push: list[list[tuple[Any, ...]]] = []
 
     def look_at_the_table(method: str, path: str) -> None:
         if path == PUSH_PATH:
-            with closing(sqlite3.connect(db_path)) as conn:
-                seen_at_push.append(
-                    conn.execute(
-                        "SELECT id, status, account_reference, amount, push_count,"
-                        " checkout_request_id FROM mpesa_payment"
-                    ).fetchall()
-                )
+            with db.read() as session:  # what any other sfcrm would read now
+                rows = session.exec(select(MpesaPayment)).all()
+            seen_at_push.append(
+                [(p.id, p.status, p.account_reference, p.amount, p.push_count,
+                  p.checkout_request_id) for p in rows]
+            )  # fmt: skip
 
     client = make_client(emulator.url, db, RecordingSession(before=look_at_the_table))
     payment = payments_with(db, client).request(str(person_with_balance.id), 500, "Deposit")
@@ -427,7 +422,7 @@ def test_refused_push_marks_the_payment_failed_with_darajas_reason(
 ) -> None:
     with pytest.raises(DarajaBusyError, match="Unable to lock subscriber"):
         payments.request("1", 500, "Deposit", phone=LOCKED_PHONE)
-    [payment] = find_payments(payments.db)
+    [payment] = payments.find()
     assert payment.status == PaymentStatus.FAILED
     assert payment.result_desc is not None and "Unable to lock subscriber" in payment.result_desc
     assert payment.result_code == "500.001.1001"
@@ -444,7 +439,7 @@ def test_unreachable_daraja_marks_the_payment_failed(
     payments = payments_with(db, client)
     with pytest.raises(DarajaUnreachableError):
         payments.request("1", 500, "Deposit")
-    [payment] = find_payments(payments.db)
+    [payment] = payments.find()
     assert payment.status == PaymentStatus.FAILED
     assert payment.result_desc == "Daraja could not be reached"
     assert payment.push_count == 0
@@ -461,7 +456,7 @@ def test_push_without_an_answer_in_time_is_unknown_and_never_pushed_again(
     silent = payments_with(db, client)
     with pytest.raises(DarajaTimeoutError):
         silent.request("1", 500, "Deposit")
-    [payment] = find_payments(silent.db)
+    [payment] = silent.find()
     assert payment.status == PaymentStatus.UNKNOWN
     assert payment.push_count == 1
     assert payment.checkout_request_id is None
@@ -496,7 +491,7 @@ def test_token_fetch_without_an_answer_fails_the_payment_as_never_pushed(
         with pytest.raises(DarajaTimeoutError):
             payments.request("1", 500, "Deposit")
         assert silent_daraja.pushes() == 0
-    [payment] = find_payments(payments.db)
+    [payment] = payments.find()
     # No push left this machine, so the prompt cannot be on the phone: not "unknown".
     assert payment.status == PaymentStatus.FAILED
     assert payment.push_count == 0

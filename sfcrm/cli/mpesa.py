@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sfcrm.cli.runtime import Runtime
-    from sfcrm.reads import PaymentLike
+    from sfcrm.models import MpesaPayment
 
 app = typer.Typer(
     help="Request, resend, check and reconcile M-Pesa payments.", no_args_is_help=True
@@ -54,7 +54,7 @@ def warn_if_not_safaricom(rt: "Runtime", phone: str) -> None:
         )
 
 
-def _payments_table(rt: "Runtime", payments: "Sequence[PaymentLike]") -> None:
+def _payments_table(rt: "Runtime", payments: "Sequence[MpesaPayment]") -> None:
     from rich.table import Table
 
     from sfcrm.money import format_kes
@@ -74,10 +74,10 @@ def _payments_table(rt: "Runtime", payments: "Sequence[PaymentLike]") -> None:
     rt.out.print(table)
 
 
-def _payment_detail(rt: "Runtime", payment: "PaymentLike") -> None:
+def _payment_detail(rt: "Runtime", payment: "MpesaPayment") -> None:
     from rich.table import Table
 
-    from sfcrm.reads import payment_json
+    from sfcrm.payments import payment_json
 
     table = Table(show_header=False, box=None)
     for key, value in payment_json(payment, rt.tz).items():
@@ -203,24 +203,23 @@ def status(
     Example: sfcrm mpesa status --status pending --refresh
     """
     with command(json_output) as rt:
-        # plain-SQL reads: without --refresh this command never loads the ORM
-        from sfcrm.reads import find_payments, get_payment, payment_json
+        from sfcrm.payments import payment_json
 
         if payment_id is not None:
             if refresh:
                 for problem in rt.payments.refresh([payment_id]):
                     rt.say(f"refresh: {problem}")
-            payment = get_payment(rt.db, payment_id)
+            payment = rt.payments.get(payment_id)
             rt.emit(payment_json(payment, rt.tz), lambda: _payment_detail(rt, payment))
             return
-        payments = find_payments(
-            rt.db, status=status_filter, person_ref=person, limit=limit, offset=offset
+        payments = rt.payments.find(
+            status=status_filter, person_ref=person, limit=limit, offset=offset
         )
         if refresh:
-            for problem in rt.payments.refresh([p.id for p in payments]):
+            for problem in rt.payments.refresh([p.id for p in payments if p.id is not None]):
                 rt.say(f"refresh: {problem}")
-            payments = find_payments(
-                rt.db, status=status_filter, person_ref=person, limit=limit, offset=offset
+            payments = rt.payments.find(
+                status=status_filter, person_ref=person, limit=limit, offset=offset
             )
         rt.emit([payment_json(p, rt.tz) for p in payments], lambda: _payments_table(rt, payments))
 

@@ -1,0 +1,13 @@
+"""The one service the CLI, the listener, the demo and the tests use."""
+
+from __future__ import annotations
+
+from sfcrm.payments.pushes import Pushes
+from sfcrm.payments.reconcile import Reconcile
+
+
+class Payments(Pushes, Reconcile):
+    """Everything the office does with M-Pesa payments: request and resend (``pushes``), the
+    callback inbox (``inbox``), reconcile (``reconcile``), reading payments (``base``), each
+    applying outcomes through :func:`~sfcrm.payments.outcome.apply_result`. Dependencies are
+    passed in (see :class:`~sfcrm.payments.base.PaymentsBase`)."""
