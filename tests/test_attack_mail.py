@@ -23,7 +23,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import requests
-from sqlmodel import select
+from sqlalchemy import update
+from sqlmodel import col, select
 from support import Recorder, SmtpSink, finish, recipients, run, run_json, sfcrm_process
 from typer.testing import CliRunner
 
@@ -267,10 +268,10 @@ def queue_500_failed(count: int) -> list[int]:
     transaction, the way a run against a stopped server leaves them."""
     with core() as rt:
         mailer = rt.mailer
-        with rt.db.raw_write() as conn:
+        with rt.db.write() as session:
             ids = [
                 mailer.queue(
-                    conn,
+                    session,
                     recipient=f"crew{n}@example.co.ke",
                     notification_type="crew_invitation",
                     subject=f"You are invited to work on: Gig {n}",
@@ -278,9 +279,13 @@ def queue_500_failed(count: int) -> list[int]:
                 )
                 for n in range(count)
             ]
-            conn.executemany(
-                "UPDATE email_notification SET failed_attempts = 1, last_error = ? WHERE id = ?",
-                [("cannot connect to the SMTP server (Connection refused)", i) for i in ids],
+            session.exec(
+                update(EmailNotification)
+                .where(col(EmailNotification.id).in_(ids))
+                .values(
+                    failed_attempts=1,
+                    last_error="cannot connect to the SMTP server (Connection refused)",
+                )
             )
             return ids
 
