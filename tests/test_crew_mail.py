@@ -115,18 +115,18 @@ def body(received: Any) -> str:
 
 
 @pytest.fixture
-def office(monkeypatch: pytest.MonkeyPatch, db_path: Path) -> Path:
-    """The office's settings: one database file for the CLI, the core and child processes."""
-    monkeypatch.setenv("SFCRM_DATABASE_URL", str(db_path))
+def office(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
+    """The office's settings: one database for the CLI, the core and child processes."""
+    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
     monkeypatch.setenv("DEFAULT_FROM_EMAIL", "Sound Fusion <office@soundfusion.test>")
     monkeypatch.setenv("SFCRM_ORG_NAME", "Sound Fusion Events Ltd")
     monkeypatch.setenv("SFCRM_ORG_PHONE", "0711000111")
     monkeypatch.setenv("SFCRM_ORG_EMAIL", "bookings@soundfusion.test")
-    return db_path
+    return database_url
 
 
 @pytest.fixture
-def smtp_env(monkeypatch: pytest.MonkeyPatch, office: Path, smtp_sink: SmtpSink) -> SmtpSink:
+def smtp_env(monkeypatch: pytest.MonkeyPatch, office: str, smtp_sink: SmtpSink) -> SmtpSink:
     use_smtp(monkeypatch, smtp_sink.port)
     return smtp_sink
 
@@ -146,7 +146,7 @@ class CountingRecorder(Recorder):
 
 
 @pytest.fixture
-def counting_smtp(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+def counting_smtp(monkeypatch: pytest.MonkeyPatch, office: str) -> Iterator[SmtpSink]:
     sink = SmtpSink(CountingRecorder())
     sink.handler.on_stop = sink.stop
     sink.start()
@@ -497,7 +497,7 @@ OFFICE_PASSWORD = "pa55-Word!"  # what the mail provider gave: ASCII
 
 
 @pytest.fixture
-def smtp_requiring_login(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+def smtp_requiring_login(monkeypatch: pytest.MonkeyPatch, office: str) -> Iterator[SmtpSink]:
     """Offers AUTH and accepts only the office's login, which sfcrm is set up with."""
 
     def only_the_office(
@@ -657,7 +657,7 @@ class SlowToAnswerRecorder(Recorder):
 
 
 def test_ctrl_c_while_the_server_takes_the_message_leaves_it_maybe_delivered(
-    monkeypatch: pytest.MonkeyPatch, office: Path
+    monkeypatch: pytest.MonkeyPatch, office: str
 ) -> None:
     handler = SlowToAnswerRecorder()
     sink = SmtpSink(handler)
@@ -683,7 +683,7 @@ def test_ctrl_c_while_the_server_takes_the_message_leaves_it_maybe_delivered(
 
 
 def test_hang_up_after_the_message_data_is_maybe_delivered_and_never_resent_unless_named(
-    monkeypatch: pytest.MonkeyPatch, office: Path
+    monkeypatch: pytest.MonkeyPatch, office: str
 ) -> None:
     sink = SmtpSink(DroppingRecorder())
     sink.start()
@@ -759,7 +759,7 @@ def test_bulk_send_without_a_terminal_prints_one_summary_line_and_no_progress_ba
 
 
 @pytest.fixture
-def smtp_refusing_login(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+def smtp_refusing_login(monkeypatch: pytest.MonkeyPatch, office: str) -> Iterator[SmtpSink]:
     """Offers AUTH and refuses every login; the office's password is a canary."""
 
     def refuse(*_args: Any) -> AuthResult:
@@ -775,7 +775,7 @@ def smtp_refusing_login(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterat
 
 
 def test_smtp_password_never_reaches_output_mail_log_or_log_file(
-    smtp_refusing_login: SmtpSink, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, office: Path
+    smtp_refusing_login: SmtpSink, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, office: str
 ) -> None:
     log_file = tmp_path / "sfcrm.log"
     monkeypatch.setenv("SFCRM_LOG_FILE", str(log_file))
@@ -803,9 +803,11 @@ def test_smtp_password_never_reaches_output_mail_log_or_log_file(
         base64.b64encode(f"\0office\0{CANARY}".encode()).decode(),
     ]
     texts = [r.stdout + r.stderr for r in results] + [json.dumps(stored), logged]
-    texts += [
-        p.read_bytes().decode("latin-1") for p in office.parent.glob(office.name + "*")
-    ]  # the database file and its journal, byte for byte
+    if "://" not in office:  # the database file and its journal, byte for byte
+        database = Path(office)
+        texts += [
+            p.read_bytes().decode("latin-1") for p in database.parent.glob(database.name + "*")
+        ]
     for form in forms:
         assert not any(form in text for text in texts), form
     assert smtp_refusing_login.handler.messages == []
