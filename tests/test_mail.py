@@ -521,6 +521,30 @@ def test_email_claimed_by_a_live_sender_is_skipped(db: Database, smtp_sink: Smtp
     assert smtp_sink.handler.messages == []
 
 
+def test_claim_skips_an_email_another_transaction_has_locked_instead_of_waiting(
+    database_url: str, db: Database, smtp_sink: SmtpSink
+) -> None:
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite locks the whole file: there a claim waits for the other writer")
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    [email_id] = queue(mailer, ["a@example.co.ke"])
+    other = Database(database_url)  # another sender, mid-claim
+    try:
+        with other.write() as session:
+            assert session.get(EmailNotification, email_id, with_for_update=True)
+            started = time.monotonic()
+            report = mailer.send([email_id])
+            waited = time.monotonic() - started
+    finally:
+        other.close()
+
+    assert report.skipped == [email_id]
+    assert report.reasons[email_id] == "being sent by another sfcrm right now"
+    assert waited < 5  # not the minute a lock wait lasts
+    assert smtp_sink.handler.messages == []
+    assert mailer.send([email_id]).sent == [email_id]  # once the other one let go
+
+
 def test_send_that_died_mid_way_is_failed_as_maybe_delivered_and_retried_only_when_named(
     db: Database, smtp_sink: SmtpSink
 ) -> None:
