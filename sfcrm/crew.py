@@ -138,7 +138,9 @@ def note_email_sent(session: Session, assignment_id: int, kind: str, now: dateti
     """The assignment's email of this kind went out at ``now`` (once per email sent: the
     statement is built once, on the table)."""
     if kind in _SENT:
-        session.exec(_sent_statement(kind), params={"assignment": assignment_id, "at": now})
+        session.connection().execute(
+            _sent_statement(kind), {"assignment": assignment_id, "at": now}
+        )
 
 
 @functools.cache

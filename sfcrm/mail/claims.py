@@ -13,7 +13,8 @@ locked (``SKIP LOCKED`` on PostgreSQL; SQLite's write lock holds the whole file)
 at once never deliver one email twice.
 
 These run once or twice per email sent, so each statement is built once, on the table, with
-bound parameters: building one and going through the ORM cost more than running it.
+bound parameters, and runs on the session's own connection (in its transaction): building a
+statement and going through the ORM's execute cost more than running it.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def _statements() -> dict[str, Any]:
 
 
 def _run(session: Session, name: str, **params: Any) -> Any:
-    return session.execute(_statements()[name], params)
+    return session.connection().execute(_statements()[name], params)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def any_abandoned(session: Session, now: datetime) -> bool:
 
 def write(session: Session, **columns: Any) -> int:
     """A new email in the log (queued), in the caller's transaction; its id."""
-    written = session.exec(insert(T), params={**_QUEUED, **columns})
+    written = session.connection().execute(insert(T), {**_QUEUED, **columns})
     key = written.inserted_primary_key
     assert key is not None
     email_id: int = key[0]
@@ -302,7 +303,7 @@ def _take(
     """
     params = {**selection.params, **values, "email_id": email_id}
     for _ in range(3):
-        if session.exec(_take_statement(selection.auto, move), params=params).rowcount:
+        if session.connection().execute(_take_statement(selection.auto, move), params).rowcount:
             return None
         reason = _refusal(session, email_id, selection)
         if reason is not None:
@@ -313,9 +314,11 @@ def _take(
 def _refusal(session: Session, email_id: int, selection: Selection) -> str | None:
     """Why the selection may not send this email now; None once an expired claim on it was
     settled (or it changed meanwhile), so that it is judged again."""
-    found = session.execute(
-        _state_statement(selection.auto), {**selection.params, "email_id": email_id}
-    ).first()
+    found = (
+        session.connection()
+        .execute(_state_statement(selection.auto), {**selection.params, "email_id": email_id})
+        .first()
+    )
     if found is None:
         exists = _run(session, "exists", email_id=email_id).first() is not None
         return HELD if exists else "no such email"
