@@ -177,6 +177,7 @@ def _statements() -> dict[str, Any]:
         "claim_token": None,
     }
     return {
+        "write": insert(T),
         "exists": select(T.c.id).where(T.c.id == _EMAIL),
         "message": select(T.c.mime, T.c.recipient, T.c.notification_type, T.c.assignment_id).where(
             T.c.id == _EMAIL
@@ -221,7 +222,7 @@ def any_abandoned(session: Session, now: datetime) -> bool:
 
 def write(session: Session, **columns: Any) -> int:
     """A new email in the log (queued), in the caller's transaction; its id."""
-    written = session.connection().execute(insert(T), {**_QUEUED, **columns})
+    written = session.connection().execute(_statements()["write"], {**_QUEUED, **columns})
     key = written.inserted_primary_key
     assert key is not None
     email_id: int = key[0]
