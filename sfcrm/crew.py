@@ -1,31 +1,64 @@
-"""The event crew CRM: who works which event in which role. Their emails are in
-:mod:`sfcrm.crewmail`."""
+"""The event crew CRM: who works which event in which role, and the one writer of the
+``event_crew`` table. Their emails are written and sent by :mod:`sfcrm.crewmail`, which tells
+this module what became of them."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, or_
+from sqlalchemy import Integer, Update, bindparam, func, or_, update
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import Select
 
-from sfcrm.crewmail import Org, email_context
 from sfcrm.db import Database
 from sfcrm.errors import ConflictError, NotFoundError, ValidationError
 from sfcrm.events import _one_line
-from sfcrm.models import CrewStatus, EmailNotification, Event, EventCrew, Person
+from sfcrm.models import (
+    CrewStatus,
+    EmailNotification,
+    Event,
+    EventCrew,
+    Person,
+    UTCDateTime,
+    table,
+)
 from sfcrm.people import find_person
 from sfcrm.rsvp import binding
+from sfcrm.times import iso_in
 
 log = logging.getLogger("sfcrm.crew")
+
+# The kinds of crew email (``email_notification.notification_type``)
+INVITATION = "crew_invitation"
+REMINDER = "crew_reminder"
+BRIEFING = "crew_briefing"
+
+# The assignment's columns that follow an email of each kind: the email written (set when it
+# is queued, so two runs at once cannot both queue one), then sent and when.
+_WRITTEN = {INVITATION: "invitation_email_id", REMINDER: "reminder_email_id"}
+_SENT = {
+    INVITATION: ("invitation_sent", "invitation_sent_at"),
+    REMINDER: ("reminder_sent", "reminder_sent_at"),
+}
+
+
+@dataclass(frozen=True)
+class Org:
+    name: str
+    phone: str | None
+    email: str | None
 
 
 @dataclass(frozen=True)
 class CrewRow:
+    """One assignment with its event and person, read together in one select."""
+
     crew: EventCrew
     event: Event
     person: Person
@@ -37,10 +70,6 @@ class CrewRow:
 
     def json(self, tz: ZoneInfo) -> dict[str, Any]:
         c = self.crew
-
-        def iso(value: datetime | None) -> str | None:
-            return value.astimezone(tz).isoformat(timespec="seconds") if value else None
-
         return {
             "id": c.id,
             "event_id": c.event_id,
@@ -51,11 +80,88 @@ class CrewRow:
             "role": c.role,
             "status": c.status,
             "invitation_sent": c.invitation_sent,
-            "invitation_sent_at": iso(c.invitation_sent_at),
+            "invitation_sent_at": iso_in(c.invitation_sent_at, tz),
             "reminder_sent": c.reminder_sent,
-            "reminder_sent_at": iso(c.reminder_sent_at),
+            "reminder_sent_at": iso_in(c.reminder_sent_at, tz),
             "notes": c.notes,
         }
+
+
+def format_day(day: str) -> str:
+    return datetime.fromisoformat(day).strftime("%A %d %B %Y")
+
+
+def template_context(org: Org, row: CrewRow, **extra: Any) -> dict[str, Any]:
+    """The variables of every crew template (emails and the RSVP pages)."""
+    person, event = row.person, row.event
+    return {
+        "person": {"name": person.name, "email": person.email, "phone": person.phone},
+        "role": row.crew.role,
+        "notes": row.crew.notes,
+        "event": {
+            "name": event.name,
+            "date": format_day(event.date),
+            "time": event.time,
+            "end_time": event.end_time,
+            "location": event.location,
+            "details": event.details,
+        },
+        "org": {"name": org.name, "phone": org.phone, "email": org.email},
+        **extra,
+    }
+
+
+def crew_select() -> Select[EventCrew, Event, Person]:
+    """Assignments joined to their event and person: the rows of :class:`CrewRow`."""
+    return (
+        select(EventCrew, Event, Person)
+        .join(Event, col(Event.id) == col(EventCrew.event_id))
+        .join(Person, col(Person.id) == col(EventCrew.person_id))
+    )
+
+
+def crew_rows(session: Session, query: Select[EventCrew, Event, Person]) -> list[CrewRow]:
+    return [CrewRow(c, e, p) for c, e, p in session.exec(query).all()]
+
+
+def note_emails_written(session: Session, kind: str, written: Sequence[tuple[int, int]]) -> None:
+    """Each (assignment id, email id): the assignment's email of this kind is written, in the
+    transaction that wrote it. Kinds an assignment does not keep (briefings) change nothing."""
+    if kind in _WRITTEN and written:
+        session.exec(
+            _written_statement(kind),
+            params=[{"assignment": a, "email": e} for a, e in written],
+        )
+
+
+def note_email_sent(session: Session, assignment_id: int, kind: str, now: datetime) -> None:
+    """The assignment's email of this kind went out at ``now`` (once per email sent: the
+    statement is built once, on the table)."""
+    if kind in _SENT:
+        session.connection().execute(
+            _sent_statement(kind), {"assignment": assignment_id, "at": now}
+        )
+
+
+@functools.cache
+def _written_statement(kind: str) -> Update:
+    c = table(EventCrew).c
+    return (
+        update(table(EventCrew))
+        .where(c.id == bindparam("assignment"))
+        .values({_WRITTEN[kind]: bindparam("email", type_=Integer)})
+    )
+
+
+@functools.cache
+def _sent_statement(kind: str) -> Update:
+    c = table(EventCrew).c
+    flag, at = _SENT[kind]
+    return (
+        update(table(EventCrew))
+        .where(c.id == bindparam("assignment"))
+        .values({flag: True, at: bindparam("at", type_=UTCDateTime)})
+    )
 
 
 class Crew:
@@ -92,6 +198,9 @@ class Crew:
             if event is None:
                 raise NotFoundError("no such event", value=str(event_id))
             person = find_person(session, person_ref)
+            # One assignment of a person at a time: the duplicate and overlap checks below
+            # must see any other being written for them (PostgreSQL has no file lock).
+            session.refresh(person, with_for_update=True)
             existing = session.exec(
                 select(EventCrew).where(
                     EventCrew.event_id == event_id, EventCrew.person_id == person.id
@@ -137,16 +246,6 @@ class Crew:
             .order_by(col(Event.starts_at))
         ).first()
 
-    def _rows(self, session: Session, query: Any) -> list[CrewRow]:
-        return [CrewRow(c, e, p) for c, e, p in session.exec(query).all()]
-
-    def _base(self) -> Any:
-        return (
-            select(EventCrew, Event, Person)
-            .join(Event, col(Event.id) == col(EventCrew.event_id))
-            .join(Person, col(Person.id) == col(EventCrew.person_id))
-        )
-
     def find(
         self,
         *,
@@ -159,7 +258,7 @@ class Crew:
             raise ValidationError(
                 "unknown status", value=status, hint="one of " + ", ".join(CrewStatus.ALL)
             )
-        query = self._base().order_by(col(Event.starts_at), col(EventCrew.id)).limit(limit)
+        query = crew_select().order_by(col(Event.starts_at), col(EventCrew.id)).limit(limit)
         if event_id is not None:
             query = query.where(EventCrew.event_id == event_id)
         if status is not None:
@@ -177,11 +276,11 @@ class Crew:
         with self.db.read() as session:
             if event_id is not None and session.get(Event, event_id) is None:
                 raise NotFoundError("no such event", value=str(event_id))
-            return self._rows(session, query)
+            return crew_rows(session, query)
 
     def get(self, assignment_id: int) -> CrewRow:
         with self.db.read() as session:
-            rows = self._rows(session, self._base().where(EventCrew.id == assignment_id))
+            rows = crew_rows(session, crew_select().where(col(EventCrew.id) == assignment_id))
         if not rows:
             raise NotFoundError("no such assignment", value=str(assignment_id))
         return rows[0]
@@ -201,7 +300,7 @@ class Crew:
         if target is None:
             raise ValidationError("answer must be confirm or decline", value=answer)
         with self.db.write() as session:
-            crew = session.get(EventCrew, assignment_id)
+            crew = session.get(EventCrew, assignment_id, with_for_update=True)
             if crew is None or (
                 bound_to is not None
                 and binding(crew.event_id, crew.person_id, crew.created_at) != bound_to
@@ -244,9 +343,9 @@ class Crew:
                     hint="mark crew completed after the event",
                 )
             crews = session.exec(
-                select(EventCrew).where(
-                    EventCrew.event_id == event_id, EventCrew.status == CrewStatus.CONFIRMED
-                )
+                select(EventCrew)
+                .where(EventCrew.event_id == event_id, EventCrew.status == CrewStatus.CONFIRMED)
+                .with_for_update()
             ).all()
             for crew in crews:
                 crew.status = CrewStatus.COMPLETED
@@ -259,9 +358,9 @@ class Crew:
         """A crew member's own view: pending invitations, confirmed, completed, declined."""
         with self.db.read() as session:
             person = find_person(session, person_ref)
-            rows = self._rows(
+            rows = crew_rows(
                 session,
-                self._base()
+                crew_select()
                 .where(EventCrew.person_id == person.id)
                 .order_by(col(Event.starts_at), col(EventCrew.id)),
             )
@@ -277,4 +376,4 @@ class Crew:
 
     def context(self, row: CrewRow, **extra: Any) -> dict[str, Any]:
         """What the crew templates see, for the RSVP pages."""
-        return email_context(self.org, row.event, row.crew, row.person, **extra)
+        return template_context(self.org, row, **extra)

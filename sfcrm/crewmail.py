@@ -2,47 +2,50 @@
 
 Sending follows one rule: an email is written to the mail log (and the assignment marked as
 having it) in the same transaction that selects whom to write to, then sent. Two runs at once,
-say two cron ``crew remind``, cannot both pick the same assignment: the second one's
-transaction starts after the first one's commit and finds the assignment taken.
-
-These commands run from cron every few minutes, so this module works on plain sqlite3 and
-never loads the ORM: a run that has nothing to send is over in a blink.
+say two cron ``crew remind``, cannot both pick the same assignment: the selection locks the
+assignments it picks (SQLite's write lock holds the whole file; on PostgreSQL a reminder run
+skips the ones another run holds, and an invitation or briefing waits for it), so the second
+run finds each one taken.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from sfcrm.db import Database, db_time, from_db_time
+from sqlalchemy import ColumnElement
+from sqlmodel import Session, col, select
+
+from sfcrm.crew import (
+    BRIEFING,
+    INVITATION,
+    REMINDER,
+    CrewRow,
+    Org,
+    crew_rows,
+    crew_select,
+    note_emails_written,
+    template_context,
+)
+from sfcrm.db import Database
 from sfcrm.errors import NotFoundError, ValidationError
-from sfcrm.rsvp import binding
+from sfcrm.models import EmailNotification, Event, EventCrew
 from sfcrm.status import CrewStatus
 
 if TYPE_CHECKING:
     from sfcrm.mail import Mailer, SendReport
     from sfcrm.render import Renderer
 
+__all__ = ["BRIEFING", "INVITATION", "MAX_REMIND_HOURS", "REMINDER", "CrewMail", "MailRun", "Org"]
+
 log = logging.getLogger("sfcrm.crew")
 
 MAX_REMIND_HOURS = 24 * 366  # `crew remind --hours`: a (leap) year ahead at most
 
-INVITATION = "crew_invitation"
-REMINDER = "crew_reminder"
-BRIEFING = "crew_briefing"
-
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class Org:
-    name: str
-    phone: str | None
-    email: str | None
 
 
 @dataclass
@@ -64,140 +67,13 @@ class MailRun:
         return len(self.report.sent) if self.report else 0
 
 
-def format_day(day: str) -> str:
-    return datetime.fromisoformat(day).strftime("%A %d %B %Y")
+@dataclass(frozen=True)
+class _Plan:
+    """What one kind of crew email says to each selected assignment, and whom it passes over."""
 
-
-# -- what the templates see ----------------------------------------------------------------------
-
-
-class EventLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def date(self) -> str: ...
-    @property
-    def time(self) -> str | None: ...
-    @property
-    def end_time(self) -> str | None: ...
-    @property
-    def location(self) -> str: ...
-    @property
-    def details(self) -> str | None: ...
-
-
-class AssignmentLike(Protocol):
-    @property
-    def role(self) -> str: ...
-    @property
-    def notes(self) -> str | None: ...
-
-
-class PersonLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def email(self) -> str | None: ...
-    @property
-    def phone(self) -> str: ...
-
-
-def email_context(
-    org: Org, event: EventLike, crew: AssignmentLike, person: PersonLike, **extra: Any
-) -> dict[str, Any]:
-    """The variables of every crew template (emails and the RSVP pages)."""
-    return {
-        "person": {"name": person.name, "email": person.email, "phone": person.phone},
-        "role": crew.role,
-        "notes": crew.notes,
-        "event": {
-            "name": event.name,
-            "date": format_day(event.date),
-            "time": event.time,
-            "end_time": event.end_time,
-            "location": event.location,
-            "details": event.details,
-        },
-        "org": {"name": org.name, "phone": org.phone, "email": org.email},
-        **extra,
-    }
-
-
-# -- rows, read with plain SQL ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class EventFacts:
-    id: int
-    name: str
-    date: str
-    time: str | None
-    end_time: str | None
-    location: str
-    details: str | None
-    starts_at: datetime
-    ends_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class AssignmentFacts:
-    id: int
-    role: str
-    notes: str | None
-    status: str
-    invitation_sent: bool
-    invitation_email_id: int | None
-    created_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class PersonFacts:
-    id: int
-    name: str
-    email: str | None
-    phone: str
-
-
-@dataclass(frozen=True, slots=True)
-class MailRow:
-    crew: AssignmentFacts
-    event: EventFacts
-    person: PersonFacts
-
-
-_SELECT = """
-    SELECT c.id, c.role, c.notes, c.status, c.invitation_sent, c.invitation_email_id,
-           c.created_at, e.id, e.name, e.date, e.time, e.end_time, e.location, e.details,
-           e.starts_at, e.ends_at, p.id, p.name, p.email, p.phone
-    FROM event_crew c
-    JOIN event e ON e.id = c.event_id
-    JOIN person p ON p.id = c.person_id
-"""
-
-
-def _select(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> list[MailRow]:
-    rows = conn.execute(f"{_SELECT} WHERE {where} ORDER BY e.starts_at, c.id", params)
-    return [
-        MailRow(
-            AssignmentFacts(cid, role, notes, status, bool(sent), email_id, from_db_time(created)),
-            EventFacts(
-                eid, name, date, time, end, location, details, from_db_time(start),
-                from_db_time(stop),
-            ),
-            PersonFacts(pid, pname, email, phone),
-        )
-        for (
-            cid, role, notes, status, sent, email_id, created, eid, name, date, time, end,
-            location, details, start, stop, pid, pname, email, phone,
-        ) in rows
-    ]  # fmt: skip
-
-
-def _event_exists(conn: sqlite3.Connection, event_id: int) -> bool:
-    return conn.execute("SELECT 1 FROM event WHERE id = ?", (event_id,)).fetchone() is not None
-
-
-# -- sending ---------------------------------------------------------------------------------
+    subject: Callable[[CrewRow], str]
+    refusal: Callable[[CrewRow], str | None] = lambda _row: None
+    variables: Callable[[CrewRow], dict[str, Any]] = lambda _row: {}
 
 
 class CrewMail:
@@ -230,34 +106,23 @@ class CrewMail:
         """Email every selected assignment whose invitation has not been sent yet."""
         if (event_id is None) == (not assignment_ids):
             raise ValidationError("give --event or assignment ids (one of the two)")
-        if event_id is not None:
-            where, params = "c.event_id = ?", [event_id]
-        else:
-            ids = list(dict.fromkeys(assignment_ids))
-            where, params = f"c.id IN ({', '.join('?' * len(ids))})", ids
+        chosen = (
+            col(EventCrew.event_id) == event_id
+            if event_id is not None
+            else col(EventCrew.id).in_(list(dict.fromkeys(assignment_ids)))
+        )
 
-        def subject(row: MailRow) -> str:
-            return f"You are invited to work on: {row.event.name}"
-
-        def extra(row: MailRow) -> dict[str, Any]:
-            bound_to = binding(row.event.id, row.person.id, row.crew.created_at)
-            return {"rsvp_url": self._rsvp(row.crew.id, bound_to, row.event.ends_at)}
-
-        def wanted(row: MailRow) -> str | None:
-            if row.crew.invitation_sent:
-                return "invitation already sent"
-            if row.crew.invitation_email_id is not None:
-                return (
-                    f"invitation already written (email {row.crew.invitation_email_id}); "
-                    "see `sfcrm mail retry`"
-                )
-            if row.crew.status in (CrewStatus.DECLINED, CrewStatus.COMPLETED):
-                return f"assignment is {row.crew.status}"
-            return None
+        def plan(_session: Session, _rows: list[CrewRow]) -> _Plan:
+            return _Plan(
+                subject=lambda row: f"You are invited to work on: {row.event.name}",
+                refusal=lambda row: row.crew.invitation_refusal(),
+                variables=lambda row: {
+                    "rsvp_url": self._rsvp(_id(row), row.binding, row.event.ends_at)
+                },
+            )
 
         return self._run(
-            where, params, INVITATION, subject, extra, wanted, "invitation_email_id",
-            dry_run=dry_run, progress=progress, check_event=event_id,
+            INVITATION, chosen, plan, dry_run=dry_run, progress=progress, check_event=event_id,
             expected_ids=assignment_ids, calendar=True,
         )  # fmt: skip
 
@@ -279,23 +144,20 @@ class CrewMail:
             )
         now = self.clock()
         # the event index picks the window; the rest is checked on its few rows
-        where = (
-            "e.starts_at > ? AND e.starts_at <= ? AND c.status = ? AND c.reminder_sent = 0 "
-            "AND c.reminder_email_id IS NULL"
+        chosen = (
+            (col(Event.starts_at) > now)
+            & (col(Event.starts_at) <= now + timedelta(hours=hours))
+            & EventCrew.awaiting_reminder()
         )
-        params: list[Any] = [
-            db_time(now), db_time(now + timedelta(hours=hours)), CrewStatus.CONFIRMED,
-        ]  # fmt: skip
         if event_id is not None:
-            where += " AND c.event_id = ?"
-            params.append(event_id)
+            chosen = chosen & (col(EventCrew.event_id) == event_id)
 
-        def subject(row: MailRow) -> str:
-            return f"Reminder: {row.event.name} - {row.event.date}"
+        def plan(_session: Session, _rows: list[CrewRow]) -> _Plan:
+            return _Plan(subject=lambda row: f"Reminder: {row.event.name} - {row.event.date}")
 
         return self._run(
-            where, params, REMINDER, subject, lambda _row: {}, lambda _row: None,
-            "reminder_email_id", dry_run=dry_run, progress=progress, check_event=event_id,
+            REMINDER, chosen, plan, dry_run=dry_run, progress=progress, check_event=event_id,
+            skip_held=True,
         )  # fmt: skip
 
     def brief(
@@ -307,84 +169,80 @@ class CrewMail:
         progress: Progress | None = None,
     ) -> MailRun:
         """Send the setup briefing, with the whole confirmed roster, to confirmed crew."""
-        where, params = "c.event_id = ? AND c.status = ?", [event_id, CrewStatus.CONFIRMED]
-        with self.db.raw_read() as conn:
-            if not _event_exists(conn, event_id):
-                raise NotFoundError("no such event", value=str(event_id))
-            roster_rows = _select(conn, where, params)
-            briefed = {
-                found[0]
-                for found in conn.execute(
-                    "SELECT n.assignment_id FROM email_notification n "
-                    "JOIN event_crew c ON c.id = n.assignment_id "
-                    "WHERE c.event_id = ? AND n.notification_type = ?",
-                    (event_id, BRIEFING),
-                )
-            }
-        roster = [
-            {"name": r.person.name, "role": r.crew.role, "phone": r.person.phone}
-            for r in roster_rows
-        ]
+        chosen = (col(EventCrew.event_id) == event_id) & (
+            col(EventCrew.status) == CrewStatus.CONFIRMED
+        )
 
-        def subject(row: MailRow) -> str:
-            return f"Setup Briefing: {row.event.name}"
-
-        def wanted(row: MailRow) -> str | None:
-            if row.crew.id in briefed and not again:
-                return "briefing already written (use --again to send it once more)"
-            return None
+        def plan(session: Session, rows: list[CrewRow]) -> _Plan:
+            briefed = set() if again else _briefed(session, event_id)
+            roster = [
+                {"name": r.person.name, "role": r.crew.role, "phone": r.person.phone} for r in rows
+            ]
+            return _Plan(
+                subject=lambda row: f"Setup Briefing: {row.event.name}",
+                refusal=lambda row: (
+                    "briefing already written (use --again to send it once more)"
+                    if row.crew.id in briefed
+                    else None
+                ),
+                variables=lambda _row: {"roster": roster},
+            )
 
         return self._run(
-            where, params, BRIEFING, subject, lambda _row: {"roster": roster}, wanted, None,
-            dry_run=dry_run, progress=progress, check_event=event_id,
-        )  # fmt: skip
+            BRIEFING, chosen, plan, dry_run=dry_run, progress=progress, check_event=event_id
+        )
 
     def _run(
         self,
-        where: str,
-        params: Sequence[Any],
         kind: str,
-        subject: Callable[[MailRow], str],
-        extra: Callable[[MailRow], dict[str, Any]],
-        wanted: Callable[[MailRow], str | None],
-        claim_column: str | None,
+        chosen: ColumnElement[bool],
+        plan: Callable[[Session, list[CrewRow]], _Plan],
         *,
         dry_run: bool,
         progress: Progress | None,
         check_event: int | None = None,
         expected_ids: Sequence[int] = (),
         calendar: bool = False,
+        skip_held: bool = False,
     ) -> MailRun:
-        run = MailRun(dry_run=dry_run)
         mailer = None if dry_run else self._mailer()
         if mailer is not None:
             mailer.check()  # a setting that cannot work fails now, with nothing written
-        # One transaction selects, writes the log rows and claims the assignments.
-        with self.db.raw_read() if dry_run else self.db.raw_write() as conn:
-            if check_event is not None and not _event_exists(conn, check_event):
+        query = crew_select().where(chosen).order_by(col(Event.starts_at), col(EventCrew.id))
+        if not dry_run:
+            # The assignments are claimed in this transaction: lock them (a reminder run skips
+            # ones another run holds; the others wait for it and see what it wrote).
+            query = query.with_for_update(of=EventCrew, skip_locked=skip_held)
+
+        def write(session: Session) -> MailRun:
+            run = MailRun(dry_run=dry_run)
+            if check_event is not None and session.get(Event, check_event) is None:
                 raise NotFoundError("no such event", value=str(check_event))
-            rows = _select(conn, where, params)
-            missing = sorted(set(expected_ids) - {r.crew.id for r in rows})
+            rows = crew_rows(session, query)
+            missing = sorted(set(expected_ids) - {_id(r) for r in rows})
             if missing:
                 raise NotFoundError("no such assignment", value=", ".join(map(str, missing)))
-            claims: list[tuple[int, int]] = []
+            told = plan(session, rows)
+            written: list[tuple[int, int]] = []
             for row in rows:
-                reason = wanted(row)
+                reason = told.refusal(row)
                 if reason is None and not row.person.email:
                     reason = f"{row.person.name} has no email address"
                 if reason is not None:
-                    run.skipped.append((row.crew.id, reason))
+                    run.skipped.append((_id(row), reason))
                     continue
-                title, text, html = self._compose(row, kind, subject(row), **extra(row))
-                if dry_run:
+                title, text, html = self._compose(
+                    row, kind, told.subject(row), **told.variables(row)
+                )
+                if mailer is None:
                     run.previews.append(
                         {"assignment_id": row.crew.id, "recipient": row.person.email,
                          "subject": title, "message": text}
                     )  # fmt: skip
                     continue
-                assert mailer is not None and row.person.email
+                assert row.person.email
                 email_id = mailer.queue(
-                    conn,
+                    session,
                     recipient=row.person.email,
                     notification_type=kind,
                     subject=title,
@@ -395,21 +253,25 @@ class CrewMail:
                     assignment_id=row.crew.id,
                 )
                 run.queued.append(email_id)
-                claims.append((email_id, row.crew.id))
-            if claim_column and claims:
-                conn.executemany(
-                    f"UPDATE event_crew SET {claim_column} = ? WHERE id = ?",  # noqa: S608
-                    claims,
-                )
+                written.append((_id(row), email_id))
+            note_emails_written(session, kind, written)
+            return run
+
+        if dry_run:
+            with self.db.read() as session:
+                run = write(session)
+        else:
+            # One transaction selects, writes the log rows and claims the assignments.
+            run = self.db.transaction(write)
         if mailer is not None and run.queued:
             run.report = mailer.send(run.queued, progress=progress)
         return run
 
     def _compose(
-        self, row: MailRow, kind: str, subject: str, **extra: Any
+        self, row: CrewRow, kind: str, subject: str, **extra: Any
     ) -> tuple[str, str, str | None]:
         renderer = self._renderer()
-        context = email_context(self.org, row.event, row.crew, row.person, **extra)
+        context = template_context(self.org, row, **extra)
         text = renderer.render(f"{kind}.txt.j2", **context)
         html = (
             renderer.render(f"{kind}.html.j2", **context)
@@ -418,7 +280,7 @@ class CrewMail:
         )
         return subject, text, html
 
-    def _ics(self, row: MailRow) -> tuple[str, str, bytes]:
+    def _ics(self, row: CrewRow) -> tuple[str, str, bytes]:
         from sfcrm.ics import event_ics
 
         event = row.event
@@ -439,3 +301,22 @@ class CrewMail:
             now=self.clock(),
         )
         return ("event.ics", "text/calendar; method=PUBLISH", text.encode("utf-8"))
+
+
+def _id(row: CrewRow) -> int:
+    assert row.crew.id is not None  # read from the table
+    return row.crew.id
+
+
+def _briefed(session: Session, event_id: int) -> set[int]:
+    """The assignments of the event a briefing was ever written for."""
+    n = EmailNotification
+    return {
+        assignment_id
+        for assignment_id in session.exec(
+            select(n.assignment_id)
+            .join(EventCrew, col(EventCrew.id) == col(n.assignment_id))
+            .where(EventCrew.event_id == event_id, n.notification_type == BRIEFING)
+        )
+        if assignment_id is not None
+    }

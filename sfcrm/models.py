@@ -7,7 +7,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ConfigDict
-from sqlalchemy import Column, ColumnElement, ForeignKey, Index, LargeBinary, and_, column, or_
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    Table,
+    and_,
+    column,
+    not_,
+    or_,
+)
 from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel, col
@@ -36,6 +47,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 # a payment in one of these has moved money, or holds it for review (MpesaPayment.settled)
 _MONEY_MOVED = (PaymentStatus.COMPLETED, PaymentStatus.NEEDS_REVIEW)
+
+
+def table(model: type[SQLModel]) -> Table:
+    """The table a model maps, for the Core statements of hot paths."""
+    return SQLModel.metadata.tables[str(model.__tablename__)]
 
 
 def _ts(nullable: bool = True) -> Any:
@@ -215,6 +231,28 @@ class EventCrew(SQLModel, table=True):
     responded_at: datetime | None = _ts()
     created_at: datetime = _ts(nullable=False)
 
+    def invitation_refusal(self) -> str | None:
+        """Why this assignment gets no invitation now, or None."""
+        if self.invitation_sent:
+            return "invitation already sent"
+        if self.invitation_email_id is not None:
+            return (
+                f"invitation already written (email {self.invitation_email_id}); "
+                "see `sfcrm mail retry`"
+            )
+        if self.status in (CrewStatus.DECLINED, CrewStatus.COMPLETED):
+            return f"assignment is {self.status}"
+        return None
+
+    @classmethod
+    def awaiting_reminder(cls) -> ColumnElement[bool]:
+        """Confirmed, and no reminder sent or written yet."""
+        return and_(
+            col(cls.status) == CrewStatus.CONFIRMED,
+            col(cls.reminder_sent).is_(False),
+            col(cls.reminder_email_id).is_(None),
+        )
+
 
 class EmailNotification(SQLModel, table=True):
     """The mail log: every email is written here before it is sent, as the exact bytes sent."""
@@ -245,6 +283,23 @@ class EmailNotification(SQLModel, table=True):
     permanent_failure: bool = False  # a 5xx refusal: not retried without being named
     claimed_until: datetime | None = _ts()  # a sender holds it until then
     claim_token: str | None = None
+
+    # Its sending state, as conditions on the table's columns, for the statements of
+    # sfcrm.mail.claims (which makes the moves). Each is true or false, never NULL, so that its
+    # negation holds too. ``now`` is a time or a bound parameter.
+
+    @classmethod
+    def held(cls, now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
+        """A sender holds it: its claim has not expired."""
+        c = table(cls).c
+        return and_(c.claimed_until.is_not(None), c.claimed_until >= now)
+
+    @classmethod
+    def abandoned(cls, now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
+        """Claimed, and the claim expired without a result: the sender died or hung mid-send,
+        so it may have been delivered."""
+        c = table(cls).c
+        return and_(c.is_sent.is_(False), c.claim_token.is_not(None), not_(cls.held(now)))
 
 
 class BalanceKind:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -23,12 +22,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import requests
-from sqlmodel import select
+from sqlalchemy import update
+from sqlmodel import col, select
 from support import Recorder, SmtpSink, finish, recipients, run, run_json, sfcrm_process
 from typer.testing import CliRunner
 
 from sfcrm.cli import app
 from sfcrm.cli.runtime import RootOptions, Runtime
+from sfcrm.db import Database
 from sfcrm.models import CrewStatus, EmailNotification, EventCrew, Person
 
 runner = CliRunner()
@@ -110,22 +111,22 @@ class CountingRecorder(Recorder):
 
 
 @pytest.fixture
-def office(monkeypatch: pytest.MonkeyPatch, db_path: Path, tmp_path: Path) -> Path:
-    """One database file for the CLI, the core and child processes; a log file."""
-    monkeypatch.setenv("SFCRM_DATABASE_URL", str(db_path))
+def office(monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Path) -> str:
+    """One database for the CLI, the core and child processes; a log file."""
+    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
     monkeypatch.setenv("SFCRM_LOG_FILE", str(tmp_path / "sfcrm.log"))
     monkeypatch.setenv("DEFAULT_FROM_EMAIL", "Sound Fusion <office@soundfusion.test>")
-    return db_path
+    return database_url
 
 
 @pytest.fixture
-def smtp_env(monkeypatch: pytest.MonkeyPatch, office: Path, smtp_sink: SmtpSink) -> SmtpSink:
+def smtp_env(monkeypatch: pytest.MonkeyPatch, office: str, smtp_sink: SmtpSink) -> SmtpSink:
     use_smtp(monkeypatch, smtp_sink.port)
     return smtp_sink
 
 
 @pytest.fixture
-def counting_smtp(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+def counting_smtp(monkeypatch: pytest.MonkeyPatch, office: str) -> Iterator[SmtpSink]:
     sink = SmtpSink(CountingRecorder())
     sink.handler.on_stop = sink.stop
     sink.start()
@@ -267,10 +268,10 @@ def queue_500_failed(count: int) -> list[int]:
     transaction, the way a run against a stopped server leaves them."""
     with core() as rt:
         mailer = rt.mailer
-        with rt.db.raw_write() as conn:
+        with rt.db.write() as session:
             ids = [
                 mailer.queue(
-                    conn,
+                    session,
                     recipient=f"crew{n}@example.co.ke",
                     notification_type="crew_invitation",
                     subject=f"You are invited to work on: Gig {n}",
@@ -278,9 +279,13 @@ def queue_500_failed(count: int) -> list[int]:
                 )
                 for n in range(count)
             ]
-            conn.executemany(
-                "UPDATE email_notification SET failed_attempts = 1, last_error = ? WHERE id = ?",
-                [("cannot connect to the SMTP server (Connection refused)", i) for i in ids],
+            session.exec(
+                update(EmailNotification)
+                .where(col(EmailNotification.id).in_(ids))
+                .values(
+                    failed_attempts=1,
+                    last_error="cannot connect to the SMTP server (Connection refused)",
+                )
             )
             return ids
 
@@ -381,20 +386,29 @@ def rsvp_listener(monkeypatch: pytest.MonkeyPatch, smtp_env: SmtpSink) -> Iterat
     rt.close()
 
 
-def tables(path: Path) -> tuple[str, set[str], dict[str, int]]:
-    with sqlite3.connect(path) as conn:
-        check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        names = {
-            r[0]
-            for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            if not r[0].startswith("sqlite_")
-        }
-        counts = {n: conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in names}
+def tables(url: str) -> tuple[str, set[str], dict[str, int]]:
+    """The database's integrity check (SQLite's; "ok" elsewhere), its tables and their rows."""
+    from sqlalchemy import func, inspect, table
+
+    db = Database(url)
+    try:
+        with db.read() as session:
+            conn = session.connection()
+            check = "ok"
+            if db.dialect == "sqlite":
+                check = conn.exec_driver_sql("PRAGMA integrity_check").scalar_one()
+            names = set(inspect(conn).get_table_names())
+            counts = {
+                n: conn.execute(select(func.count()).select_from(table(n))).scalar_one()
+                for n in names
+            }
+    finally:
+        db.close()
     return check, names, counts
 
 
 def test_row18_hostile_names_and_notes_are_escaped_add_no_header_and_leave_the_db_intact(
-    rsvp_listener: str, smtp_env: SmtpSink, office: Path, tmp_path: Path
+    rsvp_listener: str, smtp_env: SmtpSink, office: str, tmp_path: Path
 ) -> None:
     hostile = [SCRIPT, SQL, CRLF, MARKUP]
     # events: the name and the details carry the attacks (details keep their line breaks)

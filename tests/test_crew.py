@@ -6,6 +6,8 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import requests
+from sqlalchemy import delete, func, update
+from sqlmodel import col
 from support import SmtpSink, run, run_json
+
+from sfcrm.db import Database
+from sfcrm.models import EmailNotification, EventCrew
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 
@@ -35,6 +42,13 @@ def add_event(name: str, date: str, *extra: str) -> dict[str, Any]:
         "events", "add", "--name", name, "--date", date, "--location", "KICC, Nairobi", *extra
     )
     return doc
+
+
+@pytest.fixture(autouse=True)
+def office(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
+    """The office's database, for the CLI and the core alike: each test runs on each engine."""
+    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
+    return database_url
 
 
 @pytest.fixture
@@ -361,7 +375,7 @@ def test_forged_or_tampered_rsvp_links_get_403(rsvp_listener: str, smtp_env: Smt
     assert {c["status"] for c in run_json("crew", "list")} == {"invited"}
 
 
-def test_expired_rsvp_link_gets_403(rsvp_listener: str, tmp_path: Path) -> None:
+def test_expired_rsvp_link_gets_403(rsvp_listener: str, office: str) -> None:
     from sfcrm.rsvp import make_token
 
     add_event("Gala", day(5))
@@ -369,46 +383,48 @@ def test_expired_rsvp_link_gets_403(rsvp_listener: str, tmp_path: Path) -> None:
     run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
     now = datetime.now(UTC)
     token = make_token(
-        "rsvp-test-secret-key", 1, bound_to(tmp_path / "sfcrm.db", 1),
+        "rsvp-test-secret-key", 1, bound_to(office, 1),
         now - timedelta(seconds=1), now - timedelta(days=1),
     )  # fmt: skip
     answer = requests.get(f"{rsvp_listener}/crew/rsvp/{token}", timeout=10)
     assert answer.status_code == 403 and "expired" in answer.text
 
 
-def bound_to(db_path: Path, assignment_id: int) -> str:
-    """The binding of the assignment now at ``assignment_id``, read behind sfcrm's back."""
-    import sqlite3
-    from contextlib import closing
+@contextmanager
+def database(url: str) -> Iterator[Database]:
+    """The office's database, opened behind the CLI's back."""
+    db = Database(url)
+    try:
+        yield db
+    finally:
+        db.close()
 
+
+def bound_to(url: str, assignment_id: int) -> str:
+    """The binding of the assignment now at ``assignment_id``, read behind sfcrm's back."""
     from sfcrm.rsvp import binding
 
-    with closing(sqlite3.connect(db_path)) as conn:
-        event_id, person_id, created = conn.execute(
-            "SELECT event_id, person_id, created_at FROM event_crew WHERE id = ?",
-            (assignment_id,),
-        ).fetchone()
-    return binding(event_id, person_id, datetime.fromisoformat(created).replace(tzinfo=UTC))
+    with database(url) as db, db.read() as session:
+        crew = session.get(EventCrew, assignment_id)
+        assert crew is not None
+        return binding(crew.event_id, crew.person_id, crew.created_at)
 
 
-def drop_assignment(db_path: Path, assignment_id: int) -> None:
+def drop_assignment(url: str, assignment_id: int) -> None:
     """Delete an assignment the way a hand edit (or a future "remove" command) would; its
     logged emails stay, no longer pointing at it."""
-    import sqlite3
-    from contextlib import closing
-
-    with closing(sqlite3.connect(db_path)) as conn, conn:
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute(
-            "UPDATE email_notification SET assignment_id = NULL WHERE assignment_id = ?",
-            (assignment_id,),
+    e = EmailNotification
+    with database(url) as db, db.write() as session:
+        session.exec(
+            update(e).where(col(e.assignment_id) == assignment_id).values(assignment_id=None)
         )
-        conn.execute("DELETE FROM event_crew WHERE id = ?", (assignment_id,))
+        session.exec(delete(EventCrew).where(col(EventCrew.id) == assignment_id))
 
 
 def test_rsvp_link_is_refused_once_its_assignment_id_belongs_to_another_assignment(
-    rsvp_listener: str, smtp_env: SmtpSink, tmp_path: Path
+    rsvp_listener: str, smtp_env: SmtpSink, office: str, db_path: Path
 ) -> None:
+    # (SQLite only: it hands a deleted last row's id to the next row; PostgreSQL never does)
     add_event("Gala", day(5))
     for n in range(1, 7):
         add_person(f"Crew {n}", f"071200000{n}", f"c{n}@x.co.ke")
@@ -417,7 +433,7 @@ def test_rsvp_link_is_refused_once_its_assignment_id_belongs_to_another_assignme
     run_json("crew", "invite", "5")
     old_link = rsvp_link(smtp_env)  # Crew 5's link, for assignment 5
     assert old_link.rsplit("/", 1)[1].startswith("5.")
-    drop_assignment(tmp_path / "sfcrm.db", 5)
+    drop_assignment(office, 5)
     # SQLite gives the next row the id of the deleted last one
     again = run_json("crew", "assign", "--event", "1", "--person", "6", "--role", "Lights")
     assert again["id"] == 5 and again["name"] == "Crew 6"
@@ -511,12 +527,9 @@ def first_kind_token(secret: str, assignment_id: int, expiry: str) -> str:
 
 
 def test_link_emailed_before_links_were_bound_works_only_for_the_assignment_it_went_to(
-    rsvp_listener: str, smtp_env: SmtpSink, tmp_path: Path
+    rsvp_listener: str, smtp_env: SmtpSink, office: str, db_path: Path
 ) -> None:
-    import sqlite3
-    from contextlib import closing
-
-    db_path = tmp_path / "sfcrm.db"
+    # (SQLite only: the id reuse again)
     add_event("Gala", day(5))
     add_person("Achieng", "0712000001", "a@x.co.ke")
     add_person("Baraka", "0712000002", "b@x.co.ke")
@@ -527,8 +540,9 @@ def test_link_emailed_before_links_were_bound_works_only_for_the_assignment_it_w
     base, token = link.rsplit("/", 1)
     expiry = token.split(".")[1]
     old = first_kind_token("rsvp-test-secret-key", 1, expiry)
-    with closing(sqlite3.connect(db_path)) as conn, conn:  # as the earlier sfcrm wrote it
-        conn.execute("UPDATE email_notification SET message = replace(message, ?, ?)", (token, old))
+    with database(office) as db, db.write() as session:  # as the earlier sfcrm wrote it
+        e = EmailNotification
+        session.exec(update(e).values(message=func.replace(e.message, token, old)))
 
     assert requests.get(f"{base}/{old}", timeout=10).status_code == 200
     done = requests.post(f"{base}/{old}", data={"answer": "confirm"}, timeout=10)
@@ -537,8 +551,8 @@ def test_link_emailed_before_links_were_bound_works_only_for_the_assignment_it_w
     never_sent = first_kind_token("rsvp-test-secret-key", 2, expiry)
     assert requests.get(f"{base}/{never_sent}", timeout=10).status_code == 403
 
-    drop_assignment(db_path, 2)
-    drop_assignment(db_path, 1)
+    drop_assignment(office, 2)
+    drop_assignment(office, 1)
     again = run_json("crew", "assign", "--event", "1", "--person", "2", "--role", "Stage")
     assert again["id"] == 1
     run_json("crew", "invite", "1")
@@ -549,7 +563,7 @@ def test_link_emailed_before_links_were_bound_works_only_for_the_assignment_it_w
 
 
 def test_answer_by_link_is_not_recorded_on_an_assignment_that_replaced_the_linked_one(
-    tmp_path: Path,
+    office: str, db_path: Path
 ) -> None:
     # the page checks the link, then records the answer: if the row changed in between, the
     # write itself refuses
@@ -559,14 +573,14 @@ def test_answer_by_link_is_not_recorded_on_an_assignment_that_replaced_the_linke
     add_event("Gala", day(5))
     add_person("Achieng", "0712000001", "a@x.co.ke")
     run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
-    linked = bound_to(tmp_path / "sfcrm.db", 1)
-    drop_assignment(tmp_path / "sfcrm.db", 1)
+    linked = bound_to(office, 1)
+    drop_assignment(office, 1)
     run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Stage")
     rt = Runtime(RootOptions(), json_output=False)
     try:
         with pytest.raises(NotFoundError):
             rt.crew.respond(1, "confirm", via="rsvp link", bound_to=linked)
-        assert rt.crew.respond(1, "confirm", bound_to=bound_to(tmp_path / "sfcrm.db", 1))
+        assert rt.crew.respond(1, "confirm", bound_to=bound_to(office, 1))
     finally:
         rt.close()
     assert run_json("crew", "list")[0]["status"] == "confirmed"

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -35,7 +35,9 @@ from support import (
 )
 
 from sfcrm.cli.runtime import RootOptions, Runtime
-from sfcrm.mail import INTERRUPTED
+from sfcrm.db import Database
+from sfcrm.mail import DEFAULT_LEASE, INTERRUPTED, Mailer, SmtpBackend
+from sfcrm.models import EventCrew
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 CANARY = "CANARY-smtp-pw-7c41d0e2"
@@ -88,11 +90,11 @@ def core() -> Iterator[Runtime]:
         rt.close()
 
 
-def seed_crew(event_id: int, count: int, *, confirmed: bool) -> list[str]:
-    """``count`` people on the event (crew0@… upwards); returns their addresses."""
+def seed_crew(event_id: int, count: int, *, confirmed: bool, first: int = 0) -> list[str]:
+    """``count`` people on the event (crew{first}@… upwards); returns their addresses."""
     addresses = []
     with core() as rt:
-        for n in range(count):
+        for n in range(first, first + count):
             address = f"crew{n}@example.co.ke"
             person = rt.people.add(f"Crew {n}", f"0712{n:06d}", address)
             row = rt.crew.assign(event_id, str(person.id), "Stagehand")
@@ -115,18 +117,18 @@ def body(received: Any) -> str:
 
 
 @pytest.fixture
-def office(monkeypatch: pytest.MonkeyPatch, db_path: Path) -> Path:
-    """The office's settings: one database file for the CLI, the core and child processes."""
-    monkeypatch.setenv("SFCRM_DATABASE_URL", str(db_path))
+def office(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
+    """The office's settings: one database for the CLI, the core and child processes."""
+    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
     monkeypatch.setenv("DEFAULT_FROM_EMAIL", "Sound Fusion <office@soundfusion.test>")
     monkeypatch.setenv("SFCRM_ORG_NAME", "Sound Fusion Events Ltd")
     monkeypatch.setenv("SFCRM_ORG_PHONE", "0711000111")
     monkeypatch.setenv("SFCRM_ORG_EMAIL", "bookings@soundfusion.test")
-    return db_path
+    return database_url
 
 
 @pytest.fixture
-def smtp_env(monkeypatch: pytest.MonkeyPatch, office: Path, smtp_sink: SmtpSink) -> SmtpSink:
+def smtp_env(monkeypatch: pytest.MonkeyPatch, office: str, smtp_sink: SmtpSink) -> SmtpSink:
     use_smtp(monkeypatch, smtp_sink.port)
     return smtp_sink
 
@@ -146,7 +148,7 @@ class CountingRecorder(Recorder):
 
 
 @pytest.fixture
-def counting_smtp(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+def counting_smtp(monkeypatch: pytest.MonkeyPatch, office: str) -> Iterator[SmtpSink]:
     sink = SmtpSink(CountingRecorder())
     sink.handler.on_stop = sink.stop
     sink.start()
@@ -259,6 +261,30 @@ def test_two_remind_processes_at_once_send_one_reminder_per_person(smtp_env: Smt
     assert sorted(recipients(smtp_env)) == sorted(addresses)
     assert len(set(smtp_env.handler.message_ids())) == 30
     assert all(c["reminder_sent"] for c in run_json("crew", "list"))
+
+
+def test_remind_passes_over_an_assignment_another_run_holds_instead_of_waiting(
+    smtp_env: SmtpSink, office: str
+) -> None:
+    if "://" not in office:
+        pytest.skip("SQLite locks the whole file: there a run waits for the other writer")
+    add_event("Safari Rally Gala", timedelta(hours=3))
+    addresses = seed_crew(1, 2, confirmed=True)
+    other = Database(office)  # another run, mid-way through writing the first reminder
+    try:
+        with other.write() as session:
+            assert session.get(EventCrew, 1, with_for_update=True)
+            started = time.monotonic()
+            doc = run_json("crew", "remind")
+            waited = time.monotonic() - started
+    finally:
+        other.close()
+
+    assert len(doc["sent"]) == 1 and doc["skipped"] == []
+    assert recipients(smtp_env) == addresses[1:]
+    assert waited < 10  # not the minute a lock wait lasts
+    assert len(run_json("crew", "remind")["sent"]) == 1  # the next run finds it free
+    assert sorted(recipients(smtp_env)) == sorted(addresses)
 
 
 # -- crew brief --------------------------------------------------------------------------------
@@ -476,6 +502,123 @@ def test_four_retry_processes_at_once_deliver_200_pending_emails_exactly_once(
     assert all(c["invitation_sent"] for c in run_json("crew", "list"))
 
 
+def test_cron_retry_during_an_invite_sends_the_old_failures_and_none_of_the_invitations(
+    smtp_env: SmtpSink,
+) -> None:
+    add_event("Wedding", timedelta(days=3))
+    add_event("Gala", timedelta(days=4))
+    earlier = seed_crew(1, 30, confirmed=False)
+    smtp_env.stop()
+    assert run("crew", "invite", "--event", "1").exit_code == 10
+    failed = sorted(m["id"] for m in run_json("mail", "list", "--failed"))
+    assert len(failed) == 30
+    smtp_env.start()
+    later = seed_crew(2, 100, confirmed=False, first=30)
+    smtp_env.handler.delay = 0.02  # the invitations take a few seconds to go out
+
+    invite = sfcrm_process("crew", "invite", "--event", "2", "--json")
+    wait_for(lambda: smtp_env.handler.messages, timeout=30)  # it is sending
+    retry = sfcrm_process("mail", "retry", "--json")  # cron's run comes meanwhile
+    outputs = finish([invite, retry])
+
+    assert [invite.returncode, retry.returncode] == [0, 0], [err for _, err in outputs]
+    invited, retried = (json.loads(out) for out, _ in outputs)
+    assert sorted(retried["sent"]) == failed  # the invitations in flight are not its to send
+    assert len(invited["sent"]) == 100 and set(invited["sent"]).isdisjoint(failed)
+    assert sorted(recipients(smtp_env)) == sorted(earlier + later)  # each exactly once
+    assert len(set(smtp_env.handler.message_ids())) == 130
+    assert all(c["invitation_sent"] for c in run_json("crew", "list"))
+
+
+def test_retry_naming_the_emails_an_invite_is_sending_delivers_each_once(
+    smtp_env: SmtpSink,
+) -> None:
+    add_event("Gala", timedelta(days=4))
+    addresses = seed_crew(1, 100, confirmed=False)
+    smtp_env.handler.delay = 0.02
+
+    invite = sfcrm_process("crew", "invite", "--event", "1", "--json")
+    wait_for(lambda: smtp_env.handler.messages, timeout=30)  # all written, the first one sent
+    ids = [str(m["id"]) for m in run_json("mail", "list", "--limit", "500")]
+    retry = sfcrm_process("mail", "retry", *ids, "--json")  # someone names every one of them
+    outputs = finish([invite, retry])
+
+    assert [invite.returncode, retry.returncode] == [0, 0], [err for _, err in outputs]
+    invited, retried = (json.loads(out) for out, _ in outputs)
+    assert set(invited["sent"]).isdisjoint(retried["sent"])
+    assert sorted(invited["sent"] + retried["sent"]) == sorted(map(int, ids))
+    assert invited["failed"] == retried["failed"] == []
+    assert sorted(recipients(smtp_env)) == sorted(addresses)  # each exactly once
+    assert len(set(smtp_env.handler.message_ids())) == 100
+    assert all(c["invitation_sent"] for c in run_json("crew", "list"))
+
+
+@dataclass
+class StallingRecorder(Recorder):
+    """Takes ``stall_after`` messages, then takes the next one's data and never answers (once):
+    its sender is left mid-send."""
+
+    stall_after: int | None = 10
+    stalled: threading.Event = field(default_factory=threading.Event)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.stall_after is not None and len(self.messages) >= self.stall_after:
+            self.stall_after = None
+            self.stalled.set()
+            await asyncio.sleep(30)  # stopping the server cancels this
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_sender_killed_mid_batch_leaves_the_rest_to_retry_and_the_one_in_flight_to_be_named(
+    monkeypatch: pytest.MonkeyPatch, office: str
+) -> None:
+    handler = StallingRecorder(stall_after=10)
+    sink = SmtpSink(handler)
+    sink.start()
+    db = Database(office)
+    try:
+        use_smtp(monkeypatch, sink.port)
+        add_event("Gala", timedelta(days=2))
+        addresses = seed_crew(1, 50, confirmed=False)
+        proc = sfcrm_process("crew", "invite", "--event", "1")
+        assert handler.stalled.wait(30)
+
+        proc.kill()  # SIGKILL mid-send: nothing of it runs again
+        finish([proc])
+
+        assert proc.returncode == -signal.SIGKILL
+        delivered = recipients(sink)
+        assert delivered == addresses[:10]
+        logged = {m["recipient"]: m for m in run_json("mail", "list", "--limit", "100")}
+        assert [logged[a]["is_sent"] for a in addresses[:11]] == [True] * 10 + [False]
+        in_flight = logged[addresses[10]]["id"]
+        # cron right away: the one in flight is still claimed, the rest may be its sender's yet
+        assert run_json("mail", "retry") == {"sent": [], "failed": [], "skipped": []}
+
+        def a_lease_later() -> datetime:
+            return datetime.now(UTC) + DEFAULT_LEASE + timedelta(minutes=1)
+
+        cron = Mailer(
+            db, lambda: SmtpBackend("127.0.0.1", sink.port, timeout=5),
+            sender="Sound Fusion <office@soundfusion.test>", clock=a_lease_later,
+        )  # fmt: skip
+        report = cron.retry()
+
+        assert sorted(report.sent) == sorted(logged[a]["id"] for a in addresses[11:])
+        assert report.failed == []
+        assert recipients(sink) == delivered + addresses[11:]  # nobody twice, none left out
+        [maybe] = run_json("mail", "list", "--failed")
+        assert (maybe["id"], maybe["last_error"]) == (in_flight, INTERRUPTED)
+        assert cron.retry().sent == []  # it may have been delivered: only when named
+
+        assert run_json("mail", "retry", str(in_flight))["sent"] == [in_flight]
+        assert sorted(recipients(sink)) == sorted(addresses)
+        assert all(c["invitation_sent"] for c in run_json("crew", "list"))
+    finally:
+        db.close()
+        sink.stop()
+
+
 def test_retry_never_resends_an_email_already_sent_even_when_named(smtp_env: SmtpSink) -> None:
     add_event("Gala", timedelta(days=2))
     add_person("Achieng", "0712000001", "achieng@example.co.ke")
@@ -497,7 +640,7 @@ OFFICE_PASSWORD = "pa55-Word!"  # what the mail provider gave: ASCII
 
 
 @pytest.fixture
-def smtp_requiring_login(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+def smtp_requiring_login(monkeypatch: pytest.MonkeyPatch, office: str) -> Iterator[SmtpSink]:
     """Offers AUTH and accepts only the office's login, which sfcrm is set up with."""
 
     def only_the_office(
@@ -657,7 +800,7 @@ class SlowToAnswerRecorder(Recorder):
 
 
 def test_ctrl_c_while_the_server_takes_the_message_leaves_it_maybe_delivered(
-    monkeypatch: pytest.MonkeyPatch, office: Path
+    monkeypatch: pytest.MonkeyPatch, office: str
 ) -> None:
     handler = SlowToAnswerRecorder()
     sink = SmtpSink(handler)
@@ -683,7 +826,7 @@ def test_ctrl_c_while_the_server_takes_the_message_leaves_it_maybe_delivered(
 
 
 def test_hang_up_after_the_message_data_is_maybe_delivered_and_never_resent_unless_named(
-    monkeypatch: pytest.MonkeyPatch, office: Path
+    monkeypatch: pytest.MonkeyPatch, office: str
 ) -> None:
     sink = SmtpSink(DroppingRecorder())
     sink.start()
@@ -759,7 +902,7 @@ def test_bulk_send_without_a_terminal_prints_one_summary_line_and_no_progress_ba
 
 
 @pytest.fixture
-def smtp_refusing_login(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterator[SmtpSink]:
+def smtp_refusing_login(monkeypatch: pytest.MonkeyPatch, office: str) -> Iterator[SmtpSink]:
     """Offers AUTH and refuses every login; the office's password is a canary."""
 
     def refuse(*_args: Any) -> AuthResult:
@@ -775,7 +918,7 @@ def smtp_refusing_login(monkeypatch: pytest.MonkeyPatch, office: Path) -> Iterat
 
 
 def test_smtp_password_never_reaches_output_mail_log_or_log_file(
-    smtp_refusing_login: SmtpSink, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, office: Path
+    smtp_refusing_login: SmtpSink, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, office: str
 ) -> None:
     log_file = tmp_path / "sfcrm.log"
     monkeypatch.setenv("SFCRM_LOG_FILE", str(log_file))
@@ -803,9 +946,11 @@ def test_smtp_password_never_reaches_output_mail_log_or_log_file(
         base64.b64encode(f"\0office\0{CANARY}".encode()).decode(),
     ]
     texts = [r.stdout + r.stderr for r in results] + [json.dumps(stored), logged]
-    texts += [
-        p.read_bytes().decode("latin-1") for p in office.parent.glob(office.name + "*")
-    ]  # the database file and its journal, byte for byte
+    if "://" not in office:  # the database file and its journal, byte for byte
+        database = Path(office)
+        texts += [
+            p.read_bytes().decode("latin-1") for p in database.parent.glob(database.name + "*")
+        ]
     for form in forms:
         assert not any(form in text for text in texts), form
     assert smtp_refusing_login.handler.messages == []

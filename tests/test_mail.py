@@ -97,10 +97,10 @@ def smtp_mailer(
 
 
 def queue(mailer: Mailer, recipients: list[str], kind: str = "crew_invitation") -> list[int]:
-    with mailer.db.raw_write() as conn:
+    with mailer.db.write() as session:
         return [
             mailer.queue(
-                conn,
+                session,
                 recipient=address,
                 notification_type=kind,
                 subject=f"You are invited to work on: Gig {n}",
@@ -162,9 +162,9 @@ def test_queued_invitation_arrives_with_html_and_calendar_and_is_logged_sent(
 ) -> None:
     mailer, _ = smtp_mailer(db, smtp_sink.port)
     ics = b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nEND:VCALENDAR\r\n"
-    with db.raw_write() as conn:
+    with db.write() as session:
         queued_id = mailer.queue(
-            conn,
+            session,
             recipient="achieng@example.co.ke",
             notification_type="crew_invitation",
             subject="You are invited to work on: Wedding at Safari Park",
@@ -208,9 +208,9 @@ def test_sent_reminder_marks_the_assignment_reminded(
     db: Database, smtp_sink: SmtpSink, assignment: EventCrew
 ) -> None:
     mailer, _ = smtp_mailer(db, smtp_sink.port)
-    with db.raw_write() as conn:
+    with db.write() as session:
         email_id = mailer.queue(
-            conn, recipient="achieng@example.co.ke", notification_type="crew_reminder",
+            session, recipient="achieng@example.co.ke", notification_type="crew_reminder",
             subject="Reminder", text="Tomorrow!\n", assignment_id=assignment.id,
         )  # fmt: skip
 
@@ -407,7 +407,7 @@ def test_retry_gives_up_after_max_attempts(db: Database, smtp_sink: SmtpSink) ->
 
 
 def test_two_threads_retrying_at_once_deliver_each_email_exactly_once(
-    db_path: Path, db: Database, smtp_sink: SmtpSink
+    database_url: str, db: Database, smtp_sink: SmtpSink
 ) -> None:
     ids = fail_all_against_a_dead_port(db, 100)
     smtp_sink.handler.delay = 0.002
@@ -415,7 +415,7 @@ def test_two_threads_retrying_at_once_deliver_each_email_exactly_once(
     reports: list[Any] = []
 
     def run() -> None:
-        own_db = Database(db_path)
+        own_db = Database(database_url)
         mailer, _ = smtp_mailer(own_db, smtp_sink.port)
         barrier.wait()
         reports.append(mailer.retry())
@@ -442,8 +442,8 @@ from pathlib import Path
 from sfcrm.db import Database
 from sfcrm.mail import Mailer, SmtpBackend
 
-db_path, port, ready, go = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
-db = Database(db_path)
+url, port, ready, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+db = Database(url)
 mailer = Mailer(
     db, lambda: SmtpBackend("127.0.0.1", port, timeout=10),
     sender="office@soundfusion.co.ke", clock=lambda: datetime.now(UTC),
@@ -458,7 +458,7 @@ print(json.dumps({"sent": report.sent, "failed": report.failed, "skipped": repor
 
 
 def test_two_processes_retrying_at_once_deliver_each_email_exactly_once(
-    tmp_path: Path, db_path: Path, db: Database, smtp_sink: SmtpSink
+    tmp_path: Path, database_url: str, db: Database, smtp_sink: SmtpSink
 ) -> None:
     ids = fail_all_against_a_dead_port(db, 100)
     smtp_sink.handler.delay = 0.005
@@ -470,7 +470,7 @@ def test_two_processes_retrying_at_once_deliver_each_email_exactly_once(
                 sys.executable,
                 "-c",
                 RETRY_SCRIPT,
-                str(db_path),
+                database_url,
                 str(smtp_sink.port),
                 str(r),
                 str(go),
@@ -519,6 +519,30 @@ def test_email_claimed_by_a_live_sender_is_skipped(db: Database, smtp_sink: Smtp
     assert report.skipped == [email_id]
     assert "another sfcrm" in report.reasons[email_id]
     assert smtp_sink.handler.messages == []
+
+
+def test_claim_skips_an_email_another_transaction_has_locked_instead_of_waiting(
+    database_url: str, db: Database, smtp_sink: SmtpSink
+) -> None:
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite locks the whole file: there a claim waits for the other writer")
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    [email_id] = queue(mailer, ["a@example.co.ke"])
+    other = Database(database_url)  # another sender, mid-claim
+    try:
+        with other.write() as session:
+            assert session.get(EmailNotification, email_id, with_for_update=True)
+            started = time.monotonic()
+            report = mailer.send([email_id])
+            waited = time.monotonic() - started
+    finally:
+        other.close()
+
+    assert report.skipped == [email_id]
+    assert report.reasons[email_id] == "being sent by another sfcrm right now"
+    assert waited < 5  # not the minute a lock wait lasts
+    assert smtp_sink.handler.messages == []
+    assert mailer.send([email_id]).sent == [email_id]  # once the other one let go
 
 
 def test_send_that_died_mid_way_is_failed_as_maybe_delivered_and_retried_only_when_named(
@@ -654,9 +678,9 @@ def test_retry_with_an_unknown_id_sends_nothing(db: Database, smtp_sink: SmtpSin
 def test_queue_belongs_to_the_callers_transaction(db: Database) -> None:
     mailer = Mailer(db, lambda: ConsoleBackend(io.StringIO()), sender=SENDER, clock=utcnow)
 
-    with pytest.raises(RuntimeError), db.raw_write() as conn:
+    with pytest.raises(RuntimeError), db.write() as session:
         mailer.queue(
-            conn, recipient="a@example.co.ke", notification_type="crew_briefing",
+            session, recipient="a@example.co.ke", notification_type="crew_briefing",
             subject="Setup Briefing", text="Load in at 10:00\n",
         )  # fmt: skip
         raise RuntimeError("the crew code failed after queueing")
@@ -729,10 +753,18 @@ def test_retry_naming_more_ids_than_sqlite_takes_at_once_still_names_the_unknown
 ) -> None:
     import sqlite3
 
+    from sqlalchemy import event
+
     mailer, _ = smtp_mailer(db, smtp_sink.port)
     ids = fail_all_against_a_dead_port(db, 2)
-    # SQLite before 3.32 takes 999 values a statement; this build allows more, so lower it
-    db._raw_connection().setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    if db.dialect == "sqlite":
+        # SQLite before 3.32 takes 999 values a statement; this build allows more, so lower it
+        # on every connection from now on
+        def limit(conn: sqlite3.Connection, _record: Any) -> None:
+            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+
+        db.engine.dispose()
+        event.listen(db.engine, "connect", limit)
     unknown = list(range(100_000, 102_000))
 
     with pytest.raises(NotFoundError, match="no such email") as caught:
@@ -873,9 +905,9 @@ def test_server_echoing_the_password_back_has_it_scrubbed_from_the_error() -> No
 
 def test_line_break_in_the_subject_cannot_add_a_header(db: Database, smtp_sink: SmtpSink) -> None:
     mailer, _ = smtp_mailer(db, smtp_sink.port)
-    with db.raw_write() as conn:
+    with db.write() as session:
         email_id = mailer.queue(
-            conn, recipient="a@x.co.ke", notification_type="crew_invitation",
+            session, recipient="a@x.co.ke", notification_type="crew_invitation",
             subject="Hi\r\nBcc: x@evil.test", text="Hello\n",
         )  # fmt: skip
 
@@ -905,9 +937,9 @@ def test_recipient_that_could_add_a_header_or_recipient_is_refused(
 ) -> None:
     mailer = Mailer(db, lambda: ConsoleBackend(io.StringIO()), sender=SENDER, clock=utcnow)
 
-    with pytest.raises(ValidationError, match="not an email address"), db.raw_write() as conn:
+    with pytest.raises(ValidationError, match="not an email address"), db.write() as session:
         mailer.queue(
-            conn, recipient=recipient, notification_type="crew_invitation",
+            session, recipient=recipient, notification_type="crew_invitation",
             subject="Hi", text="Hello\n",
         )  # fmt: skip
 

@@ -1,0 +1,404 @@
+"""The Mailer: writes emails to the log in the caller's transaction, sends logged ones over one
+connection a batch, retries the failed ones, and reads the log back."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlmodel import Session, col, select
+
+from sfcrm.db import Database
+from sfcrm.errors import ConfigError, NotFoundError, ValidationError
+from sfcrm.mail import claims
+from sfcrm.mail.backends import Backend
+from sfcrm.mail.claims import DEFAULT_LEASE, MAYBE_DELIVERED, Claim, Selection
+from sfcrm.mail.errors import SendError, not_sent, one_line
+from sfcrm.mail.message import (
+    Attachment,
+    build_message,
+    clean_notification_type,
+    clean_subject,
+    validate_address,
+)
+from sfcrm.models import EmailNotification
+from sfcrm.times import iso_in
+
+log = logging.getLogger("sfcrm.mail")
+
+Progress = Callable[[int, int], None]
+_IN_BATCH = 500  # values per IN (...): SQLite before 3.32 takes at most 999 in one statement
+
+
+@dataclass
+class SendReport:
+    """What a send or retry did, by email id."""
+
+    sent: list[int] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)  # why each skipped one was skipped
+
+    def skip(self, email_id: int, reason: str) -> None:
+        self.skipped.append(email_id)
+        self.reasons[email_id] = reason
+
+
+def notification_json(n: EmailNotification, tz: ZoneInfo) -> dict[str, Any]:
+    return {
+        "id": n.id,
+        "recipient": n.recipient,
+        "person_id": n.person_id,
+        "notification_type": n.notification_type,
+        "subject": n.subject,
+        "is_sent": n.is_sent,
+        "sent_at": iso_in(n.sent_at, tz),
+        "failed_attempts": n.failed_attempts,
+        "last_error": n.last_error,
+    }
+
+
+class Mailer:
+    """Writes emails to the log and sends them. Dependencies are passed in."""
+
+    def __init__(
+        self,
+        db: Database,
+        backend_factory: Callable[[], Backend],
+        *,
+        sender: str,
+        clock: Callable[[], datetime],
+        lease: timedelta = DEFAULT_LEASE,
+    ) -> None:
+        self.db = db
+        self._backend_factory = backend_factory
+        self.sender = sender
+        self.clock = clock
+        self.lease = lease
+
+    def __repr__(self) -> str:
+        return f"Mailer(db={self.db.where}, sender={self.sender!r})"
+
+    def _now(self) -> datetime:
+        now = self.clock()
+        if now.tzinfo is None:
+            raise ValueError("the clock must give aware datetimes")
+        return now
+
+    @property
+    def envelope_sender(self) -> str:
+        """The bare address of DEFAULT_FROM_EMAIL, for SMTP's MAIL FROM."""
+        from email.utils import parseaddr
+
+        if "\r" in self.sender or "\n" in self.sender:
+            raise ConfigError("DEFAULT_FROM_EMAIL must be one line")
+        address = parseaddr(self.sender)[1]
+        try:
+            return validate_address(address)
+        except ValidationError:
+            raise ConfigError(
+                "DEFAULT_FROM_EMAIL is not a usable address",
+                value=self.sender,
+                hint="e.g. DEFAULT_FROM_EMAIL='Sound Fusion <office@soundfusion.co.ke>'",
+            ) from None
+
+    def check(self) -> None:
+        """Raise ConfigError now for mail settings that cannot work (DEFAULT_FROM_EMAIL, the
+        backend's), so that a bulk send fails before it writes a single email."""
+        _ = self.envelope_sender
+        self._backend_factory().close()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def queue(
+        self,
+        session: Session,
+        *,
+        recipient: str,
+        notification_type: str,
+        subject: str,
+        text: str,
+        html: str | None = None,
+        attachments: Iterable[Attachment] = (),
+        person_id: int | None = None,
+        assignment_id: int | None = None,
+    ) -> int:
+        """Write one email to the log inside the caller's write transaction (``session`` from
+        :meth:`Database.write`) and return its id; send it later with :meth:`send`. A
+        recipient that could add a header is refused (ValidationError)."""
+        kind = clean_notification_type(notification_type)
+        now = self._now()
+        domain = self.envelope_sender.rpartition("@")[2]
+        mime = build_message(
+            sender=self.sender,
+            recipient=recipient,
+            subject=subject,
+            text=text,
+            html=html,
+            attachments=attachments,
+            message_id_domain=domain,
+            date=now,
+        )
+        # One INSERT, no ORM object: a batch writes a thousand of these in one transaction.
+        email_id = claims.write(
+            session, recipient=recipient, person_id=person_id, assignment_id=assignment_id,
+            notification_type=kind, subject=clean_subject(subject), message=text, mime=mime,
+            created_at=now,
+        )  # fmt: skip
+        log.debug("email %s queued: %s to %s", email_id, kind, recipient)
+        return email_id
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, ids: Sequence[int], *, progress: Progress | None = None) -> SendReport:
+        """Send these logged emails over one connection; ones already sent or being sent by
+        another run are skipped. Failures are logged and reported, not raised."""
+        wanted = list(dict.fromkeys(ids))
+        self._check_known(wanted)
+        self._settle_interrupted()
+        return self._run(wanted, auto=False, max_attempts=0, progress=progress)
+
+    def retry(
+        self,
+        ids: Sequence[int] | None = None,
+        *,
+        max_attempts: int = 5,
+        progress: Progress | None = None,
+    ) -> SendReport:
+        """Send failed emails again.
+
+        Without ids: every unsent email that failed fewer than ``max_attempts`` times, except
+        permanent refusals and ones interrupted mid-send (they may have been delivered), plus
+        any written but never tried (its sender died before sending). Named ids are tried even
+        when permanent or interrupted; a named one already sent is skipped; an unknown id raises
+        NotFoundError before anything is sent.
+        """
+        if max_attempts < 1:
+            raise ValidationError("max attempts must be at least 1", value=str(max_attempts))
+        if ids is not None:
+            wanted = list(dict.fromkeys(ids))
+            self._check_known(wanted)
+            self._settle_interrupted()
+            return self._run(wanted, auto=False, max_attempts=max_attempts, progress=progress)
+        self._settle_interrupted()
+        selection = self._selection(auto=True, max_attempts=max_attempts)
+        with self.db.read() as session:
+            due = claims.retryable_ids(session, selection)
+        return self._run(due, auto=True, max_attempts=max_attempts, progress=progress)
+
+    def _selection(self, *, auto: bool, max_attempts: int) -> Selection:
+        return Selection(self._now(), self.lease, auto=auto, max_attempts=max_attempts)
+
+    def _check_known(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        found: set[int | None] = set()
+        with self.db.read() as session:
+            for start in range(0, len(ids), _IN_BATCH):
+                chunk = ids[start : start + _IN_BATCH]
+                found.update(
+                    session.exec(
+                        select(col(EmailNotification.id)).where(
+                            col(EmailNotification.id).in_(chunk)
+                        )
+                    )
+                )
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise NotFoundError("no such email", value=", ".join(map(str, missing)))
+
+    def _run(
+        self, ids: list[int], *, auto: bool, max_attempts: int, progress: Progress | None
+    ) -> SendReport:
+        report = SendReport()
+        total = len(ids)
+        if not ids:
+            return report
+        envelope = self.envelope_sender
+        backend = self._backend_factory()  # a configuration error shows before any claim
+        sent: Claim | None = None  # delivered, to be recorded with the next claim
+        try:
+            for index, email_id in enumerate(ids):
+                claim = self._claim(email_id, auto, max_attempts, after=sent)
+                sent = None
+                if isinstance(claim, str):
+                    report.skip(email_id, claim)
+                else:
+                    try:
+                        backend.send(claim.mime, envelope, [claim.recipient], label=str(email_id))
+                    except SendError as exc:
+                        text = one_line(str(exc))
+                        if exc.maybe_delivered:
+                            self._record_interrupted(claim, text)
+                            report.failed.append((email_id, f"{text}; {MAYBE_DELIVERED}"))
+                        else:
+                            self._record_failure(claim, text, permanent=exc.permanent)
+                            report.failed.append((email_id, text))
+                        if exc.stops_batch:
+                            rest = ids[index + 1 :]
+                            self._fail_rest(rest, text, report, auto, max_attempts)
+                            if progress is not None:
+                                progress(total, total)
+                            break
+                    except BaseException as exc:
+                        # Ctrl-C or a bug mid-send: record what is known now, then let it go on
+                        if backend.may_have_delivered():
+                            self._record_interrupted(claim)
+                        else:
+                            self._record_not_sent(claim, exc)
+                        raise
+                    else:
+                        sent = claim
+                        report.sent.append(email_id)
+                if progress is not None:
+                    progress(index + 1, total)
+        finally:
+            try:
+                if sent is not None:
+                    self._record_sent(sent)
+            finally:
+                backend.close()
+        return report
+
+    def _claim(
+        self, email_id: int, auto: bool, max_attempts: int, *, after: Claim | None
+    ) -> Claim | str:
+        """Claim an email, in the transaction that records the one sent just before (one
+        transaction an email, not two)."""
+        selection = self._selection(auto=auto, max_attempts=max_attempts)
+        token = secrets.token_hex(16)
+
+        def work(session: Session) -> Claim | str:
+            if after is not None:
+                claims.record_sent(session, after, selection.now)
+            return claims.claim(session, email_id, selection, token)
+
+        claim = self.db.transaction(work)
+        if after is not None:
+            _log_sent(after)
+        return claim
+
+    def _record_sent(self, claim: Claim) -> None:
+        self.db.transaction(partial(claims.record_sent, claim=claim, now=self._now()))
+        _log_sent(claim)
+
+    def _record_failure(self, claim: Claim, text: str, *, permanent: bool) -> None:
+        attempts = self.db.transaction(
+            partial(claims.record_failure, claim=claim, text=text, permanent=permanent)
+        )
+        if attempts is None:
+            log.warning("email %s failed after its claim expired: %s", claim.id, text)
+            return
+        log.warning(
+            "email %s failed (%s to %s, attempt %d%s): %s",
+            claim.id, claim.notification_type, claim.recipient, attempts,
+            ", permanent" if permanent else "", text,
+        )  # fmt: skip
+
+    def _record_not_sent(self, claim: Claim, exc: BaseException) -> None:
+        """A send that raised before its message went out: an ordinary failure, retried."""
+        try:
+            self._record_failure(claim, not_sent(exc), permanent=False)
+        except Exception:  # the claim's expiry records it in the end, as maybe delivered
+            log.exception("email %s: could not record the failure", claim.id)
+
+    def _record_interrupted(self, claim: Claim, detail: str | None = None) -> None:
+        try:
+            if self.db.transaction(partial(claims.record_interrupted, claim=claim)):
+                claims.log_interrupted(claim.id, claim.notification_type, claim.recipient, detail)
+        except Exception:  # the claim's expiry records it in the end
+            log.exception("email %s: could not record the interruption", claim.id)
+
+    def _fail_rest(
+        self, ids: list[int], text: str, report: SendReport, auto: bool, max_attempts: int
+    ) -> None:
+        """The server cannot be used: log the rest of the batch as failed, each counting an
+        attempt, without touching ones sent or being sent by another run."""
+        if not ids:
+            return
+        selection = self._selection(auto=auto, max_attempts=max_attempts)
+
+        def fail_all(session: Session) -> list[tuple[int, str | None]]:
+            return [(i, claims.fail(session, i, selection, text)) for i in ids]
+
+        outcomes = self.db.transaction(fail_all)
+        failed = [email_id for email_id, reason in outcomes if reason is None]
+        for email_id, reason in outcomes:
+            if reason is not None:
+                report.skip(email_id, reason)
+            else:
+                report.failed.append((email_id, text))
+        e = EmailNotification
+        logged: dict[int | None, tuple[str, str, int]] = {}
+        with self.db.read() as session:
+            for start in range(0, len(failed), _IN_BATCH):
+                logged.update(
+                    (email_id, (kind, recipient, attempts))
+                    for email_id, kind, recipient, attempts in session.exec(
+                        select(e.id, e.notification_type, e.recipient, e.failed_attempts).where(
+                            col(e.id).in_(failed[start : start + _IN_BATCH])
+                        )
+                    )
+                )
+        for email_id in failed:
+            kind, recipient, attempts = logged[email_id]
+            log.warning(
+                "email %s failed (%s to %s, attempt %d): %s",
+                email_id, kind, recipient, attempts, text,
+            )  # fmt: skip
+
+    # -- interrupted sends -----------------------------------------------------------------
+
+    def _settle_interrupted(self) -> None:
+        """Log as failed every email whose claim expired without a result. A cheap read first:
+        the write lock is taken only when there is something to settle."""
+        now = self._now()
+        with self.db.read() as session:
+            if not claims.any_abandoned(session, now):
+                return
+        for email_id, kind, recipient in self.db.transaction(
+            partial(claims.settle_abandoned, now=now)
+        ):
+            claims.log_interrupted(email_id, kind, recipient)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def list(
+        self,
+        *,
+        failed: bool = False,
+        notification_type: str | None = None,
+        since: datetime | None = None,
+        limit: int = 200,
+    ) -> Sequence[EmailNotification]:
+        """Logged emails, newest first; ``failed``: not sent and tried at least once."""
+        self._settle_interrupted()
+        e = EmailNotification
+        query = select(e)
+        if failed:
+            query = query.where(col(e.is_sent).is_(False), col(e.failed_attempts) > 0)
+        if notification_type:
+            query = query.where(e.notification_type == notification_type)
+        if since is not None:
+            query = query.where(col(e.created_at) >= since)
+        query = query.order_by(col(e.created_at).desc(), col(e.id).desc()).limit(limit)
+        with self.db.read() as session:
+            return session.exec(query).all()
+
+    def get(self, email_id: int) -> EmailNotification:
+        self._settle_interrupted()
+        with self.db.read() as session:
+            row = session.get(EmailNotification, email_id)
+            if row is None:
+                raise NotFoundError("no such email", value=str(email_id))
+            return row
+
+
+def _log_sent(claim: Claim) -> None:
+    log.info("email %s sent: %s to %s", claim.id, claim.notification_type, claim.recipient)
