@@ -3,7 +3,6 @@ without loading the ORM. Writes stay in :mod:`sfcrm.payments` and :mod:`sfcrm.pe
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -11,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sfcrm.db import from_db_time
 from sfcrm.errors import NotFoundError, ValidationError
 from sfcrm.money import format_kes
-from sfcrm.phone import normalise_phone
 from sfcrm.status import PaymentStatus
 from sfcrm.times import iso_in
 
@@ -19,34 +17,6 @@ if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
 
     from sfcrm.db import Database
-
-
-# -- people ------------------------------------------------------------------------------------
-
-
-def resolve_person_id(conn: sqlite3.Connection, ref: str) -> int:
-    """REF is an id, a phone number in any accepted form, or an email address."""
-    text = ref.strip()
-    found: Any = None
-    phone: str | None = None
-    if "@" in text:
-        found = conn.execute("SELECT id FROM person WHERE email = ?", (text.lower(),)).fetchone()
-    else:
-        try:
-            phone = normalise_phone(text)
-        except ValidationError:
-            phone = None
-        if phone:
-            found = conn.execute("SELECT id FROM person WHERE phone = ?", (phone,)).fetchone()
-        if found is None and text.isdigit() and len(text) < 10:
-            found = conn.execute("SELECT id FROM person WHERE id = ?", (int(text),)).fetchone()
-        if found is None and phone is None and not text.isdigit():
-            raise NotFoundError(
-                "no such person", value=ref, hint="give an id, a phone number or an email"
-            )
-    if found is None:
-        raise NotFoundError("no such person", value=ref, hint="see `sfcrm people list`")
-    return int(found[0])
 
 
 # -- payments ----------------------------------------------------------------------------------
@@ -146,13 +116,19 @@ def find_payments(
         )
     where: list[str] = []
     params: list[Any] = []
+    person_id: int | None = None
+    if person_ref:
+        from sfcrm.people import find_person
+
+        with db.read() as session:
+            person_id = find_person(session, person_ref).id
     with db.raw_read() as conn:
         if status:
             where.append("status = ?")
             params.append(status)
-        if person_ref:
+        if person_id is not None:
             where.append("person_id = ?")
-            params.append(resolve_person_id(conn, person_ref))
+            params.append(person_id)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM mpesa_payment {clause}"  # noqa: S608
