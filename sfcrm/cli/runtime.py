@@ -185,7 +185,7 @@ class Runtime:
     def db(self) -> Database:
         from sfcrm.db import Database
 
-        return Database(self.settings.database_path)
+        return Database(self.settings.database)
 
     @cached_property
     def tz(self) -> ZoneInfo:
