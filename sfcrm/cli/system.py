@@ -38,13 +38,13 @@ def init(json_output: JsonOption = False) -> None:
         rt.options.config = rt.options.config or (
             Path("sfcrm.toml") if Path("sfcrm.toml").is_file() else None
         )
-        db_path = rt.db.path
+        where = rt.db.where
         _ = rt.db.engine  # creates and upgrades the file
         rt.emit(
-            {"written": written, "database": str(db_path)},
+            {"written": written, "database": where},
             lambda: rt.print(
                 (f"Wrote {', '.join(written)}. " if written else "Config files already there. ")
-                + f"Database ready at {db_path}. Put your secrets in .env (see .env.example)."
+                + f"Database ready at {where}. Put your secrets in .env (see .env.example)."
             ),
         )
 
@@ -67,9 +67,8 @@ def serve_callback(
     with command(json_output) as rt:
         import logging
 
-        from sfcrm.config import allowlist
         from sfcrm.logs import RedactingFilter, Redactor
-        from sfcrm.server import LOOPBACK, CallbackApp, ConnectionLimits, RsvpPages, make_server
+        from sfcrm.server import make_server
 
         settings = rt.settings
         path = settings.callback_path
@@ -82,29 +81,8 @@ def serve_callback(
         replayed = rt.payments.replay_callbacks()
         if replayed:
             rt.say(f"Applied {replayed} stored callbacks left from the last run.")
-        rsvp = (
-            RsvpPages(rt.crew, rt.renderer, secret_key=settings.secret_key, clock=rt.clock)
-            if settings.secret_key
-            else None
-        )
-        allowed = allowlist(settings)
-        proxies = settings.listener_trusted_proxies or ()
-        app = CallbackApp(
-            rt.payments,
-            callback_path=path,
-            max_body=settings.listener_max_body,
-            allowlist=allowed,
-            trusted_proxies=proxies,
-            rsvp=rsvp,
-        )
-        # A proxy's connections carry everyone's requests, and Daraja's must never be refused:
-        # neither is held to the cap of connections per address.
-        limits = ConnectionLimits(
-            request_seconds=settings.listener_request_timeout,
-            per_address=settings.listener_connections_per_address,
-            total=settings.listener_max_connections,
-            uncapped=(*LOOPBACK, *proxies, *sorted(allowed or ())),
-        )
+        app = rt.services.callback_app()
+        limits = rt.services.listener_limits()
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
         handler.addFilter(RedactingFilter(Redactor(settings.secret_values())))
