@@ -1,4 +1,4 @@
-"""Top-level commands: ``init``, ``serve-callback`` and ``demo``."""
+"""Top-level commands: ``init``, ``serve-callback``, ``demo``, ``backup`` and ``db``."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -10,6 +10,8 @@ from sfcrm.errors import ConfigError, ValidationError
 
 if TYPE_CHECKING:
     import logging
+
+    from sfcrm.db import SchemaState
 
 
 def init(json_output: JsonOption = False) -> None:
@@ -199,7 +201,113 @@ def demo(
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def backup(
+    file: Annotated[Path, typer.Argument(help="the copy to write; must not exist yet")],
+    json_output: JsonOption = False,
+) -> None:
+    """Copy the SQLite database to FILE, consistent even while the listener takes callbacks.
+
+    An existing FILE is never overwritten. A PostgreSQL database is backed up with pg_dump.
+
+    Example: sfcrm backup sfcrm-2026-01-31.db
+    """
+    with command(json_output) as rt:
+        target = rt.db.backup(file)
+        rt.emit(
+            {"database": rt.db.where, "backup": str(target)},
+            lambda: rt.print(f"Backed up {rt.db.where} to {target}."),
+        )
+
+
+db_app = typer.Typer(
+    help="The database's schema: where it stands, and upgrading it.", no_args_is_help=True
+)
+
+
+@db_app.command("upgrade")
+def db_upgrade(json_output: JsonOption = False) -> None:
+    """Bring the database's schema to the newest revision now.
+
+    Any command does this on first use; this does it at a time you choose, say right after
+    installing a new release.
+
+    Example: sfcrm db upgrade
+    """
+    with command(json_output) as rt:
+        before, after = rt.db.upgrade()
+        if before.current:
+            text = f"the database is at schema {after.revision} already"
+        elif before.empty:
+            text = f"created the database at schema {after.revision}"
+        elif before.revision == after.revision:  # a release before Alembic wrote the newest
+            text = f"the database is at schema {after.revision} already; Alembic keeps it now"
+        else:
+            text = f"upgraded the database from schema {_shown(before)} to {after.revision}"
+        rt.emit(
+            {
+                "database": rt.db.where,
+                "from": before.revision,
+                "from_user_version": before.legacy_version,
+                "to": after.revision,
+                "upgraded": not before.current,
+            },
+            lambda: rt.print(text),
+        )
+
+
+@db_app.command("current")
+def db_current(json_output: JsonOption = False) -> None:
+    """Show the database's schema revision and whether it is the newest; never upgrades it.
+
+    Example: sfcrm db current
+    """
+    with command(json_output) as rt:
+        from sfcrm.db import SchemaState
+
+        db = rt.db
+        if db.dialect == "sqlite" and not db.path.exists():  # looking must not create it
+            state = SchemaState(None, None)
+            text = f"no database at {db.where} yet; the first command creates it"
+        else:
+            state = db.schema()
+            text = _schema_text(state)
+        rt.emit(
+            {
+                "database": db.where,
+                "revision": state.revision,
+                "user_version": state.legacy_version,
+                "head": state.head,
+                "newest": state.current,
+            },
+            lambda: rt.print(text),
+        )
+
+
+def _shown(state: "SchemaState") -> str:
+    """A schema as the office knows it: its revision, with the user_version of a file a
+    release before Alembic wrote."""
+    if state.legacy_version is None:
+        return str(state.revision)
+    return f"{state.revision or 'unknown'} (user_version {state.legacy_version})"
+
+
+def _schema_text(state: "SchemaState") -> str:
+    if state.empty:
+        return f"the database is empty; the first command creates schema {state.head} in it"
+    if state.current:
+        return f"the database is at schema {state.head}, the newest"
+    where = f"the database is at schema {_shown(state)}"
+    # (revisions are numbered 0001, 0002, ...: their order is the order of their text)
+    if state.revision is None or state.revision > state.head:
+        return f"{where}, newer than this sfcrm knows ({state.head}); upgrade sfcrm"
+    if state.revision == state.head:
+        return f"{where}, the newest, written before Alembic; the first command hands it over"
+    return f"{where}; {state.head} is the newest (`sfcrm db upgrade` or any command upgrades it)"
+
+
 def register(app: typer.Typer) -> None:
     app.command("init")(init)
     app.command("serve-callback")(serve_callback)
     app.command("demo")(demo)
+    app.command("backup")(backup)
+    app.add_typer(db_app, name="db")
