@@ -42,6 +42,7 @@ MAX_IMPORT_BYTES = 50_000_000
 MAX_IMPORT_LINE_BYTES = 1_000_000
 MAX_REPORTED = 20  # bad rows named in the error; the rest are counted
 _IN_BATCH = 500  # values per IN (...): SQLite before 3.32 takes at most 999 in one statement
+_WRITE_BATCH = 5000  # rows per INSERT of an import: its memory stays small
 
 
 def person_json(person: Person) -> dict[str, Any]:
@@ -288,7 +289,7 @@ class People:
         started = time.perf_counter()
         try:
             with self.db.write() as session, _overtaken_on_duplicate():
-                ids = self._insert(session, checked.people, now)
+                self._insert(session, checked.people, now)
         except _Overtaken:
             # A phone or email of the file was added by someone else since it was checked.
             self._report_taken(checked)
@@ -302,7 +303,7 @@ class People:
         log.info(
             "imported %d people from %s; the write took %.2f s", len(checked.people), path, took
         )
-        return ImportedPeople(ids, checked.people, now)
+        return ImportedPeople(self._stored_ids(checked.people), checked.people, now)
 
     def _report_taken(self, checked: CheckedRows) -> None:
         """A problem for each checked row whose phone or email a stored person already has,
@@ -337,28 +338,27 @@ class People:
                         continue
                     checked.problem(f"line {checked.phones[new.phone]}: {taken}")
 
-    def _insert(self, session: Session, people: list[NewPerson], now: datetime) -> list[int]:
-        """Write checked people and their opening balances; returns their ids, in order.
+    def _insert(self, session: Session, people: list[NewPerson], now: datetime) -> None:
+        """Write checked people and their opening balances.
 
-        Two statements: the write lock (SQLite) is held for this alone. They run on the
-        session's connection: the ORM's bulk path took a minute for 20,000 rows where Core
-        takes a fraction of a second.
+        The write lock (SQLite) is held for this alone: Core statements on the session's
+        connection, a few thousand rows each (the ORM's bulk path took a minute for 20,000
+        rows where Core takes a fraction of a second).
         """
         conn = session.connection()
-        stored = conn.execute(
-            insert(Person).returning(col(Person.phone), col(Person.id)),
-            [
-                {"name": new.name, "phone": new.phone, "email": new.email,
-                 "balance_cents": new.balance_cents, "created_at": now}
-                for new in people
-            ],
-        )  # fmt: skip
-        # (by phone, unique, instead of RETURNING's order, which costs twice the time to keep)
-        id_of = cast("dict[str, int]", dict(stored.all()))
-        ids = [id_of[new.phone] for new in people]
+        before = conn.execute(sa_select(func.max(Person.id))).scalar() or 0
+        for start in range(0, len(people), _WRITE_BATCH):
+            conn.execute(
+                insert(Person),
+                [
+                    {"name": new.name, "phone": new.phone, "email": new.email,
+                     "balance_cents": new.balance_cents, "created_at": now}
+                    for new in people[start : start + _WRITE_BATCH]
+                ],
+            )  # fmt: skip
         # Each opening entry is the whole balance, so every balance is still the sum of its
-        # entries. On PostgreSQL another writer's people may hold ids among these: they already
-        # have their entries, which is how they are told apart.
+        # entries. On PostgreSQL another writer's people may hold ids past ``before``: they
+        # have their entries already, which is how they are told apart.
         conn.execute(
             insert(BalanceEntry).from_select(
                 ["person_id", "amount_cents", "balance_after_cents", "kind", "created_at"],
@@ -370,13 +370,29 @@ class People:
                     literal(now, UTCDateTime()),
                 )
                 .where(
-                    col(Person.id).between(min(ids), max(ids)),
+                    col(Person.id) > before,
                     col(Person.balance_cents) != 0,
                     ~exists().where(col(BalanceEntry.person_id) == col(Person.id)),
                 )
                 .order_by(col(Person.id)),
             )
         )
+
+    def _stored_ids(self, people: list[NewPerson]) -> list[int]:
+        """The ids just-written people were stored under, in their order, by their phones (each
+        stored once); read after the write, holding no lock, a few hundred at a time."""
+        ids: list[int] = []
+        with self.db.read() as session:
+            for start in range(0, len(people), _IN_BATCH):
+                batch = people[start : start + _IN_BATCH]
+                id_of = dict(
+                    session.execute(
+                        sa_select(col(Person.phone), col(Person.id)).where(
+                            col(Person.phone).in_([new.phone for new in batch])
+                        )
+                    ).all()
+                )
+                ids.extend(cast("int", id_of[new.phone]) for new in batch)
         return ids
 
 
