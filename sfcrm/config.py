@@ -85,7 +85,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("mpesa_confirm_by_query", "MPESA_CONFIRM_BY_QUERY", "mpesa.confirm_by_query", "false",
          kind="bool", help="confirm every 'paid' callback with an STK Push Query first"),
     Spec("database_url", "SFCRM_DATABASE_URL", "database.url", None, kind="path",
-         help="SQLite file (path or sqlite:///path); default sfcrm.db beside the config"),
+         help="SQLite file (path or sqlite:///path), or postgresql+psycopg://user:password@host"
+         "/db (its password from the environment or .env only); default sfcrm.db beside the "
+         "config"),
     Spec("timezone", "SFCRM_TIMEZONE", "timezone", "Africa/Nairobi",
          help="wall-clock time zone for dates shown and typed"),
     Spec("log_file", "SFCRM_LOG_FILE", "logging.file", None, kind="path",
@@ -190,6 +192,9 @@ class Settings:
             path = urlsplit(callback).path.strip("/")
             if path:
                 out.append(path)
+        database = self.values.get("database_url")
+        if isinstance(database, str):
+            out.extend(url_passwords(database))
         return out
 
     @property
@@ -200,9 +205,24 @@ class Settings:
         return PRODUCTION_URL if self.values["mpesa_environment"] == "production" else SANDBOX_URL
 
     @property
+    def database(self) -> Path | str:
+        """What the database is opened from: the SQLite file, or the PostgreSQL URL (its
+        password included: show ``database_shown`` instead)."""
+        value = self.values.get("database_url")
+        return value if isinstance(value, str) else self.database_path
+
+    @property
     def database_path(self) -> Path:
-        path = self.values.get("database_url")
-        return Path(path) if path else self.base_dir / "sfcrm.db"
+        """The SQLite file. A PostgreSQL database has none: this is then where the default file
+        would be, and what sfcrm keeps beside its database (the outbox) goes beside it."""
+        value = self.values.get("database_url")
+        return value if isinstance(value, Path) else self.base_dir / "sfcrm.db"
+
+    @property
+    def database_shown(self) -> str:
+        """The database, fit to print: the file, or the URL with its password masked."""
+        value = self.values.get("database_url")
+        return shown_url(value) if isinstance(value, str) else str(self.database_path)
 
     @property
     def callback_path(self) -> str | None:
@@ -221,6 +241,8 @@ class Settings:
         if name == "mpesa_callback_url":
             parts = urlsplit(str(value))
             return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/{SECRET_MASK}"
+        if name == "database_url":
+            return self.database_shown
         if spec.secret:
             return SECRET_MASK
         if isinstance(value, bool):
@@ -301,6 +323,13 @@ def _check_toml_has_no_secrets(data: Mapping[str, Any], path: Path) -> None:
                 )
 
     walk(data, "")
+    database = _toml_lookup(data, "database.url")
+    if isinstance(database, str) and url_passwords(database):
+        raise ConfigError(
+            f"{path} holds a secret (the password in database.url)",
+            hint="set SFCRM_DATABASE_URL, password and all, in the environment or .env; "
+            "sfcrm.toml may name the database without a password",
+        )
 
 
 _WHOLE = re.compile(r"[+-]?[0-9]+")
@@ -321,8 +350,14 @@ def _convert(spec: Spec, raw: str, base: Path) -> Any:
         raise ConfigError(f"{spec.env} must be true or false", value=raw)
     if spec.kind == "list":
         return tuple(item.strip() for item in raw.split(",") if item.strip())
-    # path: relative paths from sfcrm.toml are relative to that file
-    text = database_file(raw) if spec.name == "database_url" else raw
+    if spec.name == "database_url":
+        url = postgres_url(raw)
+        return url if url is not None else _path(spec, database_file(raw), base)
+    return _path(spec, raw, base)
+
+
+def _path(spec: Spec, text: str, base: Path) -> Path:
+    """A path setting; relative paths from sfcrm.toml are relative to that file."""
     if "\x00" in text:
         raise ConfigError(f"{spec.env} holds a NUL character", value=repr(text))
     try:
@@ -354,6 +389,48 @@ def _number(spec: Spec, raw: str) -> int | float:
     return value
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+# postgres:// is what many hosts hand out; every form is run on psycopg (3)
+POSTGRES_SCHEMES = ("postgresql+psycopg", "postgresql", "postgres")
+
+
+def postgres_url(raw: str) -> str | None:
+    """The PostgreSQL URL SFCRM_DATABASE_URL names, as ``postgresql+psycopg://…``; None when
+    it names a SQLite file."""
+    text = raw.strip()
+    match = _SCHEME.match(text)
+    if match is None or match.group(1).lower() not in POSTGRES_SCHEMES:
+        return None
+    shown = shown_url(text)
+    hint = "for example postgresql+psycopg://sfcrm:PASSWORD@127.0.0.1:5432/sfcrm"
+    if not text.isprintable() or " " in text:
+        raise ConfigError("SFCRM_DATABASE_URL must be a URL without spaces", value=shown,
+                          hint=hint)  # fmt: skip
+    try:
+        parts = urlsplit(text)
+        _ = parts.port
+    except ValueError as exc:  # a port that is no number, an unclosed [
+        raise ConfigError(f"SFCRM_DATABASE_URL is not a valid URL: {exc}", value=shown,
+                          hint=hint) from None  # fmt: skip
+    if not parts.path.strip("/"):
+        raise ConfigError(
+            "SFCRM_DATABASE_URL must name the database after the host", value=shown, hint=hint
+        )
+    return "postgresql+psycopg://" + text[match.end() :]
+
+
+def url_passwords(url: str) -> list[str]:
+    """The password in a database URL as written and as meant (percent-decoded), for
+    redaction; none when the URL holds no password."""
+    try:
+        password = urlsplit(url.strip()).password
+    except ValueError:
+        return []
+    if not password:
+        return []
+    return sorted({password, unquote(password)})
+
+
 def database_file(raw: str) -> str:
     """The file SFCRM_DATABASE_URL names, parsed here once for every opener of the file.
 
@@ -361,15 +438,15 @@ def database_file(raw: str) -> str:
     ``sqlite:///path`` URL is URL-decoded as SQLAlchemy decodes it (``%20`` is a space);
     three slashes then a relative path, four for an absolute one.
     """
-    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", raw.strip())
+    match = _SCHEME.match(raw.strip())
     if match is None:
         return raw
     scheme = match.group(1).lower()
     if scheme not in ("sqlite", "sqlite+pysqlite"):
         raise ConfigError(
-            f"SFCRM_DATABASE_URL names a database sfcrm does not support yet ({scheme})",
+            f"SFCRM_DATABASE_URL names a database sfcrm does not support ({scheme})",
             value=shown_url(raw),
-            hint="sfcrm runs on SQLite: give a file path or sqlite:///path",
+            hint="give a SQLite file path, sqlite:///path or postgresql+psycopg://…",
         )
     rest = raw.strip()[match.end() :]
     if not rest.startswith("/"):
@@ -425,16 +502,21 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     dotenv_path: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    files: bool = True,
 ) -> Settings:
-    """Build the effective settings from every source; nothing here touches the network."""
+    """Build the effective settings from every source; nothing here touches the network.
+
+    With ``files=False`` no sfcrm.toml and no .env is read: the settings are ``environ`` and
+    the defaults alone (the demo's embedded ones, a test's).
+    """
     env = dict(os.environ if environ is None else environ)
-    path = find_config_file(config_path, env)
+    path = find_config_file(config_path, env) if files else None
     toml_data = _read_toml(path) if path else {}
     if path:
         _check_toml_has_no_secrets(toml_data, path)
     dotenv: dict[str, str] = {}
     dotenv_file = Path(".env") if dotenv_path is None else dotenv_path
-    if dotenv_file.is_file():
+    if files and dotenv_file.is_file():
         dotenv = _read_dotenv(dotenv_file)
 
     toml_base = path.parent.resolve() if path else Path.cwd()

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from sfcrm.errors import SfcrmError
@@ -50,79 +50,60 @@ def run_demo(
     import email
     import email.policy
     import re
+    import socket
     from datetime import timedelta
-    from zoneinfo import ZoneInfo
 
     import requests
 
-    from sfcrm.crew import Crew
-    from sfcrm.crewmail import CrewMail, Org
-    from sfcrm.daraja import DarajaClient
-    from sfcrm.db import Database
+    from sfcrm.config import load_settings
     from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE, DarajaEmulator, EmulatorSettings
-    from sfcrm.events import Events
-    from sfcrm.mail import FileBackend, Mailer
-    from sfcrm.payments import DatabaseTokenCache, Payments
-    from sfcrm.people import People
-    from sfcrm.render import Renderer
-    from sfcrm.rsvp import make_token, rsvp_url
-    from sfcrm.server import CallbackApp, RsvpPages, make_server
+    from sfcrm.server import make_server
+    from sfcrm.services import Services
 
     started = time.monotonic()
-    tz = ZoneInfo("Africa/Nairobi")
-
-    def clock() -> datetime:
-        return datetime.now(UTC)
-
-    db = Database(folder / "sfcrm.db")
     emulator = DarajaEmulator(EmulatorSettings(callback_delay=callback_delay)).start()
+    services: Services | None = None
     server = None
     try:
         progress(f"Daraja emulator listening on {emulator.url}")
-        client = DarajaClient(
-            emulator.url,
-            "demo-consumer-key",
-            "demo-consumer-secret",
-            SANDBOX_SHORTCODE,
-            SANDBOX_PASSKEY,
-            session=requests.Session(),
-            timeout=10,
-            clock=clock,
-            token_cache=DatabaseTokenCache(db),
-        )
+        with socket.socket() as probe:  # a free loopback port for the listener, named up front
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        listener_url = f"http://127.0.0.1:{port}"
         path = "/callback/" + secrets.token_urlsafe(24)
-        secret_key = secrets.token_urlsafe(32)
-        listener = {"url": ""}
-        payments = Payments(db, callback_url=None, clock=clock, client_factory=lambda: client)
-        renderer = Renderer(None)
-        mailer = Mailer(
-            db,
-            lambda: FileBackend(folder / "outbox"),
-            sender="Sound Fusion <office@soundfusion.invalid>",
-            clock=clock,
+        settings = load_settings(
+            environ={
+                "SFCRM_DATABASE_URL": str(folder / "sfcrm.db"),
+                "MPESA_BASE_URL": emulator.url,
+                "MPESA_CONSUMER_KEY": "demo-consumer-key",
+                "MPESA_CONSUMER_SECRET": "demo-consumer-secret",
+                "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
+                "MPESA_PASS_KEY": SANDBOX_PASSKEY,
+                "MPESA_TIMEOUT": "10",
+                "MPESA_CALLBACK_URL": listener_url + path,
+                "SFCRM_PUBLIC_URL": listener_url,
+                "SFCRM_SECRET_KEY": secrets.token_urlsafe(32),
+                "SFCRM_LISTENER_THREADS": "4",
+                "EMAIL_BACKEND": "file",
+                "EMAIL_FILE_PATH": str(folder / "outbox"),
+                "DEFAULT_FROM_EMAIL": "Sound Fusion <office@soundfusion.invalid>",
+                "SFCRM_ORG_NAME": "Sound Fusion",
+                "SFCRM_ORG_PHONE": "0700000000",
+                "SFCRM_ORG_EMAIL": "office@soundfusion.invalid",
+                "SFCRM_TIMEZONE": "Africa/Nairobi",
+            },
+            files=False,
         )
-        org = Org("Sound Fusion", "0700000000", "office@soundfusion.invalid")
-        crew = Crew(db, clock=clock, tz=tz, org=org)
-        crew_mail = CrewMail(
-            db,
-            clock=clock,
-            mailer=lambda: mailer,
-            renderer=lambda: renderer,
-            org=org,
-            rsvp=lambda aid, bound_to, expires: rsvp_url(
-                listener["url"], make_token(secret_key, aid, bound_to, expires, clock())
-            ),
-        )
-        pages = RsvpPages(crew, renderer, secret_key=secret_key, clock=clock)
-        app = CallbackApp(payments, callback_path=path, rsvp=pages)
-        server = make_server(app, "127.0.0.1", 0, threads=4)
-        listener["url"] = f"http://127.0.0.1:{server.effective_port}"
-        payments.callback_url = listener["url"] + path
+        services = Services(settings)
+        server = make_server(
+            services.callback_app(), "127.0.0.1", port, settings.listener_threads,
+            limits=services.listener_limits(),
+        )  # fmt: skip
         threading.Thread(target=server.run, name="sfcrm-demo-listener", daemon=True).start()
-        progress(f"callback listener on {listener['url']}/callback/<secret>")
+        progress(f"callback listener on {listener_url}/callback/<secret>")
+        people, payments, crew = services.people, services.payments, services.crew
 
         # 1. collect money
-        people = People(db, clock)
         person = people.add(
             "Demo Crew Member", DEMO_PHONE, "demo@soundfusion.invalid", DEMO_BALANCE
         )
@@ -149,15 +130,15 @@ def run_demo(
         )
 
         # 2. run the crew
-        tomorrow = (datetime.now(tz) + timedelta(days=1)).date().isoformat()
-        event = Events(db, clock, tz).add(
+        tomorrow = (datetime.now(services.tz) + timedelta(days=1)).date().isoformat()
+        event = services.events.add(
             "Safari Rally Gala", tomorrow, "KICC, Nairobi", time="18:00", end_time="23:30",
             details="Load-in from 14:00. Black clothes.",
         )  # fmt: skip
         assert event.id is not None
         row = crew.assign(event.id, str(person.id), "Sound Engineer", notes="Bring the DI boxes")
         assert row.crew.id is not None
-        run = crew_mail.invite(assignment_ids=[row.crew.id])
+        run = services.crew_mail.invite(assignment_ids=[row.crew.id])
         if not run.sent:
             raise SfcrmError("the demo's invitation could not be written")
         [email_path] = sorted((folder / "outbox").glob("*.eml"))
@@ -178,7 +159,7 @@ def run_demo(
         return DemoResult(
             folder=folder,
             emulator_url=emulator.url,
-            listener_url=listener["url"],
+            listener_url=listener_url,
             person_before=person,
             person_after=after,
             payment=payment,
@@ -193,4 +174,5 @@ def run_demo(
             server.close()
             app.stop()  # its threads work on the database closed below
         emulator.stop()
-        db.close()
+        if services is not None:
+            services.close()

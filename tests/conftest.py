@@ -25,7 +25,6 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 # -- real parts: database, Daraja emulator over HTTP, the listener on a loopback socket ---------
 
 
-import requests  # noqa: E402
 from fake_daraja import FakeDaraja  # noqa: E402
 from support import (  # noqa: E402
     CONSUMER_KEY,
@@ -36,8 +35,9 @@ from support import (  # noqa: E402
     PostgresServer,
     Recorder,
     SmtpSink,
+    daraja_env,
+    services_for,
     start_listener,
-    utcnow,
     wait_for,  # noqa: F401  (re-exported for test modules)
 )
 
@@ -50,8 +50,9 @@ from sfcrm.emulator import (  # noqa: E402
     EmulatorSettings,
 )
 from sfcrm.models import Person  # noqa: E402
-from sfcrm.payments import DatabaseTokenCache, Payments  # noqa: E402
+from sfcrm.payments import Payments  # noqa: E402
 from sfcrm.people import People  # noqa: E402
+from sfcrm.services import Services  # noqa: E402
 
 
 @pytest.fixture
@@ -101,8 +102,14 @@ def db(database_url: str) -> Iterator[Database]:
 
 
 @pytest.fixture
-def people(db: Database) -> People:
-    return People(db, utcnow)
+def services(db: Database, database_url: str) -> Services:
+    """sfcrm's services on the test's database, built from settings as the CLI builds them."""
+    return services_for(database_url, db)
+
+
+@pytest.fixture
+def people(services: Services) -> People:
+    return services.people
 
 
 @pytest.fixture
@@ -122,28 +129,36 @@ def emulator(emulator_settings: EmulatorSettings) -> Iterator[DarajaEmulator]:
         yield running
 
 
-@pytest.fixture
-def daraja_client(emulator: DarajaEmulator, db: Database) -> DarajaClient:
-    return DarajaClient(
-        emulator.url,
-        CONSUMER_KEY,
-        CONSUMER_SECRET,
-        SANDBOX_SHORTCODE,
-        SANDBOX_PASSKEY,
-        session=requests.Session(),
-        timeout=5,
-        clock=utcnow,
-        token_cache=DatabaseTokenCache(db),
+def _office_on_emulator(
+    database_url: str, db: Database, emulator: DarajaEmulator, **kwargs: Any
+) -> Services:
+    return services_for(
+        database_url,
+        db,
+        **kwargs,
+        **daraja_env(emulator.url, "http://127.0.0.1:9/unused", timeout=5),
     )
 
 
 @pytest.fixture
-def payments(db: Database, daraja_client: DarajaClient) -> Payments:
+def daraja_client(db: Database, database_url: str, emulator: DarajaEmulator) -> DarajaClient:
+    """The client of an office whose Daraja is the emulator, built from its settings."""
+    return _office_on_emulator(database_url, db, emulator).daraja_client
+
+
+@pytest.fixture
+def services_on_emulator(
+    db: Database, database_url: str, emulator: DarajaEmulator, daraja_client: DarajaClient
+) -> Services:
+    """The services of an office whose Daraja is the emulator, through ``daraja_client`` (a
+    test module may give its own); the callback URL is set by the ``listener`` fixture."""
+    return _office_on_emulator(database_url, db, emulator, daraja_client=daraja_client)
+
+
+@pytest.fixture
+def payments(services_on_emulator: Services) -> Payments:
     """Payments wired to the emulator; callback_url is set by the ``listener`` fixture."""
-    return Payments(
-        db, callback_url="http://127.0.0.1:9/unused", clock=utcnow,
-        client_factory=lambda: daraja_client,
-    )  # fmt: skip
+    return services_on_emulator.payments
 
 
 @pytest.fixture
@@ -175,15 +190,7 @@ def cli_env(
     monkeypatch: pytest.MonkeyPatch, emulator: DarajaEmulator, listener: Listener, database_url: str
 ) -> dict[str, str]:
     """Environment for CLI runs: Daraja is the emulator, results come back to the listener."""
-    env = {
-        "MPESA_CONSUMER_KEY": CONSUMER_KEY,
-        "MPESA_CONSUMER_SECRET": CONSUMER_SECRET,
-        "MPESA_PASS_KEY": SANDBOX_PASSKEY,
-        "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
-        "MPESA_BASE_URL": emulator.url,
-        "MPESA_CALLBACK_URL": listener.url,
-        "SFCRM_DATABASE_URL": database_url,
-    }
+    env = {**daraja_env(emulator.url, listener.url), "SFCRM_DATABASE_URL": database_url}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env

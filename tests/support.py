@@ -25,7 +25,10 @@ from sfcrm.payments import Payments
 from sfcrm.server import CallbackApp, make_server
 
 if TYPE_CHECKING:
+    from sfcrm.daraja import DarajaClient
+    from sfcrm.db import Database
     from sfcrm.server import ConnectionLimits
+    from sfcrm.services import Services
 
 # A PostgreSQL server for the database tests' second run (see conftest's ``engine_name``)
 PG_URL = os.environ.get("SFCRM_TEST_DATABASE_URL") or None
@@ -320,24 +323,50 @@ def run_json(*args: str, code: int = 0) -> Any:
     return json.loads(result.stdout)
 
 
-def sfcrm_env(fake: Any, db_path: Any, callback_url: str, timeout: float = 5.0) -> dict[str, str]:
-    """The environment of an sfcrm process that pushes to the fake Daraja ``fake`` and has its
-    callbacks sent to ``callback_url``."""
-    import os
-
+def daraja_env(base_url: str, callback_url: str, timeout: float | None = None) -> dict[str, str]:
+    """The settings of an sfcrm that pushes to the Daraja (emulator or fake) at ``base_url``
+    with the sandbox's shortcode and passkey, and has its callbacks sent to ``callback_url``;
+    it waits ``timeout`` seconds for an answer, or MPESA_TIMEOUT's default."""
     from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE
 
-    return {
-        **os.environ,
+    env = {
         "MPESA_CONSUMER_KEY": CONSUMER_KEY,
         "MPESA_CONSUMER_SECRET": CONSUMER_SECRET,
         "MPESA_PASS_KEY": SANDBOX_PASSKEY,
         "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
-        "MPESA_BASE_URL": fake.url,
+        "MPESA_BASE_URL": base_url,
         "MPESA_CALLBACK_URL": callback_url,
-        "MPESA_TIMEOUT": str(timeout),
+    }
+    if timeout is not None:
+        env["MPESA_TIMEOUT"] = str(timeout)
+    return env
+
+
+def sfcrm_env(fake: Any, db_path: Any, callback_url: str, timeout: float = 5.0) -> dict[str, str]:
+    """The environment of an sfcrm process that pushes to the fake Daraja ``fake`` and has its
+    callbacks sent to ``callback_url``."""
+    return {
+        **os.environ,
+        **daraja_env(fake.url, callback_url, timeout),
         "SFCRM_DATABASE_URL": str(db_path),
     }
+
+
+def services_for(
+    database_url: str,
+    db: Database | None = None,
+    *,
+    daraja_client: DarajaClient | None = None,
+    **env: str,
+) -> Services:
+    """sfcrm's services as its composition root builds them, from settings alone (no sfcrm.toml,
+    .env or process environment is read): the database ``database_url`` (``db`` when it is
+    open already) and the settings ``env``, by their variable names."""
+    from sfcrm.config import load_settings
+    from sfcrm.services import Services
+
+    settings = load_settings(environ={"SFCRM_DATABASE_URL": database_url, **env}, files=False)
+    return Services(settings, clock=utcnow, database=db, daraja_client=daraja_client)
 
 
 def sfcrm_process(*args: str) -> Any:

@@ -61,6 +61,7 @@ INITIATOR_PASSWORD = "CANARY-ip-91ab37d4e6f0"
 CALLBACK_SECRET = "CANARY-cb-4f0d2e6a8c1b"
 SMTP_PASSWORD = "CANARY-sm-5e7b20c9a1f4"
 SECRET_KEY = "CANARY-sk-a3c9d1f0b2e4"
+DATABASE_PASSWORD = "CANARY-db-6a2f9c0e1d7b"  # set only for the runs against a server
 CANARIES = [
     CONSUMER_KEY,
     CONSUMER_SECRET,
@@ -69,6 +70,7 @@ CANARIES = [
     CALLBACK_SECRET,
     SMTP_PASSWORD,
     SECRET_KEY,
+    DATABASE_PASSWORD,
 ]
 SMTP_USER = "office"
 PIECE = 12  # a piece of a canary this long is a leak too (a cut-off echo, say)
@@ -774,6 +776,38 @@ def run_everything(  # one long, flat script of what the office does
             label="[corrupted db]",
             SFCRM_DATABASE_URL=str(broken),
             SFCRM_TRACEBACK="1",
+        )
+        for args in (("db", "current"), ("db", "upgrade", "--json"), ("backup", "copy.db")):
+            cli(*args, label="[corrupted db]", SFCRM_DATABASE_URL=str(broken))
+
+        # -- the database's schema and its backup, then a PostgreSQL server that is down ------
+        cli("db", "current")
+        cli("db", "current", "--json")
+        cli("db", "upgrade")
+        cli("db", "upgrade", "--json")
+        backup = office.tmp / "backup.db"
+        assert cli("backup", str(backup)).exit_code == 0
+        cli("backup", str(backup), "--json")  # exists: refused
+        office.harvest.add("backup tables", dump_database(backup))
+        server_down = {
+            "SFCRM_DATABASE_URL": (
+                f"postgresql://office:{DATABASE_PASSWORD}@127.0.0.1:{closed_port}/sfcrm"
+            )
+        }
+        for args, code in (
+            (("people", "list"), 9),
+            (("people", "list", "--json"), 9),
+            (("people", "show", "1", "--json"), 9),
+            (("db", "current"), 9),
+            (("db", "upgrade", "--json"), 9),
+            (("backup", "copy.db"), 3),  # pg_dump's work
+            (("config", "show"), 0),
+            (("config", "show", "--json"), 0),
+        ):
+            assert cli(*args, label="[database server down]", **server_down).exit_code == code
+        office.process("people", "list", label="[database server down]", **server_down)
+        office.process(
+            "--traceback", "crew", "remind", label="[database server down]", **server_down
         )
 
         # -- the other servers and the demo --------------------------------------------------

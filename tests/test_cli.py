@@ -3,18 +3,41 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Listener, run, run_json, wait_for
+import requests
+from legacy_schema import MIGRATIONS
+from sqlalchemy import func, select
+from sqlmodel import col
+from support import PG_URL, Listener, free_port, paid_callback, run, run_json, wait_for
 
 from sfcrm.cli import app
+from sfcrm.db import Database
 from sfcrm.emulator import DarajaEmulator
+from sfcrm.models import BalanceEntry, MpesaCheckout, MpesaPayment, PaymentStatus, Person
+
+
+@pytest.fixture
+def on_each_engine(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
+    """The commands use the test's database: a SQLite file, then a PostgreSQL database."""
+    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
+    return database_url
+
 
 # -- people ------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_people_add_prints_the_person_as_json_with_money_as_text() -> None:
     doc = run_json("people", "add", "--name", "Achieng Otieno", "--phone", "0712 345 678",
                    "--email", "Achieng@Example.com", "--balance", "1500")  # fmt: skip
@@ -27,18 +50,21 @@ def test_people_add_prints_the_person_as_json_with_money_as_text() -> None:
     }
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_people_show_finds_by_id_phone_and_email() -> None:
     run_json("people", "add", "--name", "Otieno", "--phone", "0712345678", "--email", "o@x.co.ke")
     for ref in ("1", "0712345678", "+254 712 345 678", "712345678", "O@X.co.ke"):
         assert run_json("people", "show", ref)["id"] == 1
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_people_show_unknown_person_exits_5_with_one_line() -> None:
     result = run("people", "show", "0799999999")
     assert result.exit_code == 5
     assert result.stderr.splitlines()[0] == "Error: no such person (0799999999)"
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_people_add_refuses_a_foreign_phone_with_exit_4_and_no_row() -> None:
     result = run("people", "add", "--name", "X", "--phone", "255712345678")
     assert result.exit_code == 4
@@ -46,6 +72,7 @@ def test_people_add_refuses_a_foreign_phone_with_exit_4_and_no_row() -> None:
     assert run_json("people", "list") == []
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_people_add_refuses_a_duplicate_phone() -> None:
     run_json("people", "add", "--name", "A", "--phone", "0712345678")
     result = run("people", "add", "--name", "B", "--phone", "+254712345678")
@@ -53,6 +80,7 @@ def test_people_add_refuses_a_duplicate_phone() -> None:
     assert "already has this phone" in result.stderr
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_errors_under_json_are_one_document_on_stdout() -> None:
     doc = run_json("people", "show", "42", code=5)
     assert doc["status"] == "failed"
@@ -60,6 +88,7 @@ def test_errors_under_json_are_one_document_on_stdout() -> None:
     assert doc["error"] == "no such person (42)"
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_people_import_adds_every_row(tmp_path: Path) -> None:
     csv = tmp_path / "crew.csv"
     csv.write_text("name,phone,email,balance\nA One,0712000001,a@x.co.ke,100\nB Two,0712000002,,\n")
@@ -68,6 +97,7 @@ def test_people_import_adds_every_row(tmp_path: Path) -> None:
     assert [p["balance"] for p in run_json("people", "list")] == ["100.00", "0.00"]
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_people_import_with_a_bad_row_names_its_line_and_imports_nothing(tmp_path: Path) -> None:
     csv = tmp_path / "crew.csv"
     csv.write_text(
@@ -83,6 +113,7 @@ def test_people_import_with_a_bad_row_names_its_line_and_imports_nothing(tmp_pat
     assert run_json("people", "list") == []
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_people_import_refuses_a_file_without_the_header(tmp_path: Path) -> None:
     csv = tmp_path / "crew.csv"
     csv.write_text("A One,0712000001,a@x.co.ke,100\n")
@@ -354,6 +385,7 @@ def test_every_setting_is_in_the_readme_table() -> None:
         assert f"| `{spec.env}` |" in text, spec.env
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_a_number_without_a_safaricom_prefix_is_kept_with_a_note() -> None:
     result = run("people", "add", "--name", "Airtel User", "--phone", "0730000000")
     assert result.exit_code == 0
@@ -364,6 +396,7 @@ def test_a_number_without_a_safaricom_prefix_is_kept_with_a_note() -> None:
 # -- the balance ledger ------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_charge_and_credit_move_the_balance_and_write_the_ledger() -> None:
     run_json("people", "add", "--name", "Achieng", "--phone", "0712345678", "--balance", "1500")
     charged = run_json("people", "charge", "0712345678", "--amount", "2000.50",
@@ -380,6 +413,7 @@ def test_charge_and_credit_move_the_balance_and_write_the_ledger() -> None:
     ]
 
 
+@pytest.mark.usefixtures("on_each_engine")
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -420,6 +454,7 @@ def test_a_completed_payment_is_in_the_ledger_once(
     assert run_json("people", "show", "1")["balance"] == "1000.00"
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_tables_into_a_pipe_cut_nothing() -> None:
     name = "Wanjiku Njeri Kamau-Otieno of the Sound Fusion Rigging Crew"
     email = "wanjiku.njeri.kamau.otieno.rigging@soundfusion-events.example.co.ke"
@@ -432,3 +467,342 @@ def test_tables_into_a_pipe_cut_nothing() -> None:
     assert name in result.stdout
     assert email in result.stdout
     assert "…" not in result.stdout
+
+
+# -- a PostgreSQL database's password ----------------------------------------------------------
+
+DB_PASSWORD = "pg-canary-7c1e9a4b2f"
+
+
+def nobody_listens_url() -> str:
+    """A PostgreSQL URL with a password, of a port on loopback nobody listens on."""
+    return f"postgresql://office:{DB_PASSWORD}@127.0.0.1:{free_port()}/sfcrm"
+
+
+def test_config_show_masks_the_password_of_the_database_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SFCRM_DATABASE_URL", nobody_listens_url())
+    result = run("config", "show")
+    assert result.exit_code == 0, result.output
+    assert DB_PASSWORD not in result.output
+    shown = [line for line in result.stdout.splitlines() if line.startswith("database:")]
+    assert shown == [
+        f"database:    postgresql+psycopg://office:********@127.0.0.1:{shown[0][-11:]}"
+    ]
+    doc = run_json("config", "show")
+    assert DB_PASSWORD not in json.dumps(doc)
+    row = {r["setting"]: r for r in doc["settings"]}["SFCRM_DATABASE_URL"]
+    assert row["value"] == doc["database"]
+    assert row["value"].startswith("postgresql+psycopg://office:********@127.0.0.1:")
+    assert row["source"] == "environment"
+
+
+def test_a_database_url_with_a_password_in_sfcrm_toml_is_refused() -> None:
+    Path("sfcrm.toml").write_text(f'[database]\nurl = "{nobody_listens_url()}"\n')
+    for args in (("config", "show"), ("people", "list"), ("config", "show", "--json")):
+        result = run(*args)
+        assert result.exit_code == 3
+        assert DB_PASSWORD not in result.output
+    lines = run("people", "list").stderr.splitlines()
+    assert lines[0] == "Error: sfcrm.toml holds a secret (the password in database.url)"
+    assert lines[1].startswith("Hint: set SFCRM_DATABASE_URL, password and all, in the environment")
+
+
+def test_a_database_url_without_a_password_in_sfcrm_toml_is_taken() -> None:
+    Path("sfcrm.toml").write_text('[database]\nurl = "postgresql://office@db.internal/sfcrm"\n')
+    doc = run_json("config", "show")
+    assert doc["database"] == "postgresql+psycopg://office@db.internal/sfcrm"
+
+
+@pytest.mark.parametrize("json_flag", [(), ("--json",)], ids=["text", "json"])
+def test_a_server_nobody_listens_on_is_one_error_line_without_the_password(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, json_flag: tuple[str, ...]
+) -> None:
+    url = nobody_listens_url()
+    monkeypatch.setenv("SFCRM_DATABASE_URL", url)
+    monkeypatch.setenv("SFCRM_LOG_FILE", str(tmp_path / "sfcrm.log"))
+    for args in (("people", "list"), ("db", "current"), ("db", "upgrade"), ("init",)):
+        result = run(*args, *json_flag)
+        assert result.exit_code == 9, (args, result.output)
+        assert DB_PASSWORD not in result.output + result.stderr
+        masked = url.replace(DB_PASSWORD, "***").replace("postgresql:", "postgresql+psycopg:")
+        if json_flag:
+            doc = json.loads(result.stdout)
+            assert doc["code"] == "DATABASE_ERROR"
+            assert doc["error"].startswith("cannot reach the database server: ")
+            assert doc["error"].endswith(f"({masked})")
+        else:
+            lines = result.stderr.splitlines()
+            assert len(lines) == 2, result.stderr
+            assert lines[0].startswith("Error: cannot reach the database server: ")
+            assert lines[0].endswith(f"({masked})")
+            assert lines[1].startswith("Hint: check SFCRM_DATABASE_URL")
+    assert DB_PASSWORD not in (tmp_path / "sfcrm.log").read_text()
+
+
+# -- sfcrm db ----------------------------------------------------------------------------------
+
+
+def legacy_file(path: Path, version: int) -> None:
+    """A file as the release of schema ``version`` (before Alembic) left it, empty."""
+    import sqlite3
+
+    with closing(sqlite3.connect(path)) as conn:
+        for script in MIGRATIONS[:version]:
+            conn.executescript(script)
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.commit()
+
+
+def test_db_current_of_a_missing_file_creates_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SFCRM_DATABASE_URL", "office.db")
+    result = run("db", "current")
+    assert result.exit_code == 0
+    assert (
+        result.stdout
+        == f"no database at {Path.cwd() / 'office.db'} yet; the first command creates it\n"
+    )
+    doc = run_json("db", "current")
+    assert (doc["revision"], doc["user_version"], doc["head"], doc["newest"]) == (
+        None, None, "0004", False,
+    )  # fmt: skip
+    assert not Path("office.db").exists()
+
+
+def test_db_current_and_upgrade_of_a_file_an_older_release_wrote(db_path: Path) -> None:
+    legacy_file(db_path, 3)
+    current = run("db", "current")
+    assert current.exit_code == 0
+    assert current.stdout == (
+        "the database is at schema 0003 (user_version 3); 0004 is the newest "
+        "(`sfcrm db upgrade` or any command upgrades it)\n"
+    )
+    doc = run_json("db", "current")
+    assert (doc["revision"], doc["user_version"], doc["newest"]) == ("0003", 3, False)
+    assert run_json("db", "current")["user_version"] == 3  # looking never upgrades
+
+    upgraded = run("db", "upgrade")
+    assert upgraded.exit_code == 0
+    assert upgraded.stdout == "upgraded the database from schema 0003 (user_version 3) to 0004\n"
+    assert run("db", "current").stdout == "the database is at schema 0004, the newest\n"
+    again = run_json("db", "upgrade")
+    assert again == {
+        "database": str(db_path), "from": "0004", "from_user_version": None, "to": "0004",
+        "upgraded": False,
+    }  # fmt: skip
+    assert run("db", "upgrade").stdout == "the database is at schema 0004 already\n"
+
+
+def test_db_current_of_a_file_the_newest_release_before_alembic_wrote(db_path: Path) -> None:
+    legacy_file(db_path, len(MIGRATIONS))
+    assert run("db", "current").stdout == (
+        "the database is at schema 0004 (user_version 4), the newest, written before Alembic; "
+        "the first command hands it over\n"
+    )
+    assert run("db", "upgrade").stdout == (
+        "the database is at schema 0004 already; Alembic keeps it now\n"
+    )
+    assert run_json("db", "current")["newest"] is True
+
+
+def test_db_current_of_a_database_a_newer_sfcrm_wrote_says_so(
+    on_each_engine: str, db: Database
+) -> None:
+    db.upgrade()
+    with db.write() as session:
+        from sqlalchemy import column, table, update
+
+        session.execute(update(table("alembic_version", column("version_num"))).values(
+            version_num="0099"
+        ))  # fmt: skip
+    db.close()
+    result = run("db", "current")
+    assert result.exit_code == 0
+    assert result.stdout == (
+        "the database is at schema 0099, newer than this sfcrm knows (0004); upgrade sfcrm\n"
+    )
+    refused = run("db", "upgrade")
+    assert refused.exit_code == 9
+    assert refused.stderr.splitlines()[0].startswith(
+        "Error: the database has schema 0099, newer than this sfcrm knows (0004)"
+    )
+
+
+def test_db_upgrade_of_a_new_file_creates_its_schema(db_path: Path) -> None:
+    assert run("db", "upgrade").stdout == "created the database at schema 0004\n"
+    assert run("db", "current").stdout == "the database is at schema 0004, the newest\n"
+
+
+def test_any_command_brings_the_schema_up_to_date_first(on_each_engine: str) -> None:
+    assert run_json("people", "list") == []
+    doc = run_json("db", "upgrade")
+    assert (doc["from"], doc["to"], doc["upgraded"]) == ("0004", "0004", False)
+    assert run("db", "upgrade").stdout == "the database is at schema 0004 already\n"
+
+
+def test_db_commands_on_an_empty_postgresql_database(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not PG_URL:
+        pytest.skip("SFCRM_TEST_DATABASE_URL names no PostgreSQL server")
+    server = request.getfixturevalue("postgres_server")
+    url = server.new_empty_database()
+    monkeypatch.setenv("SFCRM_DATABASE_URL", url)
+    assert run("db", "current").stdout == (
+        "the database is empty; the first command creates schema 0004 in it\n"
+    )
+    assert run("db", "current").stdout.startswith("the database is empty")  # still
+    result = run("db", "upgrade")
+    assert result.exit_code == 0
+    assert result.stdout == "created the database at schema 0004\n"
+    assert run_json("db", "current")["newest"] is True
+
+
+# -- sfcrm backup ------------------------------------------------------------------------------
+
+
+def test_backup_copies_the_database_and_refuses_an_existing_file(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SFCRM_DATABASE_URL", str(db_path))
+    run_json("people", "add", "--name", "Achieng", "--phone", "0712345678", "--balance", "100")
+    copy = tmp_path / "copy.db"
+    result = run("backup", str(copy))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"Backed up {db_path} to {copy}.\n"
+    monkeypatch.setenv("SFCRM_DATABASE_URL", str(copy))
+    assert run_json("people", "show", "0712345678")["balance"] == "100.00"
+    monkeypatch.setenv("SFCRM_DATABASE_URL", str(db_path))
+    copy.write_bytes(b"keep me")
+    refused = run("backup", str(copy))
+    assert refused.exit_code == 4
+    assert refused.stderr.splitlines() == [
+        f"Error: the backup file exists already ({copy})",
+        "Hint: name a new file",
+    ]
+    assert copy.read_bytes() == b"keep me"
+    doc = run_json("backup", str(tmp_path / "second.db"))
+    assert doc == {"database": str(db_path), "backup": str(tmp_path / "second.db")}
+
+
+def test_backup_of_a_postgresql_database_points_to_pg_dump(
+    on_each_engine: str, tmp_path: Path
+) -> None:
+    if not on_each_engine.startswith("postgresql"):
+        pytest.skip("SQLite is backed up by sfcrm itself (above)")
+    result = run("backup", str(tmp_path / "copy.db"))
+    assert result.exit_code == 3
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(
+        "Error: sfcrm backup copies a SQLite file; this database is on PostgreSQL ("
+    )
+    assert lines[1].startswith("Hint: back it up with PostgreSQL's own tool: pg_dump")
+    assert not (tmp_path / "copy.db").exists()
+
+
+PAYMENTS = 400
+
+
+def pending_payments(db: Database, count: int) -> list[str]:
+    """A person and ``count`` pending payments of KES 10, each with its push: the checkout ids."""
+    now = datetime.now(UTC)
+    ids = [f"ws_CO_backup_{i:06d}" for i in range(count)]
+    with db.write() as session:
+        session.add(Person(name="Achieng", phone="254708374149", created_at=now))
+        session.flush()
+        for n, checkout in enumerate(ids, start=1):
+            session.add(
+                MpesaPayment(
+                    id=n, person_id=1, phone_number="254708374149", amount=10,
+                    payment_purpose="Deposit", status=PaymentStatus.PENDING,
+                    checkout_request_id=checkout, initiated_at=now, last_pushed_at=now,
+                    push_count=1,
+                )
+            )  # fmt: skip
+        session.flush()
+        session.add_all(
+            MpesaCheckout(payment_id=n, checkout_request_id=c, pushed_at=now)
+            for n, c in enumerate(ids, start=1)
+        )
+    return ids
+
+
+def settled(db: Database) -> int:
+    with db.read() as session:
+        return int(
+            session.execute(
+                select(func.count())
+                .select_from(MpesaPayment)
+                .where(col(MpesaPayment.status) == PaymentStatus.COMPLETED)
+            ).scalar_one()
+        )
+
+
+@pytest.fixture
+def listener_process(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """``sfcrm serve-callback`` as its own process on the test's file; yields the callback URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/cb/backup-test-secret-0123456789"
+    monkeypatch.setenv("SFCRM_DATABASE_URL", str(db_path))
+    monkeypatch.setenv("MPESA_CALLBACK_URL", url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sfcrm", "serve-callback", "--port", str(port)],
+        env=dict(os.environ), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, timeout=30)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_backup_while_the_listener_applies_callbacks_is_a_consistent_copy(
+    db: Database, listener_process: str, tmp_path: Path
+) -> None:
+    ids = pending_payments(db, PAYMENTS)
+    stop = threading.Event()
+    answers: list[int] = []
+
+    def post() -> None:
+        with requests.Session() as http:
+            for n, checkout in enumerate(ids):
+                if stop.is_set():
+                    return
+                body = paid_callback(checkout, amount=10, receipt=f"TB{n:08d}")
+                answers.append(http.post(listener_process, json=body, timeout=10).status_code)
+
+    poster = threading.Thread(target=post)
+    poster.start()
+    try:
+        wait_for(lambda: settled(db) >= 50, timeout=30)
+        before = settled(db)
+        result = run("backup", str(tmp_path / "copy.db"))
+        wait_for(lambda: settled(db) >= before + 50, timeout=30)  # and they went on
+    finally:
+        stop.set()
+        poster.join(30)
+    assert result.exit_code == 0, result.output
+    assert set(answers) == {200}
+    copy = Database(tmp_path / "copy.db")
+    try:
+        assert copy.schema().current
+        in_copy = settled(copy)
+        with copy.read() as session:
+            balance = session.get(Person, 1)
+            entries = session.execute(
+                select(func.count(), func.sum(BalanceEntry.amount_cents)).select_from(BalanceEntry)
+            ).one()
+    finally:
+        copy.close()
+    assert before <= in_copy <= settled(db) < PAYMENTS
+    # one callback's payment, balance and ledger entry, never part of one
+    assert balance is not None
+    assert tuple(entries) == (in_copy, -1000 * in_copy) == (in_copy, balance.balance_cents)

@@ -491,6 +491,117 @@ def test_default_database_is_in_the_current_directory_without_config(tmp_path: P
     assert load(tmp_path).database_path.resolve() == (tmp_path / "sfcrm.db").resolve()
 
 
+# -- a PostgreSQL database ------------------------------------------------------------------
+
+DB_PASSWORD = "db-CANARY-p@ss/9"
+DB_URL = "postgresql://sfcrm:db-CANARY-p%40ss%2F9@db.internal:5432/sfcrm"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://sfcrm@db.internal:5432/sfcrm",
+        "postgresql://sfcrm@db.internal:5432/sfcrm",
+        "postgres://sfcrm@db.internal:5432/sfcrm",
+        "  postgresql://sfcrm@db.internal:5432/sfcrm ",
+    ],
+)
+def test_a_postgresql_url_is_taken_as_one_for_psycopg(tmp_path: Path, url: str) -> None:
+    settings = load(tmp_path, environ={"SFCRM_DATABASE_URL": url})
+
+    assert settings.database == "postgresql+psycopg://sfcrm@db.internal:5432/sfcrm"
+    assert settings.database_shown == settings.database
+    # no file: what sfcrm keeps beside its database (the outbox) goes beside the config
+    assert settings.database_path == Path.cwd() / "sfcrm.db"
+
+
+def test_a_sqlite_path_is_the_database_and_its_file(tmp_path: Path) -> None:
+    settings = load(tmp_path, environ={"SFCRM_DATABASE_URL": str(tmp_path / "crm.db")})
+
+    assert settings.database == settings.database_path == tmp_path / "crm.db"
+    assert settings.database_shown == str(tmp_path / "crm.db")
+
+
+def test_the_password_in_a_database_url_is_a_secret(tmp_path: Path) -> None:
+    settings = load(tmp_path, environ={"SFCRM_DATABASE_URL": DB_URL})
+
+    assert DB_PASSWORD in settings.secret_values()  # as meant
+    assert "db-CANARY-p%40ss%2F9" in settings.secret_values()  # as written
+    shown = settings.shown("database_url")
+    assert shown == f"postgresql+psycopg://sfcrm:{SECRET_MASK}@db.internal:5432/sfcrm"
+    assert settings.database_shown == shown
+    assert "CANARY" not in repr(settings)
+    assert settings.database == DB_URL.replace("postgresql:", "postgresql+psycopg:")
+
+
+def test_the_database_password_may_come_from_dotenv(tmp_path: Path) -> None:
+    dotenv = write(tmp_path / "app.env", f"SFCRM_DATABASE_URL={DB_URL}\n")
+
+    settings = load(tmp_path, dotenv_path=dotenv)
+
+    assert settings.sources["database_url"] == ".env"
+    assert DB_PASSWORD in settings.secret_values()
+
+
+def test_a_database_url_with_a_password_in_toml_is_a_config_error_that_hides_it(
+    tmp_path: Path,
+) -> None:
+    config = write(tmp_path / "sfcrm.toml", f'[database]\nurl = "{DB_URL}"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, config_path=config)
+
+    assert str(caught.value) == f"{config} holds a secret (the password in database.url)"
+    assert "environment or .env" in (caught.value.hint or "")
+    assert "CANARY" not in str(caught.value) + (caught.value.hint or "")
+    assert caught.value.exit_code == ExitCode.CONFIG
+
+
+def test_a_database_url_without_a_password_in_toml_is_taken(tmp_path: Path) -> None:
+    config = write(tmp_path / "sfcrm.toml", '[database]\nurl = "postgresql://sfcrm@db/sfcrm"\n')
+
+    settings = load(tmp_path, config_path=config)
+
+    assert settings.database == "postgresql+psycopg://sfcrm@db/sfcrm"
+    assert settings.sources["database_url"] == "sfcrm.toml"
+    assert settings.secret_values() == []
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "postgresql://sfcrm:db-CANARY-pw@db.internal:port/sfcrm",
+            "SFCRM_DATABASE_URL is not a valid URL: Port could not be cast to integer value as "
+            "'port' (postgresql://sfcrm:********@db.internal:port/sfcrm)",
+        ),
+        (
+            "postgresql://sfcrm:db-CANARY-pw@db.internal",
+            "SFCRM_DATABASE_URL must name the database after the host "
+            "(postgresql://sfcrm:********@db.internal)",
+        ),
+        (
+            "postgresql://sfcrm:db-CANARY-pw@db internal/sfcrm",
+            "SFCRM_DATABASE_URL must be a URL without spaces "
+            "(postgresql://sfcrm:********@db internal/sfcrm)",
+        ),
+        (
+            "mysql://sfcrm:db-CANARY-pw@db.internal/sfcrm",
+            "SFCRM_DATABASE_URL names a database sfcrm does not support (mysql) "
+            "(mysql://sfcrm:********@db.internal/sfcrm)",
+        ),
+    ],
+)
+def test_a_database_url_sfcrm_cannot_use_is_a_config_error_that_hides_its_password(
+    tmp_path: Path, url: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, environ={"SFCRM_DATABASE_URL": url})
+
+    assert str(caught.value) == message
+    assert "CANARY" not in (caught.value.hint or "")
+
+
 # -- invalid values --------------------------------------------------------------------------
 
 

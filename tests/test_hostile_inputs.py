@@ -34,7 +34,8 @@ from sfcrm.cli import app
 from sfcrm.cli.runtime import MAX_INT, clean_text
 from sfcrm.db import Database
 from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE
-from sfcrm.people import People, record_balance_change
+from sfcrm.ledger import change_balance
+from sfcrm.people import People
 
 PROCESS_TIMEOUT = 30
 OFFICE_PREFIXES = ("SFCRM_", "MPESA_", "EMAIL_", "DEFAULT_FROM_EMAIL")  # none leaks in
@@ -268,11 +269,11 @@ CASES = {
     "time zone name too long for a file": Case(
         ("people", "list"), 3, "SFCRM_TIMEZONE", env={"SFCRM_TIMEZONE": "Africa/" + "x" * 300}
     ),
-    "PostgreSQL database URL": Case(
+    "PostgreSQL server nobody listens on": Case(
         ("people", "list"),
-        3,
-        "SFCRM_DATABASE_URL",
-        env={"SFCRM_DATABASE_URL": f"postgresql://sfcrm:{PASSWORD}@db.internal/sfcrm"},
+        9,
+        "cannot reach the database server",
+        env={"SFCRM_DATABASE_URL": f"postgresql://sfcrm:{PASSWORD}@127.0.0.1:1/sfcrm"},
         hidden=PASSWORD,
     ),
     "MySQL database URL": Case(
@@ -674,7 +675,7 @@ def test_payment_views_show_callback_text_without_control_sequences(
 @pytest.mark.parametrize("amount", [1.5, 100.0, True])
 def test_a_balance_moves_only_by_whole_cents(db: Database, people: People, amount: Any) -> None:
     person = people.add("Achieng", "0708374149")
-    with db.raw_write() as conn, pytest.raises(TypeError, match="whole cents"):
-        record_balance_change(conn, person.id or 0, amount, kind="charge", now=utcnow())
+    with db.write() as session, pytest.raises(TypeError, match="whole cents"):
+        change_balance(session, person.id or 0, amount, kind="charge", now=utcnow())
 
     assert people.show("0708374149").balance_cents == 0

@@ -42,6 +42,8 @@ def loaded_by(args: list[str], cwd: Path) -> set[str]:
         (["--help"], set()),
         (["mpesa", "--help"], set()),
         (["crew", "invite", "--help"], set()),
+        (["db", "current", "--help"], set()),
+        (["backup", "--help"], set()),
         (["config", "show", "--json"], {"dotenv"}),
         (["mpesa", "status", "--json"], {"sqlmodel", "sqlalchemy", "dotenv"}),
         (["crew", "list", "--json"], {"sqlmodel", "sqlalchemy", "dotenv"}),

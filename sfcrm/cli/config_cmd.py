@@ -29,7 +29,7 @@ def show(json_output: JsonOption = False) -> None:
         ]
         doc = {
             "config_file": str(settings.config_path) if settings.config_path else None,
-            "database": str(settings.database_path),
+            "database": settings.database_shown,
             "daraja": settings.daraja_base_url,
             "settings": rows,
         }

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sfcrm.errors import ExitCode, SfcrmError
+from sfcrm.services import utcnow
 
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
     from sfcrm.config import Settings
     from sfcrm.crew import Crew
-    from sfcrm.crewmail import CrewMail, Org
+    from sfcrm.crewmail import CrewMail
     from sfcrm.db import Database
     from sfcrm.events import Events
     from sfcrm.logs import Redactor
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from sfcrm.payments import Payments
     from sfcrm.people import People
     from sfcrm.render import Renderer
+    from sfcrm.services import Services
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="print one JSON document on stdout instead of text")
@@ -85,10 +87,6 @@ current_options = RootOptions()
 def set_root_options(options: RootOptions) -> None:
     global current_options
     current_options = options
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # Terminal control sequences (CSI, OSC, DCS and the other ESC forms, 7- and 8-bit), then any
@@ -150,6 +148,11 @@ class _Stdout:
         return getattr(sys.stdout, "encoding", None) or "utf-8"
 
 
+def _service(name: str) -> Any:
+    """A property reading the service ``name`` of the runtime's services."""
+    return property(lambda rt: getattr(rt.services, name))
+
+
 class Runtime:
     """Built per command; settings, database and services load on first use, inside the
     error boundary, so a bad config is reported like any other error."""
@@ -182,94 +185,22 @@ class Runtime:
         return settings
 
     @cached_property
-    def db(self) -> Database:
-        from sfcrm.db import Database
+    def services(self) -> Services:
+        """Everything the command runs, built from the settings by sfcrm's composition root."""
+        from sfcrm.services import Services
 
-        return Database(self.settings.database_path)
+        return Services(self.settings, clock=self.clock, notify=self.say)
 
-    @cached_property
-    def tz(self) -> ZoneInfo:
-        from zoneinfo import ZoneInfo
-
-        return ZoneInfo(self.settings.timezone)
-
-    @cached_property
-    def people(self) -> People:
-        from sfcrm.people import People
-
-        return People(self.db, self.clock)
-
-    @cached_property
-    def payments(self) -> Payments:
-        from sfcrm.payments import Payments, build_daraja_client
-
-        return Payments(
-            self.db,
-            callback_url=self.settings.mpesa_callback_url,
-            clock=self.clock,
-            client_factory=lambda: build_daraja_client(self.settings, self.db, self.clock),
-            confirm_by_query=self.settings.mpesa_confirm_by_query,
-            notify=self.say,
-        )
-
-    @cached_property
-    def events(self) -> Events:
-        from sfcrm.events import Events
-
-        return Events(self.db, self.clock, self.tz)
-
-    @cached_property
-    def renderer(self) -> Renderer:
-        from sfcrm.render import Renderer
-
-        return Renderer(self.settings.templates_dir)
-
-    @cached_property
-    def mailer(self) -> Mailer:
-        from sfcrm.mail import Mailer, backend_from_settings
-
-        return Mailer(
-            self.db,
-            lambda: backend_from_settings(self.settings),
-            sender=self.settings.default_from_email,
-            clock=self.clock,
-        )
-
-    @cached_property
-    def org(self) -> Org:
-        from sfcrm.crewmail import Org
-
-        settings = self.settings
-        return Org(settings.org_name, settings.org_phone, settings.org_email)
-
-    @cached_property
-    def crew(self) -> Crew:
-        from sfcrm.crew import Crew
-
-        return Crew(self.db, clock=self.clock, tz=self.tz, org=self.org)
-
-    @cached_property
-    def crew_mail(self) -> CrewMail:
-        """Invitations, reminders and briefings; loads no ORM (cron runs these often)."""
-        from sfcrm.crewmail import CrewMail
-
-        return CrewMail(
-            self.db,
-            clock=self.clock,
-            mailer=lambda: self.mailer,
-            renderer=lambda: self.renderer,
-            org=self.org,
-            rsvp=self.rsvp_link,
-        )
-
-    def rsvp_link(self, assignment_id: int, bound_to: str, expires: datetime) -> str | None:
-        """The personal confirm/decline link, when SFCRM_PUBLIC_URL and the key are set."""
-        from sfcrm.rsvp import make_token, rsvp_url
-
-        public, key = self.settings.public_url, self.settings.secret_key
-        if not public or not key:
-            return None
-        return rsvp_url(public, make_token(key, assignment_id, bound_to, expires, self.clock()))
+    # The services, where commands (and tests) have always found them.
+    db: Database = _service("db")
+    tz: ZoneInfo = _service("tz")
+    people: People = _service("people")
+    payments: Payments = _service("payments")
+    events: Events = _service("events")
+    renderer: Renderer = _service("renderer")
+    mailer: Mailer = _service("mailer")
+    crew: Crew = _service("crew")
+    crew_mail: CrewMail = _service("crew_mail")
 
     @contextmanager
     def progress(self, label: str) -> Iterator[Callable[[int, int], None] | None]:
@@ -356,8 +287,8 @@ class Runtime:
         for clean_up in reversed(self._clean_ups):
             clean_up()
         self._clean_ups.clear()
-        if "db" in self.__dict__:
-            self.db.close()
+        if "services" in self.__dict__:
+            self.services.close()
 
     # -- errors ----------------------------------------------------------------------------
 

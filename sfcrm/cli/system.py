@@ -1,4 +1,4 @@
-"""Top-level commands: ``init``, ``serve-callback`` and ``demo``."""
+"""Top-level commands: ``init``, ``serve-callback``, ``demo``, ``backup`` and ``db``."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -10,6 +10,8 @@ from sfcrm.errors import ConfigError, ValidationError
 
 if TYPE_CHECKING:
     import logging
+
+    from sfcrm.db import SchemaState
 
 
 def init(json_output: JsonOption = False) -> None:
@@ -38,13 +40,13 @@ def init(json_output: JsonOption = False) -> None:
         rt.options.config = rt.options.config or (
             Path("sfcrm.toml") if Path("sfcrm.toml").is_file() else None
         )
-        db_path = rt.db.path
+        where = rt.db.where
         _ = rt.db.engine  # creates and upgrades the file
         rt.emit(
-            {"written": written, "database": str(db_path)},
+            {"written": written, "database": where},
             lambda: rt.print(
                 (f"Wrote {', '.join(written)}. " if written else "Config files already there. ")
-                + f"Database ready at {db_path}. Put your secrets in .env (see .env.example)."
+                + f"Database ready at {where}. Put your secrets in .env (see .env.example)."
             ),
         )
 
@@ -67,9 +69,8 @@ def serve_callback(
     with command(json_output) as rt:
         import logging
 
-        from sfcrm.config import allowlist
         from sfcrm.logs import RedactingFilter, Redactor
-        from sfcrm.server import LOOPBACK, CallbackApp, ConnectionLimits, RsvpPages, make_server
+        from sfcrm.server import make_server
 
         settings = rt.settings
         path = settings.callback_path
@@ -82,29 +83,8 @@ def serve_callback(
         replayed = rt.payments.replay_callbacks()
         if replayed:
             rt.say(f"Applied {replayed} stored callbacks left from the last run.")
-        rsvp = (
-            RsvpPages(rt.crew, rt.renderer, secret_key=settings.secret_key, clock=rt.clock)
-            if settings.secret_key
-            else None
-        )
-        allowed = allowlist(settings)
-        proxies = settings.listener_trusted_proxies or ()
-        app = CallbackApp(
-            rt.payments,
-            callback_path=path,
-            max_body=settings.listener_max_body,
-            allowlist=allowed,
-            trusted_proxies=proxies,
-            rsvp=rsvp,
-        )
-        # A proxy's connections carry everyone's requests, and Daraja's must never be refused:
-        # neither is held to the cap of connections per address.
-        limits = ConnectionLimits(
-            request_seconds=settings.listener_request_timeout,
-            per_address=settings.listener_connections_per_address,
-            total=settings.listener_max_connections,
-            uncapped=(*LOOPBACK, *proxies, *sorted(allowed or ())),
-        )
+        app = rt.services.callback_app()
+        limits = rt.services.listener_limits()
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
         handler.addFilter(RedactingFilter(Redactor(settings.secret_values())))
@@ -221,7 +201,113 @@ def demo(
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def backup(
+    file: Annotated[Path, typer.Argument(help="the copy to write; must not exist yet")],
+    json_output: JsonOption = False,
+) -> None:
+    """Copy the SQLite database to FILE, consistent even while the listener takes callbacks.
+
+    An existing FILE is never overwritten. A PostgreSQL database is backed up with pg_dump.
+
+    Example: sfcrm backup sfcrm-2026-01-31.db
+    """
+    with command(json_output) as rt:
+        target = rt.db.backup(file)
+        rt.emit(
+            {"database": rt.db.where, "backup": str(target)},
+            lambda: rt.print(f"Backed up {rt.db.where} to {target}."),
+        )
+
+
+db_app = typer.Typer(
+    help="The database's schema: where it stands, and upgrading it.", no_args_is_help=True
+)
+
+
+@db_app.command("upgrade")
+def db_upgrade(json_output: JsonOption = False) -> None:
+    """Bring the database's schema to the newest revision now.
+
+    Any command does this on first use; this does it at a time you choose, say right after
+    installing a new release.
+
+    Example: sfcrm db upgrade
+    """
+    with command(json_output) as rt:
+        before, after = rt.db.upgrade()
+        if before.current:
+            text = f"the database is at schema {after.revision} already"
+        elif before.empty:
+            text = f"created the database at schema {after.revision}"
+        elif before.revision == after.revision:  # a release before Alembic wrote the newest
+            text = f"the database is at schema {after.revision} already; Alembic keeps it now"
+        else:
+            text = f"upgraded the database from schema {_shown(before)} to {after.revision}"
+        rt.emit(
+            {
+                "database": rt.db.where,
+                "from": before.revision,
+                "from_user_version": before.legacy_version,
+                "to": after.revision,
+                "upgraded": not before.current,
+            },
+            lambda: rt.print(text),
+        )
+
+
+@db_app.command("current")
+def db_current(json_output: JsonOption = False) -> None:
+    """Show the database's schema revision and whether it is the newest; never upgrades it.
+
+    Example: sfcrm db current
+    """
+    with command(json_output) as rt:
+        from sfcrm.db import SchemaState
+
+        db = rt.db
+        if db.dialect == "sqlite" and not db.path.exists():  # looking must not create it
+            state = SchemaState(None, None)
+            text = f"no database at {db.where} yet; the first command creates it"
+        else:
+            state = db.schema()
+            text = _schema_text(state)
+        rt.emit(
+            {
+                "database": db.where,
+                "revision": state.revision,
+                "user_version": state.legacy_version,
+                "head": state.head,
+                "newest": state.current,
+            },
+            lambda: rt.print(text),
+        )
+
+
+def _shown(state: "SchemaState") -> str:
+    """A schema as the office knows it: its revision, with the user_version of a file a
+    release before Alembic wrote."""
+    if state.legacy_version is None:
+        return str(state.revision)
+    return f"{state.revision or 'unknown'} (user_version {state.legacy_version})"
+
+
+def _schema_text(state: "SchemaState") -> str:
+    if state.empty:
+        return f"the database is empty; the first command creates schema {state.head} in it"
+    if state.current:
+        return f"the database is at schema {state.head}, the newest"
+    where = f"the database is at schema {_shown(state)}"
+    # (revisions are numbered 0001, 0002, ...: their order is the order of their text)
+    if state.revision is None or state.revision > state.head:
+        return f"{where}, newer than this sfcrm knows ({state.head}); upgrade sfcrm"
+    if state.revision == state.head:
+        return f"{where}, the newest, written before Alembic; the first command hands it over"
+    return f"{where}; {state.head} is the newest (`sfcrm db upgrade` or any command upgrades it)"
+
+
 def register(app: typer.Typer) -> None:
     app.command("init")(init)
     app.command("serve-callback")(serve_callback)
     app.command("demo")(demo)
+    app.command("backup")(backup)
+    app.add_typer(db_app, name="db")
