@@ -10,6 +10,9 @@ exactly as sfcrm would store it.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,29 +48,53 @@ class Engines:
     postgres: str | None = None
     _made: list[str] = field(default_factory=list)
     _names: Iterator[int] = field(default_factory=lambda: iter(range(1, 1_000_000)))
+    _templates: dict[str, Target] = field(default_factory=dict)
 
     @property
     def available(self) -> list[str]:
         return [SQLITE, POSTGRES] if self.postgres else [SQLITE]
 
-    def fresh(self, engine: str, label: str) -> Target:
-        """An empty database with sfcrm's schema."""
+    def fresh(self, engine: str, label: str, *, schema: bool = True) -> Target:
+        """A new database: with sfcrm's schema (a copy of one its migrations built once in
+        this run), or empty."""
+        return self._new(engine, label, self._template(engine) if schema else None)
+
+    def _template(self, engine: str) -> Target:
+        if engine not in self._templates:
+            template = self._new(engine, "template", None)
+            db = template.database()
+            try:
+                _ = db.engine  # runs every migration
+            finally:
+                db.close()
+            self._templates[engine] = template
+        return self._templates[engine]
+
+    def _new(self, engine: str, label: str, template: Target | None) -> Target:
         n = next(self._names)
         if engine == SQLITE:
-            target = Target(SQLITE, str(self.work / f"{label}-{n}.db"))
-        else:
-            name = f"sfcrm_bench_{label.replace('-', '_')}_{n}"
-            with self._admin() as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                admin.execute(f'CREATE DATABASE "{name}"')
-            self._made.append(name)
-            target = Target(POSTGRES, self._url_of(name))
-        db = target.database()
-        try:
-            _ = db.engine  # runs every migration
-        finally:
-            db.close()
-        return target
+            path = self.work / f"{label}-{n}.db"
+            if template is not None:
+                shutil.copyfile(template.url, path)
+            return Target(SQLITE, str(path))
+        import psycopg
+        from psycopg import sql
+
+        name = f"sfcrm_bench_{os.getpid()}_{label}_{n}"
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template is not None:
+            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(_database_of(template)))
+        with self._admin() as admin:
+            for attempt in range(20):
+                try:
+                    admin.execute(statement)
+                    break
+                except psycopg.errors.ObjectInUse:  # the template's last session still ending
+                    if attempt == 19:
+                        raise
+                    time.sleep(0.1)
+        self._made.append(name)
+        return Target(POSTGRES, self._url_of(name))
 
     def drop(self, target: Target) -> None:
         """Give a database's room back as soon as its figure is done."""
@@ -75,19 +102,21 @@ class Engines:
             for path in Path(target.url).parent.glob(f"{Path(target.url).name}*"):
                 path.unlink(missing_ok=True)
             return
-        name = target.url.rpartition("/")[2]
+        name = _database_of(target)
         with self._admin() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.execute(_drop(name))
         if name in self._made:
             self._made.remove(name)
 
     def close(self) -> None:
+        """Drop every PostgreSQL database the run made (the folder is the caller's)."""
         if not self._made:
             return
         with self._admin() as admin:
             for name in self._made:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                admin.execute(_drop(name))
         self._made.clear()
+        self._templates.clear()
 
     def server_version(self) -> str | None:
         if not self.postgres:
@@ -112,6 +141,18 @@ class Engines:
         url = make_url(self.postgres).set(drivername="postgresql")
         with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
             yield conn
+
+
+def _database_of(target: Target) -> str:
+    from sqlalchemy.engine import make_url
+
+    return str(make_url(target.url).database)
+
+
+def _drop(name: str) -> Any:
+    from psycopg import sql
+
+    return sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
 
 
 def check_postgres_url(url: str) -> str | None:

@@ -453,7 +453,7 @@ def bench_listener(bench: Bench, engine: str) -> list[Result]:
     app = minimal_app(bench)
     bodies = [callback_body(i) for i in data.checkout_ids(CALLBACKS)]
     for _ in range(bench.rounds):
-        inbox = bench.engines.fresh(engine, "minimal")
+        inbox = bench.engines.fresh(engine, "minimal", schema=False)
         port = free_port()
         cmd = [PY, str(app), inbox.url, str(port), str(THREADS[engine])]
         with serving(cmd, clean_env(inbox.url), bench.work, port):
