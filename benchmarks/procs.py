@@ -166,7 +166,10 @@ def serving(cmd: list[str], env: dict[str, str], cwd: Path, port: int) -> Iterat
             )  # fmt: skip
         served = Served(proc, log)
         try:
-            wait_port(port, proc)
+            try:
+                wait_port(port, proc)
+            except Failed as exc:
+                raise Failed(f"{exc}: {served.tail()}") from None
             yield served
         finally:
             proc.terminate()
