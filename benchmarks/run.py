@@ -749,12 +749,22 @@ def machine(engines: Engines) -> dict[str, str]:
         "cpu": cpu,
         "cores": str(os.cpu_count()),
         "ram": ram,
-        "os": platform.platform(terse=True),
+        "os": _os_name(),
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
         "postgresql": engines.server_version() or "not given",
         "load": "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
     }
+
+
+def _os_name() -> str:
+    try:
+        release = Path("/etc/os-release").read_text()
+    except OSError:
+        return platform.platform(terse=True)
+    names = [line.partition("=")[2].strip('"') for line in release.splitlines()
+             if line.startswith("PRETTY_NAME=")]  # fmt: skip
+    return f"{names[0] if names else platform.system()}, kernel {platform.release()}"
 
 
 def table(results: Sequence[Result]) -> str:
