@@ -94,6 +94,9 @@ def run_process(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, 
         killer.start()
         try:
             proc.wait()
+        except BaseException:  # Ctrl-C: the command is in a session of its own
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
         finally:
             killer.cancel()
         usage = usage_in(result)
