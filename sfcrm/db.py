@@ -29,9 +29,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from sfcrm.errors import (
@@ -299,61 +298,6 @@ class Database:
                     conn.commit()
 
     @contextmanager
-    def raw_write(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction on a plain sqlite3 connection of this thread,
-        for the paths that run per callback or per email: no ORM, no pool, a tenth of the
-        cost. Committed on success, rolled back on error."""
-        with self._one_writer(), self._raw_transaction("BEGIN IMMEDIATE", commit=True) as conn:
-            yield conn
-
-    @contextmanager
-    def raw_read(self) -> Iterator[sqlite3.Connection]:
-        """A deferred transaction (one consistent snapshot) on this thread's plain sqlite3
-        connection, for commands that must start fast: no SQLAlchemy is loaded."""
-        with self._raw_transaction("BEGIN", commit=False) as conn:
-            yield conn
-
-    @contextmanager
-    def _raw_transaction(self, begin: str, *, commit: bool) -> Iterator[sqlite3.Connection]:
-        conn = self._raw_connection()
-        try:
-            conn.execute(begin)
-        except sqlite3.DatabaseError as exc:
-            raise _sqlite_error(exc, self.where) from None
-        try:
-            yield conn
-        except sqlite3.DatabaseError as exc:
-            _rollback(conn)
-            raise _sqlite_error(exc, self.where) from None
-        except BaseException:
-            _rollback(conn)
-            raise
-        try:
-            conn.execute("COMMIT" if commit else "ROLLBACK")
-        except sqlite3.DatabaseError as exc:
-            _rollback(conn)
-            raise _sqlite_error(exc, self.where) from None
-
-    def _raw_connection(self) -> sqlite3.Connection:
-        if self.url is not None:
-            raise RuntimeError("plain sqlite3 connections exist only on SQLite")
-        conn: sqlite3.Connection | None = getattr(self._local, "raw", None)
-        if conn is None:
-            _ = self.engine  # creates or upgrades the schema, or refuses a newer one
-            try:
-                conn = sqlite3.connect(
-                    self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
-                    check_same_thread=False,
-                )  # fmt: skip
-                _on_connect(conn, None)
-            except sqlite3.DatabaseError as exc:
-                raise _sqlite_error(exc, self.where) from None
-            self._local.raw = conn
-            with self._raw_lock:
-                self._raw_connections.append(conn)
-        return conn
-
-    @contextmanager
     def _one_writer(self) -> Iterator[None]:
         # A second write transaction opened by the same thread would wait for its own lock.
         if getattr(self._local, "writing", False):
@@ -544,42 +488,6 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def raw_connection(session: Session) -> sqlite3.Connection:
-    """The sqlite3 connection under a session, inside the session's transaction."""
-    driver = session.connection().connection.driver_connection
-    assert isinstance(driver, sqlite3.Connection)
-    return driver
-
-
-def db_time(value: datetime | None) -> str | None:
-    """A datetime as the columns store it: naive UTC text, as SQLAlchemy writes it."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        raise ValueError("naive datetime given to a UTC column")
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-
-
-@overload
-def from_db_time(value: str) -> datetime: ...
-@overload
-def from_db_time(value: None) -> None: ...
-@overload
-def from_db_time(value: str | None) -> datetime | None: ...
-def from_db_time(value: str | None) -> datetime | None:
-    """A time as the columns store it (``db_time``) read back: an aware datetime in UTC."""
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    # SQLite may have rolled back already (disk full, I/O error): keep the original error.
-    if conn.in_transaction:
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.DatabaseError:
-            log.warning("rollback failed after an error", exc_info=True)
 
 
 def _busy(where: str) -> DatabaseBusyError:

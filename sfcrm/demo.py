@@ -57,13 +57,14 @@ def run_demo(
 
     from sfcrm.config import load_settings
     from sfcrm.emulator import SANDBOX_PASSKEY, SANDBOX_SHORTCODE, DarajaEmulator, EmulatorSettings
-    from sfcrm.server import make_server
+    from sfcrm.server import CallbackApp, make_server
     from sfcrm.services import Services
 
     started = time.monotonic()
     emulator = DarajaEmulator(EmulatorSettings(callback_delay=callback_delay)).start()
     services: Services | None = None
     server = None
+    app: CallbackApp | None = None
     try:
         progress(f"Daraja emulator listening on {emulator.url}")
         with socket.socket() as probe:  # a free loopback port for the listener, named up front
@@ -95,8 +96,9 @@ def run_demo(
             files=False,
         )
         services = Services(settings)
+        app = services.callback_app()
         server = make_server(
-            services.callback_app(), "127.0.0.1", port, settings.listener_threads,
+            app, "127.0.0.1", port, settings.listener_threads,
             limits=services.listener_limits(),
         )  # fmt: skip
         threading.Thread(target=server.run, name="sfcrm-demo-listener", daemon=True).start()
@@ -172,6 +174,7 @@ def run_demo(
     finally:
         if server is not None:
             server.close()
+        if app is not None:
             app.stop()  # its threads work on the database closed below
         emulator.stop()
         if services is not None:

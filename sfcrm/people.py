@@ -12,22 +12,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, Any, cast
 
 from sqlalchemy import exists, func, insert, literal, or_
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from sfcrm.db import Database, db_time
+from sfcrm.db import Database
 from sfcrm.errors import ConflictError, NotFoundError, SfcrmError, ValidationError
 from sfcrm.ledger import change_balance
 from sfcrm.models import BalanceEntry, BalanceKind, Person, UTCDateTime
 from sfcrm.money import format_cents, parse_kes
 from sfcrm.phone import normalise_phone
-
-if TYPE_CHECKING:
-    import sqlite3
 
 log = logging.getLogger("sfcrm.people")
 
@@ -53,38 +50,6 @@ def person_json(person: Person) -> dict[str, Any]:
         "email": person.email,
         "balance": format_cents(person.balance_cents),
     }
-
-
-def record_balance_change(
-    conn: sqlite3.Connection,
-    person_id: int,
-    amount_cents: int,
-    *,
-    kind: str,
-    now: datetime,
-    reason: str | None = None,
-    payment_id: int | None = None,
-) -> int:
-    """Move a balance and write its ledger entry, in the caller's write transaction.
-
-    The one place a balance changes. Returns the balance after the change.
-    """
-    if type(amount_cents) is not int:  # a float (or bool) would make the column inexact
-        raise TypeError(f"a balance moves by whole cents, not {type(amount_cents).__name__}")
-    # (UPDATE ... RETURNING would need SQLite 3.35; older ones are still in the field)
-    conn.execute(
-        "UPDATE person SET balance_cents = balance_cents + ? WHERE id = ?",
-        (amount_cents, person_id),
-    )
-    (after,) = conn.execute(
-        "SELECT balance_cents FROM person WHERE id = ?", (person_id,)
-    ).fetchone()
-    conn.execute(
-        "INSERT INTO balance_entry (person_id, amount_cents, balance_after_cents, kind, reason, "
-        "payment_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (person_id, amount_cents, after, kind, reason, payment_id, db_time(now)),
-    )
-    return int(after)
 
 
 def entry_json(entry: BalanceEntry, tz: Any) -> dict[str, Any]:

@@ -134,6 +134,8 @@ class PostgresServer:
         for name in [*self._made, self.template]:
             self._admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         self._admin.close()
+
+
 # -- raw HTTP over a socket ------------------------------------------------------------------
 
 

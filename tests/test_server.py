@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1300,13 +1301,16 @@ def _file_only_count(path: Any) -> int:
 
 
 def test_checkpointer_copies_stored_callbacks_into_the_file_then_goes_idle(
-    db: Database, payments: Payments
+    db: Database, payments: Payments, db_path: Path
 ) -> None:
     from sfcrm.server import WalCheckpointer
 
-    conn = db._raw_connection()  # the connection this thread's writes go through
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the schema into the file
-    conn.execute("PRAGMA wal_autocheckpoint = 0")  # from now on only the checkpointer copies
+    # the one pooled connection this thread's writes go through
+    with db.write() as session:
+        conn = session.connection()
+        conn.exec_driver_sql("PRAGMA wal_autocheckpoint = 0")  # only the checkpointer copies
+    with db.read() as session:
+        session.connection().exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     payments.store_callback(b'{"Body": {}}', "127.0.0.1", trusted=True)
     assert _file_only_count(db.path) == 0  # stored, but only in the write-ahead log so far
 
@@ -1396,7 +1400,6 @@ def test_listener_on_an_engine_without_a_write_ahead_log_makes_no_checkpointer(
 
 def test_no_module_of_the_listener_opens_sqlite_itself() -> None:
     import ast
-    from pathlib import Path
 
     import sfcrm.server
 
