@@ -377,7 +377,9 @@ def test_short_lived_tokens_fail_no_push_and_a_refused_token_is_refreshed_once(
     assert after.forced_token_rejections == 1
     assert after.token - during.token == 1
     assert after.push - during.push == 2
-    assert after.token <= 6
+    # one token per lifetime at most: each new one only once the last was past its use (4.5 s
+    # of the 5, sfcrm stopping a tenth early), however long a loaded machine took to push
+    assert during.token <= pushing_seconds // 4.5 + 1
     assert all(n == 1 for n in no_duplicate_pushes(fake).values())
 
 

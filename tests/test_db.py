@@ -792,3 +792,29 @@ def test_copy_moves_every_row_and_new_rows_follow_the_copied_ids(
         source.copy_to(target)
     source.close()
     target.close()
+
+
+def test_db_copy_moves_an_office_file_into_the_configured_database(
+    database_url: str, tmp_path: Path
+) -> None:
+    import json
+
+    shutil.copy(DATA / "schema4.db", tmp_path / "office.db")
+    env = {**os.environ, "SFCRM_DATABASE_URL": database_url}
+
+    def sfcrm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sfcrm", *args], cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    copied = sfcrm("db", "copy", "--from", "office.db", "--json")
+    assert copied.returncode == 0, copied.stderr
+    assert json.loads(copied.stdout)["rows"]["mpesa_payment"] == 7
+    status = sfcrm("mpesa", "status", "--json")
+    assert len(json.loads(status.stdout)) == 7
+    again = sfcrm("db", "copy", "--from", "office.db")
+    assert again.returncode == 4
+    assert "holds data already" in again.stderr
+    missing = sfcrm("db", "copy", "--from", "nowhere.db")
+    assert missing.returncode == 4 and not (tmp_path / "nowhere.db").exists()

@@ -220,7 +220,8 @@ def backup(
 
 
 db_app = typer.Typer(
-    help="The database's schema: where it stands, and upgrading it.", no_args_is_help=True
+    help="The database's schema: where it stands, upgrading it, moving it to another engine.",
+    no_args_is_help=True,
 )
 
 
@@ -280,6 +281,37 @@ def db_current(json_output: JsonOption = False) -> None:
                 "newest": state.current,
             },
             lambda: rt.print(text),
+        )
+
+
+@db_app.command("copy")
+def db_copy(
+    source: Annotated[
+        Path, typer.Option("--from", help="the SQLite file whose rows to copy", show_default=False)
+    ],
+    json_output: JsonOption = False,
+) -> None:
+    """Copy every row of a SQLite file into the configured database, which must be empty:
+    how an office moves to PostgreSQL. Ids are kept, so links already emailed keep working.
+
+    First point SFCRM_DATABASE_URL at the new database (in .env) and stop the listener and cron.
+
+    Example: sfcrm db copy --from sfcrm.db
+    """
+    with command(json_output) as rt:
+        from sfcrm.db import Database
+
+        if not source.is_file():
+            raise ValidationError("no such database file", value=str(source))
+        origin = Database(source)
+        try:
+            copied = origin.copy_to(rt.db)
+        finally:
+            origin.close()
+        total = sum(copied.values())
+        rt.emit(
+            {"from": str(source), "to": rt.db.where, "rows": copied},
+            lambda: rt.print(f"Copied {total} rows from {source} into {rt.db.where}."),
         )
 
 
