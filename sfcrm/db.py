@@ -149,8 +149,9 @@ class Database:
         self._engine: Engine | None = None
         self._plain: Engine | None = None  # the engine before any upgrade (``db current``)
         self._local = threading.local()
-        self._raw_connections: list[sqlite3.Connection] = []
-        self._raw_lock = threading.Lock()
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        self._checkpoint_lock = threading.Lock()
+        self._names_lock = threading.Lock()
         # Writers of this process take turns here, in order, instead of in SQLite's busy
         # handler, which sleeps in growing steps: under a burst that sleeping is most of the
         # time. Other processes still meet the busy timeout.
@@ -273,7 +274,7 @@ class Database:
         """One holder at a time of the lock ``name``, across threads, processes and machines:
         an advisory lock on PostgreSQL, a file lock beside a SQLite file. Held outside any
         transaction, so a Daraja call may run under it (the token refresh)."""
-        with self._raw_lock:
+        with self._names_lock:
             lock = self._named_locks.setdefault(name, threading.Lock())
         with lock:
             if self.url is None:
@@ -341,17 +342,16 @@ class Database:
         writer). Only SQLite has one; elsewhere this does nothing."""
         if self.url is not None:
             return
-        conn: sqlite3.Connection | None = getattr(self._local, "checkpoint", None)
-        if conn is None:
-            # mode=rw: never create a file that is not there
-            conn = sqlite3.connect(
-                f"file:{quote(str(self.path))}?mode=rw", uri=True, isolation_level=None,
-                check_same_thread=False,
-            )  # fmt: skip
-            self._local.checkpoint = conn
-            with self._raw_lock:
-                self._raw_connections.append(conn)
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        # One connection for every checkpoint, behind a lock that close() takes too: closing it
+        # while a checkpoint runs on it would take the process down.
+        with self._checkpoint_lock:
+            if self._checkpoint_conn is None:
+                # mode=rw: never create a file that is not there
+                self._checkpoint_conn = sqlite3.connect(
+                    f"file:{quote(str(self.path))}?mode=rw", uri=True, isolation_level=None,
+                    check_same_thread=False,
+                )  # fmt: skip
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def backup(self, target: Path) -> Path:
         """A consistent copy of the SQLite file at ``target`` (SQLite's online backup: writers
@@ -450,10 +450,10 @@ class Database:
         return copied
 
     def close(self) -> None:
-        with self._raw_lock:
-            for conn in self._raw_connections:
-                conn.close()
-            self._raw_connections.clear()
+        with self._checkpoint_lock:
+            if self._checkpoint_conn is not None:
+                self._checkpoint_conn.close()
+                self._checkpoint_conn = None
         self._local = threading.local()
         if self._engine is not None:
             self._engine.dispose()

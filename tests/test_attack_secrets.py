@@ -801,6 +801,7 @@ def run_everything(  # one long, flat script of what the office does
             (("db", "current"), 9),
             (("db", "upgrade", "--json"), 9),
             (("backup", "copy.db"), 3),  # pg_dump's work
+            (("db", "copy", "--from", str(backup)), 9),
             (("config", "show"), 0),
             (("config", "show", "--json"), 0),
         ):

@@ -257,11 +257,14 @@ def only_callback(db: Database) -> MpesaCallback:
 
 
 def row_counts(db: Database) -> dict[str, int]:
-    with closing(sqlite3.connect(db.path)) as conn:
-        tables = [
-            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        ]
-        return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
+    from sqlalchemy import func, select
+    from sqlmodel import SQLModel
+
+    with db.read() as session:
+        return {
+            table.name: session.execute(select(func.count()).select_from(table)).scalar_one()
+            for table in SQLModel.metadata.sorted_tables
+        }
 
 
 def wait_until_settled(client: DarajaClient, checkout_id: str) -> None:
@@ -1372,7 +1375,7 @@ def test_stopped_checkpointer_waits_for_the_checkpoint_under_way_and_starts_no_o
 
 
 def test_listener_on_sqlite_checkpoints_through_the_database(
-    payments: Payments, app: CallbackApp, pending_payment: MpesaPayment
+    payments: Payments, app: CallbackApp, pending_payment: MpesaPayment, db_path: Path
 ) -> None:
     checkpoints: list[float] = []
     assert app.checkpointer is not None
