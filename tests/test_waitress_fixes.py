@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import socket
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import closing, suppress
 
@@ -256,3 +260,124 @@ def test_listener_closed_just_after_an_answer_always_wakes_its_loop_and_stops(
             server.close()
         serving.join(timeout=5)
         assert not serving.is_alive()
+
+
+def test_a_wake_up_after_the_listener_closed_writes_to_no_descriptor(payments: Payments) -> None:
+    # A worker wakes the loop through the trigger after each answer. One still answering when
+    # close() has shut the trigger's pipe wrote to its closed descriptor: EBADF, or a byte in
+    # whatever pipe, socket or database file had taken the number since.
+    for _ in range(20):
+        server = make_server(CallbackApp(payments, callback_path=None), "127.0.0.1", 0, 2)
+        serving = threading.Thread(target=server.run, daemon=True)
+        serving.start()
+        with closing(socket.create_connection(("127.0.0.1", server.effective_port))) as sock:
+            assert _answer_on(sock, GET_ANY) == 404
+            server.close()
+        serving.join(timeout=5)
+        others = [os.pipe() for _ in range(4)]  # take the numbers the listener gave back
+        try:
+            server.pull_trigger()  # what that worker does once its answer is written
+            for read_end, _ in others:
+                os.set_blocking(read_end, False)
+                with pytest.raises(BlockingIOError):
+                    os.read(read_end, 1)
+        finally:
+            for pipe in others:
+                for end in pipe:
+                    os.close(end)
+
+
+def _next_answer(sock: socket.socket, pending: bytes) -> tuple[str, bytes]:
+    """Read one whole answer: ("answered", what came after it), or how the connection ended
+    instead: "closed" before a byte of the answer (a reset too: the kernel resets a
+    connection it queued for a listener that closed, or one holding unread requests), "cut"
+    in the middle of it, "hung" when nothing more came for 5 s."""
+    received = pending
+    while True:
+        head, sep, rest = received.partition(b"\r\n\r\n")
+        if sep:
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            if len(rest) >= length:
+                return "answered", rest[length:]
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return "hung", b""
+        except ConnectionError:
+            chunk = b""
+        if not chunk:
+            return ("cut" if received else "closed"), b""
+        received += chunk
+
+
+def test_listener_closed_from_another_thread_under_load_logs_nothing_and_cuts_no_answer(
+    payments: Payments, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The tests' listeners, the demo's and serve-callback's are closed while clients still
+    # ask: no thread may fail or log an error then (a descriptor that waitress writes to after
+    # it was closed fails with EBADF, or lands in whatever file took its number), and every
+    # client gets whole answers until its connection is closed.
+    caplog.set_level(logging.INFO)  # waitress logs an exception in a loop task at INFO
+    died: list[object] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    monkeypatch.setattr(sys, "unraisablehook", lambda raised: died.append(raised.exc_value))
+    requests_ = [GET_ANY, b"GET /crew/rsvp/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"]
+    outcomes: Counter[str] = Counter()
+    counted = threading.Lock()
+
+    def client(port: int, stop: threading.Event) -> None:
+        rng = random.Random()
+        while not stop.is_set():
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            except OSError:  # the listener is gone
+                return
+            with sock:
+                pending = b""
+                for _ in range(rng.randint(1, 6)):  # kept alive, sometimes pipelined
+                    asked = rng.randint(1, 3)
+                    try:
+                        sock.sendall(b"".join(rng.choice(requests_) for _ in range(asked)))
+                    except OSError:
+                        outcome = "closed"
+                    for _ in range(asked):
+                        outcome, pending = _next_answer(sock, pending)
+                        with counted:
+                            outcomes[outcome] += 1
+                        if outcome != "answered":
+                            break
+                    if outcome != "answered":
+                        break
+
+    for _ in range(40):
+        server = make_server(CallbackApp(payments, callback_path=None), "127.0.0.1", 0, 4)
+        serving = threading.Thread(target=server.run, daemon=True)
+        serving.start()
+        stop = threading.Event()
+        clients = [
+            threading.Thread(target=client, args=(server.effective_port, stop), daemon=True)
+            for _ in range(16)
+        ]
+        for thread in clients:
+            thread.start()
+        before = outcomes["answered"]
+        wait_for(lambda before=before: outcomes["answered"] > before + 30, interval=0.001)
+        server.close()  # requests in flight, more coming
+        serving.join(timeout=5)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=10)
+        assert not serving.is_alive()
+        assert not any(thread.is_alive() for thread in clients)
+
+    assert died == []
+    assert [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info
+    ] == []
+    assert [r.getMessage() for r in caplog.records if "exception" in r.getMessage()] == []
+    assert set(outcomes) <= {"answered", "closed"}, outcomes
+    assert outcomes["closed"] > 0

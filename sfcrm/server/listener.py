@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from sfcrm.server.networks import in_networks, parse_networks
 
@@ -129,7 +129,7 @@ def make_server(
     """A waitress server for ``app``; ``.effective_port`` tells the port, ``.run()`` serves."""
     from waitress.server import BaseWSGIServer, create_server
 
-    from sfcrm.server.waitress_fixes import ListenerServer, listener_channel
+    from sfcrm.server.waitress_fixes import ListenerServer, fit
 
     limits = limits or ConnectionLimits()
     sockets: dict[int, Any] = {}
@@ -150,10 +150,8 @@ def make_server(
         clear_untrusted_proxy_headers=False,
     )
     gate = AddressGate(limits.per_address, limits.uncapped)
-    channel = listener_channel(limits.request_seconds, gate)
     # One listening socket per address the host resolves to; each makes its own connections.
     for listening in list(sockets.values()):
         if isinstance(listening, BaseWSGIServer):
-            # waitress calls it with (server, socket, address, adjustments, map=...)
-            listening.channel_class = cast(Any, channel)
+            fit(listening, sockets, limits.request_seconds, gate)
     return ListenerServer(server, sockets, gate)

@@ -8,6 +8,7 @@ of tests/test_waitress_fixes.py (over a real loopback socket) fails without it:
   its place back to the per-address gate however it closes.
 - ``listener_channel()``: a connection over the per-address cap is reset at once, and one
   gone before it was set up no longer costs waitress its listening socket.
+- ``ListenerTrigger``: the loop's wake-up pipe, which no thread writes to once it is closed.
 - ``ListenerServer``: ``close()`` from any thread, also while requests are in flight.
 
 Imported by ``make_server`` only: waitress loads when a listener is made, not with sfcrm.
@@ -16,14 +17,15 @@ Imported by ``make_server`` only: waitress loads when a listener is made, not wi
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from waitress import wasyncore
+from waitress import trigger, wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
@@ -165,19 +167,65 @@ def _peer_host(addr: Any) -> str:
     return str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
 
 
+def fit(
+    listening: BaseWSGIServer, sockets: dict[int, Any], request_seconds: float, gate: AddressGate
+) -> None:
+    """Puts this module's overrides into one of waitress's listening sockets."""
+    fitted: Any = listening  # the stubs call its trigger a descriptor
+    # waitress calls it with (server, socket, address, adjustments, map=...)
+    fitted.channel_class = listener_channel(request_seconds, gate)
+    waitress_own, fitted.trigger = fitted.trigger, ListenerTrigger(sockets)
+    waitress_own.close()  # not pulled yet: the loop has not run
+
+
+class ListenerTrigger(trigger.trigger):
+    """The pipe a worker writes a byte to when its answer is ready, to wake the loop.
+
+    waitress writes to that pipe and closes it with nothing between the two. close() waits
+    for the workers, but not for ever, and a wake-up sent once the pipe was closed wrote to a
+    closed descriptor (EBADF) or, once the number was taken again, a byte into whatever
+    pipe, socket or database file had it. Two threads closing the pipe at once both closed
+    its descriptors. Here pulling and closing take turns, a pull after the close does
+    nothing (no loop is left to wake), and a pull never blocks: a full pipe has woken the
+    loop already.
+
+    Tests: ``test_a_wake_up_after_the_listener_closed_writes_to_no_descriptor``,
+    ``test_listener_closed_just_after_an_answer_always_wakes_its_loop_and_stops``,
+    ``test_listener_closed_from_another_thread_under_load_logs_nothing_and_cuts_no_answer``.
+    """
+
+    def __init__(self, map: Any) -> None:
+        self._turn = threading.Lock()  # pull or close, one at a time
+        self._shut = False
+        super().__init__(map)
+        if os.name == "posix":
+            os.set_blocking(cast(Any, self).trigger, False)  # the pipe's end pulls write to
+
+    def _physical_pull(self) -> None:
+        with self._turn:
+            if not self._shut:
+                with contextlib.suppress(BlockingIOError):
+                    cast(Any, super())._physical_pull()
+
+    def close(self) -> None:
+        with self._turn:
+            self._shut = True
+            super().close()
+
+
 class ListenerServer:
     """waitress's server (its other attributes pass through), with a ``close()`` that is safe
     from any thread.
 
     waitress's own close() shuts the listening socket and the trigger while the thread in
-    ``run()`` goes on selecting on the connections left open (it never returns), and while
-    worker threads still write to the trigger's descriptor, which by then may belong to
-    another file. The demo and the tests serve from one thread and close from another, so
-    close() here lets the workers finish first, then has the serving thread close every
-    socket itself (through the trigger), so that its loop ends.
+    ``run()`` goes on polling the connections left open: it never returns. The demo and the
+    tests serve from one thread and close from another, so close() here lets the workers
+    finish first (for up to 5 s), then has the serving thread close every socket itself,
+    woken through the trigger, so that its loop ends. A worker still answering after that
+    finds the trigger shut (``ListenerTrigger``).
 
     Tests: ``test_listener_closed_from_another_thread_stops_its_loop_and_workers_cleanly``,
-    ``test_listener_closed_just_after_an_answer_always_wakes_its_loop_and_stops``.
+    ``test_listener_closed_from_another_thread_under_load_logs_nothing_and_cuts_no_answer``.
     """
 
     def __init__(self, server: Any, sockets: dict[int, Any], gate: AddressGate) -> None:
@@ -207,27 +255,16 @@ class ListenerServer:
         self._server.task_dispatcher.shutdown()
         serving = self._serving
         listening = [s for s in list(self._sockets.values()) if isinstance(s, BaseWSGIServer)]
-        triggers: list[Any] = [s.trigger for s in listening]
         if serving is not None and serving != threading.get_ident() and listening:
 
-            def stop() -> None:  # in the serving thread
-                # Every socket, but not the triggers' pipes: they stay open until
-                # pull_trigger() below has returned. The serving thread may run this before
-                # that call has written its byte (woken by a worker's earlier pull), and a
-                # pipe closed then made the write fail, or land in whatever file took its
-                # number. (A listening server's own close() closes its trigger too.)
+            def stop() -> None:  # in the serving thread: with its map empty, its loop ends
                 for dispatcher in list(self._sockets.values()):
-                    if dispatcher in triggers:
-                        dispatcher.del_channel()
-                    else:
-                        with contextlib.suppress(OSError):
-                            wasyncore.dispatcher.close(dispatcher)
-                # the map is empty now: the loop ends
+                    with contextlib.suppress(OSError):
+                        dispatcher.close()
 
-            triggers[0].pull_trigger(stop)
+            wake: Any = cast(Any, listening[0]).trigger  # the stubs have it wrong twice
+            wake.pull_trigger(stop)
             self._stopped.wait(5)
         else:
             wasyncore.close_all(self._sockets)
-        for trigger in triggers:
-            trigger.close()
         self._server.close()
