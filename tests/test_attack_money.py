@@ -997,6 +997,10 @@ def test_emulator_callbacks_racing_the_push_answer_complete_each_payment_once(
     )
 
 
+@pytest.mark.parametrize(
+    "emulator_settings",  # the pending payment's own callback would race the stranger's
+    [EmulatorSettings(callback_delay=0.05, prompt_seconds=1.0, send_callbacks=False)],
+)
 def test_callback_for_an_id_nobody_issued_is_answered_stored_and_stays_unmatched(
     payments: Payments,
     emulator: DarajaEmulator,

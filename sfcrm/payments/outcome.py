@@ -92,21 +92,21 @@ def _apply(
         # Read again: another writer may have taken this push while the candidates' locks
         # were awaited (PostgreSQL); this one then acts on what that one wrote.
         found = _push_and_payment(session, cid)
-    if found is None:
-        if candidate is None:
-            return Applied(CallbackOutcome.UNMATCHED, "no payment has this CheckoutRequestID")
-        if isinstance(candidate, str):
-            return Applied(CallbackOutcome.UNMATCHED, candidate)
-        note = _adoption_note(candidate.rivals)
-        if source != "query":
-            # Matched by phone and amount only: nothing is written until Daraja confirms this
-            # CheckoutRequestID was paid, or a forged callback could take the payment over.
-            return Applied(
-                CallbackOutcome.NEEDS_QUERY,
-                f"paid; {note}, to be confirmed by query",
-                candidate.payment_id,
-            )
-        found = _adopt(session, result, candidate, note)
+        if found is None:
+            if candidate is None:
+                return Applied(CallbackOutcome.UNMATCHED, "no payment has this CheckoutRequestID")
+            if isinstance(candidate, str):
+                return Applied(CallbackOutcome.UNMATCHED, candidate)
+            note = _adoption_note(candidate.rivals)
+            if source != "query":
+                # Matched by phone and amount only: nothing is written until Daraja confirms
+                # this CheckoutRequestID was paid, or a forged callback could take it over.
+                return Applied(
+                    CallbackOutcome.NEEDS_QUERY,
+                    f"paid; {note}, to be confirmed by query",
+                    candidate.payment_id,
+                )
+            found = _adopt(session, result, candidate, note)
     pid: int = found.payment_id
     prior: str | None = found.prior
     if result.result_code == STILL_PROCESSING:
