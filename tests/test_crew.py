@@ -152,6 +152,25 @@ def test_overlapping_events_are_refused_with_the_clash_named() -> None:
              "--allow-overlap")  # fmt: skip
 
 
+@pytest.mark.slow
+def test_two_assignments_of_one_person_at_once_to_overlapping_events_leave_one() -> None:
+    from support import finish, sfcrm_process
+
+    date = day(5)
+    add_event("Wedding", date, "--time", "14:00", "--end-time", "20:00")
+    add_event("Concert", date, "--time", "19:00", "--end-time", "23:00")
+    people = [add_person(f"Crew {n}", f"071200000{n}")["id"] for n in range(1, 4)]
+
+    for person in people:  # three races: each has its chance to overlap
+        assign = ["crew", "assign", "--person", str(person), "--role", "Sound", "--event"]
+        procs = [sfcrm_process(*assign, event) for event in ("1", "2")]
+        outputs = finish(procs)
+
+        assert sorted(p.returncode for p in procs) == [0, 6], outputs
+        assert sum("which overlaps" in err for _, err in outputs) == 1, outputs
+    assert sorted(c["person_id"] for c in run_json("crew", "list")) == people
+
+
 def test_events_on_one_date_without_times_overlap() -> None:
     add_event("Fair A", day(6))
     add_event("Fair B", day(6))

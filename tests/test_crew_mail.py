@@ -502,6 +502,7 @@ def test_four_retry_processes_at_once_deliver_200_pending_emails_exactly_once(
     assert all(c["invitation_sent"] for c in run_json("crew", "list"))
 
 
+@pytest.mark.slow
 def test_cron_retry_during_an_invite_sends_the_old_failures_and_none_of_the_invitations(
     smtp_env: SmtpSink,
 ) -> None:
@@ -530,6 +531,7 @@ def test_cron_retry_during_an_invite_sends_the_old_failures_and_none_of_the_invi
     assert all(c["invitation_sent"] for c in run_json("crew", "list"))
 
 
+@pytest.mark.slow
 def test_retry_naming_the_emails_an_invite_is_sending_delivers_each_once(
     smtp_env: SmtpSink,
 ) -> None:
