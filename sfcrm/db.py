@@ -445,6 +445,66 @@ class Database:
             partial.unlink(missing_ok=True)
         return target
 
+    def copy_to(self, target: Database, *, batch: int = 5000) -> dict[str, int]:
+        """Every row of this database into ``target``, which must hold none yet (moving an office
+        from its SQLite file to a PostgreSQL server, or back). One transaction on the target:
+        all rows or none. Ids are kept, so links already emailed keep working; PostgreSQL's id
+        sequences are moved past the copied ids. Returns the rows copied per table."""
+        from sqlalchemy import func, select, update
+        from sqlmodel import SQLModel
+
+        import sfcrm.models  # noqa: F401 - registers every table on SQLModel.metadata
+
+        if target.where == self.where:
+            raise ValidationError("the database cannot be copied onto itself", value=self.where)
+        tables = SQLModel.metadata.sorted_tables
+        copied: dict[str, int] = {}
+        # The mail log and the assignments point at each other: emails go in first without
+        # their assignment, which is set once the assignments are in.
+        emails = SQLModel.metadata.tables["email_notification"]
+        links: list[tuple[int, int]] = []
+        with self._guard(), target._guard(), self.engine.connect() as source:
+            with target.engine.begin() as sink:
+                if target.dialect == "sqlite":
+                    sink.exec_driver_sql("PRAGMA defer_foreign_keys = ON")
+                for table in tables:
+                    if sink.execute(select(func.count()).select_from(table)).scalar_one():
+                        raise ValidationError(
+                            f"the target database holds data already ({table.name})",
+                            value=target.where,
+                            hint="copy into a new, empty database",
+                        )
+                for table in tables:
+                    copied[table.name] = 0
+                    ordered = select(table).order_by(*table.primary_key.columns)
+                    for chunk in source.execute(ordered).mappings().partitions(batch):
+                        rows = [dict(row) for row in chunk]
+                        if table is emails:
+                            links += [
+                                (row["id"], row["assignment_id"])
+                                for row in rows
+                                if row["assignment_id"] is not None
+                            ]
+                            for row in rows:
+                                row["assignment_id"] = None
+                        sink.execute(table.insert(), rows)
+                        copied[table.name] += len(rows)
+                for email_id, assignment_id in links:
+                    sink.execute(
+                        update(emails)
+                        .where(emails.c.id == email_id)
+                        .values(assignment_id=assignment_id)
+                    )
+                if target.dialect == "postgresql":
+                    for table in tables:
+                        if "id" in table.c and table.c.id.autoincrement is not False:
+                            highest = sink.execute(select(func.max(table.c.id))).scalar_one()
+                            if highest is not None:
+                                sequence = func.pg_get_serial_sequence(table.name, "id")
+                                sink.execute(select(func.setval(sequence, highest)))
+            source.rollback()
+        return copied
+
     def close(self) -> None:
         with self._raw_lock:
             for conn in self._raw_connections:
@@ -614,8 +674,11 @@ def _newer(found: str, where: str) -> DatabaseError:
 def upgrade(engine: Engine, where: str) -> SchemaState:
     """Bring the database to HEAD in place, in one transaction; the state found before.
 
-    Two processes may start on a new database at once: the second waits for the first's lock,
-    then finds the work done.
+    A new (empty) SQLite file is built from the models and marked as at HEAD, Alembic's own
+    recipe for a database made from scratch, without loading Alembic (a new file is what most
+    test and demo runs start from). A PostgreSQL database, and any database holding an older
+    schema, gets there through the revisions. Two processes may start on a new database at once: the
+    second waits for the first's lock, then finds the work done.
     """
     from sqlalchemy.exc import DatabaseError as SADatabaseError
 
@@ -626,17 +689,72 @@ def upgrade(engine: Engine, where: str) -> SchemaState:
                 return found
             if found.legacy_version is not None and found.revision is None:
                 raise _newer(str(found.legacy_version), where)
-            _run_alembic(conn, where)
+            if found.empty and conn.dialect.name == "sqlite" and not _has_tables(conn):
+                _create(conn)
+            else:
+                _run_alembic(conn, where)
             return found
     except SADatabaseError as exc:
         raise _database_error(exc, where) from None
+
+
+def _has_tables(conn: Connection) -> bool:
+    found = bool(conn.dialect.get_table_names(conn))
+    conn.rollback()
+    return found
+
+
+def _version_table() -> Any:
+    """Alembic's table of the revision a database is at, as Alembic itself defines it."""
+    from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table
+
+    return Table(
+        "alembic_version",
+        MetaData(),
+        Column("version_num", String(32), nullable=False),
+        PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+    )
+
+
+def _create(conn: Connection) -> None:
+    from sqlmodel import SQLModel
+
+    import sfcrm.models  # noqa: F401 - registers every table on SQLModel.metadata
+
+    with _locked(conn):
+        if _has_tables_locked(conn):
+            return  # another process made it meanwhile (it holds what this one would make)
+        SQLModel.metadata.create_all(conn)
+        versions = _version_table()
+        versions.create(conn)
+        conn.execute(versions.insert().values(version_num=HEAD))
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(f"PRAGMA user_version = {ALEMBIC_USER_VERSION}")
+
+
+def _has_tables_locked(conn: Connection) -> bool:
+    return bool(conn.dialect.get_table_names(conn))
+
+
+@contextmanager
+def _locked(conn: Connection) -> Iterator[None]:
+    """One transaction holding the schema's lock: SQLite's write lock, or PostgreSQL's advisory
+    lock for schema changes."""
+    from sqlalchemy import func, select
+
+    conn.rollback()  # end the read of the state: the change takes its lock first
+    if conn.dialect.name == "sqlite":
+        conn = conn.execution_options(sfcrm_immediate=True)
+    with conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+        yield
 
 
 def _run_alembic(conn: Connection, where: str) -> None:
     from alembic import command
     from alembic.config import Config
     from alembic.script import ScriptDirectory
-    from sqlalchemy import func, select
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
@@ -646,12 +764,7 @@ def _run_alembic(conn: Connection, where: str) -> None:
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        conn.rollback()  # end the read of the state: the upgrade takes its lock first
-        if conn.dialect.name == "sqlite":
-            conn = conn.execution_options(sfcrm_immediate=True)
-        with conn.begin():
-            if conn.dialect.name == "postgresql":
-                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+        with _locked(conn):
             # again under the lock: another process may have done it meanwhile
             state = _locked_state(conn)
             if state.revision is not None and state.revision not in known:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, ForeignKey, Index, LargeBinary, text
+from sqlalchemy import Column, ForeignKey, Index, LargeBinary, column
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -194,7 +194,11 @@ class EmailNotification(SQLModel, table=True):
     # (the assignment points back at its emails: this reference is added after both tables)
     assignment_id: int | None = Field(
         default=None,
-        sa_column_args=[ForeignKey("event_crew.id", use_alter=True)],
+        sa_column_args=[
+            ForeignKey(
+                "event_crew.id", use_alter=True, name="email_notification_assignment_id_fkey"
+            )
+        ],
     )
     notification_type: str = Field(index=True)
     subject: str
@@ -232,8 +236,8 @@ class BalanceEntry(SQLModel, table=True):
             "ux_balance_entry_payment",
             "payment_id",
             unique=True,
-            sqlite_where=text("payment_id IS NOT NULL"),
-            postgresql_where=text("payment_id IS NOT NULL"),
+            sqlite_where=column("payment_id").is_not(None),
+            postgresql_where=column("payment_id").is_not(None),
         ),
     )
 
