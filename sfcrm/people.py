@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -250,7 +251,7 @@ class People:
         checked.refuse(path)
         now = self.clock()
         if not checked.people:
-            return ImportedPeople([], [], now)
+            return ImportedPeople([], now, self._stored_ids)
         started = time.perf_counter()
         try:
             with self.db.write() as session, _overtaken_on_duplicate():
@@ -268,7 +269,7 @@ class People:
         log.info(
             "imported %d people from %s; the write took %.2f s", len(checked.people), path, took
         )
-        return ImportedPeople(self._stored_ids(checked.people), checked.people, now)
+        return ImportedPeople(checked.people, now, self._stored_ids)
 
     def _report_taken(self, checked: CheckedRows) -> None:
         """A problem for each checked row whose phone or email a stored person already has,
@@ -344,8 +345,8 @@ class People:
         )
 
     def _stored_ids(self, people: list[NewPerson]) -> list[int]:
-        """The ids just-written people were stored under, in their order, by their phones (each
-        stored once); read after the write, holding no lock, a few hundred at a time."""
+        """The ids written people were stored under, in their order, by their phones; a few
+        hundred at a time, holding no lock."""
         ids: list[int] = []
         with self.db.read() as session:
             for start in range(0, len(people), _IN_BATCH):
@@ -380,11 +381,17 @@ def _overtaken_on_duplicate() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ImportedPeople:
-    """The people one import added, in the file's order, with the ids they were stored under."""
+    """The people one import added, in the file's order. The ids they were stored under are
+    read back when first asked for (a count needs none): a phone is stored once, and no
+    command changes one."""
 
-    ids: list[int]
     rows: list[NewPerson]
     created_at: datetime
+    read_ids: Callable[[list[NewPerson]], list[int]] = field(repr=False)
+
+    @cached_property
+    def ids(self) -> list[int]:
+        return self.read_ids(self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)
