@@ -149,6 +149,7 @@ class Database:
         self._engine: Engine | None = None
         self._plain: Engine | None = None  # the engine before any upgrade (``db current``)
         self._local = threading.local()
+        self._write_bind: Engine | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._checkpoint_lock = threading.Lock()
         self._names_lock = threading.Lock()
@@ -243,9 +244,12 @@ class Database:
         ``BEGIN IMMEDIATE``; on PostgreSQL lock what you read (``with_for_update``)."""
         from sqlmodel import Session
 
-        bind = self.engine
-        if self.url is None:
-            bind = bind.execution_options(sfcrm_immediate=True)
+        bind = self._write_bind
+        if bind is None:  # made once: a copy of the engine's options costs as much as a write
+            bind = self.engine
+            if self.url is None:
+                bind = bind.execution_options(sfcrm_immediate=True)
+            self._write_bind = bind
         with (
             self._one_writer(),
             self._guard(),
@@ -455,6 +459,7 @@ class Database:
                 self._checkpoint_conn.close()
                 self._checkpoint_conn = None
         self._local = threading.local()
+        self._write_bind = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
