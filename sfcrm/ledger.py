@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import update
-from sqlmodel import Session, col, select
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
+from sqlmodel import Session
 
-from sfcrm.models import BalanceEntry, Person
+from sfcrm.models import BalanceEntry, Person, table
 
 
 def change_balance(
@@ -24,17 +26,23 @@ def change_balance(
 
     The balance moves by an UPDATE of itself (``balance_cents + amount``), never by a value read
     earlier, so two changes at once both count on any engine; a Person already loaded in the
-    session is brought up to date with it. The database refuses a second entry for one payment
-    (``ux_balance_entry_payment``), so no payment can move a balance twice.
+    session is given the balance the database now holds. The database refuses a second entry for
+    one payment (``ux_balance_entry_payment``), so no payment can move a balance twice. Three
+    Core statements: this runs for every payment a callback completes.
     """
     if type(amount_cents) is not int:  # a float (or bool) would make the column inexact
         raise TypeError(f"a balance moves by whole cents, not {type(amount_cents).__name__}")
-    session.execute(
-        update(Person)
-        .where(col(Person.id) == person_id)
-        .values(balance_cents=col(Person.balance_cents) + amount_cents)
+    people, entries = table(Person), table(BalanceEntry)
+    session.flush()  # what the session holds is written first, as a query would
+    conn = session.connection()
+    conn.execute(
+        update(people)
+        .where(people.c.id == person_id)
+        .values(balance_cents=people.c.balance_cents + amount_cents)
     )
-    after = session.exec(select(Person.balance_cents).where(col(Person.id) == person_id)).one()
+    after = conn.execute(
+        select(people.c.balance_cents).where(people.c.id == person_id)
+    ).scalar_one()
     entry = BalanceEntry(
         person_id=person_id,
         amount_cents=amount_cents,
@@ -44,6 +52,11 @@ def change_balance(
         payment_id=payment_id,
         created_at=now,
     )
-    session.add(entry)
-    session.flush()
+    values = entry.model_dump(exclude={"id"})
+    written = conn.execute(insert(entries).values(**values)).inserted_primary_key
+    assert written is not None
+    entry.id = written[0]
+    loaded = session.identity_map.get(identity_key(Person, person_id))
+    if loaded is not None:
+        set_committed_value(loaded, "balance_cents", after)
     return entry
