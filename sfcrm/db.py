@@ -612,9 +612,7 @@ def upgrade(engine: Engine, where: str) -> SchemaState:
 
 
 def _has_tables(conn: Connection) -> bool:
-    found = bool(conn.dialect.get_table_names(conn))
-    conn.rollback()
-    return found
+    return bool(conn.dialect.get_table_names(conn))
 
 
 def _version_table() -> Any:
@@ -635,7 +633,7 @@ def _create(conn: Connection) -> None:
     import sfcrm.models  # noqa: F401 - registers every table on SQLModel.metadata
 
     with _locked(conn):
-        if _has_tables_locked(conn):
+        if _has_tables(conn):
             return  # another process made it meanwhile (it holds what this one would make)
         SQLModel.metadata.create_all(conn)
         versions = _version_table()
@@ -643,10 +641,6 @@ def _create(conn: Connection) -> None:
         conn.execute(versions.insert().values(version_num=HEAD))
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql(f"PRAGMA user_version = {ALEMBIC_USER_VERSION}")
-
-
-def _has_tables_locked(conn: Connection) -> bool:
-    return bool(conn.dialect.get_table_names(conn))
 
 
 @contextmanager

@@ -519,22 +519,13 @@ def test_an_unreachable_server_is_a_database_error_without_the_password() -> Non
     assert "s3cret-pw" not in repr(database)
 
 
-@pytest.fixture
-def _unused() -> None:
-    return None
-
-
-def socket_nobody_listens_on() -> Any:
+@contextlib.contextmanager
+def socket_nobody_listens_on() -> Iterator[int]:
     import socket
-    from contextlib import contextmanager
 
-    @contextmanager
-    def port() -> Iterator[int]:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            yield sock.getsockname()[1]  # bound, never listening: connections are refused
-
-    return port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]  # bound, never listening: connections are refused
 
 
 # -- writers in other processes ----------------------------------------------------------------
