@@ -162,6 +162,54 @@ def test_kept_alive_connection_is_not_cut_when_its_answer_beats_the_loop_to_the_
         assert _answer_on(sock, GET_ANY) == 404
 
 
+def test_loop_does_not_spin_while_workers_answer_kept_alive_clients(
+    payments: Payments, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: a worker sends its answer itself, holding the connection's output lock.
+    # waitress called that connection writable meanwhile, so once anything woke the loop its
+    # poll returned at once, its flush found the lock taken, and it went round again: with a
+    # hundred kept-alive clients the loop took the interpreter from the workers it waited for.
+    from waitress import wasyncore
+    from waitress.channel import HTTPChannel
+
+    passes = [0]
+    poll = wasyncore.poll2
+
+    def counted(timeout: float = 0.0, map: object = None) -> None:
+        passes[0] += 1
+        poll(timeout, map)
+
+    sending = threading.Event()
+    flush = HTTPChannel._flush_some
+
+    def slow_send(channel: HTTPChannel, do_close: bool = True) -> bool:
+        if threading.current_thread().name.startswith("waitress-") and not sending.is_set():
+            sending.set()
+            time.sleep(0.3)  # a worker sending its answer, the output lock held
+        return bool(flush(channel, do_close=do_close))
+
+    monkeypatch.setattr(wasyncore, "poll2", counted)
+    monkeypatch.setattr(HTTPChannel, "_flush_some", slow_send)
+    server = make_server(CallbackApp(payments, callback_path=None), "127.0.0.1", 0, 1)
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    port = server.effective_port
+    try:
+        with closing(socket.create_connection(("127.0.0.1", port), timeout=5)) as first:
+            first.sendall(GET_ANY)
+            assert sending.wait(5)
+            before = passes[0]
+            # another client arrives meanwhile: the loop wakes up to take it
+            with closing(socket.create_connection(("127.0.0.1", port), timeout=5)) as second:
+                assert _answer_on(first, b"") == 404
+                looped = passes[0] - before
+                assert _answer_on(second, GET_ANY) == 404
+    finally:
+        server.close()
+        serving.join(timeout=5)
+    assert looped < 50, f"the loop went round {looped} times while one answer was sent"
+
+
 def test_connections_over_the_per_address_cap_are_closed_at_once_and_others_still_served(
     open_listener: Callable[..., Listener],
 ) -> None:

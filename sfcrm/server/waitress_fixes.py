@@ -68,6 +68,15 @@ class ListenerChannel(HTTPChannel):
       Tests:
       ``test_connections_over_the_per_address_cap_are_closed_at_once_and_others_still_served``,
       ``test_connection_gone_before_it_is_set_up_leaves_the_listener_serving``.
+    - While a worker answers, it sends its own output (waitress's ``send_bytes`` is 1) holding
+      the connection's output lock. waitress still calls such a connection writable: the
+      loop's poll returned at once, its flush found the lock taken, and it went round again,
+      thousands of times a second, taking the interpreter from the very worker it waited for
+      (a hundred kept-alive clients got a tenth of the answers). Here a connection whose
+      request is being answered is not writable; the worker wakes the loop when it is done,
+      and the loop sends whatever is left. A close asked for, or output past the high
+      watermark (the worker then waits for the loop), still is.
+      Test: ``test_loop_does_not_spin_while_workers_answer_kept_alive_clients``.
     """
 
     error_task_class = ClientErrorTask
@@ -118,6 +127,15 @@ class ListenerChannel(HTTPChannel):
             self.will_close = True  # the loop closes it as soon as it may write
             return False
         return bool(super().readable())
+
+    def writable(self) -> bool:
+        if (
+            self.requests
+            and not (self.will_close or self.close_when_flushed)
+            and self.total_outbufs_len <= self.adj.outbuf_high_watermark
+        ):
+            return False
+        return bool(super().writable())
 
     def del_channel(self, map: Any = None) -> None:
         # every way a connection closes comes here (handle_close skips close())
