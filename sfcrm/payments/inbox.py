@@ -16,7 +16,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Executable, bindparam, insert, or_, update
+from sqlalchemy import Connection, Executable, bindparam, insert, or_, update
 from sqlmodel import Session, col, select
 
 from sfcrm.daraja import StkResult, parse_stk_callback
@@ -49,7 +49,7 @@ def _statements() -> tuple[Executable, Executable]:
 
 
 def _store(
-    session: Session,
+    conn: Connection,
     body: bytes,
     source_addr: str | None,
     trusted: bool,
@@ -62,7 +62,7 @@ def _store(
     # A body already read carries its IDs into the row now, so that acting on it does not
     # move its entry in the checkout_request_id index a second time.
     result = parsed if isinstance(parsed, StkResult) else None
-    inserted = session.connection().execute(
+    inserted = conn.execute(
         _statements()[0],
         {
             "received_at": now,
@@ -80,9 +80,9 @@ def _store(
     return int(key[0])
 
 
-def _mark(session: Session, callback_id: int, applied: Applied, now: datetime) -> None:
+def _mark(conn: Connection, callback_id: int, applied: Applied, now: datetime) -> None:
     """Record what acting on a stored callback came to."""
-    session.connection().execute(
+    conn.execute(
         _statements()[1],
         {
             "callback_id": callback_id,
@@ -105,7 +105,7 @@ class Inbox(PaymentsBase):
     def store_callback(self, body: bytes, source_addr: str | None, *, trusted: bool) -> int:
         """Keep a raw body without acting on it. Returns the inbox id."""
         with self.db.write() as session:
-            return _store(session, body, source_addr, trusted, self.clock())
+            return _store(session.connection(), body, source_addr, trusted, self.clock())
 
     def receive(
         self, body: bytes, source_addr: str | None, *, trusted: bool
@@ -124,7 +124,7 @@ class Inbox(PaymentsBase):
 
             def store_and_act(session: Session) -> tuple[int, Applied]:
                 now = self.clock()
-                callback_id = _store(session, body, source_addr, trusted, now, parsed)
+                callback_id = _store(session.connection(), body, source_addr, trusted, now, parsed)
                 return callback_id, self._act(session, callback_id, parsed, trusted, now)
 
             return self.db.transaction(store_and_act)
@@ -135,7 +135,7 @@ class Inbox(PaymentsBase):
             detail = type(exc).__name__
             with self.db.write() as session:
                 callback_id = _store(
-                    session, body, source_addr, trusted, self.clock(),
+                    session.connection(), body, source_addr, trusted, self.clock(),
                     outcome=CallbackOutcome.ERROR, detail=detail,
                 )  # fmt: skip
             return callback_id, Applied(CallbackOutcome.ERROR, detail)
@@ -180,14 +180,14 @@ class Inbox(PaymentsBase):
         ``_read_callback`` made of its body, whose IDs the row already holds."""
         if isinstance(parsed, str):
             rejected = Applied(CallbackOutcome.REJECTED, parsed)
-            _mark(session, callback_id, rejected, now)
+            _mark(session.connection(), callback_id, rejected, now)
             return rejected
         result = parsed
         applied = apply_result(
             session, result, source="callback", trusted=trusted and not self.confirm_by_query,
             now=now, received_at=received_at,
         )  # fmt: skip
-        _mark(session, callback_id, applied, now)
+        _mark(session.connection(), callback_id, applied, now)
         log.info(
             "callback %s for %s code %s: %s, payment %s %s",
             callback_id, result.checkout_request_id, result.result_code, applied.outcome,
@@ -243,7 +243,7 @@ class Inbox(PaymentsBase):
                     f"query says {query_code}: the 'paid' was not confirmed",
                     applied.payment_id,
                 )
-            _mark(session, callback_id, final, now)
+            _mark(session.connection(), callback_id, final, now)
             return final, True
 
         final, changed = self.db.transaction(record)
@@ -286,7 +286,7 @@ class Inbox(PaymentsBase):
                 confirmed = Applied(
                     applied.outcome, "confirmed by query: " + applied.detail, applied.payment_id
                 )
-                _mark(session, waiting_id, confirmed, now)
+                _mark(session.connection(), waiting_id, confirmed, now)
             return applied
 
         return self.db.transaction(record)
@@ -387,7 +387,12 @@ class Inbox(PaymentsBase):
             row = session.get(MpesaCallback, callback_id, with_for_update=True)
             if row is None or row.outcome != CallbackOutcome.UNMATCHED:
                 return False
-            _mark(session, callback_id, Applied(outcome, detail, row.payment_id), self.clock())
+            _mark(
+                session.connection(),
+                callback_id,
+                Applied(outcome, detail, row.payment_id),
+                self.clock(),
+            )
             return True
 
         if self.db.transaction(record):

@@ -16,7 +16,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import Executable, Row, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, Executable, Row, bindparam, func, insert, or_, select, update
 from sqlmodel import Session, col
 
 from sfcrm.daraja import STILL_PROCESSING, QueryResult, StkResult
@@ -82,8 +82,9 @@ def _apply(
 ) -> Applied:
     # Prepared statements on the session's connection: this runs for every callback, and the
     # listener must keep up with a burst.
+    conn = session.connection()
     cid = result.checkout_request_id
-    found = _push_and_payment(session, cid)
+    found = _push_and_payment(conn, cid)
     note = ""
     if found is None:
         if not _adoptable_result(result):
@@ -91,7 +92,7 @@ def _apply(
         candidate = _adoptable(session, result, received_at or now)
         # Read again: another writer may have taken this push while the candidates' locks
         # were awaited (PostgreSQL); this one then acts on what that one wrote.
-        found = _push_and_payment(session, cid)
+        found = _push_and_payment(conn, cid)
         if found is None:
             if candidate is None:
                 return Applied(CallbackOutcome.UNMATCHED, "no payment has this CheckoutRequestID")
@@ -120,7 +121,7 @@ def _apply(
                 "same outcome already recorded" if same else f"outcome {prior} already recorded",
                 pid,
             )
-        _record(session, found.checkout_id, result, source, now)
+        _record(conn, found.checkout_id, result, source, now)
         if found.settled:
             return Applied(CallbackOutcome.IGNORED, "payment already settled", pid)
         if found.current != cid:
@@ -131,7 +132,7 @@ def _apply(
             else PaymentStatus.FAILED
         )
         _update_payment(
-            session, pid,
+            conn, pid,
             status=new_status, result_code=result.result_code, result_desc=result.result_desc,
         )  # fmt: skip
         log.info(
@@ -146,9 +147,9 @@ def _apply(
     if source != "query" and (not trusted or prior is not None):
         why = "sender not trusted" if prior is None else f"outcome {prior} recorded before"
         return Applied(CallbackOutcome.NEEDS_QUERY, f"paid; to be confirmed by query ({why})", pid)
-    _record(session, found.checkout_id, result, source, now)
+    _record(conn, found.checkout_id, result, source, now)
     if found.settled:
-        _update_payment(session, pid, refund_due=True)
+        _update_payment(conn, pid, refund_due=True)
         log.warning(
             "payment %s paid twice (checkout %s, receipt %s): refund due",
             pid, cid, result.receipt_number,
@@ -169,7 +170,7 @@ def _apply(
     suffix = f" ({note})" if note else ""
     if result.amount is not None and result.amount != Decimal(amount):
         desc = f"paid {result.amount}, but {amount} was asked{suffix}"
-        _update_payment(session, pid, status=PaymentStatus.NEEDS_REVIEW, result_desc=desc, **paid)
+        _update_payment(conn, pid, status=PaymentStatus.NEEDS_REVIEW, result_desc=desc, **paid)
         log.warning("payment %s needs review: %s", pid, desc)
         return Applied(CallbackOutcome.REVIEW, desc, pid)
     entry = change_balance(
@@ -177,7 +178,7 @@ def _apply(
         reason=f"M-Pesa {receipt or 'payment'}", payment_id=pid,
     )  # fmt: skip
     _update_payment(
-        session, pid,
+        conn, pid,
         status=PaymentStatus.COMPLETED, result_desc=result.result_desc + suffix,
         completed_at=now, balance_applied=True, **paid,
     )  # fmt: skip
@@ -227,22 +228,20 @@ def _statements() -> _Statements:
     )
 
 
-def _push_and_payment(session: Session, checkout_request_id: str) -> Row[Any] | None:
+def _push_and_payment(conn: Connection, checkout_request_id: str) -> Row[Any] | None:
     """A push (by its CheckoutRequestID) and what ``apply_result`` needs of its payment, in one
     read that locks both rows."""
-    return (
-        session.connection()
-        .execute(_statements().push_and_payment, {"checkout_request_id": checkout_request_id})
-        .one_or_none()
-    )
+    return conn.execute(
+        _statements().push_and_payment, {"checkout_request_id": checkout_request_id}
+    ).one_or_none()
 
 
-def _update_payment(session: Session, payment_id: int, **values: Any) -> None:
-    session.connection().execute(_statements().update_payment, {"payment_id": payment_id, **values})
+def _update_payment(conn: Connection, payment_id: int, **values: Any) -> None:
+    conn.execute(_statements().update_payment, {"payment_id": payment_id, **values})
 
 
 def _record(
-    session: Session, checkout_id: int, result: StkResult, source: str, now: datetime
+    conn: Connection, checkout_id: int, result: StkResult, source: str, now: datetime
 ) -> None:
     """Write a push's outcome on the push itself; a receipt or amount once known stays."""
     values: dict[str, Any] = {
@@ -255,9 +254,7 @@ def _record(
         values["receipt_number"] = result.receipt_number
     if result.amount is not None:
         values["paid_amount"] = str(result.amount)
-    session.connection().execute(
-        _statements().update_checkout, {"checkout_id": checkout_id, **values}
-    )
+    conn.execute(_statements().update_checkout, {"checkout_id": checkout_id, **values})
 
 
 # -- a "paid" for a push whose answer never came -----------------------------------------------
@@ -380,7 +377,7 @@ def _adopt(session: Session, result: StkResult, candidate: _Candidate, note: str
         )
     )
     log.info("payment %s takes checkout %s: %s", pid, result.checkout_request_id, note)
-    found = _push_and_payment(session, result.checkout_request_id)
+    found = _push_and_payment(session.connection(), result.checkout_request_id)
     assert found is not None  # just written, in this transaction
     return found
 
