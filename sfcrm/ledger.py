@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import cache
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Executable, bindparam, insert, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session
 
 from sfcrm.models import BalanceEntry, Person, table
+
+
+@cache
+def _statements() -> tuple[Executable, Executable, Executable]:
+    """Built once, on first use: moving a balance, reading it back, writing the entry."""
+    people, entries = table(Person), table(BalanceEntry)
+    this_person = people.c.id == bindparam("person_id")
+    return (
+        update(people)
+        .where(this_person)
+        .values(balance_cents=people.c.balance_cents + bindparam("amount_cents")),
+        select(people.c.balance_cents).where(this_person),
+        insert(entries),
+    )
 
 
 def change_balance(
@@ -32,30 +47,24 @@ def change_balance(
     """
     if type(amount_cents) is not int:  # a float (or bool) would make the column inexact
         raise TypeError(f"a balance moves by whole cents, not {type(amount_cents).__name__}")
-    people, entries = table(Person), table(BalanceEntry)
+    move, read, write = _statements()
     session.flush()  # what the session holds is written first, as a query would
     conn = session.connection()
-    conn.execute(
-        update(people)
-        .where(people.c.id == person_id)
-        .values(balance_cents=people.c.balance_cents + amount_cents)
-    )
-    after = conn.execute(
-        select(people.c.balance_cents).where(people.c.id == person_id)
-    ).scalar_one()
-    entry = BalanceEntry(
-        person_id=person_id,
-        amount_cents=amount_cents,
-        balance_after_cents=after,
-        kind=kind,
-        reason=reason,
-        payment_id=payment_id,
-        created_at=now,
-    )
-    values = entry.model_dump(exclude={"id"})
-    written = conn.execute(insert(entries).values(**values)).inserted_primary_key
+    conn.execute(move, {"person_id": person_id, "amount_cents": amount_cents})
+    after = conn.execute(read, {"person_id": person_id}).scalar_one()
+    values = {
+        "person_id": person_id,
+        "amount_cents": amount_cents,
+        "balance_after_cents": after,
+        "kind": kind,
+        "reason": reason,
+        "payment_id": payment_id,
+        "created_at": now,
+    }
+    written = conn.execute(write, values).inserted_primary_key
     assert written is not None
-    entry.id = written[0]
+    # the row as written: built without validating again what the statement just stored
+    entry = BalanceEntry.model_construct(id=written[0], **values)
     loaded = session.identity_map.get(identity_key(Person, person_id))
     if loaded is not None:
         set_committed_value(loaded, "balance_cents", after)
