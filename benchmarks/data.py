@@ -360,26 +360,28 @@ def checkout_ids(count: int) -> list[str]:
     return [f"ws_CO_bench_{i:06d}" for i in range(count)]
 
 
-def pending_payments(target: Target, count: int, *, person: int = 1) -> list[str]:
-    """A person (of id ``person``) and ``count`` pending payments of theirs, each with its push;
-    their CheckoutRequestIDs."""
+def pending_payments(target: Target, count: int, *, person: int = 1, people: int = 1) -> list[str]:
+    """``people`` people (ids from ``person`` on) and ``count`` pending payments, each with its
+    push, taken by those people in turn; their CheckoutRequestIDs."""
     from sfcrm.models import MpesaCheckout, MpesaPayment, PaymentStatus, Person
 
     now = datetime.now(UTC)
+    owners = [person + n for n in range(people)]
     load(
         target,
         Person,
         ("id", "name", "phone", "email", "balance_cents", "created_at"),
-        [(person, "Bench", PHONE, None, 0, now)],
-    )
+        [(owner, f"Bench {owner}", PHONE if owner == person else f"2547{owner:08d}", None, 0, now)
+         for owner in owners],
+    )  # fmt: skip
     ids = checkout_ids(count)
     load(
         target,
         MpesaPayment,
         ("id", "person_id", "phone_number", "amount", "payment_purpose", "account_reference",
          "status", "checkout_request_id", "initiated_at", "last_pushed_at", "push_count"),
-        ((i + 1, person, PHONE, 10, "Bench", f"SF-{i + 1}", PaymentStatus.PENDING, cid,
-          now, now, 1) for i, cid in enumerate(ids)),
+        ((i + 1, owners[i % people], PHONE, 10, "Bench", f"SF-{i + 1}", PaymentStatus.PENDING,
+          cid, now, now, 1) for i, cid in enumerate(ids)),
     )  # fmt: skip
     load(
         target,

@@ -348,6 +348,7 @@ def bench_read(bench: Bench, engine: str) -> list[Result]:
 
 CALLBACKS = 2000
 CLIENTS = 20
+PAYERS = 200  # a burst settles many people's payments, not one person's 2,000
 # worker threads of serve-callback, and of the baseline's waitress: SQLite takes one writer
 # at a time; PostgreSQL takes writers at once
 THREADS = {SQLITE: 1, POSTGRES: 4}
@@ -444,7 +445,8 @@ def bench_listener(bench: Bench, engine: str) -> list[Result]:
 
     threads = f"{THREADS[engine]} thread{'s' if THREADS[engine] > 1 else ''}"
     figure = bench.figure(
-        f"listener: {CALLBACKS:,} success callbacks, {CLIENTS} clients, {threads}",
+        f"listener: {CALLBACKS:,} success callbacks of {PAYERS} people, {CLIENTS} clients, "
+        f"{threads}",
         engine,
         "waitress, same threads: parse + insert",
         "req/s",
@@ -460,7 +462,7 @@ def bench_listener(bench: Bench, engine: str) -> list[Result]:
             figure.baselines.append(blast(f"http://127.0.0.1:{port}/cb", bodies, CLIENTS))
         bench.engines.drop(inbox)
         target = bench.engines.fresh(engine, "listener")
-        data.pending_payments(target, CALLBACKS)
+        data.pending_payments(target, CALLBACKS, people=PAYERS)
         port = free_port()
         with serve_sfcrm(bench, target, port) as served:
             try:

@@ -32,7 +32,7 @@ def test_loaded_rows_read_back_as_sfcrm_writes_them(engine_name: str, database_u
     start = datetime(2030, 5, 1, 15, 0, 0, 123456, tzinfo=UTC)
     data.crew(target, people=3, events=2, per_event=2, status=CrewStatus.CONFIRMED,
               start=start, spread=timedelta(days=2))  # fmt: skip
-    ids = data.pending_payments(target, 4, person=4)
+    ids = data.pending_payments(target, 4, person=4, people=2)
 
     db = Database(database_url)
     try:
@@ -49,7 +49,11 @@ def test_loaded_rows_read_back_as_sfcrm_writes_them(engine_name: str, database_u
             payment = session.exec(
                 select(MpesaPayment).where(col(MpesaPayment.checkout_request_id) == ids[-1])
             ).one()
-            assert (payment.person_id, payment.status, payment.amount) == (4, "pending", 10)
+            assert (payment.person_id, payment.status, payment.amount) == (5, "pending", 10)
+            owners = session.exec(
+                select(MpesaPayment.person_id).order_by(col(MpesaPayment.id))
+            ).all()
+            assert owners == [4, 5, 4, 5]
             assert payment.balance_applied is False and payment.refund_due is False
             assert payment.initiated_at.tzinfo is UTC
             pushes = session.exec(select(func.count()).select_from(MpesaCheckout)).one()
