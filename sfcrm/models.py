@@ -67,6 +67,8 @@ class Person(SQLModel, table=True):
     email: str | None = Field(default=None, unique=True)
     balance_cents: int = 0
     created_at: datetime = _ts(nullable=False)
+    # archived: out of lists, searches and every email, never asked for money; history kept
+    archived_at: datetime | None = _ts()
 
 
 class MpesaPayment(SQLModel, table=True):
@@ -94,6 +96,11 @@ class MpesaPayment(SQLModel, table=True):
     balance_applied: bool = False
     refund_due: bool = False
     resend_claimed_until: datetime | None = _ts()
+    # how its outcome was learnt: "callback", "query" (an STK Push Query), "manual" (resolved)
+    settled_by: str | None = None
+    resolved_at: datetime | None = _ts()  # settled by hand (`mpesa resolve`)
+    resolution: str | None = None  # the reason given for it
+    refund_done_at: datetime | None = _ts()  # a refund made outside sfcrm, recorded
 
     # the rules below work on a loaded row and inside a query alike
     model_config = ConfigDict(ignored_types=(hybrid_property,))  # type: ignore[assignment]
@@ -202,6 +209,10 @@ class Event(SQLModel, table=True):
     starts_at: datetime = Field(sa_type=UTCDateTime, nullable=False, index=True)
     ends_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
     created_at: datetime = _ts(nullable=False)
+    cancelled_at: datetime | None = _ts()
+    cancel_reason: str | None = None
+    # the calendar entry's SEQUENCE: raised with each change crew are told of
+    sequence: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class EventCrew(SQLModel, table=True):
@@ -300,6 +311,25 @@ class EmailNotification(SQLModel, table=True):
         so it may have been delivered."""
         c = table(cls).c
         return and_(c.is_sent.is_(False), c.claim_token.is_not(None), not_(cls.held(now)))
+
+
+class AuditEntry(SQLModel, table=True):
+    """The audit log: every correction, cancellation and resolution, written in the transaction
+    that makes it: what changed (before and after), when, by whom, and why."""
+
+    __tablename__ = "audit_entry"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(sa_type=UTCDateTime, nullable=False, index=True)
+    actor: str  # the OS user and host: "wanjiru@office-laptop"
+    action: str  # "person.edit", "event.cancel", "payment.resolve", …
+    # what it is about (plain ids: the log outlives nothing, and refers to rows never deleted)
+    person_id: int | None = Field(default=None, index=True)
+    event_id: int | None = Field(default=None, index=True)
+    assignment_id: int | None = None
+    payment_id: int | None = Field(default=None, index=True)
+    changes: str | None = None  # JSON: {"field": [before, after], …}
+    reason: str | None = None
 
 
 class BalanceKind:

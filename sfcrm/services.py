@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
 
+    from sfcrm.audit import History
     from sfcrm.config import Settings
     from sfcrm.crew import Crew
     from sfcrm.crewmail import CrewMail, Org
@@ -98,6 +99,12 @@ class Services:
             confirm_by_query=self.settings.mpesa_confirm_by_query,
             notify=self.notify,
         )
+
+    @cached_property
+    def history(self) -> History:
+        from sfcrm.audit import History
+
+        return History(self.db, self.clock)
 
     @cached_property
     def events(self) -> Events:

@@ -23,5 +23,7 @@ class CrewStatus:
     CONFIRMED = "confirmed"
     DECLINED = "declined"
     COMPLETED = "completed"
+    CANCELLED = "cancelled"  # the event was cancelled
+    REMOVED = "removed"  # taken off the event by the office (`crew remove`)
 
-    ALL = (INVITED, CONFIRMED, DECLINED, COMPLETED)
+    ALL = (INVITED, CONFIRMED, DECLINED, COMPLETED, CANCELLED, REMOVED)

@@ -22,7 +22,7 @@ from sqlmodel import col
 from support import PG_URL, Listener, free_port, paid_callback, run, run_json, wait_for
 
 from sfcrm.cli import app
-from sfcrm.db import Database
+from sfcrm.db import HEAD, Database
 from sfcrm.emulator import DarajaEmulator
 from sfcrm.models import BalanceEntry, MpesaCheckout, MpesaPayment, PaymentStatus, Person
 
@@ -565,7 +565,7 @@ def test_db_current_of_a_missing_file_creates_nothing(monkeypatch: pytest.Monkey
     )
     doc = run_json("db", "current")
     assert (doc["revision"], doc["user_version"], doc["head"], doc["newest"]) == (
-        None, None, "0004", False,
+        None, None, HEAD, False,
     )  # fmt: skip
     assert not Path("office.db").exists()
 
@@ -575,7 +575,7 @@ def test_db_current_and_upgrade_of_a_file_an_older_release_wrote(db_path: Path) 
     current = run("db", "current")
     assert current.exit_code == 0
     assert current.stdout == (
-        "the database is at schema 0003 (user_version 3); 0004 is the newest "
+        f"the database is at schema 0003 (user_version 3); {HEAD} is the newest "
         "(`sfcrm db upgrade` or any command upgrades it)\n"
     )
     doc = run_json("db", "current")
@@ -584,24 +584,24 @@ def test_db_current_and_upgrade_of_a_file_an_older_release_wrote(db_path: Path) 
 
     upgraded = run("db", "upgrade")
     assert upgraded.exit_code == 0
-    assert upgraded.stdout == "upgraded the database from schema 0003 (user_version 3) to 0004\n"
-    assert run("db", "current").stdout == "the database is at schema 0004, the newest\n"
+    assert upgraded.stdout == f"upgraded the database from schema 0003 (user_version 3) to {HEAD}\n"
+    assert run("db", "current").stdout == f"the database is at schema {HEAD}, the newest\n"
     again = run_json("db", "upgrade")
     assert again == {
-        "database": str(db_path), "from": "0004", "from_user_version": None, "to": "0004",
+        "database": str(db_path), "from": HEAD, "from_user_version": None, "to": HEAD,
         "upgraded": False,
     }  # fmt: skip
-    assert run("db", "upgrade").stdout == "the database is at schema 0004 already\n"
+    assert run("db", "upgrade").stdout == f"the database is at schema {HEAD} already\n"
 
 
 def test_db_current_of_a_file_the_newest_release_before_alembic_wrote(db_path: Path) -> None:
     legacy_file(db_path, len(MIGRATIONS))
     assert run("db", "current").stdout == (
-        "the database is at schema 0004 (user_version 4), the newest, written before Alembic; "
-        "the first command hands it over\n"
+        f"the database is at schema 0004 (user_version 4); {HEAD} is the newest "
+        "(`sfcrm db upgrade` or any command upgrades it)\n"
     )
     assert run("db", "upgrade").stdout == (
-        "the database is at schema 0004 already; Alembic keeps it now\n"
+        f"upgraded the database from schema 0004 (user_version 4) to {HEAD}\n"
     )
     assert run_json("db", "current")["newest"] is True
 
@@ -620,25 +620,25 @@ def test_db_current_of_a_database_a_newer_sfcrm_wrote_says_so(
     result = run("db", "current")
     assert result.exit_code == 0
     assert result.stdout == (
-        "the database is at schema 0099, newer than this sfcrm knows (0004); upgrade sfcrm\n"
+        f"the database is at schema 0099, newer than this sfcrm knows ({HEAD}); upgrade sfcrm\n"
     )
     refused = run("db", "upgrade")
     assert refused.exit_code == 9
     assert refused.stderr.splitlines()[0].startswith(
-        "Error: the database has schema 0099, newer than this sfcrm knows (0004)"
+        f"Error: the database has schema 0099, newer than this sfcrm knows ({HEAD})"
     )
 
 
 def test_db_upgrade_of_a_new_file_creates_its_schema(db_path: Path) -> None:
-    assert run("db", "upgrade").stdout == "created the database at schema 0004\n"
-    assert run("db", "current").stdout == "the database is at schema 0004, the newest\n"
+    assert run("db", "upgrade").stdout == f"created the database at schema {HEAD}\n"
+    assert run("db", "current").stdout == f"the database is at schema {HEAD}, the newest\n"
 
 
 def test_any_command_brings_the_schema_up_to_date_first(on_each_engine: str) -> None:
     assert run_json("people", "list") == []
     doc = run_json("db", "upgrade")
-    assert (doc["from"], doc["to"], doc["upgraded"]) == ("0004", "0004", False)
-    assert run("db", "upgrade").stdout == "the database is at schema 0004 already\n"
+    assert (doc["from"], doc["to"], doc["upgraded"]) == (HEAD, HEAD, False)
+    assert run("db", "upgrade").stdout == f"the database is at schema {HEAD} already\n"
 
 
 def test_db_commands_on_an_empty_postgresql_database(
@@ -650,12 +650,12 @@ def test_db_commands_on_an_empty_postgresql_database(
     url = server.new_empty_database()
     monkeypatch.setenv("SFCRM_DATABASE_URL", url)
     assert run("db", "current").stdout == (
-        "the database is empty; the first command creates schema 0004 in it\n"
+        f"the database is empty; the first command creates schema {HEAD} in it\n"
     )
     assert run("db", "current").stdout.startswith("the database is empty")  # still
     result = run("db", "upgrade")
     assert result.exit_code == 0
-    assert result.stdout == "created the database at schema 0004\n"
+    assert result.stdout == f"created the database at schema {HEAD}\n"
     assert run_json("db", "current")["newest"] is True
 
 

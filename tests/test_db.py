@@ -309,6 +309,14 @@ def test_a_file_of_an_older_release_upgrades_without_losing_or_changing_a_row(
     database.close()
     assert state.legacy_version == int(name[6]) and after_state.current
     after = rows_of(path)
+    # what later revisions add comes empty: new tables, and new columns at the end of each row
+    # (NULL, or 0 for an event's calendar sequence)
+    for table in [t for t in after if t not in before]:
+        assert after.pop(table) == []
+    for table, rows in before.items():
+        width = len(rows[0]) if rows else 0
+        assert all(value in (None, 0) for row in after[table] for value in row[width:])
+        after[table] = [row[:width] for row in after[table]] if rows else after[table]
     if name == "schema3.db":
         # the one change schema 4 makes: a payment an older release left "initiated" may have
         # been pushed, so its outcome is unknown (the test of that rule is below)

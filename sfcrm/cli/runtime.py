@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
+    from sfcrm.audit import History
     from sfcrm.config import Settings
     from sfcrm.crew import Crew
     from sfcrm.crewmail import CrewMail
@@ -201,6 +202,7 @@ class Runtime:
     mailer: Mailer = _service("mailer")
     crew: Crew = _service("crew")
     crew_mail: CrewMail = _service("crew_mail")
+    history: History = _service("history")
 
     @contextmanager
     def progress(self, label: str) -> Iterator[Callable[[int, int], None] | None]:

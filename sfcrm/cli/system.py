@@ -240,8 +240,6 @@ def db_upgrade(json_output: JsonOption = False) -> None:
             text = f"the database is at schema {after.revision} already"
         elif before.empty:
             text = f"created the database at schema {after.revision}"
-        elif before.revision == after.revision:  # a release before Alembic wrote the newest
-            text = f"the database is at schema {after.revision} already; Alembic keeps it now"
         else:
             text = f"upgraded the database from schema {_shown(before)} to {after.revision}"
         rt.emit(
@@ -332,8 +330,6 @@ def _schema_text(state: "SchemaState") -> str:
     # (revisions are numbered 0001, 0002, ...: their order is the order of their text)
     if state.revision is None or state.revision > state.head:
         return f"{where}, newer than this sfcrm knows ({state.head}); upgrade sfcrm"
-    if state.revision == state.head:
-        return f"{where}, the newest, written before Alembic; the first command hands it over"
     return f"{where}; {state.head} is the newest (`sfcrm db upgrade` or any command upgrades it)"
 
 
