@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from functools import cached_property
 from pathlib import Path
 from typing import IO, Any, cast
@@ -20,6 +20,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from sfcrm import audit
 from sfcrm.db import Database
 from sfcrm.errors import ConflictError, NotFoundError, SfcrmError, ValidationError
 from sfcrm.ledger import change_balance
@@ -30,6 +31,7 @@ from sfcrm.phone import normalise_phone
 log = logging.getLogger("sfcrm.people")
 
 MAX_NAME = 120
+MAX_REASON = 500
 CSV_HEADER = ["name", "phone", "email", "balance"]
 
 # `people import` checks a whole file before it writes anything, so what one file may hold is
@@ -43,13 +45,18 @@ _IN_BATCH = 500  # values per IN (...): SQLite before 3.32 takes at most 999 in 
 _WRITE_BATCH = 5000  # rows per INSERT of an import: its memory stays small
 
 
-def person_json(person: Person) -> dict[str, Any]:
+def person_json(person: Person, tz: tzinfo = UTC) -> dict[str, Any]:
     return {
         "id": person.id,
         "name": person.name,
         "phone": person.phone,
         "email": person.email,
         "balance": format_cents(person.balance_cents),
+        "archived_at": (
+            person.archived_at.astimezone(tz).isoformat(timespec="seconds")
+            if person.archived_at
+            else None
+        ),
     }
 
 
@@ -81,6 +88,16 @@ def clean_name(name: str) -> str:
     return cleaned
 
 
+def clean_reason(reason: str | None) -> str | None:
+    """A reason for the audit log, as one line; None when blank."""
+    if reason is None:
+        return None
+    cleaned = printable_line(reason)
+    if len(cleaned) > MAX_REASON:
+        raise ValidationError(f"reason is longer than {MAX_REASON} characters")
+    return cleaned or None
+
+
 def clean_email(email: str | None) -> str | None:
     """A plain address sfcrm can send to, lower-cased; None when blank."""
     if email is None or not email.strip():
@@ -93,7 +110,8 @@ def clean_email(email: str | None) -> str | None:
 def find_person(session: Session, ref: str) -> Person:
     """REF is an id, a phone number in any accepted form, or an email address.
 
-    A phone is tried before an id: a short number like 712345678 is a phone first.
+    A phone is tried before an id: a short number like 712345678 is a phone first. An archived
+    person is found too: named directly, their history stays at hand.
     """
     text = ref.strip()
     person: Person | None = None
@@ -225,9 +243,134 @@ class People:
         with self.db.read() as session:
             return find_person(session, ref)
 
-    def find(self, search: str | None = None, limit: int = 500) -> Sequence[Person]:
+    # -- corrections -----------------------------------------------------------------------
+
+    def edit(
+        self,
+        ref: str,
+        *,
+        name: str | None = None,
+        phone: str | None = None,
+        email: str | None = None,
+        remove_email: bool = False,
+    ) -> tuple[Person, dict[str, tuple[Any, Any]]]:
+        """Correct a person's name, phone or email (None keeps it; ``remove_email`` leaves
+        them without one), checked as a new person's are: no other person may hold the phone
+        or email. Returns the person and what changed (field: (before, after)), which goes to
+        the audit log in the same transaction; nothing changed writes nothing."""
+        if name is None and phone is None and email is None and not remove_email:
+            raise ValidationError(
+                "nothing to change", hint="give --name, --phone, --email or --no-email"
+            )
+        if email is not None and remove_email:
+            raise ValidationError("give --email or --no-email, not both")
+        wanted: dict[str, str | None] = {}
+        if name is not None:
+            wanted["name"] = clean_name(name)
+        if phone is not None:
+            wanted["phone"] = normalise_phone(phone)
+        if remove_email:
+            wanted["email"] = None
+        elif email is not None:
+            wanted["email"] = clean_email(email)
+            if wanted["email"] is None:
+                raise ValidationError(
+                    "email must not be empty", hint="--no-email removes the person's email"
+                )
+        try:
+            return self._edit(ref, wanted)
+        except _Overtaken:
+            pass
+        # Another writer stored this phone or email after the check: the check, run again,
+        # names who has it.
+        try:
+            return self._edit(ref, wanted)
+        except _Overtaken:
+            raise ConflictError(
+                "another person was given this phone or email at the same time",
+                value=ref,
+                hint="see `sfcrm people list --search` for the phone and the email",
+            ) from None
+
+    def _edit(
+        self, ref: str, wanted: dict[str, str | None]
+    ) -> tuple[Person, dict[str, tuple[Any, Any]]]:
+        with self.db.write() as session, _overtaken_on_duplicate():
+            person = _locked(session, ref)
+            changes = audit.changed({k: getattr(person, k) for k in wanted}, wanted)
+            if not changes:
+                return person, changes
+            for what in ("phone", "email"):
+                value = wanted.get(what)
+                if what in changes and value is not None:
+                    clash = session.exec(
+                        select(Person).where(
+                            col(getattr(Person, what)) == value, col(Person.id) != person.id
+                        )
+                    ).first()
+                    if clash is not None:
+                        raise _taken(clash.id, clash.name, what, value)
+            for what, (_before, after) in changes.items():
+                setattr(person, what, after)
+            session.add(person)
+            session.flush()
+            audit.record(
+                session, "person.edit", now=self.clock(), changes=changes, person_id=person.id
+            )
+        log.info("person %s edited: %s", person.id, ", ".join(changes))
+        return person, changes
+
+    def archive(self, ref: str, reason: str | None = None) -> Person:
+        """Take a person out of lists, searches and every email, and out of reach of money
+        requests; their history, payments and assignments stay. Nobody is ever deleted."""
+        why = clean_reason(reason)
+        with self.db.write() as session:
+            person = _locked(session, ref)
+            if person.archived_at is not None:
+                raise ConflictError(
+                    f"person {person.id} ({person.name}) is already archived",
+                    hint=f"`sfcrm people unarchive {person.id}` brings them back",
+                )
+            now = self.clock()
+            person.archived_at = now
+            session.add(person)
+            session.flush()
+            audit.record(
+                session, "person.archive", now=now, changes={"archived_at": (None, now)},
+                reason=why, person_id=person.id,
+            )  # fmt: skip
+        log.info("person %s archived", person.id)
+        return person
+
+    def unarchive(self, ref: str) -> Person:
+        """Bring an archived person back into lists, searches and emails."""
+        with self.db.write() as session:
+            person = _locked(session, ref)
+            archived_at = person.archived_at
+            if archived_at is None:
+                raise ConflictError(f"person {person.id} ({person.name}) is not archived")
+            person.archived_at = None
+            session.add(person)
+            session.flush()
+            audit.record(
+                session, "person.unarchive", now=self.clock(),
+                changes={"archived_at": (archived_at, None)}, person_id=person.id,
+            )  # fmt: skip
+        log.info("person %s unarchived", person.id)
+        return person
+
+    def find(
+        self, search: str | None = None, limit: int = 500, *, archived: bool = False
+    ) -> Sequence[Person]:
+        """People by name: those not archived, or with ``archived`` the archived ones."""
+        archived_at = col(Person.archived_at)
         with self.db.read() as session:
-            query = select(Person).order_by(col(Person.name), col(Person.id)).limit(limit)
+            query = (
+                select(Person)
+                .where(archived_at.is_not(None) if archived else archived_at.is_(None))
+                .order_by(col(Person.name), col(Person.id))
+                .limit(limit)
+            )
             if search:
                 pattern = f"%{search.lower()}%"
                 query = query.where(
@@ -362,6 +505,13 @@ class People:
         return ids
 
 
+def _locked(session: Session, ref: str) -> Person:
+    """The person REF names, locked for this write (PostgreSQL has no file lock)."""
+    person = find_person(session, ref)
+    session.refresh(person, with_for_update=True)
+    return person
+
+
 def _taken(person_id: int | None, name: str, what: str, value: str | None) -> ConflictError:
     return ConflictError(f"person {person_id} ({name}) already has this {what}", value=value)
 
@@ -382,8 +532,8 @@ def _overtaken_on_duplicate() -> Iterator[None]:
 @dataclass(frozen=True)
 class ImportedPeople:
     """The people one import added, in the file's order. The ids they were stored under are
-    read back when first asked for (a count needs none): a phone is stored once, and no
-    command changes one."""
+    read back when first asked for (a count needs none), by their phones: a phone is stored
+    once."""
 
     rows: list[NewPerson]
     created_at: datetime

@@ -47,6 +47,7 @@ def test_people_add_prints_the_person_as_json_with_money_as_text() -> None:
         "phone": "254712345678",
         "email": "achieng@example.com",
         "balance": "1500.00",
+        "archived_at": None,
     }
 
 

@@ -79,9 +79,9 @@ def test_import_writes_each_row_with_its_opening_balance_and_reports_the_stored_
     assert doc["imported"] == 3000
     assert doc["people"][:2] == [
         {"id": 2, "name": "Crew Member 0", "phone": "254700000000",
-         "email": "crew0@example.co.ke", "balance": "0.00"},
+         "email": "crew0@example.co.ke", "balance": "0.00", "archived_at": None},
         {"id": 3, "name": "Crew Member 1", "phone": "254700000001", "email": None,
-         "balance": "100.00"},
+         "balance": "100.00", "archived_at": None},
     ]  # fmt: skip
     last_two = doc["people"][-2:]
     assert [run_json("people", "show", str(p["id"])) for p in last_two] == last_two

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, text_cell
+from sfcrm.cli.runtime import JsonOption, command, text_cell, usage_error
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -13,23 +13,25 @@ if TYPE_CHECKING:
     from sfcrm.cli.runtime import Runtime
     from sfcrm.models import BalanceEntry, Person
 
-app = typer.Typer(help="Add, list, show and import people.", no_args_is_help=True)
+app = typer.Typer(help="Add, list, show, import, correct and archive people.", no_args_is_help=True)
+
+RefArgument = Annotated[str, typer.Argument(help="id, phone number or email")]
 
 
 def _table(rt: "Runtime", people: "Sequence[Person]") -> None:
     from rich.table import Table
 
     from sfcrm.money import format_cents
+    from sfcrm.times import iso_in
 
-    table = Table("id", "name", "phone", "email", "balance (KES)")
+    archived = any(p.archived_at for p in people)  # the column shows only when it says something
+    columns = ["id", "name", "phone", "email", "balance (KES)"]
+    table = Table(*columns, *(["archived"] if archived else []))
     for p in people:
-        table.add_row(
-            text_cell(p.id),
-            text_cell(p.name),
-            text_cell(p.phone),
-            text_cell(p.email or ""),
-            text_cell(format_cents(p.balance_cents)),
-        )
+        cells = [p.id, p.name, p.phone, p.email or "", format_cents(p.balance_cents)]
+        if archived:
+            cells.append(iso_in(p.archived_at, rt.tz) or "")
+        table.add_row(*map(text_cell, cells))
     rt.out.print(table)
 
 
@@ -63,17 +65,20 @@ def list_people(
     search: Annotated[
         str | None, typer.Option("--search", help="part of a name, phone or email")
     ] = None,
+    archived: Annotated[
+        bool, typer.Option("--archived", help="list the archived people instead")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """List people, by name.
+    """List people, by name. Archived people are left out unless --archived.
 
     Example: sfcrm people list --search achieng
     """
     with command(json_output) as rt:
         from sfcrm.people import person_json
 
-        people = rt.people.find(search)
-        rt.emit([person_json(p) for p in people], lambda: _table(rt, people))
+        people = rt.people.find(search, archived=archived)
+        rt.emit([person_json(p, rt.tz) for p in people], lambda: _table(rt, people))
 
 
 @app.command("show")
@@ -81,7 +86,7 @@ def show(
     ref: Annotated[str, typer.Argument(help="id, phone number or email")],
     json_output: JsonOption = False,
 ) -> None:
-    """Show one person.
+    """Show one person, archived or not.
 
     Example: sfcrm people show 0712345678
     """
@@ -89,7 +94,85 @@ def show(
         from sfcrm.people import person_json
 
         person = rt.people.show(ref)
-        rt.emit(person_json(person), lambda: _table(rt, [person]))
+        rt.emit(person_json(person, rt.tz), lambda: _table(rt, [person]))
+        if person.archived_at:
+            rt.say(f"{person.name} is archived: `sfcrm people unarchive {person.id}` to undo.")
+
+
+@app.command("edit")
+def edit(
+    ctx: typer.Context,
+    ref: RefArgument,
+    name: Annotated[str | None, typer.Option("--name", help="the corrected full name")] = None,
+    phone: Annotated[
+        str | None, typer.Option("--phone", help="the corrected Kenyan mobile")
+    ] = None,
+    email: Annotated[str | None, typer.Option("--email", help="the corrected email")] = None,
+    no_email: Annotated[bool, typer.Option("--no-email", help="remove the email address")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Correct a person's name, phone or email; the change goes to `sfcrm history`.
+
+    Example: sfcrm people edit 0712345678 --email achieng.otieno@example.com
+    """
+    if name is None and phone is None and email is None and not no_email:
+        raise usage_error(ctx, "give at least one of --name, --phone, --email, --no-email")
+    if email is not None and no_email:
+        raise usage_error(ctx, "--email and --no-email cannot be given together")
+    with command(json_output) as rt:
+        from sfcrm.people import person_json
+
+        person, changes = rt.people.edit(
+            ref, name=name, phone=phone, email=email, remove_email=no_email
+        )
+        if "phone" in changes:
+            from sfcrm.cli.mpesa import warn_if_not_safaricom
+
+            warn_if_not_safaricom(rt, person.phone)
+        rt.emit(person_json(person, rt.tz), lambda: _table(rt, [person]))
+        rt.say(
+            f"Person {person.id}: changed {', '.join(changes)}."
+            if changes
+            else f"Nothing changed: person {person.id} has these already."
+        )
+
+
+@app.command("archive")
+def archive(
+    ref: RefArgument,
+    reason: Annotated[str | None, typer.Option("--reason", help="why, for the history")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Archive a person: out of lists, searches, crew emails and money requests, history kept.
+
+    Their payments, ledger and assignments stay; nobody is ever deleted.
+
+    Example: sfcrm people archive 0712345678 --reason "Moved to Mombasa"
+    """
+    with command(json_output) as rt:
+        from sfcrm.people import person_json
+
+        person = rt.people.archive(ref, reason)
+        rt.emit(
+            person_json(person, rt.tz),
+            lambda: rt.print(f"Archived person {person.id} ({person.name})."),
+        )
+
+
+@app.command("unarchive")
+def unarchive(ref: RefArgument, json_output: JsonOption = False) -> None:
+    """Bring an archived person back into lists, searches and crew emails.
+
+    Example: sfcrm people unarchive 0712345678
+    """
+    with command(json_output) as rt:
+        from sfcrm.people import person_json
+
+        person = rt.people.unarchive(ref)
+        rt.emit(
+            person_json(person, rt.tz),
+            lambda: rt.print(f"Person {person.id} ({person.name}) is back from the archive."),
+        )
 
 
 @app.command("import")
@@ -109,7 +192,7 @@ def import_csv(
         people = rt.people.import_csv(file)
         # built only for --json: one import may add 200,000 people
         doc = (
-            {"imported": len(people), "people": [person_json(p) for p in people]}
+            {"imported": len(people), "people": [person_json(p, rt.tz) for p in people]}
             if rt.json
             else None
         )
@@ -123,7 +206,7 @@ def _adjusted(rt: "Runtime", person: "Person", entry: "BalanceEntry") -> None:
         {**person_json(person), "entry": entry_json(entry, rt.tz)},
         lambda: rt.print(
             f"{person.name}: {entry.kind} of KES {entry_json(entry, rt.tz)['amount'].lstrip('-')}"
-            f"; now owes KES {person_json(person)['balance']}."
+            f"; now owes KES {person_json(person, rt.tz)['balance']}."
         ),
     )
 
@@ -178,7 +261,7 @@ def history(
         docs = [entry_json(e, rt.tz) for e in entries]
 
         def render() -> None:
-            rt.print(f"{person.name} owes KES {person_json(person)['balance']}")
+            rt.print(f"{person.name} owes KES {person_json(person, rt.tz)['balance']}")
             table = Table("when", "kind", "amount", "balance", "reason")
             for d in docs:
                 table.add_row(

@@ -74,6 +74,14 @@ def host_option(help: str = "address to bind") -> Any:
     return typer.Option("--host", help=help, callback=_listen_host)
 
 
+def usage_error(ctx: typer.Context, message: str) -> Exception:
+    """A usage error (exit 2, as Typer's own) for options that go together or not at all."""
+    # (Typer exports BadParameter but not its base, UsageError)
+    usage = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    error: Exception = usage(message, ctx)
+    return error
+
+
 @dataclass
 class RootOptions:
     config: Path | None = None
