@@ -16,6 +16,7 @@ from sqlalchemy import Integer, Update, bindparam, func, or_, update
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import Select
 
+from sfcrm import audit
 from sfcrm.db import Database
 from sfcrm.errors import ConflictError, NotFoundError, ValidationError
 from sfcrm.events import _one_line
@@ -201,6 +202,12 @@ class Crew:
             # One assignment of a person at a time: the duplicate and overlap checks below
             # must see any other being written for them (PostgreSQL has no file lock).
             session.refresh(person, with_for_update=True)
+            if person.archived_at is not None:
+                raise ConflictError(
+                    f"{person.name} is archived and cannot be put on an event",
+                    value=f"person {person.id}",
+                    hint=f"`sfcrm people unarchive {person.id}` first, if they are back",
+                )
             existing = session.exec(
                 select(EventCrew).where(
                     EventCrew.event_id == event_id, EventCrew.person_id == person.id
@@ -233,6 +240,49 @@ class Crew:
             session.flush()
         log.info("assignment %s: %s on event %s as %s", crew.id, person.id, event_id, role_text)
         return CrewRow(crew, event, person)
+
+    def edit(
+        self,
+        assignment_id: int,
+        *,
+        role: str | None = None,
+        notes: str | None = None,
+        remove_notes: bool = False,
+    ) -> tuple[CrewRow, dict[str, tuple[Any, Any]]]:
+        """Correct an assignment's role or notes (None keeps them; ``remove_notes`` clears
+        them), checked as at ``assign``. No email is sent. Returns the assignment and what
+        changed, which goes to the audit log in the same transaction."""
+        from sfcrm.events import clean_details
+
+        if role is None and notes is None and not remove_notes:
+            raise ValidationError("nothing to change", hint="give --role, --notes or --no-notes")
+        if notes is not None and remove_notes:
+            raise ValidationError("give --notes or --no-notes, not both")
+        wanted: dict[str, str | None] = {}
+        if role is not None:
+            wanted["role"] = _one_line(role, "role", 80)
+        if remove_notes:
+            wanted["notes"] = None
+        elif notes is not None:
+            wanted["notes"] = clean_details(notes)
+            if wanted["notes"] is None:
+                raise ValidationError("notes must not be empty", hint="--no-notes removes them")
+        with self.db.write() as session:
+            crew = session.get(EventCrew, assignment_id, with_for_update=True)
+            if crew is None:
+                raise NotFoundError("no such assignment", value=str(assignment_id))
+            changes = audit.changed({k: getattr(crew, k) for k in wanted}, wanted)
+            if changes:
+                for what, (_before, after) in changes.items():
+                    setattr(crew, what, after)
+                session.add(crew)
+                session.flush()
+                audit.record(
+                    session, "assignment.edit", now=self.clock(), changes=changes,
+                    assignment_id=crew.id, event_id=crew.event_id, person_id=crew.person_id,
+                )  # fmt: skip
+                log.info("assignment %s edited: %s", assignment_id, ", ".join(changes))
+        return self.get(assignment_id), changes
 
     def _clash(self, session: Session, person: Person, event: Event) -> Event | None:
         return session.exec(

@@ -226,6 +226,8 @@ class CrewMail:
             written: list[tuple[int, int]] = []
             for row in rows:
                 reason = told.refusal(row)
+                if reason is None and row.person.archived_at is not None:
+                    reason = f"{row.person.name} is archived"
                 if reason is None and not row.person.email:
                     reason = f"{row.person.name} has no email address"
                 if reason is not None:

@@ -4,7 +4,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, id_argument, id_option, text_cell
+from sfcrm.cli.runtime import (
+    JsonOption,
+    command,
+    id_argument,
+    id_option,
+    text_cell,
+    usage_error,
+)
 from sfcrm.errors import MailError
 
 if TYPE_CHECKING:
@@ -96,6 +103,35 @@ def assign(
         row = rt.crew.assign(event, person, role, notes=notes, allow_overlap=allow_overlap)
         rt.emit(row.json(rt.tz), lambda: crew_table(rt, [row]))
         rt.say(f"Assignment {row.crew.id}: invite with `sfcrm crew invite {row.crew.id}`.")
+
+
+@app.command("edit")
+def edit(
+    ctx: typer.Context,
+    assignment_id: Annotated[int, id_argument("assignment id")],
+    role: Annotated[str | None, typer.Option("--role", help="the corrected role")] = None,
+    notes: Annotated[
+        str | None, typer.Option("--notes", help="the corrected special instructions")
+    ] = None,
+    no_notes: Annotated[bool, typer.Option("--no-notes", help="remove the notes")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Correct an assignment's role or notes; no email is sent. The change goes to `sfcrm history`.
+
+    Example: sfcrm crew edit 12 --role "Lighting Technician"
+    """
+    if role is None and notes is None and not no_notes:
+        raise usage_error(ctx, "give at least one of --role, --notes, --no-notes")
+    if notes is not None and no_notes:
+        raise usage_error(ctx, "--notes and --no-notes cannot be given together")
+    with command(json_output) as rt:
+        row, changes = rt.crew.edit(assignment_id, role=role, notes=notes, remove_notes=no_notes)
+        rt.emit(row.json(rt.tz), lambda: crew_table(rt, [row]))
+        rt.say(
+            f"Assignment {row.crew.id}: changed {', '.join(changes)}; nobody was emailed."
+            if changes
+            else f"Nothing changed: assignment {row.crew.id} has these already."
+        )
 
 
 @app.command("list")
