@@ -3,10 +3,18 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from support import finish, run, run_json, sfcrm_process
+from sqlalchemy import text
+from support import finish, run, run_json, sfcrm_process, wait_for
+
+from sfcrm.db import Database
+from sfcrm.errors import ConflictError
+from sfcrm.models import Person
+from sfcrm.people import People
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +129,40 @@ def test_edit_refuses_a_phone_or_email_another_person_holds_naming_them() -> Non
     )
     assert run_json("people", "show", "2")["name"] == "Baraka Mwangi"  # nothing of it written
     assert history("2") == []
+
+
+def test_edit_racing_another_machine_that_adds_the_phone_names_who_has_it(
+    db: Database, people: People, office: str
+) -> None:
+    if "://" not in office:
+        pytest.skip("SQLite's write lock holds the whole file: the check and the write are one")
+    people.add("Achieng Otieno", "0712345678")
+    other = Database(office)  # another office machine, adding Baraka at this moment
+    pool = ThreadPoolExecutor(1)
+    try:
+        with other.write() as session:
+            session.add(Person(name="Baraka", phone="254722000111", created_at=datetime.now(UTC)))
+            session.flush()
+            edit = pool.submit(people.edit, "1", phone="0722 000 111")
+            # its check saw no Baraka; its write waits for the other's uncommitted row
+            wait_for(lambda: waiting_for_a_lock(db))
+        with pytest.raises(ConflictError) as refused:
+            edit.result(timeout=30)
+    finally:
+        pool.shutdown()
+        other.close()
+    assert str(refused.value) == "person 2 (Baraka) already has this phone (254722000111)"
+    assert people.show("1").phone == "254712345678"
+    assert history("1") == []
+
+
+def waiting_for_a_lock(db: Database) -> bool:
+    with db.read() as session:
+        query = text(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        return bool(session.execute(query).scalar())
 
 
 def test_edit_of_an_unknown_person_exits_5() -> None:

@@ -220,7 +220,7 @@ def assignments(
 
         who, groups = rt.crew.assignments_of(person)
         doc = {
-            "person": person_json(who),
+            "person": person_json(who, rt.tz),
             **{name: [r.json(rt.tz) for r in rows] for name, rows in groups.items()},
         }
 
