@@ -487,10 +487,10 @@ class People:
             )
         )
 
-    def _stored_ids(self, people: list[NewPerson]) -> list[int]:
-        """The ids written people were stored under, in their order, by their phones; a few
-        hundred at a time, holding no lock."""
-        ids: list[int] = []
+    def _stored_ids(self, people: list[NewPerson]) -> list[int | None]:
+        """The ids written people were stored under, in their order, by their phones (None
+        for a phone `people edit` changed since); a few hundred at a time, holding no lock."""
+        ids: list[int | None] = []
         with self.db.read() as session:
             for start in range(0, len(people), _IN_BATCH):
                 batch = people[start : start + _IN_BATCH]
@@ -501,7 +501,7 @@ class People:
                         )
                     ).all()
                 )
-                ids.extend(cast("int", id_of[new.phone]) for new in batch)
+                ids.extend(cast("int | None", id_of.get(new.phone)) for new in batch)
         return ids
 
 
@@ -533,14 +533,15 @@ def _overtaken_on_duplicate() -> Iterator[None]:
 class ImportedPeople:
     """The people one import added, in the file's order. The ids they were stored under are
     read back when first asked for (a count needs none), by their phones: a phone is stored
-    once."""
+    once. One changed by `people edit` in the meantime is not read back, and that person is
+    left out of the listing."""
 
     rows: list[NewPerson]
     created_at: datetime
-    read_ids: Callable[[list[NewPerson]], list[int]] = field(repr=False)
+    read_ids: Callable[[list[NewPerson]], list[int | None]] = field(repr=False)
 
     @cached_property
-    def ids(self) -> list[int]:
+    def ids(self) -> list[int | None]:
         return self.read_ids(self.rows)
 
     def __len__(self) -> int:
@@ -548,6 +549,8 @@ class ImportedPeople:
 
     def __iter__(self) -> Iterator[Person]:
         for person_id, new in zip(self.ids, self.rows, strict=True):
+            if person_id is None:
+                continue
             yield Person(
                 id=person_id,
                 name=new.name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,6 +155,17 @@ def test_edit_racing_another_machine_that_adds_the_phone_names_who_has_it(
     assert str(refused.value) == "person 2 (Baraka) already has this phone (254722000111)"
     assert people.show("1").phone == "254712345678"
     assert history("1") == []
+
+
+def test_an_import_read_back_after_an_edit_of_a_phone_leaves_that_person_out(
+    tmp_path: Path, people: People
+) -> None:
+    file = tmp_path / "crew.csv"
+    file.write_text("name,phone,email,balance\nAchieng,0700000001,,\nBaraka,0700000002,,\n")
+    imported = people.import_csv(file)
+    people.edit("0700000001", phone="0700000009")  # before the import's ids are read back
+    assert len(imported) == 2
+    assert [(p.id, p.name) for p in imported] == [(2, "Baraka")]
 
 
 def waiting_for_a_lock(db: Database) -> bool:
