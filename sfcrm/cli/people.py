@@ -56,7 +56,7 @@ def add(
         from sfcrm.cli.mpesa import warn_if_not_safaricom
 
         warn_if_not_safaricom(rt, person.phone)
-        rt.emit(person_json(person), lambda: _table(rt, [person]))
+        rt.emit(person_json(person, rt.tz), lambda: _table(rt, [person]))
         rt.say(f"Added person {person.id}.")
 
 
@@ -203,7 +203,7 @@ def _adjusted(rt: "Runtime", person: "Person", entry: "BalanceEntry") -> None:
     from sfcrm.people import entry_json, person_json
 
     rt.emit(
-        {**person_json(person), "entry": entry_json(entry, rt.tz)},
+        {**person_json(person, rt.tz), "entry": entry_json(entry, rt.tz)},
         lambda: rt.print(
             f"{person.name}: {entry.kind} of KES {entry_json(entry, rt.tz)['amount'].lstrip('-')}"
             f"; now owes KES {person_json(person, rt.tz)['balance']}."
@@ -270,4 +270,4 @@ def history(
                 )  # fmt: skip
             rt.out.print(table)
 
-        rt.emit({"person": person_json(person), "entries": docs}, render)
+        rt.emit({"person": person_json(person, rt.tz), "entries": docs}, render)
