@@ -394,7 +394,7 @@ def test_config_flag_to_a_missing_file_is_a_config_error(tmp_path: Path) -> None
     assert caught.value.exit_code == ExitCode.CONFIG
 
 
-def test_sfcrm_config_is_used_when_no_flag_is_given(tmp_path: Path) -> None:
+def test_sfcrm_config_is_used_outside_any_office_folder(tmp_path: Path) -> None:
     config = write(tmp_path / "etc" / "crm.toml", '[org]\nname = "From SFCRM_CONFIG"\n')
 
     settings = load(tmp_path, environ={"SFCRM_CONFIG": str(config)})
@@ -487,8 +487,144 @@ def test_default_database_sits_beside_the_config_file(
     assert settings.database_path == (tmp_path / "conf" / "sfcrm.db").resolve()
 
 
-def test_default_database_is_in_the_current_directory_without_config(tmp_path: Path) -> None:
-    assert load(tmp_path).database_path.resolve() == (tmp_path / "sfcrm.db").resolve()
+def test_without_an_office_the_database_is_refused_not_made_here(tmp_path: Path) -> None:
+    settings = load(tmp_path)
+
+    assert not settings.office
+    for attribute in ("database", "database_path"):
+        with pytest.raises(ConfigError) as caught:
+            getattr(settings, attribute)
+        assert str(caught.value) == (
+            "no sfcrm office here — run `sfcrm init` or cd to the office folder"
+        )
+        assert caught.value.exit_code == ExitCode.CONFIG
+        assert "SFCRM_DATABASE_URL" in (caught.value.hint or "")
+    assert settings.database_shown == "none (no sfcrm office here)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_database_url_alone_is_an_office(tmp_path: Path) -> None:
+    settings = load(tmp_path, environ={"SFCRM_DATABASE_URL": "crm.db"})
+
+    assert settings.office
+    assert settings.database_path == tmp_path / "crm.db"
+
+
+# -- finding the office from anywhere in it, or elsewhere ------------------------------------
+
+
+def office_folder(tmp_path: Path, name: str = "office", org: str = "Folder Events") -> Path:
+    write(tmp_path / name / "sfcrm.toml", f'[org]\nname = "{org}"\n')
+    return tmp_path / name
+
+
+def test_sfcrm_toml_in_a_parent_folder_is_found_as_git_finds_dot_git(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    office = office_folder(tmp_path)
+    deeper = office / "events" / "2026"
+    deeper.mkdir(parents=True)
+    monkeypatch.chdir(deeper)
+
+    settings = load(tmp_path)
+
+    assert settings.config_path == office / "sfcrm.toml"
+    assert settings.found_by == "folder"
+    assert settings.org_name == "Folder Events"
+    assert settings.database_path == (office / "sfcrm.db").resolve()
+
+
+def test_the_nearest_sfcrm_toml_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outer = office_folder(tmp_path, "outer", "Outer Events")
+    inner = office_folder(outer, "inner", "Inner Events")
+    monkeypatch.chdir(inner)
+
+    assert load(tmp_path).org_name == "Inner Events"
+
+
+def test_a_folder_office_beats_sfcrm_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    office = office_folder(tmp_path)
+    other = write(tmp_path / "etc" / "sfcrm.toml", '[org]\nname = "Env Events"\n')
+    monkeypatch.chdir(office)
+
+    settings = load(tmp_path, environ={"SFCRM_CONFIG": str(other)})
+
+    assert (settings.org_name, settings.found_by) == ("Folder Events", "folder")
+
+
+def test_config_flag_beats_the_folder_office(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    office = office_folder(tmp_path)
+    flagged = write(tmp_path / "flag.toml", '[org]\nname = "Flag Events"\n')
+    monkeypatch.chdir(office)
+
+    settings = load(tmp_path, config_path=flagged)
+
+    assert (settings.org_name, settings.found_by) == ("Flag Events", "--config")
+
+
+def test_the_user_config_folder_is_looked_in_last(tmp_path: Path) -> None:
+    xdg = tmp_path / "xdg"
+    user = write(xdg / "sfcrm" / "sfcrm.toml", '[org]\nname = "User Events"\n')
+
+    settings = load(tmp_path, environ={"XDG_CONFIG_HOME": str(xdg)})
+
+    assert (settings.config_path, settings.found_by) == (user, "user config")
+    assert settings.org_name == "User Events"
+    assert settings.database_path == (xdg / "sfcrm" / "sfcrm.db").resolve()
+    env_file = write(tmp_path / "etc" / "sfcrm.toml", '[org]\nname = "Env Events"\n')
+    both = {"XDG_CONFIG_HOME": str(xdg), "SFCRM_CONFIG": str(env_file)}
+    assert load(tmp_path, environ=both).org_name == "Env Events"
+
+
+def test_the_user_config_folder_defaults_to_dot_config_in_home(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    write(home / ".config" / "sfcrm" / "sfcrm.toml", '[org]\nname = "Home Events"\n')
+
+    assert load(tmp_path, environ={"HOME": str(home)}).org_name == "Home Events"
+    # the XDG rule: a relative XDG_CONFIG_HOME is ignored
+    relative = {"HOME": str(home), "XDG_CONFIG_HOME": "xdg"}
+    assert load(tmp_path, environ=relative).org_name == "Home Events"
+
+
+def test_the_dotenv_beside_the_found_sfcrm_toml_is_read_and_not_the_one_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    office = office_folder(tmp_path)
+    write(office / ".env", f"MPESA_PASS_KEY={PASS_KEY}\nSFCRM_DATABASE_URL=data/crm.db\n")
+    sub = office / "imports"
+    write(sub / ".env", "MPESA_PASS_KEY=not-this-one\n")
+    monkeypatch.chdir(sub)
+
+    settings = load_settings(environ={})
+
+    assert settings.mpesa_pass_key == PASS_KEY
+    assert settings.dotenv_path == office / ".env"
+    # a relative path in that .env is beside it, wherever in the office the command runs
+    assert settings.database_path == (office / "data" / "crm.db").resolve()
+
+
+def test_the_dotenv_beside_sfcrm_config_is_read(tmp_path: Path) -> None:
+    config = write(tmp_path / "etc" / "sfcrm.toml", "")
+    write(tmp_path / "etc" / ".env", f"MPESA_PASS_KEY={PASS_KEY}\n")
+    write(tmp_path / ".env", "MPESA_PASS_KEY=not-this-one\n")
+
+    settings = load_settings(environ={"SFCRM_CONFIG": str(config)})
+
+    assert settings.mpesa_pass_key == PASS_KEY
+
+
+def test_a_relative_database_path_from_the_environment_stays_relative_to_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    office = office_folder(tmp_path)
+    (office / "sub").mkdir()
+    monkeypatch.chdir(office / "sub")
+
+    settings = load(tmp_path, environ={"SFCRM_DATABASE_URL": "env.db"})
+
+    assert settings.database_path == office / "sub" / "env.db"
 
 
 # -- a PostgreSQL database ------------------------------------------------------------------
