@@ -274,6 +274,19 @@ class Settings:
         return str(value)
 
 
+# Words Safaricom rejects some callback URLs for holding (see the README's listener section).
+CALLBACK_URL_WORDS = ("mpesa", "safaricom", "sql", "query", "exec", "cmd")
+# The shortest last path segment of MPESA_CALLBACK_URL taken for a secret nobody guesses.
+MIN_CALLBACK_SECRET_LENGTH = 16
+MIN_SECRET_KEY_LENGTH = 32
+SECRET_RECIPE = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def callback_secret_guessable(path: str) -> bool:
+    """The callback path's last segment is too short to be a secret."""
+    return len(path.rstrip("/").rsplit("/", 1)[-1]) < MIN_CALLBACK_SECRET_LENGTH
+
+
 CONFIG_NAME = "sfcrm.toml"
 NO_OFFICE = "no sfcrm office here — run `sfcrm init` or cd to the office folder"
 # How the config file in force was found (``Settings.found_by``), in the order looked.

@@ -542,7 +542,9 @@ def test_the_nearest_sfcrm_toml_wins(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert load(tmp_path).org_name == "Inner Events"
 
 
-def test_a_folder_office_beats_sfcrm_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_folder_office_beats_sfcrm_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     office = office_folder(tmp_path)
     other = write(tmp_path / "etc" / "sfcrm.toml", '[org]\nname = "Env Events"\n')
     monkeypatch.chdir(office)
