@@ -604,24 +604,25 @@ def load_settings(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for spec in SPECS:
-        raw: str | None = None
-        source = "default"
-        base = Path.cwd()
-        if overrides and overrides.get(spec.name) is not None:
-            raw, source = _as_text(overrides[spec.name]), "flag"
-        elif spec.env in env:
-            raw, source = env[spec.env], "environment"
-        elif spec.env in dotenv:
-            raw, source = dotenv[spec.env], ".env"
-            base = dotenv_base
-        elif spec.toml and _toml_lookup(toml_data, spec.toml) is not None:
-            raw, source = _as_text(_toml_lookup(toml_data, spec.toml)), "sfcrm.toml"
-            base = toml_base
-        else:
-            raw = spec.default
-        if raw is not None and raw.strip() == "":
-            # An empty line in an old .env means "not set", not "set to nothing".
-            raw = spec.default
+        toml_value = _toml_lookup(toml_data, spec.toml) if spec.toml else None
+        layers: tuple[tuple[str | None, str, Path], ...] = (
+            (
+                _as_text(overrides[spec.name])
+                if overrides and overrides.get(spec.name) is not None
+                else None,
+                "flag",
+                Path.cwd(),
+            ),
+            (env.get(spec.env), "environment", Path.cwd()),
+            (dotenv.get(spec.env), ".env", dotenv_base),
+            (None if toml_value is None else _as_text(toml_value), "sfcrm.toml", toml_base),
+        )
+        # The highest layer that sets it. An empty value ("MPESA_TIMEOUT=" in an old .env, a
+        # blank line of .env.example) means "not set" there: the layers below it still count.
+        raw, source, base = next(
+            ((value, name, where) for value, name, where in layers if value and value.strip()),
+            (spec.default, "default", Path.cwd()),
+        )
         if raw is not None and not raw.isascii():
             try:
                 raw.encode("utf-8")  # bytes that are not UTF-8 come in as lone surrogates

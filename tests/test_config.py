@@ -812,6 +812,18 @@ def test_empty_value_counts_as_unset_instead_of_crashing(
     assert getattr(settings, attribute) == default
 
 
+def test_an_empty_value_in_dotenv_leaves_the_sfcrm_toml_value_in_force(tmp_path: Path) -> None:
+    # Regression: `MPESA_BUSINESS_SHORT_CODE=` in .env hid sfcrm.toml's shortcode.
+    config = write(tmp_path / "sfcrm.toml", '[mpesa]\nbusiness_short_code = "600100"\n')
+    dotenv = write(tmp_path / "app.env", "MPESA_BUSINESS_SHORT_CODE=\n")
+
+    settings = load(tmp_path, config_path=config, dotenv_path=dotenv, environ={"MPESA_TIMEOUT": ""})
+
+    assert settings.mpesa_business_short_code == "600100"
+    assert settings.sources["mpesa_business_short_code"] == "sfcrm.toml"
+    assert settings.sources["mpesa_timeout"] == "default"
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("1", True), ("yes", True), ("ON", True), (" true ", True), ("0", False), ("no", False)],
@@ -871,3 +883,206 @@ def test_allowlist_of_plain_addresses_is_kept_as_given(tmp_path: Path) -> None:
 
 def test_allowlist_is_off_when_not_set(tmp_path: Path) -> None:
     assert allowlist(load(tmp_path)) is None
+
+
+# -- the office on the command line: found, or refused ----------------------------------------
+
+NO_OFFICE_LINE = "Error: no sfcrm office here — run `sfcrm init` or cd to the office folder"
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> Any:
+    from typer.testing import CliRunner
+
+    from sfcrm.cli import app
+
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("people", "list"),
+        ("people", "add", "--name", "A", "--phone", "0712345678"),
+        ("mpesa", "status"),
+        ("events", "list"),
+        ("mail", "list"),
+        ("history",),
+        ("db", "current"),
+        ("db", "upgrade"),
+        ("backup", "copy.db"),
+    ],
+)
+def test_a_command_outside_an_office_refuses_and_makes_no_database(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    result = cli(*args)
+
+    assert result.exit_code == ExitCode.CONFIG
+    assert result.stderr.splitlines()[0] == NO_OFFICE_LINE
+    assert result.stderr.splitlines()[1].startswith("Hint: sfcrm looks for sfcrm.toml in this")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_refusal_under_json_is_one_error_document(tmp_path: Path) -> None:
+    import json
+
+    result = cli("people", "list", "--json")
+
+    assert result.exit_code == ExitCode.CONFIG
+    doc = json.loads(result.stdout)
+    assert doc["code"] == "NO_OFFICE"
+    assert doc["error"] == NO_OFFICE_LINE.removeprefix("Error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args", [("--help",), ("people", "--help"), ("--version",), ("config", "show")]
+)
+def test_help_version_and_config_show_need_no_office(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = cli(*args)
+
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_show_outside_an_office_says_none_was_found(tmp_path: Path) -> None:
+    import json
+
+    doc = json.loads(cli("config", "show", "--json").stdout)
+
+    assert (doc["config_file"], doc["found_by"], doc["env_file"]) == (None, None, None)
+    assert doc["database"] == "none (no sfcrm office here)"
+
+
+def test_a_command_in_a_subfolder_of_an_office_uses_the_office_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    assert cli("init").exit_code == 0
+    sub = tmp_path / "imports" / "march"
+    sub.mkdir(parents=True)
+    monkeypatch.chdir(sub)
+
+    added = cli("people", "add", "--name", "Achieng", "--phone", "0712345678", "--json")
+
+    assert added.exit_code == 0, added.output
+    assert list(sub.iterdir()) == []  # no sfcrm.db here
+    monkeypatch.chdir(tmp_path)
+    assert [p["name"] for p in json.loads(cli("people", "list", "--json").stdout)] == ["Achieng"]
+
+
+def test_a_subprocess_in_a_subfolder_finds_the_office_and_its_dotenv(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    office = tmp_path / "office"
+    office.mkdir()
+    write(office / "sfcrm.toml", '[database]\nurl = "data/crm.db"\n')
+    write(office / ".env", "SFCRM_ORG_NAME=Dotenv Events\n")
+    (office / "data").mkdir()
+    sub = office / "reports"
+    sub.mkdir()
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sfcrm", "config", "show", "--json"],
+        cwd=sub, env=dict(os.environ), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    rows = {row["setting"]: row for row in doc["settings"]}
+    assert (rows["SFCRM_ORG_NAME"]["value"], rows["SFCRM_ORG_NAME"]["source"]) == (
+        "Dotenv Events", ".env",
+    )  # fmt: skip
+    assert doc["found_by"] == "folder"
+    assert doc["database"] == str((office / "data" / "crm.db").resolve())
+
+
+def test_sfcrm_config_names_the_office_from_anywhere(tmp_path: Path) -> None:
+    office = tmp_path / "office"
+    office.mkdir()
+    write(office / "sfcrm.toml", "")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+
+    result = cli("people", "list", env={"SFCRM_CONFIG": str(office / "sfcrm.toml")})
+
+    assert result.exit_code == 0, result.output
+    assert (office / "sfcrm.db").is_file()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_user_config_folder_names_the_office_last(tmp_path: Path) -> None:
+    xdg = tmp_path / "xdg"
+    write(xdg / "sfcrm" / "sfcrm.toml", f"[database]\nurl = '{tmp_path / 'user.db'}'\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+
+    result = cli("people", "list", env={"XDG_CONFIG_HOME": str(xdg)})
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "user.db").is_file()
+
+
+def test_an_explicit_database_url_is_an_office_without_any_sfcrm_toml(tmp_path: Path) -> None:
+    result = cli("people", "list", env={"SFCRM_DATABASE_URL": str(tmp_path / "env.db")})
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "env.db").is_file()
+
+
+def test_init_makes_an_office_where_there_was_none(tmp_path: Path) -> None:
+    result = cli("init")
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sfcrm.toml").is_file()
+    assert (tmp_path / "sfcrm.db").is_file()
+    assert cli("people", "list").exit_code == 0
+
+
+# -- the starter .env.example ----------------------------------------------------------------
+
+
+def env_example() -> str:
+    from sfcrm.resources import template_path
+
+    return template_path("env.example").read_text(encoding="utf-8")
+
+
+# Settings the starter file leaves out, and why (none today: every setting is in it).
+NOT_IN_ENV_EXAMPLE: dict[str, str] = {}
+
+
+def test_the_env_example_names_every_setting() -> None:
+    import re
+
+    named = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", env_example(), flags=re.MULTILINE))
+
+    missing = {spec.env for spec in SPECS} - named - set(NOT_IN_ENV_EXAMPLE)
+    assert missing == set()
+
+
+def test_the_env_example_says_how_to_make_the_secret_key() -> None:
+    text = env_example()
+
+    assert "SFCRM_SECRET_KEY=\n" in text
+    assert 'python -c "import secrets; print(secrets.token_urlsafe(32))"' in text
+
+
+def test_a_copied_env_example_sends_mail_nowhere_and_overrides_nothing_in_sfcrm_toml(
+    tmp_path: Path,
+) -> None:
+    from sfcrm.mail.settings import backend_kind
+
+    assert cli("init").exit_code == 0
+    (tmp_path / ".env").write_text(env_example(), encoding="utf-8")
+
+    settings = load_settings(environ={})
+
+    assert backend_kind(settings) == "file"
+    from_dotenv = {name for name, source in settings.sources.items() if source == ".env"}
+    assert from_dotenv == {"email_backend"}
