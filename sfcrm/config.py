@@ -306,14 +306,24 @@ class NoOfficeError(ConfigError):
         )
 
 
-def user_config_file(environ: Mapping[str, str]) -> Path:
+def user_config_file(environ: Mapping[str, str]) -> Path | None:
     """``$XDG_CONFIG_HOME/sfcrm/sfcrm.toml``, else ``~/.config/sfcrm/sfcrm.toml`` (the XDG
-    rule: a relative XDG_CONFIG_HOME is ignored)."""
+    rule: a relative XDG_CONFIG_HOME is ignored); None for a user without a home folder."""
     xdg = environ.get("XDG_CONFIG_HOME", "")
     if xdg and Path(xdg).is_absolute():
         return Path(xdg) / "sfcrm" / CONFIG_NAME
-    home = environ.get("HOME") or str(Path.home())
+    try:
+        home = environ.get("HOME") or str(Path.home())
+    except RuntimeError:  # no HOME and no password entry (a bare container)
+        return None
     return Path(home) / ".config" / "sfcrm" / CONFIG_NAME
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a folder on the way this user may not look into
+        return False
 
 
 def find_config_file(
@@ -334,15 +344,16 @@ def find_config_file(
     here = (cwd or Path.cwd()).absolute()
     for folder in (here, *here.parents):
         candidate = folder / CONFIG_NAME
-        if candidate.is_file():
-            return (Path(CONFIG_NAME) if folder == here else candidate), "folder"
+        if _is_file(candidate):
+            # (one in the current folder is shown as "sfcrm.toml", as it always was)
+            return (Path(CONFIG_NAME) if cwd is None and folder == here else candidate), "folder"
     if environ.get("SFCRM_CONFIG"):
         path = Path(environ["SFCRM_CONFIG"])
         if not path.is_file():
             raise ConfigError("config file named by SFCRM_CONFIG not found", value=str(path))
         return path, "SFCRM_CONFIG"
     user = user_config_file(environ)
-    return (user, "user config") if user.is_file() else None
+    return (user, "user config") if user is not None and _is_file(user) else None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
