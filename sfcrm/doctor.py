@@ -436,7 +436,6 @@ def run_checks(
     offline: bool = False,
     listener_host: str = "127.0.0.1",
     listener_port: int = 8000,
-    session: requests.Session | None = None,
     timeout: float = NETWORK_TIMEOUT,
 ) -> list[Check]:
     """Every check, in the order an office sets things up; ``offline`` leaves out the ones
@@ -452,13 +451,16 @@ def run_checks(
     if not offline:
         import requests
 
-        http = session or requests.Session()
+        # The listener is asked directly, never through a proxy the environment names;
+        # Daraja the way the office's client reaches it (HTTPS_PROXY included).
+        local, http = requests.Session(), requests.Session()
+        local.trust_env = False
         try:
-            checks.append(check_listener(settings, listener_host, listener_port, http, timeout))
+            checks.append(check_listener(settings, listener_host, listener_port, local, timeout))
             checks.append(check_daraja_token(settings, db, http, timeout, clock))
         finally:
-            if session is None:
-                http.close()
+            local.close()
+            http.close()
     if db is not None:
         checks.append(check_pending_payments(db, clock()))
         checks.append(check_unsent_emails(db))

@@ -248,6 +248,22 @@ def test_a_listener_serving_another_callback_path_fails(
     assert "answers, but not on the path of MPESA_CALLBACK_URL" in failed["detail"]
 
 
+def test_the_listener_is_asked_directly_whatever_proxy_the_environment_names(
+    ready_office: dict[str, str], listener_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, dead_proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    checks = run_json("doctor", "--port", str(listener_port), code=1)
+
+    assert {c["name"]: c["ok"] for c in checks}["listener"] is True
+    # (Daraja is reached as the office's client reaches it: here through that dead proxy)
+    assert {c["name"]: c["ok"] for c in checks}["daraja token"] is False
+
+
 def test_keys_daraja_refuses_fail_the_token_check(
     ready_office: dict[str, str], listener_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
