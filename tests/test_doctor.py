@@ -366,3 +366,21 @@ def test_an_office_whose_database_file_is_missing_fails_and_it_is_not_created(
 
     assert checks["office"]["detail"].endswith(f"no database at {tmp_path / 'sfcrm.db'} yet")
     assert not (tmp_path / "sfcrm.db").exists()
+
+
+def test_a_database_at_another_schema_fails_and_is_not_upgraded(
+    ready_office: dict[str, str], db: Database
+) -> None:
+    from sqlalchemy import column, table, update
+
+    with db.write() as session:
+        session.execute(
+            update(table("alembic_version", column("version_num"))).values(version_num="0099")
+        )
+    db.close()
+
+    failed = only_failure(doctor("--offline", code=1))
+
+    assert failed["name"] == "office"
+    assert "is at schema 0099, not " in failed["detail"]
+    assert "sfcrm db upgrade" in failed["fix"]

@@ -46,7 +46,8 @@ def init(json_output: JsonOption = False) -> None:
             {"written": written, "database": where},
             lambda: rt.print(
                 (f"Wrote {', '.join(written)}. " if written else "Config files already there. ")
-                + f"Database ready at {where}. Put your secrets in .env (see .env.example)."
+                + f"Database ready at {where}. Put your secrets in .env (see .env.example), "
+                "then `sfcrm doctor` says what is still missing."
             ),
         )
 
