@@ -289,8 +289,14 @@ def callback_secret_guessable(path: str) -> bool:
 
 CONFIG_NAME = "sfcrm.toml"
 NO_OFFICE = "no sfcrm office here — run `sfcrm init` or cd to the office folder"
-# How the config file in force was found (``Settings.found_by``), in the order looked.
-CONFIG_FOUND_BY = ("--config", "folder", "SFCRM_CONFIG", "user config")
+# How the config file in force was found (``Settings.found_by``), in the order looked, and
+# how that reads in a message.
+CONFIG_FOUND_BY = {
+    "--config": "given by --config",
+    "folder": "found in this folder or a parent",
+    "SFCRM_CONFIG": "named by SFCRM_CONFIG",
+    "user config": "the user's own",
+}
 
 
 class NoOfficeError(ConfigError):

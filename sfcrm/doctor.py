@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from sfcrm.config import (
     CALLBACK_URL_WORDS,
+    CONFIG_FOUND_BY,
     MIN_SECRET_KEY_LENGTH,
     SECRET_RECIPE,
     Settings,
@@ -100,7 +101,7 @@ def check_office(
         )
         return Check("office", False, detail, fix_office), None
     where = (
-        f"{settings.config_path} (found by {settings.found_by})"
+        f"{settings.config_path} ({CONFIG_FOUND_BY[settings.found_by or '--config']})"
         if settings.config_path
         else "no sfcrm.toml (SFCRM_DATABASE_URL names the database)"
     )

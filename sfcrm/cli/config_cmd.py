@@ -16,7 +16,7 @@ def show(json_output: JsonOption = False) -> None:
     Example: sfcrm config show
     """
     with command(json_output) as rt:
-        from sfcrm.config import SPECS
+        from sfcrm.config import CONFIG_FOUND_BY, SPECS
 
         settings = rt.settings
         rows = [
@@ -41,7 +41,7 @@ def show(json_output: JsonOption = False) -> None:
         def render() -> None:
             from rich.table import Table
 
-            found = f" (found by {settings.found_by})" if settings.found_by else ""
+            found = f" ({CONFIG_FOUND_BY[settings.found_by]})" if settings.found_by else ""
             rt.print(f"config file: {doc['config_file'] or '(none)'}{found}")
             rt.print(f"env file:    {doc['env_file'] or '(none)'}")
             rt.print(f"database:    {doc['database']}")
