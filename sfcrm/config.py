@@ -1,8 +1,15 @@
 """Settings: where each one comes from, its default, and which ones are secret.
 
-Precedence, highest first: command-line flag > process environment > ``.env`` in the current
-directory > ``sfcrm.toml`` > built-in default. Secrets are read from the environment or ``.env``
-only; a secret found in ``sfcrm.toml`` is an error, so it cannot sit in a file that gets shared.
+Precedence, highest first: command-line flag > process environment > ``.env`` (beside the
+office's ``sfcrm.toml``) > ``sfcrm.toml`` > built-in default. Secrets are read from the
+environment or ``.env`` only; a secret found in ``sfcrm.toml`` is an error, so it cannot sit in a
+file that gets shared.
+
+The office is found, never made by accident: ``--config FILE``, else ``sfcrm.toml`` in the
+current folder or the nearest parent that has one (as git finds ``.git``), else the file
+``SFCRM_CONFIG`` names, else ``$XDG_CONFIG_HOME/sfcrm/sfcrm.toml`` (``~/.config/sfcrm/``). With
+none of them and no ``SFCRM_DATABASE_URL``, asking for the database is a ConfigError: no empty
+``sfcrm.db`` appears wherever a command happened to run.
 """
 
 from __future__ import annotations
@@ -162,6 +169,18 @@ class Settings:
     sources: Mapping[str, str]
     config_path: Path | None
     base_dir: Path
+    dotenv_path: Path | None = None  # the .env read, when there was one
+    found_by: str | None = None  # how config_path was found: see CONFIG_FOUND_BY
+
+    @property
+    def office(self) -> bool:
+        """An office was found: an sfcrm.toml, or a database named by SFCRM_DATABASE_URL."""
+        return self.config_path is not None or self.values.get("database_url") is not None
+
+    def require_office(self) -> None:
+        """Refuse, rather than make an empty sfcrm.db wherever the command ran."""
+        if not self.office:
+            raise NoOfficeError()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -207,7 +226,7 @@ class Settings:
     @property
     def database(self) -> Path | str:
         """What the database is opened from: the SQLite file, or the PostgreSQL URL (its
-        password included: show ``database_shown`` instead)."""
+        password included: show ``database_shown`` instead). No office: a NoOfficeError."""
         value = self.values.get("database_url")
         return value if isinstance(value, str) else self.database_path
 
@@ -215,12 +234,15 @@ class Settings:
     def database_path(self) -> Path:
         """The SQLite file. A PostgreSQL database has none: this is then where the default file
         would be, and what sfcrm keeps beside its database (the outbox) goes beside it."""
+        self.require_office()
         value = self.values.get("database_url")
         return value if isinstance(value, Path) else self.base_dir / "sfcrm.db"
 
     @property
     def database_shown(self) -> str:
         """The database, fit to print: the file, or the URL with its password masked."""
+        if not self.office:
+            return "none (no sfcrm office here)"
         value = self.values.get("database_url")
         return shown_url(value) if isinstance(value, str) else str(self.database_path)
 
@@ -252,22 +274,92 @@ class Settings:
         return str(value)
 
 
+# Words Safaricom rejects some callback URLs for holding (see the README's listener section).
+CALLBACK_URL_WORDS = ("mpesa", "safaricom", "sql", "query", "exec", "cmd")
+# The shortest last path segment of MPESA_CALLBACK_URL taken for a secret nobody guesses.
+MIN_CALLBACK_SECRET_LENGTH = 16
+MIN_SECRET_KEY_LENGTH = 32
+SECRET_RECIPE = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def callback_secret_guessable(path: str) -> bool:
+    """The callback path's last segment is too short to be a secret."""
+    return len(path.rstrip("/").rsplit("/", 1)[-1]) < MIN_CALLBACK_SECRET_LENGTH
+
+
+CONFIG_NAME = "sfcrm.toml"
+NO_OFFICE = "no sfcrm office here — run `sfcrm init` or cd to the office folder"
+# How the config file in force was found (``Settings.found_by``), in the order looked, and
+# how that reads in a message.
+CONFIG_FOUND_BY = {
+    "--config": "given by --config",
+    "folder": "found in this folder or a parent",
+    "SFCRM_CONFIG": "named by SFCRM_CONFIG",
+    "user config": "the user's own",
+}
+
+
+class NoOfficeError(ConfigError):
+    """No sfcrm.toml was found and no SFCRM_DATABASE_URL is set: there is no database to use."""
+
+    code = "NO_OFFICE"
+
+    def __init__(self) -> None:
+        super().__init__(
+            NO_OFFICE,
+            hint=f"sfcrm looks for {CONFIG_NAME} in this folder and its parents, then the file "
+            "SFCRM_CONFIG names, then ~/.config/sfcrm/sfcrm.toml; or set SFCRM_DATABASE_URL",
+        )
+
+
+def user_config_file(environ: Mapping[str, str]) -> Path | None:
+    """``$XDG_CONFIG_HOME/sfcrm/sfcrm.toml``, else ``~/.config/sfcrm/sfcrm.toml`` (the XDG
+    rule: a relative XDG_CONFIG_HOME is ignored); None for a user without a home folder."""
+    xdg = environ.get("XDG_CONFIG_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "sfcrm" / CONFIG_NAME
+    try:
+        home = environ.get("HOME") or str(Path.home())
+    except RuntimeError:  # no HOME and no password entry (a bare container)
+        return None
+    return Path(home) / ".config" / "sfcrm" / CONFIG_NAME
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a folder on the way this user may not look into
+        return False
+
+
 def find_config_file(
-    explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]
-) -> Path | None:
-    """--config PATH, else SFCRM_CONFIG, else ./sfcrm.toml when it exists."""
+    explicit: str | os.PathLike[str] | None,
+    environ: Mapping[str, str],
+    cwd: Path | None = None,
+) -> tuple[Path, str] | None:
+    """The office's sfcrm.toml and how it was found, or None.
+
+    ``--config FILE``; else ``sfcrm.toml`` in ``cwd`` or the nearest parent holding one; else
+    the file SFCRM_CONFIG names; else the user's own (see :func:`user_config_file`).
+    """
     if explicit:
         path = Path(explicit)
         if not path.is_file():
             raise ConfigError("config file not found", value=str(path))
-        return path
+        return path, "--config"
+    here = (cwd or Path.cwd()).absolute()
+    for folder in (here, *here.parents):
+        candidate = folder / CONFIG_NAME
+        if _is_file(candidate):
+            # (one in the current folder is shown as "sfcrm.toml", as it always was)
+            return (Path(CONFIG_NAME) if cwd is None and folder == here else candidate), "folder"
     if environ.get("SFCRM_CONFIG"):
         path = Path(environ["SFCRM_CONFIG"])
         if not path.is_file():
             raise ConfigError("config file named by SFCRM_CONFIG not found", value=str(path))
-        return path
-    local = Path("sfcrm.toml")
-    return local if local.is_file() else None
+        return path, "SFCRM_CONFIG"
+    user = user_config_file(environ)
+    return (user, "user config") if user is not None and _is_file(user) else None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -510,36 +602,44 @@ def load_settings(
     the defaults alone (the demo's embedded ones, a test's).
     """
     env = dict(os.environ if environ is None else environ)
-    path = find_config_file(config_path, env) if files else None
+    found = find_config_file(config_path, env) if files else None
+    path, found_by = found if found else (None, None)
     toml_data = _read_toml(path) if path else {}
     if path:
         _check_toml_has_no_secrets(toml_data, path)
     dotenv: dict[str, str] = {}
-    dotenv_file = Path(".env") if dotenv_path is None else dotenv_path
-    if files and dotenv_file.is_file():
+    if dotenv_path is None:  # the office's .env: beside its sfcrm.toml, else here
+        dotenv_path = path.parent / ".env" if path else Path(".env")
+    dotenv_file = dotenv_path if files and dotenv_path.is_file() else None
+    if dotenv_file:
         dotenv = _read_dotenv(dotenv_file)
 
     toml_base = path.parent.resolve() if path else Path.cwd()
+    # A relative path is relative to the file that says it: sfcrm.toml's or .env's folder
+    # (the office folder, wherever in it the command runs); from the environment, to here.
+    dotenv_base = dotenv_file.parent.resolve() if dotenv_file else Path.cwd()
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for spec in SPECS:
-        raw: str | None = None
-        source = "default"
-        base = Path.cwd()
-        if overrides and overrides.get(spec.name) is not None:
-            raw, source = _as_text(overrides[spec.name]), "flag"
-        elif spec.env in env:
-            raw, source = env[spec.env], "environment"
-        elif spec.env in dotenv:
-            raw, source = dotenv[spec.env], ".env"
-        elif spec.toml and _toml_lookup(toml_data, spec.toml) is not None:
-            raw, source = _as_text(_toml_lookup(toml_data, spec.toml)), "sfcrm.toml"
-            base = toml_base
-        else:
-            raw = spec.default
-        if raw is not None and raw.strip() == "":
-            # An empty line in an old .env means "not set", not "set to nothing".
-            raw = spec.default
+        toml_value = _toml_lookup(toml_data, spec.toml) if spec.toml else None
+        layers: tuple[tuple[str | None, str, Path], ...] = (
+            (
+                _as_text(overrides[spec.name])
+                if overrides and overrides.get(spec.name) is not None
+                else None,
+                "flag",
+                Path.cwd(),
+            ),
+            (env.get(spec.env), "environment", Path.cwd()),
+            (dotenv.get(spec.env), ".env", dotenv_base),
+            (None if toml_value is None else _as_text(toml_value), "sfcrm.toml", toml_base),
+        )
+        # The highest layer that sets it. An empty value ("MPESA_TIMEOUT=" in an old .env, a
+        # blank line of .env.example) means "not set" there: the layers below it still count.
+        raw, source, base = next(
+            ((value, name, where) for value, name, where in layers if value and value.strip()),
+            (spec.default, "default", Path.cwd()),
+        )
         if raw is not None and not raw.isascii():
             try:
                 raw.encode("utf-8")  # bytes that are not UTF-8 come in as lone surrogates
@@ -549,7 +649,14 @@ def load_settings(
         sources[spec.name] = source
 
     _validate(values)
-    return Settings(values=values, sources=sources, config_path=path, base_dir=toml_base)
+    return Settings(
+        values=values,
+        sources=sources,
+        config_path=path,
+        base_dir=toml_base,
+        dotenv_path=dotenv_file,
+        found_by=found_by,
+    )
 
 
 def _validate(values: Mapping[str, Any]) -> None:

@@ -18,6 +18,8 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for name in list(os.environ):
         if name.startswith(_PREFIXES):
             monkeypatch.delenv(name, raising=False)
+    # The user's own sfcrm.toml (~/.config/sfcrm/) is never found: this folder does not exist.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-user-config"))
     monkeypatch.chdir(tmp_path)
     yield tmp_path
 

@@ -492,6 +492,9 @@ def run_everything(  # one long, flat script of what the office does
         cli("init", "--json")
         for args in (("config", "show"), ("config", "show", "--json")):
             assert cli(*args).exit_code == 0
+        for json_flag in ((), ("--json",)):  # the listener and Daraja asked, over the network
+            cli("doctor", "--port", str(office.listener_port), *json_flag)
+        cli("doctor", "--offline")
         cli("people", "add", "--name", "Payer", "--phone", "0708374149", "--balance", "1500")
         cli("people", "add", "--name", "Silent Payer", "--phone", "0700001037", "--balance", "900")
         cli(

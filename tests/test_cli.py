@@ -34,6 +34,13 @@ def on_each_engine(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
     return database_url
 
 
+@pytest.fixture
+def office_file(monkeypatch: pytest.MonkeyPatch, db_path: Path) -> Path:
+    """The commands use the SQLite file ``db_path`` (a test looking at the file itself)."""
+    monkeypatch.setenv("SFCRM_DATABASE_URL", str(db_path))
+    return db_path
+
+
 # -- people ------------------------------------------------------------------------------------
 
 
@@ -158,6 +165,7 @@ def test_a_secret_in_sfcrm_toml_is_refused() -> None:
     assert "oops" not in result.output
 
 
+@pytest.mark.usefixtures("on_each_engine")
 def test_request_without_credentials_names_the_variable_and_leaves_no_row(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -571,7 +579,8 @@ def test_db_current_of_a_missing_file_creates_nothing(monkeypatch: pytest.Monkey
     assert not Path("office.db").exists()
 
 
-def test_db_current_and_upgrade_of_a_file_an_older_release_wrote(db_path: Path) -> None:
+def test_db_current_and_upgrade_of_a_file_an_older_release_wrote(office_file: Path) -> None:
+    db_path = office_file
     legacy_file(db_path, 3)
     current = run("db", "current")
     assert current.exit_code == 0
@@ -595,7 +604,8 @@ def test_db_current_and_upgrade_of_a_file_an_older_release_wrote(db_path: Path) 
     assert run("db", "upgrade").stdout == f"the database is at schema {HEAD} already\n"
 
 
-def test_db_current_of_a_file_the_newest_release_before_alembic_wrote(db_path: Path) -> None:
+def test_db_current_of_a_file_the_newest_release_before_alembic_wrote(office_file: Path) -> None:
+    db_path = office_file
     legacy_file(db_path, len(MIGRATIONS))
     assert run("db", "current").stdout == (
         f"the database is at schema 0004 (user_version 4); {HEAD} is the newest "
@@ -630,7 +640,8 @@ def test_db_current_of_a_database_a_newer_sfcrm_wrote_says_so(
     )
 
 
-def test_db_upgrade_of_a_new_file_creates_its_schema(db_path: Path) -> None:
+@pytest.mark.usefixtures("office_file")
+def test_db_upgrade_of_a_new_file_creates_its_schema() -> None:
     assert run("db", "upgrade").stdout == f"created the database at schema {HEAD}\n"
     assert run("db", "current").stdout == f"the database is at schema {HEAD}, the newest\n"
 

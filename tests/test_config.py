@@ -394,7 +394,7 @@ def test_config_flag_to_a_missing_file_is_a_config_error(tmp_path: Path) -> None
     assert caught.value.exit_code == ExitCode.CONFIG
 
 
-def test_sfcrm_config_is_used_when_no_flag_is_given(tmp_path: Path) -> None:
+def test_sfcrm_config_is_used_outside_any_office_folder(tmp_path: Path) -> None:
     config = write(tmp_path / "etc" / "crm.toml", '[org]\nname = "From SFCRM_CONFIG"\n')
 
     settings = load(tmp_path, environ={"SFCRM_CONFIG": str(config)})
@@ -487,8 +487,146 @@ def test_default_database_sits_beside_the_config_file(
     assert settings.database_path == (tmp_path / "conf" / "sfcrm.db").resolve()
 
 
-def test_default_database_is_in_the_current_directory_without_config(tmp_path: Path) -> None:
-    assert load(tmp_path).database_path.resolve() == (tmp_path / "sfcrm.db").resolve()
+def test_without_an_office_the_database_is_refused_not_made_here(tmp_path: Path) -> None:
+    settings = load(tmp_path)
+
+    assert not settings.office
+    for attribute in ("database", "database_path"):
+        with pytest.raises(ConfigError) as caught:
+            getattr(settings, attribute)
+        assert str(caught.value) == (
+            "no sfcrm office here — run `sfcrm init` or cd to the office folder"
+        )
+        assert caught.value.exit_code == ExitCode.CONFIG
+        assert "SFCRM_DATABASE_URL" in (caught.value.hint or "")
+    assert settings.database_shown == "none (no sfcrm office here)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_database_url_alone_is_an_office(tmp_path: Path) -> None:
+    settings = load(tmp_path, environ={"SFCRM_DATABASE_URL": "crm.db"})
+
+    assert settings.office
+    assert settings.database_path == tmp_path / "crm.db"
+
+
+# -- finding the office from anywhere in it, or elsewhere ------------------------------------
+
+
+def office_folder(tmp_path: Path, name: str = "office", org: str = "Folder Events") -> Path:
+    write(tmp_path / name / "sfcrm.toml", f'[org]\nname = "{org}"\n')
+    return tmp_path / name
+
+
+def test_sfcrm_toml_in_a_parent_folder_is_found_as_git_finds_dot_git(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    office = office_folder(tmp_path)
+    deeper = office / "events" / "2026"
+    deeper.mkdir(parents=True)
+    monkeypatch.chdir(deeper)
+
+    settings = load(tmp_path)
+
+    assert settings.config_path == office / "sfcrm.toml"
+    assert settings.found_by == "folder"
+    assert settings.org_name == "Folder Events"
+    assert settings.database_path == (office / "sfcrm.db").resolve()
+
+
+def test_the_nearest_sfcrm_toml_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outer = office_folder(tmp_path, "outer", "Outer Events")
+    inner = office_folder(outer, "inner", "Inner Events")
+    monkeypatch.chdir(inner)
+
+    assert load(tmp_path).org_name == "Inner Events"
+
+
+def test_a_folder_office_beats_sfcrm_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    office = office_folder(tmp_path)
+    other = write(tmp_path / "etc" / "sfcrm.toml", '[org]\nname = "Env Events"\n')
+    monkeypatch.chdir(office)
+
+    settings = load(tmp_path, environ={"SFCRM_CONFIG": str(other)})
+
+    assert (settings.org_name, settings.found_by) == ("Folder Events", "folder")
+
+
+def test_config_flag_beats_the_folder_office(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    office = office_folder(tmp_path)
+    flagged = write(tmp_path / "flag.toml", '[org]\nname = "Flag Events"\n')
+    monkeypatch.chdir(office)
+
+    settings = load(tmp_path, config_path=flagged)
+
+    assert (settings.org_name, settings.found_by) == ("Flag Events", "--config")
+
+
+def test_the_user_config_folder_is_looked_in_last(tmp_path: Path) -> None:
+    xdg = tmp_path / "xdg"
+    user = write(xdg / "sfcrm" / "sfcrm.toml", '[org]\nname = "User Events"\n')
+
+    settings = load(tmp_path, environ={"XDG_CONFIG_HOME": str(xdg)})
+
+    assert (settings.config_path, settings.found_by) == (user, "user config")
+    assert settings.org_name == "User Events"
+    assert settings.database_path == (xdg / "sfcrm" / "sfcrm.db").resolve()
+    env_file = write(tmp_path / "etc" / "sfcrm.toml", '[org]\nname = "Env Events"\n')
+    both = {"XDG_CONFIG_HOME": str(xdg), "SFCRM_CONFIG": str(env_file)}
+    assert load(tmp_path, environ=both).org_name == "Env Events"
+
+
+def test_the_user_config_folder_defaults_to_dot_config_in_home(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    write(home / ".config" / "sfcrm" / "sfcrm.toml", '[org]\nname = "Home Events"\n')
+
+    assert load(tmp_path, environ={"HOME": str(home)}).org_name == "Home Events"
+    # the XDG rule: a relative XDG_CONFIG_HOME is ignored
+    relative = {"HOME": str(home), "XDG_CONFIG_HOME": "xdg"}
+    assert load(tmp_path, environ=relative).org_name == "Home Events"
+
+
+def test_the_dotenv_beside_the_found_sfcrm_toml_is_read_and_not_the_one_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    office = office_folder(tmp_path)
+    write(office / ".env", f"MPESA_PASS_KEY={PASS_KEY}\nSFCRM_DATABASE_URL=data/crm.db\n")
+    sub = office / "imports"
+    write(sub / ".env", "MPESA_PASS_KEY=not-this-one\n")
+    monkeypatch.chdir(sub)
+
+    settings = load_settings(environ={})
+
+    assert settings.mpesa_pass_key == PASS_KEY
+    assert settings.dotenv_path == office / ".env"
+    # a relative path in that .env is beside it, wherever in the office the command runs
+    assert settings.database_path == (office / "data" / "crm.db").resolve()
+
+
+def test_the_dotenv_beside_sfcrm_config_is_read(tmp_path: Path) -> None:
+    config = write(tmp_path / "etc" / "sfcrm.toml", "")
+    write(tmp_path / "etc" / ".env", f"MPESA_PASS_KEY={PASS_KEY}\n")
+    write(tmp_path / ".env", "MPESA_PASS_KEY=not-this-one\n")
+
+    settings = load_settings(environ={"SFCRM_CONFIG": str(config)})
+
+    assert settings.mpesa_pass_key == PASS_KEY
+
+
+def test_a_relative_database_path_from_the_environment_stays_relative_to_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    office = office_folder(tmp_path)
+    (office / "sub").mkdir()
+    monkeypatch.chdir(office / "sub")
+
+    settings = load(tmp_path, environ={"SFCRM_DATABASE_URL": "env.db"})
+
+    assert settings.database_path == office / "sub" / "env.db"
 
 
 # -- a PostgreSQL database ------------------------------------------------------------------
@@ -674,6 +812,18 @@ def test_empty_value_counts_as_unset_instead_of_crashing(
     assert getattr(settings, attribute) == default
 
 
+def test_an_empty_value_in_dotenv_leaves_the_sfcrm_toml_value_in_force(tmp_path: Path) -> None:
+    # Regression: `MPESA_BUSINESS_SHORT_CODE=` in .env hid sfcrm.toml's shortcode.
+    config = write(tmp_path / "sfcrm.toml", '[mpesa]\nbusiness_short_code = "600100"\n')
+    dotenv = write(tmp_path / "app.env", "MPESA_BUSINESS_SHORT_CODE=\n")
+
+    settings = load(tmp_path, config_path=config, dotenv_path=dotenv, environ={"MPESA_TIMEOUT": ""})
+
+    assert settings.mpesa_business_short_code == "600100"
+    assert settings.sources["mpesa_business_short_code"] == "sfcrm.toml"
+    assert settings.sources["mpesa_timeout"] == "default"
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("1", True), ("yes", True), ("ON", True), (" true ", True), ("0", False), ("no", False)],
@@ -733,3 +883,206 @@ def test_allowlist_of_plain_addresses_is_kept_as_given(tmp_path: Path) -> None:
 
 def test_allowlist_is_off_when_not_set(tmp_path: Path) -> None:
     assert allowlist(load(tmp_path)) is None
+
+
+# -- the office on the command line: found, or refused ----------------------------------------
+
+NO_OFFICE_LINE = "Error: no sfcrm office here — run `sfcrm init` or cd to the office folder"
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> Any:
+    from typer.testing import CliRunner
+
+    from sfcrm.cli import app
+
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("people", "list"),
+        ("people", "add", "--name", "A", "--phone", "0712345678"),
+        ("mpesa", "status"),
+        ("events", "list"),
+        ("mail", "list"),
+        ("history",),
+        ("db", "current"),
+        ("db", "upgrade"),
+        ("backup", "copy.db"),
+    ],
+)
+def test_a_command_outside_an_office_refuses_and_makes_no_database(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    result = cli(*args)
+
+    assert result.exit_code == ExitCode.CONFIG
+    assert result.stderr.splitlines()[0] == NO_OFFICE_LINE
+    assert result.stderr.splitlines()[1].startswith("Hint: sfcrm looks for sfcrm.toml in this")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_refusal_under_json_is_one_error_document(tmp_path: Path) -> None:
+    import json
+
+    result = cli("people", "list", "--json")
+
+    assert result.exit_code == ExitCode.CONFIG
+    doc = json.loads(result.stdout)
+    assert doc["code"] == "NO_OFFICE"
+    assert doc["error"] == NO_OFFICE_LINE.removeprefix("Error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args", [("--help",), ("people", "--help"), ("--version",), ("config", "show")]
+)
+def test_help_version_and_config_show_need_no_office(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = cli(*args)
+
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_show_outside_an_office_says_none_was_found(tmp_path: Path) -> None:
+    import json
+
+    doc = json.loads(cli("config", "show", "--json").stdout)
+
+    assert (doc["config_file"], doc["found_by"], doc["env_file"]) == (None, None, None)
+    assert doc["database"] == "none (no sfcrm office here)"
+
+
+def test_a_command_in_a_subfolder_of_an_office_uses_the_office_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    assert cli("init").exit_code == 0
+    sub = tmp_path / "imports" / "march"
+    sub.mkdir(parents=True)
+    monkeypatch.chdir(sub)
+
+    added = cli("people", "add", "--name", "Achieng", "--phone", "0712345678", "--json")
+
+    assert added.exit_code == 0, added.output
+    assert list(sub.iterdir()) == []  # no sfcrm.db here
+    monkeypatch.chdir(tmp_path)
+    assert [p["name"] for p in json.loads(cli("people", "list", "--json").stdout)] == ["Achieng"]
+
+
+def test_a_subprocess_in_a_subfolder_finds_the_office_and_its_dotenv(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    office = tmp_path / "office"
+    office.mkdir()
+    write(office / "sfcrm.toml", '[database]\nurl = "data/crm.db"\n')
+    write(office / ".env", "SFCRM_ORG_NAME=Dotenv Events\n")
+    (office / "data").mkdir()
+    sub = office / "reports"
+    sub.mkdir()
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sfcrm", "config", "show", "--json"],
+        cwd=sub, env=dict(os.environ), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    rows = {row["setting"]: row for row in doc["settings"]}
+    assert (rows["SFCRM_ORG_NAME"]["value"], rows["SFCRM_ORG_NAME"]["source"]) == (
+        "Dotenv Events", ".env",
+    )  # fmt: skip
+    assert doc["found_by"] == "folder"
+    assert doc["database"] == str((office / "data" / "crm.db").resolve())
+
+
+def test_sfcrm_config_names_the_office_from_anywhere(tmp_path: Path) -> None:
+    office = tmp_path / "office"
+    office.mkdir()
+    write(office / "sfcrm.toml", "")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+
+    result = cli("people", "list", env={"SFCRM_CONFIG": str(office / "sfcrm.toml")})
+
+    assert result.exit_code == 0, result.output
+    assert (office / "sfcrm.db").is_file()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_user_config_folder_names_the_office_last(tmp_path: Path) -> None:
+    xdg = tmp_path / "xdg"
+    write(xdg / "sfcrm" / "sfcrm.toml", f"[database]\nurl = '{tmp_path / 'user.db'}'\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+
+    result = cli("people", "list", env={"XDG_CONFIG_HOME": str(xdg)})
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "user.db").is_file()
+
+
+def test_an_explicit_database_url_is_an_office_without_any_sfcrm_toml(tmp_path: Path) -> None:
+    result = cli("people", "list", env={"SFCRM_DATABASE_URL": str(tmp_path / "env.db")})
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "env.db").is_file()
+
+
+def test_init_makes_an_office_where_there_was_none(tmp_path: Path) -> None:
+    result = cli("init")
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sfcrm.toml").is_file()
+    assert (tmp_path / "sfcrm.db").is_file()
+    assert cli("people", "list").exit_code == 0
+
+
+# -- the starter .env.example ----------------------------------------------------------------
+
+
+def env_example() -> str:
+    from sfcrm.resources import template_path
+
+    return template_path("env.example").read_text(encoding="utf-8")
+
+
+# Settings the starter file leaves out, and why (none today: every setting is in it).
+NOT_IN_ENV_EXAMPLE: dict[str, str] = {}
+
+
+def test_the_env_example_names_every_setting() -> None:
+    import re
+
+    named = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", env_example(), flags=re.MULTILINE))
+
+    missing = {spec.env for spec in SPECS} - named - set(NOT_IN_ENV_EXAMPLE)
+    assert missing == set()
+
+
+def test_the_env_example_says_how_to_make_the_secret_key() -> None:
+    text = env_example()
+
+    assert "SFCRM_SECRET_KEY=\n" in text
+    assert 'python -c "import secrets; print(secrets.token_urlsafe(32))"' in text
+
+
+def test_a_copied_env_example_sends_mail_nowhere_and_overrides_nothing_in_sfcrm_toml(
+    tmp_path: Path,
+) -> None:
+    from sfcrm.mail.settings import backend_kind
+
+    assert cli("init").exit_code == 0
+    (tmp_path / ".env").write_text(env_example(), encoding="utf-8")
+
+    settings = load_settings(environ={})
+
+    assert backend_kind(settings) == "file"
+    from_dotenv = {name for name, source in settings.sources.items() if source == ".env"}
+    assert from_dotenv == {"email_backend"}

@@ -409,9 +409,11 @@ def test_every_whole_number_option_and_argument_has_bounds_sqlite_can_hold() -> 
 
 
 def test_a_listener_host_that_resolves_to_nothing_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import sfcrm.server
+
+    monkeypatch.setenv("SFCRM_DATABASE_URL", str(tmp_path / "sfcrm.db"))
 
     def unresolved(*args: Any, **options: Any) -> Any:
         raise ValueError("Invalid host/port specified.")  # what waitress raises

@@ -33,7 +33,11 @@ def _version(value: bool) -> None:
 def root(
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="sfcrm.toml to use (default: $SFCRM_CONFIG, ./sfcrm.toml)"),
+        typer.Option(
+            "--config",
+            help="the office's sfcrm.toml (default: sfcrm.toml here or in a parent folder, "
+            "else $SFCRM_CONFIG, else ~/.config/sfcrm/sfcrm.toml)",
+        ),
     ] = None,
     traceback: Annotated[
         bool, typer.Option("--traceback", help="show the full traceback of an unexpected error")

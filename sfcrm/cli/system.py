@@ -1,4 +1,4 @@
-"""Top-level commands: ``init``, ``serve-callback``, ``demo``, ``backup`` and ``db``."""
+"""Top-level commands: ``init``, ``doctor``, ``serve-callback``, ``demo``, ``backup`` and ``db``."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sfcrm.cli.runtime import JsonOption, command, host_option, port_option
-from sfcrm.errors import ConfigError, ValidationError
+from sfcrm.errors import ConfigError, ExitCode, ValidationError
 
 if TYPE_CHECKING:
     import logging
@@ -46,9 +46,61 @@ def init(json_output: JsonOption = False) -> None:
             {"written": written, "database": where},
             lambda: rt.print(
                 (f"Wrote {', '.join(written)}. " if written else "Config files already there. ")
-                + f"Database ready at {where}. Put your secrets in .env (see .env.example)."
+                + f"Database ready at {where}. Put your secrets in .env (see .env.example), "
+                "then `sfcrm doctor` says what is still missing."
             ),
         )
+
+
+def doctor(
+    offline: Annotated[
+        bool, typer.Option("--offline", help="skip the checks that use the network")
+    ] = False,
+    host: Annotated[str, host_option("address the listener was started on")] = "127.0.0.1",
+    port: Annotated[int, port_option("port the listener was started on (1-65535)")] = 8000,
+    json_output: JsonOption = False,
+) -> None:
+    """Check that this office is ready for real use: one line per check, with its fix.
+
+    It checks the Daraja keys, the callback URL (public https, a long secret path, none of the
+    words Daraja rejects), the RSVP settings, the SMTP login, that the listener answers on
+    HOST:PORT, that Daraja gives a token, and that no payment is left pending and no email
+    unsent. It writes nothing. Exit 0 when every check passes, 1 when any fails.
+
+    Example: sfcrm doctor --offline
+    """
+    with command(json_output) as rt:
+        from sfcrm.doctor import run_checks
+
+        checks = run_checks(
+            rt.settings,
+            lambda: rt.db,
+            clock=rt.clock,
+            offline=offline,
+            listener_host=host,
+            listener_port=port,
+        )
+        failed = [check for check in checks if not check.ok]
+        # (the names are sfcrm's own words: only what a check found is redacted)
+        doc = [
+            {**check.json(), "detail": rt.redact(check.detail),
+             "fix": rt.redact(check.fix) if check.fix else None}
+            for check in checks
+        ]  # fmt: skip
+        width = max(len(check.name) for check in checks)
+
+        def render() -> None:
+            for row in doc:
+                line = f"{'ok  ' if row['ok'] else 'FAIL'}  {row['name']:<{width}}  {row['detail']}"
+                if row["fix"]:
+                    line += f" — fix: {row['fix']}"
+                rt.print(line)
+            skipped = " (network checks skipped: --offline)" if offline else ""
+            rt.say(f"{len(checks) - len(failed)} of {len(checks)} checks passed{skipped}.")
+
+        rt.emit(doc, render)
+        if failed:
+            raise typer.Exit(int(ExitCode.FAILED))
 
 
 def serve_callback(
@@ -69,6 +121,7 @@ def serve_callback(
     with command(json_output) as rt:
         import logging
 
+        from sfcrm.config import callback_secret_guessable
         from sfcrm.logs import RedactingFilter, Redactor
         from sfcrm.server import make_server
 
@@ -104,7 +157,7 @@ def serve_callback(
                 f"cannot listen on {host}:{port}: not an address of this machine", value=host
             ) from None
         try:
-            if path is not None and len(path.rstrip("/").rsplit("/", 1)[-1]) < 16:
+            if path is not None and callback_secret_guessable(path):
                 rt.say(
                     "Warning: the path of MPESA_CALLBACK_URL looks guessable; anyone who "
                     "guesses it can post a fake payment. Put a long random secret in it "
@@ -335,6 +388,7 @@ def _schema_text(state: "SchemaState") -> str:
 
 def register(app: typer.Typer) -> None:
     app.command("init")(init)
+    app.command("doctor")(doctor)
     app.command("serve-callback")(serve_callback)
     app.command("demo")(demo)
     app.command("backup")(backup)

@@ -55,3 +55,16 @@ def backend_from_settings(settings: Settings, *, stream: TextIO | None = None) -
         username=settings.email_host_user,
         password=settings.email_host_password,
     )
+
+
+def backend_kind(settings: Settings) -> str:
+    """The kind of backend EMAIL_BACKEND names: smtp, console or file (none: file)."""
+    raw = settings.email_backend
+    kind = "file" if raw is None else _BACKENDS.get(str(raw).strip().lower())
+    if kind is None:
+        raise ConfigError(
+            "EMAIL_BACKEND is not one sfcrm knows",
+            value=str(raw),
+            hint="use smtp, console or file (Django's smtp, console and filebased names work)",
+        )
+    return kind
