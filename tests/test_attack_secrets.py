@@ -521,6 +521,12 @@ def run_everything(  # one long, flat script of what the office does
         cli("people", "charge", "1", "--amount", "200", "--reason", "Advance")
         cli("people", "credit", "1", "--amount", "100", "--reason", "Cash")
         cli("people", "history", "1", "--json")
+        cli("people", "edit", "1", "--name", "Payer Two")
+        cli("people", "edit", "1", "--name", "Payer", "--json")
+        cli("people", "archive", "2", "--reason", "left")
+        cli("people", "unarchive", "2", "--json")
+        cli("history")
+        cli("history", "--person", "1", "--json")
         date, at = day(timedelta(hours=3))
         cli(
             "events",
@@ -548,6 +554,7 @@ def run_everything(  # one long, flat script of what the office does
         cli("crew", "confirm", "2")
         cli("crew", "decline", "3")
         cli("crew", "assignments", "--person", "3")
+        cli("crew", "edit", "1", "--notes", "Bring the long XLR run")
         assert cli("crew", "invite", "1", "2").exit_code == 0
         cli("crew", "invite", "--event", "1", "--dry-run")
         assert cli("crew", "remind", "--json").exit_code == 0
