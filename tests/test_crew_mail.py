@@ -356,9 +356,10 @@ def test_mail_list_shows_the_documented_fields_and_filters(counting_smtp: SmtpSi
     assert len(everything) == 5
     for doc in everything:
         assert set(doc) == {
-            "id", "recipient", "person_id", "notification_type", "subject", "is_sent",
+            "id", "recipient", "person_id", "notification_type", "subject", "state", "is_sent",
             "sent_at", "failed_attempts", "last_error",
         }  # fmt: skip
+        assert doc["state"] == ("sent" if doc["is_sent"] else "refused")
 
     [failed] = run_json("mail", "list", "--failed")
     assert (failed["recipient"], failed["person_id"], failed["is_sent"]) == (
@@ -594,8 +595,16 @@ def test_sender_killed_mid_batch_leaves_the_rest_to_retry_and_the_one_in_flight_
         logged = {m["recipient"]: m for m in run_json("mail", "list", "--limit", "100")}
         assert [logged[a]["is_sent"] for a in addresses[:11]] == [True] * 10 + [False]
         in_flight = logged[addresses[10]]["id"]
-        # cron right away: the one in flight is still claimed, the rest may be its sender's yet
-        assert run_json("mail", "retry") == {"sent": [], "failed": [], "skipped": []}
+        # cron right away: the one in flight is still claimed, and the rest still held by
+        # their writer (killed, so it could not let go: its hold lapses after a lease)
+        held = run_json("mail", "retry")
+        assert held["sent"] == held["failed"] == []
+        rest = sorted(logged[a]["id"] for a in addresses[10:])
+        assert held["skipped"] == rest
+        assert held["not_retried"] == [
+            {"reason": "being sent by another sfcrm right now", "ids": rest, "force": None}
+        ]
+        assert {m["state"] for m in run_json("mail", "list", "--unsent")} == {"sending"}
 
         def a_lease_later() -> datetime:
             return datetime.now(UTC) + DEFAULT_LEASE + timedelta(minutes=1)
@@ -631,7 +640,9 @@ def test_retry_never_resends_an_email_already_sent_even_when_named(smtp_env: Smt
     assert (doc["sent"], doc["failed"], doc["skipped"]) == ([], [], [email_id])
     result = run("mail", "retry", str(email_id))
     assert result.exit_code == 0
-    assert result.stdout == "Retry: 0 sent, 0 failed, 1 skipped.\n"
+    assert result.stdout == (
+        "Retry: 0 sent, 0 failed, 1 not retried.\n1 not retried: already sent — email 1\n"
+    )
     assert len(smtp_env.handler.messages) == 1
 
 

@@ -987,13 +987,15 @@ def test_notification_json_has_exactly_the_documented_keys(
     [email_id] = queue(mailer, ["a@example.co.ke"])
     mailer.send([email_id])
 
-    doc = notification_json(mailer.get(email_id), ZoneInfo("Africa/Nairobi"))
+    [(state, _)] = mailer.states([email_id]).values()
+    doc = notification_json(mailer.get(email_id), ZoneInfo("Africa/Nairobi"), state)
 
     assert set(doc) == {
-        "id", "recipient", "person_id", "notification_type", "subject", "is_sent", "sent_at",
-        "failed_attempts", "last_error",
+        "id", "recipient", "person_id", "notification_type", "subject", "state", "is_sent",
+        "sent_at", "failed_attempts", "last_error",
     }  # fmt: skip
     assert doc["is_sent"] is True and doc["recipient"] == "a@example.co.ke"
+    assert doc["state"] == "sent"
     assert doc["sent_at"].endswith("+03:00")
     assert json.dumps(doc)
 
