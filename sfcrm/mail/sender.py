@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -136,7 +136,7 @@ class Mailer:
                 hint="e.g. DEFAULT_FROM_EMAIL='Sound Fusion <office@soundfusion.co.ke>'",
             ) from None
 
-    @property
+    @cached_property
     def replies_reach_the_office(self) -> bool:
         """Whether replying to an email reaches someone: there is a Reply-To (the office's
         email), or the sender does not look like a no-reply address."""
