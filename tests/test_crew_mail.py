@@ -1004,6 +1004,9 @@ def test_ctrl_c_mid_batch_lets_go_of_the_rest_so_mail_retry_sends_them_at_once(
     table = run("mail", "list", "--unsent").stdout
     assert "state" in table and table.count("queued") == 2 and table.count("failed") == 1
     ids = {m["recipient"]: m["id"] for m in unsent}
+    shown = run("mail", "show", str(ids[addresses[1]])).stdout.splitlines()
+    assert "state: queued" in shown
+    assert "next: not sent yet and no sfcrm is sending it: `sfcrm mail retry` sends it" in shown
 
     # crew invite again: each one's reason says what will become of its email
     again = run_json("crew", "invite", "--event", "1")
