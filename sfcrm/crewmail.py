@@ -112,10 +112,14 @@ class CrewMail:
             else col(EventCrew.id).in_(list(dict.fromkeys(assignment_ids)))
         )
 
-        def plan(_session: Session, _rows: list[CrewRow]) -> _Plan:
+        def plan(session: Session, rows: list[CrewRow]) -> _Plan:
+            ids = [r.crew.invitation_email_id for r in rows]
+            written = _email_states(session, ids, self.clock())
             return _Plan(
                 subject=lambda row: f"You are invited to work on: {row.event.name}",
-                refusal=lambda row: row.crew.invitation_refusal(),
+                refusal=lambda row: row.crew.invitation_refusal(
+                    written.get(row.crew.invitation_email_id or 0)
+                ),
                 variables=lambda row: {
                     "rsvp_url": self._rsvp(_id(row), row.binding, row.event.ends_at)
                 },
@@ -273,7 +277,9 @@ class CrewMail:
         self, row: CrewRow, kind: str, subject: str, **extra: Any
     ) -> tuple[str, str, str | None]:
         renderer = self._renderer()
-        context = template_context(self.org, row, **extra)
+        # replies reach the office (a Reply-To, or a sender people can answer): say so or not
+        replies = self._mailer().replies_reach_the_office
+        context = template_context(self.org, row, replies=replies, **extra)
         text = renderer.render(f"{kind}.txt.j2", **context)
         html = (
             renderer.render(f"{kind}.html.j2", **context)
@@ -308,6 +314,15 @@ class CrewMail:
 def _id(row: CrewRow) -> int:
     assert row.crew.id is not None  # read from the table
     return row.crew.id
+
+
+def _email_states(
+    session: Session, ids: Sequence[int | None], now: datetime
+) -> dict[int, tuple[str, str | None]]:
+    """The state and last error of the emails already written (for the reasons told)."""
+    from sfcrm.mail.claims import states
+
+    return states(session, [i for i in ids if i is not None], now)
 
 
 def _briefed(session: Session, event_id: int) -> set[int]:

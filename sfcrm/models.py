@@ -15,6 +15,7 @@ from sqlalchemy import (
     LargeBinary,
     Table,
     and_,
+    case,
     column,
     not_,
     or_,
@@ -242,15 +243,18 @@ class EventCrew(SQLModel, table=True):
     responded_at: datetime | None = _ts()
     created_at: datetime = _ts(nullable=False)
 
-    def invitation_refusal(self) -> str | None:
-        """Why this assignment gets no invitation now, or None."""
+    def invitation_refusal(self, email: tuple[str, str | None] | None = None) -> str | None:
+        """Why this assignment gets no invitation now, or None. ``email``: the state and last
+        error of the invitation already written, when there is one, so that the reason says
+        when and how it will go."""
         if self.invitation_sent:
             return "invitation already sent"
         if self.invitation_email_id is not None:
-            return (
-                f"invitation already written (email {self.invitation_email_id}); "
-                "see `sfcrm mail retry`"
-            )
+            written = f"invitation already written (email {self.invitation_email_id})"
+            if email is None:
+                return f"{written}; see `sfcrm mail list --unsent`"
+            state, error = email
+            return f"{written}: {EmailState.outlook(state, self.invitation_email_id, error)}"
         if self.status in (CrewStatus.DECLINED, CrewStatus.COMPLETED):
             return f"assignment is {self.status}"
         return None
@@ -263,6 +267,39 @@ class EventCrew(SQLModel, table=True):
             col(cls.reminder_sent).is_(False),
             col(cls.reminder_email_id).is_(None),
         )
+
+
+# the last error of an email whose send stopped after its message may have gone out
+INTERRUPTED = "interrupted while sending; it may have been delivered"
+
+
+class EmailState:
+    """Where an email is (:meth:`EmailNotification.state`)."""
+
+    QUEUED = "queued"  # written, never tried, and no sender holds it: `mail retry` sends it
+    SENDING = "sending"  # a sender holds it (the run that wrote it, or a retry)
+    SENT = "sent"
+    FAILED = "failed"  # tried and not delivered: `mail retry` tries again
+    REFUSED = "refused"  # refused for good by the server (5xx): sent again only when named
+    INTERRUPTED = "interrupted"  # stopped mid-send, may have been delivered: only when named
+
+    ALL = (QUEUED, SENDING, SENT, FAILED, REFUSED, INTERRUPTED)
+
+    @staticmethod
+    def outlook(state: str, email_id: int, error: str | None = None) -> str:
+        """When and how an email in ``state`` will go, for the person at the terminal."""
+        retry = f"`sfcrm mail retry {email_id}`"
+        because = f" ({error})" if error else ""
+        return {
+            EmailState.QUEUED: "not sent yet and no sfcrm is sending it: `sfcrm mail retry` "
+            "sends it",
+            EmailState.SENDING: "being sent now by another sfcrm",
+            EmailState.SENT: "sent",
+            EmailState.FAILED: f"sending it failed{because}; `sfcrm mail retry` tries again",
+            EmailState.REFUSED: f"the server refused it for good{because}; {retry} to force",
+            EmailState.INTERRUPTED: "interrupted mid-send, it may have been delivered: ask them, "
+            f"then {retry} to send it again",
+        }.get(state, state)
 
 
 class EmailNotification(SQLModel, table=True):
@@ -301,9 +338,14 @@ class EmailNotification(SQLModel, table=True):
 
     @classmethod
     def held(cls, now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
-        """A sender holds it: its claim has not expired."""
+        """A sender holds it: its claim has not expired. (The hold of the run that wrote it,
+        a claim with no token, counts only while nobody has tried it.)"""
         c = table(cls).c
-        return and_(c.claimed_until.is_not(None), c.claimed_until >= now)
+        return and_(
+            c.claimed_until.is_not(None),
+            c.claimed_until >= now,
+            or_(c.claim_token.is_not(None), c.failed_attempts == 0),
+        )
 
     @classmethod
     def abandoned(cls, now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
@@ -311,6 +353,27 @@ class EmailNotification(SQLModel, table=True):
         so it may have been delivered."""
         c = table(cls).c
         return and_(c.is_sent.is_(False), c.claim_token.is_not(None), not_(cls.held(now)))
+
+    @classmethod
+    def state(cls, now: datetime | ColumnElement[datetime]) -> ColumnElement[str]:
+        """Its state at ``now``, one of :class:`EmailState`: the one definition that
+        ``mail list``, ``mail retry`` and ``crew invite``'s hints all read.
+
+        The run that writes an email holds it from the moment it is written (its claim, with no
+        token, lasts a lease and is renewed while the run sends; the run lets go of what it did
+        not send when it ends). So an email no sender holds and nobody tried is *queued*: its
+        writer is gone, and ``mail retry`` sends it.
+        """
+        c = table(cls).c
+        return case(
+            (c.is_sent.is_(True), EmailState.SENT),
+            (cls.held(now), EmailState.SENDING),
+            (c.claim_token.is_not(None), EmailState.INTERRUPTED),  # the claim lapsed mid-send
+            (c.permanent_failure.is_(True), EmailState.REFUSED),
+            (c.last_error.is_not_distinct_from(INTERRUPTED), EmailState.INTERRUPTED),
+            (c.failed_attempts > 0, EmailState.FAILED),
+            else_=EmailState.QUEUED,
+        )
 
 
 class AuditEntry(SQLModel, table=True):

@@ -127,6 +127,7 @@ class Services:
             lambda: backend_from_settings(self.settings),
             sender=self.settings.default_from_email,
             clock=self.clock,
+            reply_to=self.settings.org_email,  # replies go to the office
         )
 
     @cached_property

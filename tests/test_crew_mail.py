@@ -23,6 +23,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiosmtpd.smtp import AuthResult
+from sqlalchemy import update
+from sqlmodel import col
 from support import (
     Recorder,
     SmtpSink,
@@ -37,7 +39,7 @@ from support import (
 from sfcrm.cli.runtime import RootOptions, Runtime
 from sfcrm.db import Database
 from sfcrm.mail import DEFAULT_LEASE, INTERRUPTED, Mailer, SmtpBackend
-from sfcrm.models import EventCrew
+from sfcrm.models import EmailNotification, EventCrew
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 CANARY = "CANARY-smtp-pw-7c41d0e2"
@@ -356,9 +358,10 @@ def test_mail_list_shows_the_documented_fields_and_filters(counting_smtp: SmtpSi
     assert len(everything) == 5
     for doc in everything:
         assert set(doc) == {
-            "id", "recipient", "person_id", "notification_type", "subject", "is_sent",
+            "id", "recipient", "person_id", "notification_type", "subject", "state", "is_sent",
             "sent_at", "failed_attempts", "last_error",
         }  # fmt: skip
+        assert doc["state"] == ("sent" if doc["is_sent"] else "refused")
 
     [failed] = run_json("mail", "list", "--failed")
     assert (failed["recipient"], failed["person_id"], failed["is_sent"]) == (
@@ -594,8 +597,16 @@ def test_sender_killed_mid_batch_leaves_the_rest_to_retry_and_the_one_in_flight_
         logged = {m["recipient"]: m for m in run_json("mail", "list", "--limit", "100")}
         assert [logged[a]["is_sent"] for a in addresses[:11]] == [True] * 10 + [False]
         in_flight = logged[addresses[10]]["id"]
-        # cron right away: the one in flight is still claimed, the rest may be its sender's yet
-        assert run_json("mail", "retry") == {"sent": [], "failed": [], "skipped": []}
+        # cron right away: the one in flight is still claimed, and the rest still held by
+        # their writer (killed, so it could not let go: its hold lapses after a lease)
+        held = run_json("mail", "retry")
+        assert held["sent"] == held["failed"] == []
+        rest = sorted(logged[a]["id"] for a in addresses[10:])
+        assert held["skipped"] == rest
+        assert held["not_retried"] == [
+            {"reason": "being sent by another sfcrm right now", "ids": rest, "force": None}
+        ]
+        assert {m["state"] for m in run_json("mail", "list", "--unsent")} == {"sending"}
 
         def a_lease_later() -> datetime:
             return datetime.now(UTC) + DEFAULT_LEASE + timedelta(minutes=1)
@@ -631,7 +642,9 @@ def test_retry_never_resends_an_email_already_sent_even_when_named(smtp_env: Smt
     assert (doc["sent"], doc["failed"], doc["skipped"]) == ([], [], [email_id])
     result = run("mail", "retry", str(email_id))
     assert result.exit_code == 0
-    assert result.stdout == "Retry: 0 sent, 0 failed, 1 skipped.\n"
+    assert result.stdout == (
+        "Retry: 0 sent, 0 failed, 1 not retried.\n1 not retried: already sent — email 1\n"
+    )
     assert len(smtp_env.handler.messages) == 1
 
 
@@ -956,3 +969,166 @@ def test_smtp_password_never_reaches_output_mail_log_or_log_file(
     for form in forms:
         assert not any(form in text for text in texts), form
     assert smtp_refusing_login.handler.messages == []
+
+
+# -- an email's state, what mail retry leaves alone, and what crew invite says of it -----------
+
+
+def test_ctrl_c_mid_batch_lets_go_of_the_rest_so_mail_retry_sends_them_at_once(
+    smtp_env: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    addresses = seed_crew(1, 3, confirmed=False)
+    with socket.socket() as silent:  # takes the connection, never greets
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.setblocking(False)
+        monkeypatch.setenv("EMAIL_PORT", str(silent.getsockname()[1]))
+        proc = sfcrm_process("crew", "invite", "--event", "1")
+
+        def connected() -> bool:
+            try:
+                silent.accept()[0].close()
+            except BlockingIOError:
+                return False
+            return True
+
+        wait_for(connected, timeout=20)
+        proc.send_signal(signal.SIGINT)
+        [(_, err)] = finish([proc])
+    assert proc.returncode == 130, err
+
+    unsent = run_json("mail", "list", "--unsent")
+    states = {m["recipient"]: m["state"] for m in unsent}
+    assert states == {addresses[0]: "failed", addresses[1]: "queued", addresses[2]: "queued"}
+    table = run("mail", "list", "--unsent").stdout
+    assert "state" in table and table.count("queued") == 2 and table.count("failed") == 1
+    ids = {m["recipient"]: m["id"] for m in unsent}
+    shown = run("mail", "show", str(ids[addresses[1]])).stdout.splitlines()
+    assert "state: queued" in shown
+    assert "next: not sent yet and no sfcrm is sending it: `sfcrm mail retry` sends it" in shown
+
+    # crew invite again: each one's reason says what will become of its email
+    again = run_json("crew", "invite", "--event", "1")
+    reasons = {s["assignment_id"]: s["reason"] for s in again["skipped"]}
+    assert again["queued"] == []
+    assert reasons[2] == (
+        f"invitation already written (email {ids[addresses[1]]}): not sent yet and no sfcrm is "
+        "sending it: `sfcrm mail retry` sends it"
+    )
+    assert reasons[1].startswith(
+        f"invitation already written (email {ids[addresses[0]]}): sending it failed ("
+    )
+    assert reasons[1].endswith("; `sfcrm mail retry` tries again")
+
+    # no waiting for a lease: the run that wrote them is gone
+    monkeypatch.setenv("EMAIL_PORT", str(smtp_env.port))
+    retried = run_json("mail", "retry")
+
+    assert sorted(retried["sent"]) == sorted(ids.values())
+    assert sorted(recipients(smtp_env)) == sorted(addresses)
+    assert run_json("mail", "list", "--unsent") == []
+
+
+def test_mail_retry_leaves_an_invitation_run_still_sending_alone_and_says_so(
+    smtp_env: SmtpSink,
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    addresses = seed_crew(1, 40, confirmed=False)
+    smtp_env.handler.delay = 0.05
+
+    invite = sfcrm_process("crew", "invite", "--event", "1", "--json")
+    wait_for(lambda: smtp_env.handler.messages, timeout=30)  # all written, the first one sent
+    retry = sfcrm_process("mail", "retry", "--json")  # cron, while the run is at work
+    outputs = finish([invite, retry])
+
+    assert [invite.returncode, retry.returncode] == [0, 0], [err for _, err in outputs]
+    invited, retried = (json.loads(out) for out, _ in outputs)
+    assert retried["sent"] == [] and retried["failed"] == []
+    assert retried["skipped"]  # it named them instead of passing over in silence
+    assert [g["reason"] for g in retried["not_retried"]] == [
+        "being sent by another sfcrm right now"
+    ]
+    assert len(invited["sent"]) == 40
+    assert sorted(recipients(smtp_env)) == sorted(addresses)  # each exactly once
+
+
+def test_bad_mail_folder_is_a_config_error_before_any_email_is_written(
+    office: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 2, confirmed=False)
+    taken = tmp_path / "not-a-folder"
+    taken.write_text("a file where the outbox should be\n")
+    monkeypatch.setenv("EMAIL_FILE_PATH", str(taken / "outbox"))
+
+    result = run("crew", "invite", "--event", "1")
+
+    assert result.exit_code == 3, result.stderr
+    assert result.stderr.splitlines()[0] == (
+        f"Error: the mail folder cannot be used ({taken} is not a folder)"
+    )
+    assert run_json("mail", "list") == []  # nothing written, so nothing stranded
+
+    monkeypatch.setenv("EMAIL_FILE_PATH", str(tmp_path / "outbox"))
+    assert len(run_json("crew", "invite", "--event", "1")["sent"]) == 2
+
+
+def test_file_backend_says_it_wrote_to_the_outbox_not_that_it_sent(
+    office: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EMAIL_FILE_PATH", str(tmp_path / "outbox"))
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 2, confirmed=False)
+
+    doc = run_json("crew", "invite", "1")
+    assert (doc["outcome"], doc["outbox"]) == ("written", str(tmp_path / "outbox"))
+    result = run("crew", "invite", "2")
+    assert result.stdout == "Invitations: 1 written to outbox/, 0 failed, 0 skipped.\n"
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 2
+
+    # one more, whose writer ended before it tried it
+    with core() as rt, rt.db.write() as session:
+        email_id = rt.mailer.queue(
+                session, recipient="crew9@example.co.ke", notification_type="crew_invitation",
+                subject="You are invited", text="Dear Crew 9\n",
+            )  # fmt: skip
+        session.exec(
+            update(EmailNotification)
+            .where(col(EmailNotification.id) == email_id)
+            .values(claimed_until=None)
+        )
+    retried = run("mail", "retry")
+    assert retried.stdout == "Retry: 1 written to outbox/, 0 failed, 0 not retried.\n"
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 3
+
+
+def test_invitations_carry_reply_to_the_office(smtp_env: SmtpSink) -> None:
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 1, confirmed=False)
+
+    run_json("crew", "invite", "--event", "1")
+
+    [received] = smtp_env.handler.messages
+    assert received.message["Reply-To"] == "bookings@soundfusion.test"
+    assert "Reply to this email to confirm or decline" in body(received)
+
+
+def test_invitation_from_a_no_reply_address_never_asks_crew_to_reply(
+    smtp_env: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEFAULT_FROM_EMAIL", "Sound Fusion <no-reply@soundfusion.test>")
+    monkeypatch.delenv("SFCRM_ORG_EMAIL")
+    add_event("Gala", timedelta(days=2))
+    seed_crew(1, 1, confirmed=False)
+
+    run_json("crew", "invite", "--event", "1")
+
+    [received] = smtp_env.handler.messages
+    assert received.message["Reply-To"] is None
+    text = body(received)
+    assert "reply" not in text.lower()
+    assert "Call the office on 0711000111 to confirm or decline." in text
+    html = received.message.get_body(("html",)).get_content()
+    assert "reply" not in html.lower()

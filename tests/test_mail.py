@@ -988,13 +988,15 @@ def test_notification_json_has_exactly_the_documented_keys(
     [email_id] = queue(mailer, ["a@example.co.ke"])
     mailer.send([email_id])
 
-    doc = notification_json(mailer.get(email_id), ZoneInfo("Africa/Nairobi"))
+    [(state, _)] = mailer.states([email_id]).values()
+    doc = notification_json(mailer.get(email_id), ZoneInfo("Africa/Nairobi"), state)
 
     assert set(doc) == {
-        "id", "recipient", "person_id", "notification_type", "subject", "is_sent", "sent_at",
-        "failed_attempts", "last_error",
+        "id", "recipient", "person_id", "notification_type", "subject", "state", "is_sent",
+        "sent_at", "failed_attempts", "last_error",
     }  # fmt: skip
     assert doc["is_sent"] is True and doc["recipient"] == "a@example.co.ke"
+    assert doc["state"] == "sent"
     assert doc["sent_at"].endswith("+03:00")
     assert json.dumps(doc)
 
@@ -1044,3 +1046,63 @@ def test_a_long_non_ascii_subject_has_no_bare_line_feed() -> None:
     assert _re.search(rb"[^\r]\n", message) is None
     parsed = email.message_from_bytes(message, policy=email.policy.default)
     assert str(parsed["Subject"]).startswith("You are invited to work on: Mwaliko — Tamasha")
+
+
+# -- the writer's hold, and checks before anything is written ----------------------------------
+
+
+def test_queue_checks_the_settings_before_the_first_email_whoever_writes_it(db: Database) -> None:
+    def unknown_backend() -> Backend:
+        raise ConfigError("EMAIL_BACKEND is not one sfcrm knows", value="smtpp")
+
+    mailer = Mailer(db, unknown_backend, sender=SENDER, clock=utcnow)
+
+    with pytest.raises(ConfigError, match="EMAIL_BACKEND"):
+        queue(mailer, ["a@example.co.ke"])  # a path that never called check() itself
+
+    assert mailer.list() == []
+
+
+def test_org_email_that_is_no_address_is_a_config_error_before_anything_is_written(
+    db: Database, tmp_path: Path
+) -> None:
+    mailer = Mailer(
+        db, lambda: FileBackend(tmp_path), sender=SENDER, clock=utcnow, reply_to="office at sf"
+    )
+    with pytest.raises(ConfigError, match="SFCRM_ORG_EMAIL"):
+        queue(mailer, ["a@example.co.ke"])
+    assert mailer.list() == []
+
+
+def test_a_slow_batch_keeps_its_hold_so_cron_never_takes_its_tail(db: Database) -> None:
+    clock = Clock()
+    cron_reports = []
+
+    class Slow(Backend):
+        """Each message takes four minutes; halfway, cron runs `mail retry`."""
+
+        def send(self, message: bytes, sender: str, recipients: list[str], **_: Any) -> None:
+            clock.now += timedelta(minutes=4)
+            if recipients == ["crew3@example.co.ke"]:  # 12 minutes in: past the first lease
+                cron_reports.append(cron.retry())
+
+    writer = Mailer(db, Slow, sender=SENDER, clock=clock)
+    cron = Mailer(db, Slow, sender=SENDER, clock=clock)
+    ids = queue(writer, crew(6))
+
+    report = writer.send(ids)
+
+    assert report.sent == ids  # all its own: cron took none of them
+    [seen] = cron_reports
+    assert seen.sent == []
+    assert set(seen.reasons.values()) == {"being sent by another sfcrm right now"}
+
+
+def test_no_reply_addresses_are_recognised() -> None:
+    from sfcrm.mail import looks_no_reply
+
+    for address in ("noreply@sf.co.ke", "no-reply@sf.co.ke", "DoNotReply@sf.co.ke",
+                    "no_reply+crew@sf.co.ke"):  # fmt: skip
+        assert looks_no_reply(address), address
+    for address in ("office@sf.co.ke", "bookings@sf.co.ke", "nora@sf.co.ke"):
+        assert not looks_no_reply(address), address

@@ -58,6 +58,9 @@ def report_mail_run(rt: "Runtime", what: str, run: "MailRun") -> None:
         "sent": report.sent if report else [],
         "failed": [{"id": i, "error": rt.redact(e)} for i, e in failed],
         "skipped": [{"assignment_id": a, "reason": r} for a, r in run.skipped],
+        # what "sent" meant: "sent" (SMTP), "written" (files in outbox), "printed" (console)
+        "outcome": report.outcome if report else None,
+        "outbox": str(report.outbox) if report and report.outbox is not None else None,
     }
 
     def render() -> None:
@@ -65,7 +68,11 @@ def report_mail_run(rt: "Runtime", what: str, run: "MailRun") -> None:
             rt.say(f"email {email_id} failed: {error}")
         for assignment_id, reason in run.skipped:
             rt.say(f"assignment {assignment_id} skipped: {reason}")
-        rt.print(f"{what}: {run.sent} sent, {len(failed)} failed, {len(run.skipped)} skipped.")
+        if report is not None:
+            for email_id in report.skipped:  # written, then taken or tried by another sfcrm
+                rt.say(f"email {email_id} not sent here: {report.reasons[email_id]}")
+        done = report.delivered if report else "0 sent"
+        rt.print(f"{what}: {done}, {len(failed)} failed, {len(run.skipped)} skipped.")
 
     rt.emit(doc, render)
     if failed:

@@ -12,17 +12,26 @@ app = typer.Typer(help="The mail log: list, show and retry failed emails.", no_a
 
 @app.command("list")
 def list_mail(
-    failed: Annotated[bool, typer.Option("--failed", help="only emails not sent")] = False,
+    failed: Annotated[
+        bool, typer.Option("--failed", help="only emails tried and not sent")
+    ] = False,
+    unsent: Annotated[
+        bool, typer.Option("--unsent", help="everything not sent: queued, sending, failed, …")
+    ] = False,
     notification_type: Annotated[
         str | None, typer.Option("--type", help="crew_invitation, crew_reminder, crew_briefing")
     ] = None,
     since: Annotated[str | None, typer.Option("--since", help="YYYY-MM-DD")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=10000)] = 200,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=10000, help="at most this many")
+    ] = 200,
     json_output: JsonOption = False,
 ) -> None:
-    """List logged emails, newest first.
+    """List logged emails, newest first, each with its state: queued (written, never tried, no
+    sfcrm sending it: `mail retry` sends it), sending, sent, failed (`mail retry` tries again),
+    refused (for good, by the server) or interrupted (may have been delivered).
 
-    Example: sfcrm mail list --failed
+    Example: sfcrm mail list --unsent
     """
     with command(json_output) as rt:
         from datetime import datetime
@@ -36,19 +45,21 @@ def list_mail(
             else None
         )
         rows = rt.mailer.list(
-            failed=failed, notification_type=notification_type, since=start, limit=limit
-        )
-        docs = [notification_json(n, rt.tz) for n in rows]
+            failed=failed, unsent=unsent, notification_type=notification_type, since=start,
+            limit=limit,
+        )  # fmt: skip
+        states = rt.mailer.states([n.id for n in rows if n.id is not None])
+        docs = [notification_json(n, rt.tz, states.get(n.id or 0, ("sent", None))[0]) for n in rows]
 
         def render() -> None:
             from rich.table import Table
 
-            table = Table("id", "to", "type", "subject", "sent", "attempts", "last error")
+            table = Table("id", "to", "type", "subject", "state", "sent", "attempts", "last error")
             for d in docs:
                 table.add_row(
                     text_cell(d["id"]), text_cell(d["recipient"]),
                     text_cell(d["notification_type"]), text_cell(d["subject"]),
-                    text_cell(d["sent_at"] or ("no" if not d["is_sent"] else "")),
+                    text_cell(d["state"]), text_cell(d["sent_at"] or ""),
                     text_cell(d["failed_attempts"]), text_cell(d["last_error"] or ""),
                 )  # fmt: skip
             rt.out.print(table)
@@ -67,14 +78,18 @@ def show(
     """
     with command(json_output) as rt:
         from sfcrm.mail import notification_json
+        from sfcrm.models import EmailState
 
         n = rt.mailer.get(email_id)
-        doc = {**notification_json(n, rt.tz), "message": n.message}
+        state, error = rt.mailer.states([email_id]).get(email_id, ("sent", None))
+        doc = {**notification_json(n, rt.tz, state), "message": n.message}
 
         def render() -> None:
-            for key in ("id", "recipient", "notification_type", "subject", "is_sent",
+            for key in ("id", "recipient", "notification_type", "subject", "state", "is_sent",
                         "sent_at", "failed_attempts", "last_error"):  # fmt: skip
                 rt.print(f"{key}: {clean_text(doc[key])}")
+            if state != EmailState.SENT:
+                rt.print(f"next: {EmailState.outlook(state, email_id, error)}")
             rt.print("")
             rt.print(n.message)
 
@@ -92,10 +107,12 @@ def retry(
     ] = 5,
     json_output: JsonOption = False,
 ) -> None:
-    """Send failed emails again; never one already sent. Safe for cron.
+    """Send queued and failed emails; never one already sent or being sent. Safe for cron.
 
-    Permanent refusals (SMTP 5xx) are retried only when named by id, and so are emails that may
-    have been delivered (the server took the message but its answer never came).
+    Without ids it sends every queued email (written, never tried, the run that wrote it gone)
+    and every failed one, and names what it left alone and why. Permanent refusals (SMTP 5xx)
+    are retried only when named by id, and so are emails that may have been delivered (the
+    server took the message but its answer never came).
 
     Example: sfcrm mail retry --max-attempts 5
     """
@@ -104,19 +121,30 @@ def retry(
             report = rt.mailer.retry(
                 email_ids or None, max_attempts=max_attempts, progress=progress
             )
+        groups = report.left_alone()
         doc = {
             "sent": report.sent,
             "failed": [{"id": i, "error": rt.redact(e)} for i, e in report.failed],
             "skipped": report.skipped,
+            "not_retried": [
+                {"reason": reason, "ids": ids, "force": _force(reason, ids)}
+                for reason, ids in groups.items()
+            ],
+            "outcome": report.outcome,
+            "outbox": str(report.outbox) if report.outbox is not None else None,
         }
 
         def render() -> None:
             for email_id, error in report.failed:
                 rt.say(f"email {email_id} failed: {error}")
             rt.print(
-                f"Retry: {len(report.sent)} sent, {len(report.failed)} failed, "
-                f"{len(report.skipped)} skipped."
+                f"Retry: {report.delivered}, {len(report.failed)} failed, "
+                f"{len(report.skipped)} not retried."
             )
+            for reason, ids in groups.items():
+                force = _force(reason, ids)
+                told = f"`{force}` to force" if force else _ids(ids)
+                rt.print(f"{len(ids)} not retried: {reason} — {told}")
 
         rt.emit(doc, render)
         if report.failed:
@@ -124,3 +152,16 @@ def retry(
                 f"{len(report.failed)} emails failed again",
                 hint="see `sfcrm mail list --failed`",
             )
+
+
+def _ids(ids: list[int]) -> str:
+    return f"email {ids[0]}" if len(ids) == 1 else "emails " + " ".join(map(str, ids))
+
+
+def _force(reason: str, ids: list[int]) -> str | None:
+    """The command that sends these anyway, when naming them would."""
+    from sfcrm.mail.claims import HELD
+
+    if reason in (HELD, "already sent", "no such email"):
+        return None
+    return "sfcrm mail retry " + " ".join(map(str, ids))

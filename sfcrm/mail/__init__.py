@@ -15,9 +15,13 @@ The rules:
   RCPT, Ctrl-C, even a bug) is an ordinary failure that ``mail retry`` sends again;
 - one SMTP connection carries a whole batch; when the server cannot be reached, the rest of the
   batch is logged as failed at once instead of connecting again for each email;
+- the run that writes an email holds it until it has tried it, renewing its hold while it sends
+  and letting go when it ends, so an email written, never tried and held by nobody is
+  *queued*: its writer is gone, and ``mail retry`` sends it at once;
 - permanent refusals (SMTP 5xx) are not retried unless named; a refused login stops the batch;
-- settings SMTP cannot use (a password smtplib cannot send, a port out of range) are a
-  ConfigError when the backend is built, before any email is written;
+- settings that cannot work (an unknown EMAIL_BACKEND, a password smtplib cannot send, a mail
+  folder that cannot be written) are a ConfigError before any email is written: the Mailer
+  checks them before the first email it writes;
 - no stored or logged error ever holds the SMTP password.
 
 One concern a module: :mod:`~sfcrm.mail.message` builds the bytes,
@@ -27,12 +31,13 @@ state and its moves, :mod:`~sfcrm.mail.sender` is the :class:`Mailer` over them 
 """
 
 from sfcrm.mail.backends import Backend, ConsoleBackend, FileBackend
-from sfcrm.mail.claims import DEFAULT_LEASE, INTERRUPTED, MAYBE_DELIVERED
+from sfcrm.mail.claims import DEFAULT_LEASE, MAYBE_DELIVERED
 from sfcrm.mail.errors import MAX_ERROR, SendError, one_line
 from sfcrm.mail.message import Attachment, build_message, clean_subject, validate_address
-from sfcrm.mail.sender import Mailer, Progress, SendReport, notification_json
+from sfcrm.mail.sender import Mailer, Progress, SendReport, looks_no_reply, notification_json
 from sfcrm.mail.settings import backend_from_settings, outbox_folder
 from sfcrm.mail.smtp import SmtpBackend, classify_smtp_error
+from sfcrm.models import INTERRUPTED
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -52,6 +57,7 @@ __all__ = [
     "build_message",
     "classify_smtp_error",
     "clean_subject",
+    "looks_no_reply",
     "notification_json",
     "one_line",
     "outbox_folder",

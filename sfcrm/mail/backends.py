@@ -19,7 +19,16 @@ class Backend(ABC):
     """Delivers message bytes. ``open`` and ``close`` bracket a batch; usable with ``with``.
 
     ``send`` raises :class:`SendError` for anything that went wrong with one email.
+    ``outcome`` is what a delivered email became, said to the office: ``sent``, ``written``
+    (to ``outbox``, a folder) or ``printed``.
     """
+
+    outcome = "sent"
+    outbox: Path | None = None
+
+    def check(self) -> None:  # noqa: B027  (nothing to check by default)
+        """Raise ConfigError for settings this backend cannot work with, before anything is
+        written; touches nothing."""
 
     def open(self) -> None:  # noqa: B027  (a batch needs no preparation by default)
         """Get ready for a batch (the SMTP backend connects lazily on the first send)."""
@@ -55,6 +64,8 @@ class Backend(ABC):
 class ConsoleBackend(Backend):
     """Writes each message to a stream (the CLI passes stderr, so ``--json`` stays clean)."""
 
+    outcome = "printed"
+
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self._writing = False
@@ -82,13 +93,35 @@ class ConsoleBackend(Backend):
 class FileBackend(Backend):
     """One ``.eml`` file per message in a folder, created on first use, written atomically."""
 
+    outcome = "written"
+
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self.outbox = self.folder
         self.written: list[Path] = []
         self._placing = False  # the current send got as far as moving its file into place
 
     def __repr__(self) -> str:
         return f"FileBackend({str(self.folder)!r})"
+
+    def check(self) -> None:
+        """The folder is one, or can be made where it is meant to be, and can be written."""
+        from sfcrm.errors import ConfigError
+
+        place = self.folder
+        while not place.exists() and place.parent != place:
+            place = place.parent
+        problem = None
+        if not place.is_dir():
+            problem = f"{place} is not a folder"
+        elif not os.access(place, os.W_OK | os.X_OK):
+            problem = f"{place} cannot be written"
+        if problem is not None:
+            raise ConfigError(
+                "the mail folder cannot be used",
+                value=problem,
+                hint="set EMAIL_FILE_PATH to a folder sfcrm can write, or EMAIL_BACKEND=smtp",
+            )
 
     def open(self) -> None:
         try:

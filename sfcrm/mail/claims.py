@@ -1,16 +1,24 @@
 """The state of a logged email and its moves, each a short statement in the caller's
 transaction (no SMTP call ever runs inside one).
 
-    queued ──claim──▶ claimed ──▶ sent
-                         │ ├────▶ failed       (retried by `mail retry`)
-                         │ ├────▶ permanent    (a 5xx refusal: retried only when named)
-                         │ └────▶ interrupted  (it may have been delivered: only when named)
-                         └─ the claim expires without a result ─▶ interrupted
+    written ──▶ sending (held by the run that wrote it, a lease at a time)
+       │           └─ the run ends, or its hold lapses, without trying it ─▶ queued
+       └──claim──▶ claimed ──▶ sent
+                      │ ├────▶ failed       (retried by `mail retry`)
+                      │ ├────▶ refused      (a 5xx refusal: retried only when named)
+                      │ └────▶ interrupted  (it may have been delivered: only when named)
+                      └─ the claim expires without a result ─▶ interrupted
 
-A sender claims an email before it hands the message to the server, and a claim is taken only
-from an email no other sender holds: the claim locks the row and skips one another sender has
-locked (``SKIP LOCKED`` on PostgreSQL; SQLite's write lock holds the whole file), so two runs
-at once never deliver one email twice.
+The states are :meth:`EmailNotification.state`. A sender claims an email before it hands the
+message to the server, and a claim is taken only from an email no other sender holds: the claim
+locks the row and skips one another sender has locked (``SKIP LOCKED`` on PostgreSQL; SQLite's
+write lock holds the whole file), so two runs at once never deliver one email twice.
+
+The run that writes an email holds it from the start (``claimed_until`` with no token), so
+``mail retry`` knows the writer is still at work; only that run takes an email so held
+(:attr:`Selection.writer`), and only one nobody has tried. The run renews its hold while it
+sends and lets go of what it did not send when it ends, even on Ctrl-C; when it is killed, its
+hold lapses after a lease.
 
 These run once or twice per email sent, so each statement is built once, on the table, with
 bound parameters, and runs on the session's own connection (in its transaction): building a
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,7 +45,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     insert,
-    not_,
     or_,
     select,
     update,
@@ -44,11 +52,10 @@ from sqlalchemy import (
 from sqlmodel import Session
 
 from sfcrm.crew import note_email_sent
-from sfcrm.models import EmailNotification, UTCDateTime, table
+from sfcrm.models import INTERRUPTED, EmailNotification, EmailState, UTCDateTime, table
 
 log = logging.getLogger("sfcrm.mail")
 
-INTERRUPTED = "interrupted while sending; it may have been delivered"
 MAYBE_DELIVERED = "it may have been delivered, so it is sent again only when named by id"
 DEFAULT_LEASE = timedelta(minutes=10)
 HELD = "being sent by another sfcrm right now"
@@ -56,6 +63,9 @@ HELD = "being sent by another sfcrm right now"
 T = table(EmailNotification)
 _EMAIL = bindparam("email_id", type_=Integer)
 _NOW = bindparam("now", type_=UTCDateTime)
+_STATE = EmailNotification.state(_NOW)
+
+NAMED, AUTO, WRITER = "named", "auto", "writer"
 
 
 @dataclass(frozen=True)
@@ -72,55 +82,67 @@ class Claim:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which emails a run may send at ``now``. A run given ids (``auto`` off) sends any that is
-    neither sent nor held by another sender; ``mail retry`` without ids (``auto``) leaves out
-    permanent refusals, interrupted sends, ones tried ``max_attempts`` times and ones whose
-    first sender may still be at work (written less than a lease ago, never tried)."""
+    """Which emails a run may send at ``now``.
+
+    ``mode``: a run given ids (``named``) sends any that is neither sent nor held by a sender;
+    ``mail retry`` without ids (``auto``) sends the queued ones and the failed ones tried fewer
+    than ``max_attempts`` times; the run that wrote the emails (``writer``) sends those nobody
+    has tried, its own hold on them notwithstanding.
+    """
 
     now: datetime
     lease: timedelta = DEFAULT_LEASE
-    auto: bool = False
+    mode: str = NAMED
     max_attempts: int = 0
 
     @property
     def params(self) -> dict[str, Any]:
         """The values of the rules' parameters."""
-        return {"now": self.now, "fresh": self.now - self.lease, "max_attempts": self.max_attempts}
+        return {"now": self.now, "max_attempts": self.max_attempts}
 
 
 # -- the rules -------------------------------------------------------------------------------
 
 
-def _in_use() -> list[tuple[ColumnElement[bool], str]]:
-    """What keeps any run from sending an email, each with the reason told."""
-    return [(T.c.is_sent.is_(True), "already sent"), (EmailNotification.held(_NOW), HELD)]
-
-
 @functools.cache
-def _left_alone(auto: bool) -> list[tuple[ColumnElement[bool], str]]:
-    """What keeps a retry without ids (``auto``) from sending an email."""
-    if not auto:
-        return []
-    fresh = bindparam("fresh", type_=UTCDateTime)
-    return [
-        (T.c.permanent_failure.is_(True), "refused for good by the server; name its id to retry"),
-        (
-            T.c.last_error.is_not_distinct_from(INTERRUPTED),
-            "interrupted while sending, it may have been delivered; name its id to retry",
-        ),
-        (
-            T.c.failed_attempts >= bindparam("max_attempts", type_=Integer),
-            "gave up after {attempts} attempts",
-        ),
-        (and_(T.c.failed_attempts == 0, T.c.created_at >= fresh), "not failed"),
-    ]
+def _sendable(mode: str) -> ColumnElement[bool]:
+    """The condition of an email a run in ``mode`` may send now."""
+    free = T.c.claim_token.is_(None)
+    if mode == WRITER:
+        return and_(free, T.c.is_sent.is_(False), T.c.failed_attempts == 0)
+    if mode == AUTO:
+        return and_(
+            free,
+            or_(
+                _STATE == EmailState.QUEUED,
+                and_(
+                    _STATE == EmailState.FAILED,
+                    T.c.failed_attempts < bindparam("max_attempts", type_=Integer),
+                ),
+            ),
+        )
+    return and_(free, _STATE.not_in([EmailState.SENT, EmailState.SENDING]))
 
 
-@functools.cache
-def _sendable(auto: bool) -> ColumnElement[bool]:
-    """The condition of an email a run may send now."""
-    refused = [rule for rule, _ in _in_use() + _left_alone(auto)]
-    return and_(T.c.claim_token.is_(None), not_(or_(*refused)))
+def left_alone(state: str, attempts: int, error: str | None, selection: Selection) -> str | None:
+    """Why a run does not send an email in ``state`` (None: it may). Reasons are the same for
+    like emails, so a summary can group them."""
+    if state == EmailState.SENT:
+        return "already sent"
+    if state == EmailState.SENDING:
+        return HELD
+    if selection.mode == WRITER:
+        return None if attempts == 0 else "already tried by another sfcrm; see `sfcrm mail list`"
+    if selection.mode != AUTO:
+        return None
+    if state == EmailState.REFUSED:
+        code = re.search(r"\b5\d\d\b", error or "")
+        return f"permanent refusal ({code.group()})" if code else "permanent refusal"
+    if state == EmailState.INTERRUPTED:
+        return "interrupted mid-send, it may have been delivered"
+    if state == EmailState.FAILED and attempts >= selection.max_attempts:
+        return f"tried {selection.max_attempts} times already (--max-attempts)"
+    return None
 
 
 # -- the statements ----------------------------------------------------------------------------
@@ -143,25 +165,34 @@ _MOVES: dict[str, dict[str, Any]] = {
 
 
 @functools.cache
-def _take_statement(auto: bool, move: str) -> Update:
+def _take_statement(mode: str, move: str) -> Update:
     free = select(T.c.id).where(T.c.id == _EMAIL).with_for_update(skip_locked=True)
-    return update(T).where(T.c.id.in_(free), _sendable(auto)).values(_MOVES[move])
+    return update(T).where(T.c.id.in_(free), _sendable(mode)).values(_MOVES[move])
 
 
 @functools.cache
-def _state_statement(auto: bool) -> Select[Any]:
-    rules = [rule for rule, _ in _in_use() + _left_alone(auto)]
+def _state_statement() -> Select[Any]:
     return (
         select(
+            _STATE,
             T.c.failed_attempts,
+            T.c.last_error,
             T.c.notification_type,
             T.c.recipient,
             T.c.claim_token.is_not(None),
-            *rules,
         )
         .where(T.c.id == _EMAIL)
         .with_for_update(skip_locked=True)
     )
+
+
+# the writer's hold: on an email nobody has claimed or tried
+_HOLD = and_(
+    T.c.claim_token.is_(None),
+    T.c.claimed_until.is_not(None),
+    T.c.is_sent.is_(False),
+    T.c.failed_attempts == 0,
+)
 
 
 @functools.cache
@@ -196,7 +227,15 @@ def _statements() -> dict[str, Any]:
         .where(EmailNotification.abandoned(_NOW))
         .order_by(T.c.id)
         .with_for_update(skip_locked=True),
-        "retryable": select(T.c.id).where(_sendable(True)).order_by(T.c.id),
+        "unsent": select(T.c.id, _STATE, T.c.failed_attempts, T.c.last_error)
+        .where(T.c.is_sent.is_(False))
+        .order_by(T.c.id),
+        "renew": update(T)
+        .where(T.c.id.in_(bindparam("ids", expanding=True)), _HOLD)
+        .values(claimed_until=bindparam("until", type_=UTCDateTime)),
+        "let_go": update(T)
+        .where(T.c.id.in_(bindparam("ids", expanding=True)), _HOLD)
+        .values(claimed_until=None),
     }
 
 
@@ -207,9 +246,31 @@ def _run(session: Session, name: str, **params: Any) -> Any:
 # -- reading ---------------------------------------------------------------------------------
 
 
-def retryable_ids(session: Session, selection: Selection) -> list[int]:
-    """Every email a retry without ids may send, oldest first."""
-    return list(_run(session, "retryable", **selection.params).scalars())
+def retryable(session: Session, selection: Selection) -> tuple[list[int], list[tuple[int, str]]]:
+    """For a retry without ids: every email it may send, oldest first, and every other unsent
+    one with why it is left alone."""
+    due: list[int] = []
+    alone: list[tuple[int, str]] = []
+    for email_id, state, attempts, error in _run(session, "unsent", now=selection.now):
+        reason = left_alone(state, attempts, error, selection)
+        if reason is None:
+            due.append(email_id)
+        else:
+            alone.append((email_id, reason))
+    return due, alone
+
+
+def states(
+    session: Session, ids: Sequence[int], now: datetime
+) -> dict[int, tuple[str, str | None]]:
+    """The state and last error of each of these emails."""
+    found: dict[int, tuple[str, str | None]] = {}
+    query = select(T.c.id, EmailNotification.state(now), T.c.last_error)
+    for start in range(0, len(ids), 500):
+        chunk = list(ids[start : start + 500])
+        for email_id, state, error in session.connection().execute(query.where(T.c.id.in_(chunk))):
+            found[email_id] = (state, error)
+    return found
 
 
 def any_abandoned(session: Session, now: datetime) -> bool:
@@ -221,12 +282,25 @@ def any_abandoned(session: Session, now: datetime) -> bool:
 
 
 def write(session: Session, **columns: Any) -> int:
-    """A new email in the log (queued), in the caller's transaction; its id."""
+    """A new email in the log, in the caller's transaction (held by its writer when
+    ``claimed_until`` is given); its id."""
     written = session.connection().execute(_statements()["write"], {**_QUEUED, **columns})
     key = written.inserted_primary_key
     assert key is not None
     email_id: int = key[0]
     return email_id
+
+
+def hold(session: Session, ids: Sequence[int], until: datetime) -> None:
+    """The writer renews its hold on the emails of its batch it has not tried yet."""
+    for start in range(0, len(ids), 500):
+        _run(session, "renew", ids=list(ids[start : start + 500]), until=until)
+
+
+def let_go(session: Session, ids: Sequence[int]) -> None:
+    """The writer ends: the emails it held and did not try become queued, for `mail retry`."""
+    for start in range(0, len(ids), 500):
+        _run(session, "let_go", ids=list(ids[start : start + 500]))
 
 
 def claim(session: Session, email_id: int, selection: Selection, token: str) -> Claim | str:
@@ -304,7 +378,7 @@ def _take(
     """
     params = {**selection.params, **values, "email_id": email_id}
     for _ in range(3):
-        if session.connection().execute(_take_statement(selection.auto, move), params).rowcount:
+        if session.connection().execute(_take_statement(selection.mode, move), params).rowcount:
             return None
         reason = _refusal(session, email_id, selection)
         if reason is not None:
@@ -317,23 +391,15 @@ def _refusal(session: Session, email_id: int, selection: Selection) -> str | Non
     settled (or it changed meanwhile), so that it is judged again."""
     found = (
         session.connection()
-        .execute(_state_statement(selection.auto), {**selection.params, "email_id": email_id})
+        .execute(_state_statement(), {**selection.params, "email_id": email_id})
         .first()
     )
     if found is None:
         exists = _run(session, "exists", email_id=email_id).first() is not None
         return HELD if exists else "no such email"
-    in_use, left_alone = _in_use(), _left_alone(selection.auto)
-    hits: list[bool]
-    attempts, kind, recipient, claimed, *hits = found
-    for (_, reason), hit in zip(in_use, hits[: len(in_use)], strict=True):
-        if hit:
-            return reason
-    if claimed:
+    state, attempts, error, kind, recipient, claimed = found
+    if claimed and state == EmailState.INTERRUPTED:  # its claim lapsed without a result
         _run(session, "interrupt", email_id=email_id)
         log_interrupted(email_id, kind, recipient)
         return None
-    for (_, reason), hit in zip(left_alone, hits[len(in_use) :], strict=True):
-        if hit:
-            return reason.format(attempts=attempts)
-    return None
+    return left_alone(state, attempts, error, selection)

@@ -74,12 +74,13 @@ def build_message(
     attachments: Iterable[Attachment] = (),
     message_id_domain: str,
     date: datetime | None = None,
+    reply_to: str | None = None,
 ) -> bytes:
     """The complete email as bytes with CRLF line ends, ready for SMTP.
 
     Plain text, an HTML alternative when given, then attachments as (filename, MIME type,
     bytes); the MIME type may carry parameters (``text/calendar; method=PUBLISH``). Every call
-    makes a fresh Message-ID.
+    makes a fresh Message-ID. ``reply_to``, a bare address, is where replies go (the office).
 
     The MIME is written out here rather than by ``email.message``, which takes milliseconds a
     message (a thousand invitations would spend seconds on it). Every header value is checked
@@ -93,6 +94,7 @@ def build_message(
         raise ValidationError("not a usable Message-ID domain", value=ascii(message_id_domain))
     head = [
         f"From: {_address_header(_header_text(sender, 'the sender'))}",
+        *([f"Reply-To: {validate_address(reply_to)}"] if reply_to else []),
         f"To: {validate_address(recipient)}",
         f"Subject: {_encoded_header(clean_subject(subject))}",
         f"Date: {format_datetime((date or datetime.now(UTC)).astimezone(UTC))}",

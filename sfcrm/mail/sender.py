@@ -4,11 +4,13 @@ connection a batch, retries the failed ones, and reads the log back."""
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
+from functools import cached_property, partial
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -18,7 +20,7 @@ from sfcrm.db import Database
 from sfcrm.errors import ConfigError, NotFoundError, ValidationError
 from sfcrm.mail import claims
 from sfcrm.mail.backends import Backend
-from sfcrm.mail.claims import DEFAULT_LEASE, MAYBE_DELIVERED, Claim, Selection
+from sfcrm.mail.claims import AUTO, DEFAULT_LEASE, MAYBE_DELIVERED, NAMED, WRITER, Claim, Selection
 from sfcrm.mail.errors import SendError, not_sent, one_line
 from sfcrm.mail.message import (
     Attachment,
@@ -38,25 +40,47 @@ _IN_BATCH = 500  # values per IN (...): SQLite before 3.32 takes at most 999 in 
 
 @dataclass
 class SendReport:
-    """What a send or retry did, by email id."""
+    """What a send or retry did, by email id. ``outcome`` says what "sent" meant for the
+    backend: ``sent`` (SMTP), ``written`` (a file in ``outbox``), ``printed`` (the console)."""
 
     sent: list[int] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     reasons: dict[int, str] = field(default_factory=dict)  # why each skipped one was skipped
+    outcome: str = "sent"
+    outbox: Path | None = None  # where the file backend wrote them
 
     def skip(self, email_id: int, reason: str) -> None:
         self.skipped.append(email_id)
         self.reasons[email_id] = reason
 
+    @property
+    def delivered(self) -> str:
+        """The delivered count as the office should read it: "3 sent", or "3 written to
+        outbox/" for the file backend (nothing was sent), or "3 printed"."""
+        count = len(self.sent)
+        if self.outcome == "written" and self.outbox is not None:
+            return f"{count} written to {_shown(self.outbox)}/"
+        return f"{count} {self.outcome}"
 
-def notification_json(n: EmailNotification, tz: ZoneInfo) -> dict[str, Any]:
+    def left_alone(self) -> dict[str, list[int]]:
+        """The skipped emails grouped by why, in order of first appearance."""
+        groups: dict[str, list[int]] = {}
+        for email_id in self.skipped:
+            groups.setdefault(self.reasons.get(email_id, "skipped"), []).append(email_id)
+        return groups
+
+
+def notification_json(
+    n: EmailNotification, tz: ZoneInfo, state: str | None = None
+) -> dict[str, Any]:
     return {
         "id": n.id,
         "recipient": n.recipient,
         "person_id": n.person_id,
         "notification_type": n.notification_type,
         "subject": n.subject,
+        "state": state,
         "is_sent": n.is_sent,
         "sent_at": iso_in(n.sent_at, tz),
         "failed_attempts": n.failed_attempts,
@@ -75,12 +99,16 @@ class Mailer:
         sender: str,
         clock: Callable[[], datetime],
         lease: timedelta = DEFAULT_LEASE,
+        reply_to: str | None = None,
     ) -> None:
         self.db = db
         self._backend_factory = backend_factory
         self.sender = sender
         self.clock = clock
         self.lease = lease
+        self.reply_to = reply_to or None
+        self._checked = False
+        self._spare: Backend | None = None  # the backend check() built, for the next batch
 
     def __repr__(self) -> str:
         return f"Mailer(db={self.db.where}, sender={self.sender!r})"
@@ -108,11 +136,36 @@ class Mailer:
                 hint="e.g. DEFAULT_FROM_EMAIL='Sound Fusion <office@soundfusion.co.ke>'",
             ) from None
 
+    @cached_property
+    def replies_reach_the_office(self) -> bool:
+        """Whether replying to an email reaches someone: there is a Reply-To (the office's
+        email), or the sender does not look like a no-reply address."""
+        from email.utils import parseaddr
+
+        return self.reply_to is not None or not looks_no_reply(parseaddr(self.sender)[1])
+
     def check(self) -> None:
-        """Raise ConfigError now for mail settings that cannot work (DEFAULT_FROM_EMAIL, the
-        backend's), so that a bulk send fails before it writes a single email."""
+        """Raise ConfigError now for mail settings that cannot work (DEFAULT_FROM_EMAIL,
+        SFCRM_ORG_EMAIL, the backend's), so that a bulk send fails before it writes a single
+        email. :meth:`queue` runs it before the first email it writes, whoever calls it."""
         _ = self.envelope_sender
-        self._backend_factory().close()
+        if self.reply_to is not None:
+            try:
+                validate_address(self.reply_to)
+            except ValidationError:
+                raise ConfigError(
+                    "SFCRM_ORG_EMAIL is not a usable address",
+                    value=self.reply_to,
+                    hint="e.g. SFCRM_ORG_EMAIL=bookings@soundfusion.co.ke",
+                ) from None
+        backend = self._backend_factory()
+        try:
+            backend.check()
+        except BaseException:
+            backend.close()
+            raise
+        self._spare = backend  # built and unused (a backend connects on its first send)
+        self._checked = True
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -132,11 +185,14 @@ class Mailer:
         """Write one email to the log inside the caller's write transaction (``session`` from
         :meth:`Database.write`) and return its id; send it later with :meth:`send`. A
         recipient that could add a header is refused (ValidationError)."""
+        if not self._checked:
+            self.check()  # a path that forgot to check first still writes nothing it cannot send
         kind = clean_notification_type(notification_type)
         now = self._now()
         domain = self.envelope_sender.rpartition("@")[2]
         mime = build_message(
             sender=self.sender,
+            reply_to=self.reply_to,
             recipient=recipient,
             subject=subject,
             text=text,
@@ -149,7 +205,7 @@ class Mailer:
         email_id = claims.write(
             session, recipient=recipient, person_id=person_id, assignment_id=assignment_id,
             notification_type=kind, subject=clean_subject(subject), message=text, mime=mime,
-            created_at=now,
+            created_at=now, claimed_until=now + self.lease,  # held by this run: it sends it next
         )  # fmt: skip
         log.debug("email %s queued: %s to %s", email_id, kind, recipient)
         return email_id
@@ -157,12 +213,18 @@ class Mailer:
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, ids: Sequence[int], *, progress: Progress | None = None) -> SendReport:
-        """Send these logged emails over one connection; ones already sent or being sent by
-        another run are skipped. Failures are logged and reported, not raised."""
+        """Send the emails this run just wrote with :meth:`queue`, over one connection; ones
+        already sent, being sent or tried by another run are skipped. Failures are logged and
+        reported, not raised. Whatever it did not get to try (Ctrl-C, an error) it lets go of,
+        so that ``mail retry`` sends it at once."""
         wanted = list(dict.fromkeys(ids))
-        self._check_known(wanted)
-        self._settle_interrupted()
-        return self._run(wanted, auto=False, max_attempts=0, progress=progress)
+        try:
+            self._check_known(wanted)
+            self._settle_interrupted()
+        except BaseException:
+            self._let_go(wanted)
+            raise
+        return self._run(wanted, mode=WRITER, max_attempts=0, progress=progress)
 
     def retry(
         self,
@@ -173,10 +235,11 @@ class Mailer:
     ) -> SendReport:
         """Send failed emails again.
 
-        Without ids: every unsent email that failed fewer than ``max_attempts`` times, except
-        permanent refusals and ones interrupted mid-send (they may have been delivered), plus
-        any written but never tried (its sender died before sending). Named ids are tried even
-        when permanent or interrupted; a named one already sent is skipped; an unknown id raises
+        Without ids: every queued email (written, never tried, its writer gone) and every
+        failed one tried fewer than ``max_attempts`` times; the rest of the unsent (permanent
+        refusals, ones interrupted mid-send that may have been delivered, ones being sent) are
+        reported as skipped, each with why. Named ids are tried even when permanent or
+        interrupted; a named one already sent or being sent is skipped; an unknown id raises
         NotFoundError before anything is sent.
         """
         if max_attempts < 1:
@@ -185,15 +248,19 @@ class Mailer:
             wanted = list(dict.fromkeys(ids))
             self._check_known(wanted)
             self._settle_interrupted()
-            return self._run(wanted, auto=False, max_attempts=max_attempts, progress=progress)
+            return self._run(wanted, mode=NAMED, max_attempts=max_attempts, progress=progress)
         self._settle_interrupted()
-        selection = self._selection(auto=True, max_attempts=max_attempts)
+        selection = self._selection(mode=AUTO, max_attempts=max_attempts)
         with self.db.read() as session:
-            due = claims.retryable_ids(session, selection)
-        return self._run(due, auto=True, max_attempts=max_attempts, progress=progress)
+            due, alone = claims.retryable(session, selection)
+        report = self._run(due, mode=AUTO, max_attempts=max_attempts, progress=progress)
+        for email_id, reason in alone:
+            report.skip(email_id, reason)
+        report.skipped.sort()
+        return report
 
-    def _selection(self, *, auto: bool, max_attempts: int) -> Selection:
-        return Selection(self._now(), self.lease, auto=auto, max_attempts=max_attempts)
+    def _selection(self, *, mode: str, max_attempts: int) -> Selection:
+        return Selection(self._now(), self.lease, mode=mode, max_attempts=max_attempts)
 
     def _check_known(self, ids: Sequence[int]) -> None:
         if not ids:
@@ -214,18 +281,31 @@ class Mailer:
             raise NotFoundError("no such email", value=", ".join(map(str, missing)))
 
     def _run(
-        self, ids: list[int], *, auto: bool, max_attempts: int, progress: Progress | None
+        self, ids: list[int], *, mode: str, max_attempts: int, progress: Progress | None
     ) -> SendReport:
         report = SendReport()
         total = len(ids)
         if not ids:
             return report
-        envelope = self.envelope_sender
-        backend = self._backend_factory()  # a configuration error shows before any claim
+        index = 0
+        try:
+            envelope = self.envelope_sender
+            backend = self._spare or self._backend_factory()  # a bad setting: before any claim
+            self._spare = None
+        except BaseException:
+            self._let_go(ids if mode == WRITER else [])
+            raise
+        report.outcome = backend.outcome
+        report.outbox = backend.outbox
         sent: Claim | None = None  # delivered, to be recorded with the next claim
+        renew_at = self._now() + self.lease / 2  # the writer's hold on the rest, renewed
+        finished = False
         try:
             for index, email_id in enumerate(ids):
-                claim = self._claim(email_id, auto, max_attempts, after=sent)
+                renew: list[int] = []
+                if mode == WRITER and self._now() >= renew_at:
+                    renew, renew_at = ids[index + 1 :], self._now() + self.lease / 2
+                claim = self._claim(email_id, mode, max_attempts, after=sent, renew=renew)
                 sent = None
                 if isinstance(claim, str):
                     report.skip(email_id, claim)
@@ -242,7 +322,7 @@ class Mailer:
                             report.failed.append((email_id, text))
                         if exc.stops_batch:
                             rest = ids[index + 1 :]
-                            self._fail_rest(rest, text, report, auto, max_attempts)
+                            self._fail_rest(rest, text, report, mode, max_attempts)
                             if progress is not None:
                                 progress(total, total)
                             break
@@ -258,25 +338,45 @@ class Mailer:
                         report.sent.append(email_id)
                 if progress is not None:
                     progress(index + 1, total)
+            finished = True
         finally:
             try:
                 if sent is not None:
                     self._record_sent(sent)
             finally:
                 backend.close()
+                if mode == WRITER and not finished:
+                    self._let_go(ids[index:])
         return report
 
+    def _let_go(self, ids: list[int]) -> None:
+        """The writer stops early: what it held and did not try is queued for `mail retry`."""
+        if not ids:
+            return
+        try:
+            self.db.transaction(partial(claims.let_go, ids=ids))
+        except Exception:  # its hold lapses after a lease all the same
+            log.exception("could not let go of %d emails; they wait a lease", len(ids))
+
     def _claim(
-        self, email_id: int, auto: bool, max_attempts: int, *, after: Claim | None
+        self,
+        email_id: int,
+        mode: str,
+        max_attempts: int,
+        *,
+        after: Claim | None,
+        renew: list[int],
     ) -> Claim | str:
         """Claim an email, in the transaction that records the one sent just before (one
-        transaction an email, not two)."""
-        selection = self._selection(auto=auto, max_attempts=max_attempts)
+        transaction an email, not two), and renews the writer's hold on the rest when due."""
+        selection = self._selection(mode=mode, max_attempts=max_attempts)
         token = secrets.token_hex(16)
 
         def work(session: Session) -> Claim | str:
             if after is not None:
                 claims.record_sent(session, after, selection.now)
+            if renew:
+                claims.hold(session, renew, selection.now + self.lease)
             return claims.claim(session, email_id, selection, token)
 
         claim = self.db.transaction(work)
@@ -316,13 +416,13 @@ class Mailer:
             log.exception("email %s: could not record the interruption", claim.id)
 
     def _fail_rest(
-        self, ids: list[int], text: str, report: SendReport, auto: bool, max_attempts: int
+        self, ids: list[int], text: str, report: SendReport, mode: str, max_attempts: int
     ) -> None:
         """The server cannot be used: log the rest of the batch as failed, each counting an
         attempt, without touching ones sent or being sent by another run."""
         if not ids:
             return
-        selection = self._selection(auto=auto, max_attempts=max_attempts)
+        selection = self._selection(mode=mode, max_attempts=max_attempts)
 
         def fail_all(session: Session) -> list[tuple[int, str | None]]:
             return [(i, claims.fail(session, i, selection, text)) for i in ids]
@@ -373,16 +473,20 @@ class Mailer:
         self,
         *,
         failed: bool = False,
+        unsent: bool = False,
         notification_type: str | None = None,
         since: datetime | None = None,
         limit: int = 200,
     ) -> Sequence[EmailNotification]:
-        """Logged emails, newest first; ``failed``: not sent and tried at least once."""
+        """Logged emails, newest first (their states: :meth:`states`); ``failed``: not sent
+        and tried at least once; ``unsent``: everything not sent, queued and sending too."""
         self._settle_interrupted()
         e = EmailNotification
         query = select(e)
         if failed:
             query = query.where(col(e.is_sent).is_(False), col(e.failed_attempts) > 0)
+        if unsent:
+            query = query.where(col(e.is_sent).is_(False))
         if notification_type:
             query = query.where(e.notification_type == notification_type)
         if since is not None:
@@ -398,6 +502,31 @@ class Mailer:
             if row is None:
                 raise NotFoundError("no such email", value=str(email_id))
             return row
+
+    def states(self, ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
+        """The state and last error of each of these emails (unknown ids left out)."""
+        with self.db.read() as session:
+            return claims.states(session, ids, self._now())
+
+
+def _shown(folder: Path) -> str:
+    """A folder as the office would type it: relative to where they are, when inside it."""
+    try:
+        return str(folder.resolve().relative_to(Path.cwd().resolve())) or "."
+    except (ValueError, OSError):
+        return str(folder)
+
+
+def looks_no_reply(address: str) -> bool:
+    """An address nobody reads replies to: noreply@, no-reply@, donotreply@, …"""
+    local = address.rpartition("@")[0].lower()
+    return bool(
+        re.fullmatch(
+            r"(do[-_.]?not[-_.]?reply|no[-_.]?reply|bounces?|mailer-daemon)"
+            r"([-_.+].*)?",
+            local,
+        )
+    )
 
 
 def _log_sent(claim: Claim) -> None:
