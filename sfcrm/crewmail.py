@@ -1,11 +1,13 @@
-"""Crew emails: invitations, reminders and setup briefings.
+"""Crew emails: invitations, reminders and setup briefings, and the changes crew are told of
+(an event changed or cancelled, a crew member taken off it).
 
 Sending follows one rule: an email is written to the mail log (and the assignment marked as
 having it) in the same transaction that selects whom to write to, then sent. Two runs at once,
 say two cron ``crew remind``, cannot both pick the same assignment: the selection locks the
 assignments it picks (SQLite's write lock holds the whole file; on PostgreSQL a reminder run
 skips the ones another run holds, and an invitation or briefing waits for it), so the second
-run finds each one taken.
+run finds each one taken. A change crew are told of is made in the transaction that writes
+their emails, and they are sent once it is committed.
 """
 
 from __future__ import annotations
@@ -333,7 +335,9 @@ class CrewMail:
                     },
                     calendar="publish",
                 )
-                notice.told = self._tell(session, mailer, CHANGE, event_id, plan)
+                rows = self._locked_rows(session, col(EventCrew.event_id) == event_id)
+                notice.told = MailRun()
+                self._write(session, mailer, CHANGE, rows, plan, notice.told)
             return notice
 
         return self._change(work, quiet)
@@ -397,14 +401,6 @@ class CrewMail:
         if mailer is not None and notice.told is not None and notice.told.queued:
             notice.told.report = mailer.send(notice.told.queued)
         return notice
-
-    def _tell(
-        self, session: Session, mailer: Mailer | None, kind: str, event_id: int, plan: _Plan
-    ) -> MailRun:
-        run = MailRun()
-        rows = self._locked_rows(session, col(EventCrew.event_id) == event_id)
-        self._write(session, mailer, kind, rows, plan, run)
-        return run
 
     def _locked_rows(self, session: Session, chosen: ColumnElement[bool]) -> list[CrewRow]:
         query = crew_select().where(chosen).order_by(col(EventCrew.id))

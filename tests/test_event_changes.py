@@ -427,8 +427,11 @@ def test_remove_of_someone_never_invited_or_quiet_emails_nobody(office: SmtpSink
         {"assignment_id": never, "reason": "not invited yet"}
     ]
     assert second["emailed"] is False and second["sent"] == []
+    assert (second["assignment"]["id"], second["assignment"]["status"]) == (invited, "removed")
     assert len(office.handler.messages) == 1  # Baraka's invitation
     assert {status_of(a)["status"] for a in (never, invited)} == {"removed"}
+    own = run_json("crew", "assignments", "--person", "1")  # no longer theirs to see
+    assert [own[group] for group in ("pending", "confirmed", "completed", "declined")] == [[]] * 4
 
 
 def test_assigning_a_removed_crew_member_again_puts_the_same_assignment_back(

@@ -113,7 +113,10 @@ def assign(
 def list_crew(
     event: Annotated[int | None, id_option("--event", "event id")] = None,
     status: Annotated[
-        str | None, typer.Option("--status", help="invited, confirmed, declined, completed")
+        str | None,
+        typer.Option(
+            "--status", help="invited, confirmed, declined, completed, cancelled, removed"
+        ),
     ] = None,
     search: Annotated[
         str | None, typer.Option("--search", help="name, email, event or role")

@@ -46,6 +46,11 @@ def report_notice(rt: "Runtime", notice: "EventNotice", headline: str) -> None:
         ],
         "emailed": notice.told is not None,
     }  # fmt: skip
+    if notice.assignment is not None:  # as it is now
+        about["assignment"] = {
+            **notice.assignment.json(rt.tz),
+            "status": notice.changes["status"][1],
+        }
 
     def lead() -> None:
         rt.print(headline)
