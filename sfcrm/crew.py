@@ -321,6 +321,8 @@ class Crew:
             event = session.get(Event, event_id)
             if event is None:
                 raise NotFoundError("no such event", value=str(event_id))
+            if event.cancelled_at is not None:
+                raise ConflictError(f"{event.name} is cancelled", value=f"event {event_id}")
             person = find_person(session, person_ref)
             # One assignment of a person at a time: the duplicate and overlap checks below
             # must see any other being written for them (PostgreSQL has no file lock).

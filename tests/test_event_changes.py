@@ -304,6 +304,9 @@ def test_cancel_tells_invited_and_confirmed_crew_with_a_calendar_cancellation(
     assert len(office.handler.messages) == 4
     again = run("events", "cancel", str(event))
     assert again.exit_code == 6 and "already cancelled" in again.stderr
+    late = run("crew", "assign", "--event", str(event), "--person", "3", "--role", "Runner")
+    assert late.exit_code == 6
+    assert late.stderr.splitlines()[0] == f"Error: Gala is cancelled (event {event})"
 
 
 def test_quiet_cancel_emails_nobody(office: SmtpSink) -> None:
