@@ -17,6 +17,7 @@ from datetime import time as Time
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from sfcrm import audit
@@ -185,9 +186,15 @@ def locked_event(session: Session, event_id: int) -> Event:
 
 
 def next_sequence(session: Session, event: Event) -> int:
-    """Raise the event's calendar SEQUENCE (crew are about to be sent an update) and return it."""
-    event.sequence = (event.sequence or 0) + 1
-    session.add(event)
+    """Raise the event's calendar SEQUENCE (crew are about to be sent an update) and return it:
+    one statement, so two changes at once never raise it to the same number."""
+    session.execute(
+        update(Event)
+        .where(col(Event.id) == event.id)
+        .values(sequence=col(Event.sequence) + 1)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(event, ["sequence"])
     return event.sequence
 
 
