@@ -455,3 +455,19 @@ def test_assigning_a_removed_crew_member_again_puts_the_same_assignment_back(
     assert int(invitation["SEQUENCE"]) > int(cancelled["SEQUENCE"])
     duplicate = run("crew", "assign", "--event", str(event), "--person", "1", "--role", "X")
     assert duplicate.exit_code == 6
+
+
+def test_a_removed_assignment_or_a_cancelled_event_no_longer_holds_the_time(
+    office: SmtpSink,
+) -> None:
+    wedding = add_event("Wedding", timedelta(days=5))
+    gala = add_event("Gala", timedelta(days=5))
+    party = add_event("Party", timedelta(days=5))
+    removed = crew_member(wedding, "Achieng", 1, invite=False)
+    run_json("crew", "assign", "--event", str(gala), "--person", "1",
+             "--role", "Lights", code=6)  # fmt: skip
+    run_json("crew", "remove", str(removed))
+
+    run_json("crew", "assign", "--event", str(gala), "--person", "1", "--role", "Lights")
+    run_json("events", "cancel", str(gala), "--quiet")
+    run_json("crew", "assign", "--event", str(party), "--person", "1", "--role", "Lights")
