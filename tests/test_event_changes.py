@@ -253,6 +253,26 @@ def test_archived_crew_are_not_emailed_of_a_change(office: SmtpSink, database_ur
     assert len(office.handler.messages) == 1
 
 
+def test_a_change_whose_email_fails_is_kept_exits_10_and_leaves_the_email_for_retry(
+    office: SmtpSink,
+) -> None:
+    event = add_event("Gala", timedelta(days=5))
+    crew_member(event, "Achieng", 1, status="confirmed")
+    crew_member(event, "Baraka", 2, status="confirmed")
+    office.handler.temp_fail.add("baraka@example.co.ke")
+
+    result = run("events", "edit", str(event), "--time", "20:00")
+
+    assert result.exit_code == 10
+    assert "Crew told: 1 sent, 1 failed, 0 skipped." in result.stdout
+    assert run_json("events", "show", str(event))["time"] == "20:00"
+    assert [e["action"] for e in history("--event", str(event))] == ["event.edit"]
+    office.handler.temp_fail.clear()
+    assert len(run_json("mail", "retry")["sent"]) == 1
+    change = sent_to(office, "baraka@example.co.ke")[-1]
+    assert change.message["Subject"].startswith("Changed: Gala")
+
+
 # -- events cancel -----------------------------------------------------------------------------
 
 
