@@ -12,14 +12,14 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Integer, Update, bindparam, func, or_, update
+from sqlalchemy import ColumnElement, Integer, Update, and_, bindparam, func, or_, update
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import Select
 
 from sfcrm import audit
 from sfcrm.db import Database
 from sfcrm.errors import ConflictError, NotFoundError, ValidationError
-from sfcrm.events import _one_line
+from sfcrm.events import _one_line, next_sequence
 from sfcrm.models import (
     CrewStatus,
     EmailNotification,
@@ -39,6 +39,9 @@ log = logging.getLogger("sfcrm.crew")
 INVITATION = "crew_invitation"
 REMINDER = "crew_reminder"
 BRIEFING = "crew_briefing"
+CHANGE = "crew_change"  # the event's time or place changed
+CANCELLATION = "crew_cancellation"  # the event was cancelled
+REMOVAL = "crew_removed"  # taken off the event
 
 # The assignment's columns that follow an email of each kind: the email written (set when it
 # is queued, so two runs at once cannot both queue one), then sent and when.
@@ -165,6 +168,126 @@ def _sent_statement(kind: str) -> Update:
     )
 
 
+def clashing_with(event: Event) -> ColumnElement[bool]:
+    """An assignment (of the rows selected) that holds its person's time on another event,
+    not cancelled, that overlaps ``event``: the one rule of what clashes."""
+    return and_(
+        col(EventCrew.status).in_(CrewStatus.BOOKED),
+        col(Event.id) != event.id,
+        col(Event.cancelled_at).is_(None),
+        col(Event.starts_at) < event.ends_at,
+        col(Event.ends_at) > event.starts_at,
+    )
+
+
+def confirmed_clashes(session: Session, event: Event) -> list[tuple[CrewRow, CrewRow]]:
+    """Each confirmed crew member of ``event`` booked on another event at its time: (their
+    assignment on ``event``, the other assignment)."""
+    mine = crew_rows(
+        session,
+        crew_select()
+        .where(EventCrew.event_id == event.id, EventCrew.status == CrewStatus.CONFIRMED)
+        .order_by(col(EventCrew.id)),
+    )
+    if not mine:
+        return []
+    by_person = {row.person.id: row for row in mine}
+    others = crew_rows(
+        session,
+        crew_select()
+        .where(col(EventCrew.person_id).in_(list(by_person)))
+        .where(clashing_with(event))
+        .order_by(col(EventCrew.person_id), col(Event.starts_at)),
+    )
+    return [(by_person[other.person.id], other) for other in others]
+
+
+def answer_refusal(crew: EventCrew, event: Event) -> str | None:
+    """Why the crew member can no longer answer (cancelled, removed), or None."""
+    if event.cancelled_at is not None or crew.status == CrewStatus.CANCELLED:
+        return f"{event.name} was cancelled"
+    if crew.status == CrewStatus.REMOVED:
+        return f"assignment {crew.id} was removed from {event.name}"
+    return None
+
+
+def rearm_reminders(session: Session, event_id: int) -> None:
+    """The event's time or place changed: its crew are reminded again, of the new one."""
+    c = table(EventCrew).c
+    session.execute(
+        update(table(EventCrew))
+        .where(c.event_id == event_id)
+        .where(or_(c.reminder_sent.is_(True), c.reminder_email_id.is_not(None)))
+        .values(reminder_sent=False, reminder_sent_at=None, reminder_email_id=None)
+    )
+
+
+def cancel_assignments(session: Session, event_id: int) -> None:
+    """The event is cancelled: every assignment still on it is too."""
+    c = table(EventCrew).c
+    session.execute(
+        update(table(EventCrew))
+        .where(c.event_id == event_id, c.status != CrewStatus.REMOVED)
+        .values(status=CrewStatus.CANCELLED)
+    )
+
+
+def remove_assignment(session: Session, assignment_id: int, now: datetime) -> CrewRow:
+    """Take the assignment off its event (the row stays: emails point at it), with its audit
+    entry; returns it as it was before."""
+    crew = session.get(EventCrew, assignment_id, with_for_update=True)
+    if crew is None:
+        raise NotFoundError("no such assignment", value=str(assignment_id))
+    event, person = session.get(Event, crew.event_id), session.get(Person, crew.person_id)
+    assert event is not None and person is not None
+    if crew.status in (CrewStatus.COMPLETED, *CrewStatus.CLOSED):
+        raise ConflictError(
+            f"assignment {assignment_id} is {crew.status}",
+            hint="only an invited, confirmed or declined one can be removed",
+        )
+    before = EventCrew.model_validate(crew.model_dump())
+    crew.status = CrewStatus.REMOVED
+    session.add(crew)
+    next_sequence(session, event)  # the removed one's calendar cancellation supersedes all
+    audit.record(
+        session,
+        "assignment.remove",
+        now=now,
+        changes={"status": (before.status, crew.status)},
+        person_id=crew.person_id,
+        event_id=crew.event_id,
+        assignment_id=assignment_id,
+    )
+    return CrewRow(before, event, person)
+
+
+def _revive(
+    session: Session, crew: EventCrew, event: Event, role: str, notes: str | None, now: datetime
+) -> EventCrew:
+    """A removed assignment put back on its event: invited afresh (its old RSVP links stay
+    dead), under the same calendar entry, whose next update supersedes the cancellation."""
+    status = crew.status
+    crew.sqlmodel_update(
+        {"status": CrewStatus.INVITED, "role": role, "notes": notes, "created_at": now,
+         "invitation_sent": False, "invitation_sent_at": None, "invitation_email_id": None,
+         "reminder_sent": False, "reminder_sent_at": None, "reminder_email_id": None,
+         "responded_at": None}
+    )  # fmt: skip
+    session.add(crew)
+    next_sequence(session, event)
+    audit.record(
+        session,
+        "assignment.revive",
+        now=now,
+        changes={"status": (status, crew.status)},
+        person_id=crew.person_id,
+        event_id=crew.event_id,
+        assignment_id=crew.id,
+    )
+    session.flush()
+    return crew
+
+
 class Crew:
     def __init__(
         self,
@@ -198,6 +321,8 @@ class Crew:
             event = session.get(Event, event_id)
             if event is None:
                 raise NotFoundError("no such event", value=str(event_id))
+            if event.cancelled_at is not None:
+                raise ConflictError(f"{event.name} is cancelled", value=f"event {event_id}")
             person = find_person(session, person_ref)
             # One assignment of a person at a time: the duplicate and overlap checks below
             # must see any other being written for them (PostgreSQL has no file lock).
@@ -213,21 +338,19 @@ class Crew:
                     EventCrew.event_id == event_id, EventCrew.person_id == person.id
                 )
             ).first()
+            if existing is not None and existing.status == CrewStatus.REMOVED:
+                if not allow_overlap:
+                    self._refuse_clash(session, person, event)
+                existing = _revive(session, existing, event, role_text, notes_text, self.clock())
+                log.info("assignment %s: %s back on event %s", existing.id, person.id, event_id)
+                return CrewRow(existing, event, person)
             if existing is not None:
                 raise ConflictError(
                     f"{person.name} is already on {event.name} as {existing.role}",
                     value=f"assignment {existing.id}",
                 )
             if not allow_overlap:
-                clash = self._clash(session, person, event)
-                if clash is not None:
-                    raise ConflictError(
-                        f"{person.name} is already on {clash.name} ({clash.date}"
-                        + (f" {clash.time}" if clash.time else "")
-                        + f"), which overlaps {event.name}",
-                        value=f"event {clash.id}",
-                        hint="use --allow-overlap if that is intended",
-                    )
+                self._refuse_clash(session, person, event)
             assert person.id is not None
             crew = EventCrew(
                 event_id=event_id,
@@ -284,15 +407,23 @@ class Crew:
                 log.info("assignment %s edited: %s", assignment_id, ", ".join(changes))
         return self.get(assignment_id), changes
 
+    def _refuse_clash(self, session: Session, person: Person, event: Event) -> None:
+        clash = self._clash(session, person, event)
+        if clash is not None:
+            raise ConflictError(
+                f"{person.name} is already on {clash.name} ({clash.date}"
+                + (f" {clash.time}" if clash.time else "")
+                + f"), which overlaps {event.name}",
+                value=f"event {clash.id}",
+                hint="use --allow-overlap if that is intended",
+            )
+
     def _clash(self, session: Session, person: Person, event: Event) -> Event | None:
         return session.exec(
             select(Event)
             .join(EventCrew, col(EventCrew.event_id) == col(Event.id))
             .where(EventCrew.person_id == person.id)
-            .where(col(EventCrew.status) != CrewStatus.DECLINED)
-            .where(col(Event.id) != event.id)
-            .where(col(Event.starts_at) < event.ends_at)
-            .where(col(Event.ends_at) > event.starts_at)
+            .where(clashing_with(event))
             .order_by(col(Event.starts_at))
         ).first()
 
@@ -360,6 +491,9 @@ class Crew:
             assert event is not None
             if crew.status == CrewStatus.COMPLETED:
                 raise ConflictError(f"assignment {assignment_id} is already completed")
+            refusal = answer_refusal(crew, event)
+            if refusal is not None:
+                raise ConflictError(refusal, value=f"assignment {assignment_id}")
             if event.ends_at <= self.clock():
                 raise ConflictError(f"{event.name} is over; the answer can no longer change")
             if crew.status != target:
@@ -419,7 +553,8 @@ class Crew:
         }  # fmt: skip
         key = {CrewStatus.INVITED: "pending"}
         for row in rows:
-            groups[key.get(row.crew.status, row.crew.status)].append(row)
+            if row.crew.status not in CrewStatus.CLOSED:  # no longer theirs
+                groups[key.get(row.crew.status, row.crew.status)].append(row)
         return person, groups
 
     # -- email -----------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""Crew emails: invitations, reminders and setup briefings.
+"""Crew emails: invitations, reminders and setup briefings, and the changes crew are told of
+(an event changed or cancelled, a crew member taken off it).
 
 Sending follows one rule: an email is written to the mail log (and the assignment marked as
 having it) in the same transaction that selects whom to write to, then sent. Two runs at once,
 say two cron ``crew remind``, cannot both pick the same assignment: the selection locks the
 assignments it picks (SQLite's write lock holds the whole file; on PostgreSQL a reminder run
 skips the ones another run holds, and an invitation or briefing waits for it), so the second
-run finds each one taken.
+run finds each one taken. A change crew are told of is made in the transaction that writes
+their emails, and they are sent once it is committed.
 """
 
 from __future__ import annotations
@@ -19,27 +21,36 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import ColumnElement
 from sqlmodel import Session, col, select
 
+from sfcrm import crew
 from sfcrm.crew import (
     BRIEFING,
+    CANCELLATION,
+    CHANGE,
     INVITATION,
     REMINDER,
+    REMOVAL,
     CrewRow,
     Org,
     crew_rows,
     crew_select,
+    format_day,
     note_emails_written,
     template_context,
 )
 from sfcrm.db import Database
-from sfcrm.errors import NotFoundError, ValidationError
+from sfcrm.errors import ConflictError, NotFoundError, ValidationError
+from sfcrm.events import EventChanges, cancel_event, edit_event
 from sfcrm.models import EmailNotification, Event, EventCrew
 from sfcrm.status import CrewStatus
 
 if TYPE_CHECKING:
-    from sfcrm.mail import Mailer, SendReport
+    from sfcrm.mail import Attachment, Mailer, SendReport
     from sfcrm.render import Renderer
 
-__all__ = ["BRIEFING", "INVITATION", "MAX_REMIND_HOURS", "REMINDER", "CrewMail", "MailRun", "Org"]
+__all__ = [
+    "BRIEFING", "CANCELLATION", "CHANGE", "INVITATION", "MAX_REMIND_HOURS", "REMINDER", "REMOVAL",
+    "CrewMail", "EventNotice", "MailRun", "Org",
+]  # fmt: skip
 
 log = logging.getLogger("sfcrm.crew")
 
@@ -67,6 +78,19 @@ class MailRun:
         return len(self.report.sent) if self.report else 0
 
 
+@dataclass
+class EventNotice:
+    """A change to an event or its crew, and what the crew were told of it."""
+
+    event: Event
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    # (the crew member's assignment on this event, their other one it overlaps)
+    clashes: list[tuple[CrewRow, CrewRow]] = field(default_factory=list)
+    assignment: CrewRow | None = None  # the one removed
+    told: MailRun | None = None  # None: nobody was to be told (or --quiet)
+    quiet: bool = False
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What one kind of crew email says to each selected assignment, and whom it passes over."""
@@ -74,6 +98,8 @@ class _Plan:
     subject: Callable[[CrewRow], str]
     refusal: Callable[[CrewRow], str | None] = lambda _row: None
     variables: Callable[[CrewRow], dict[str, Any]] = lambda _row: {}
+    # the calendar entry attached: none, the event's, or its cancellation
+    calendar: str | None = None  # "publish" | "cancel"
 
 
 class CrewMail:
@@ -120,14 +146,13 @@ class CrewMail:
                 refusal=lambda row: row.crew.invitation_refusal(
                     written.get(row.crew.invitation_email_id or 0)
                 ),
-                variables=lambda row: {
-                    "rsvp_url": self._rsvp(_id(row), row.binding, row.event.ends_at)
-                },
+                variables=lambda row: {"rsvp_url": self._rsvp_of(row)},
+                calendar="publish",
             )
 
         return self._run(
             INVITATION, chosen, plan, dry_run=dry_run, progress=progress, check_event=event_id,
-            expected_ids=assignment_ids, calendar=True,
+            expected_ids=assignment_ids,
         )  # fmt: skip
 
     def remind(
@@ -152,6 +177,7 @@ class CrewMail:
             (col(Event.starts_at) > now)
             & (col(Event.starts_at) <= now + timedelta(hours=hours))
             & EventCrew.awaiting_reminder()
+            & col(Event.cancelled_at).is_(None)
         )
         if event_id is not None:
             chosen = chosen & (col(EventCrew.event_id) == event_id)
@@ -173,8 +199,10 @@ class CrewMail:
         progress: Progress | None = None,
     ) -> MailRun:
         """Send the setup briefing, with the whole confirmed roster, to confirmed crew."""
-        chosen = (col(EventCrew.event_id) == event_id) & (
-            col(EventCrew.status) == CrewStatus.CONFIRMED
+        chosen = (
+            (col(EventCrew.event_id) == event_id)
+            & (col(EventCrew.status) == CrewStatus.CONFIRMED)
+            & col(Event.cancelled_at).is_(None)
         )
 
         def plan(session: Session, rows: list[CrewRow]) -> _Plan:
@@ -206,7 +234,6 @@ class CrewMail:
         progress: Progress | None,
         check_event: int | None = None,
         expected_ids: Sequence[int] = (),
-        calendar: bool = False,
         skip_held: bool = False,
     ) -> MailRun:
         mailer = None if dry_run else self._mailer()
@@ -220,47 +247,13 @@ class CrewMail:
 
         def write(session: Session) -> MailRun:
             run = MailRun(dry_run=dry_run)
-            if check_event is not None and session.get(Event, check_event) is None:
-                raise NotFoundError("no such event", value=str(check_event))
+            if check_event is not None:
+                _refuse_cancelled(session, check_event, kind)
             rows = crew_rows(session, query)
             missing = sorted(set(expected_ids) - {_id(r) for r in rows})
             if missing:
                 raise NotFoundError("no such assignment", value=", ".join(map(str, missing)))
-            told = plan(session, rows)
-            written: list[tuple[int, int]] = []
-            for row in rows:
-                reason = told.refusal(row)
-                if reason is None and row.person.archived_at is not None:
-                    reason = f"{row.person.name} is archived"
-                if reason is None and not row.person.email:
-                    reason = f"{row.person.name} has no email address"
-                if reason is not None:
-                    run.skipped.append((_id(row), reason))
-                    continue
-                title, text, html = self._compose(
-                    row, kind, told.subject(row), **told.variables(row)
-                )
-                if mailer is None:
-                    run.previews.append(
-                        {"assignment_id": row.crew.id, "recipient": row.person.email,
-                         "subject": title, "message": text}
-                    )  # fmt: skip
-                    continue
-                assert row.person.email
-                email_id = mailer.queue(
-                    session,
-                    recipient=row.person.email,
-                    notification_type=kind,
-                    subject=title,
-                    text=text,
-                    html=html,
-                    attachments=[self._ics(row)] if calendar else [],
-                    person_id=row.person.id,
-                    assignment_id=row.crew.id,
-                )
-                run.queued.append(email_id)
-                written.append((_id(row), email_id))
-            note_emails_written(session, kind, written)
+            self._write(session, mailer, kind, rows, plan(session, rows), run)
             return run
 
         if dry_run:
@@ -272,6 +265,158 @@ class CrewMail:
         if mailer is not None and run.queued:
             run.report = mailer.send(run.queued, progress=progress)
         return run
+
+    def _write(
+        self,
+        session: Session,
+        mailer: Mailer | None,
+        kind: str,
+        rows: list[CrewRow],
+        told: _Plan,
+        run: MailRun,
+    ) -> None:
+        """Write the emails of ``kind`` to ``rows`` in the caller's transaction (previews
+        without a mailer), noting whom it passes over and why."""
+        written: list[tuple[int, int]] = []
+        for row in rows:
+            reason = told.refusal(row)
+            if reason is None and row.person.archived_at is not None:
+                reason = f"{row.person.name} is archived"
+            if reason is None and not row.person.email:
+                reason = f"{row.person.name} has no email address"
+            if reason is not None:
+                run.skipped.append((_id(row), reason))
+                continue
+            title, text, html = self._compose(row, kind, told.subject(row), **told.variables(row))
+            if mailer is None:
+                run.previews.append(
+                    {"assignment_id": row.crew.id, "recipient": row.person.email,
+                     "subject": title, "message": text}
+                )  # fmt: skip
+                continue
+            assert row.person.email
+            email_id = mailer.queue(
+                session,
+                recipient=row.person.email,
+                notification_type=kind,
+                subject=title,
+                text=text,
+                html=html,
+                attachments=[self._ics(row, cancel=told.calendar == "cancel")]
+                if told.calendar
+                else [],
+                person_id=row.person.id,
+                assignment_id=row.crew.id,
+            )
+            run.queued.append(email_id)
+            written.append((_id(row), email_id))
+        note_emails_written(session, kind, written)
+
+    # -- changes the crew are told of --------------------------------------------------------
+
+    def edit_event(
+        self, event_id: int, changes: EventChanges, *, quiet: bool = False
+    ) -> EventNotice:
+        """Change an event. A change of its date, time or place re-arms its reminders, names
+        the confirmed crew it now clashes for, and (unless ``quiet``) emails every invited or
+        confirmed crew member the new details with an updated calendar entry."""
+
+        def work(session: Session, mailer: Mailer | None) -> EventNotice:
+            edit = edit_event(session, event_id, changes, self.clock())
+            notice = EventNotice(edit.event, edit.changes, quiet=quiet)
+            if not edit.rescheduled:
+                return notice
+            crew.rearm_reminders(session, event_id)
+            notice.clashes = crew.confirmed_clashes(session, edit.event)
+            if not quiet:
+                was = {name: before for name, (before, _after) in edit.changes.items()}
+                plan = _Plan(
+                    subject=lambda row: f"Changed: {row.event.name} - now {row.event.date}",
+                    refusal=self._notice_refusal,
+                    variables=lambda row: {
+                        "was": _shown_before(was),
+                        "rsvp_url": self._rsvp_of(row),
+                    },
+                    calendar="publish",
+                )
+                rows = self._locked_rows(session, col(EventCrew.event_id) == event_id)
+                notice.told = MailRun()
+                self._write(session, mailer, CHANGE, rows, plan, notice.told)
+            return notice
+
+        return self._change(work, quiet)
+
+    def cancel_event(
+        self, event_id: int, *, reason: str | None = None, quiet: bool = False
+    ) -> EventNotice:
+        """Cancel an event and every assignment on it; unless ``quiet``, email every invited
+        or confirmed crew member a cancellation that removes it from their calendar."""
+        from sfcrm.events import clean_reason
+
+        why = clean_reason(reason)
+
+        def work(session: Session, mailer: Mailer | None) -> EventNotice:
+            event = cancel_event(session, event_id, why, self.clock())
+            notice = EventNotice(event, {"cancelled": (False, True)}, quiet=quiet)
+            if not quiet:
+                # told as they were before the cancellation (whom it reaches)
+                rows = self._locked_rows(session, col(EventCrew.event_id) == event_id)
+                plan = _Plan(
+                    subject=lambda row: f"Cancelled: {row.event.name} - {row.event.date}",
+                    refusal=self._notice_refusal,
+                    calendar="cancel",
+                )
+                notice.told = MailRun()
+                self._write(session, mailer, CANCELLATION, rows, plan, notice.told)
+            crew.cancel_assignments(session, event_id)
+            return notice
+
+        return self._change(work, quiet)
+
+    def remove(self, assignment_id: int, *, quiet: bool = False) -> EventNotice:
+        """Take a crew member off their event; unless ``quiet``, one who was invited is told
+        by email, with a cancellation of their calendar entry."""
+
+        def work(session: Session, mailer: Mailer | None) -> EventNotice:
+            before = crew.remove_assignment(session, assignment_id, self.clock())
+            notice = EventNotice(before.event, quiet=quiet, assignment=before)
+            notice.changes = {"status": (before.crew.status, CrewStatus.REMOVED)}
+            if not quiet:
+                plan = _Plan(
+                    subject=lambda row: f"No longer needed: {row.event.name} - {row.event.date}",
+                    refusal=self._notice_refusal,
+                    calendar="cancel",
+                )
+                notice.told = MailRun()
+                self._write(session, mailer, REMOVAL, [before], plan, notice.told)
+            return notice
+
+        return self._change(work, quiet)
+
+    def _change(
+        self, work: Callable[[Session, Mailer | None], EventNotice], quiet: bool
+    ) -> EventNotice:
+        """One transaction makes the change and writes the emails it calls for; they are
+        sent once it is committed."""
+        mailer = None if quiet else self._mailer()
+        if mailer is not None:
+            mailer.check()  # a setting that cannot work fails now, with nothing changed
+        notice = self.db.transaction(lambda session: work(session, mailer))
+        if mailer is not None and notice.told is not None and notice.told.queued:
+            notice.told.report = mailer.send(notice.told.queued)
+        return notice
+
+    def _locked_rows(self, session: Session, chosen: ColumnElement[bool]) -> list[CrewRow]:
+        query = crew_select().where(chosen).order_by(col(EventCrew.id))
+        return crew_rows(session, query.with_for_update(of=EventCrew))
+
+    def _notice_refusal(self, row: CrewRow) -> str | None:
+        if row.event.ends_at <= self.clock():
+            return "the event is over"
+        return row.crew.notice_refusal()
+
+    def _rsvp_of(self, row: CrewRow) -> str | None:
+        return self._rsvp(_id(row), row.binding, row.event.ends_at)
 
     def _compose(
         self, row: CrewRow, kind: str, subject: str, **extra: Any
@@ -288,7 +433,7 @@ class CrewMail:
         )
         return subject, text, html
 
-    def _ics(self, row: CrewRow) -> tuple[str, str, bytes]:
+    def _ics(self, row: CrewRow, *, cancel: bool = False) -> Attachment:
         from sfcrm.ics import event_ics
 
         event = row.event
@@ -307,8 +452,11 @@ class CrewMail:
             organizer_email=self.org.email,
             organizer_name=self.org.name,
             now=self.clock(),
+            sequence=event.sequence,
+            cancelled=cancel,
         )
-        return ("event.ics", "text/calendar; method=PUBLISH", text.encode("utf-8"))
+        method = "CANCEL" if cancel else "PUBLISH"
+        return ("event.ics", f"text/calendar; method={method}", text.encode("utf-8"))
 
 
 def _id(row: CrewRow) -> int:
@@ -323,6 +471,24 @@ def _email_states(
     from sfcrm.mail.claims import states
 
     return states(session, [i for i in ids if i is not None], now)
+
+
+def _refuse_cancelled(session: Session, event_id: int, kind: str) -> None:
+    """An event named for a bulk send exists; a briefing is refused for a cancelled one."""
+    event = session.get(Event, event_id)
+    if event is None:
+        raise NotFoundError("no such event", value=str(event_id))
+    if event.cancelled_at is not None and kind == BRIEFING:
+        raise ConflictError(f"{event.name} is cancelled", value=f"event {event_id}",
+                            hint="no briefing goes out for a cancelled event")  # fmt: skip
+
+
+def _shown_before(was: dict[str, Any]) -> dict[str, Any]:
+    """What a changed event was, as its templates show it."""
+    shown = {name: was.get(name) for name in ("date", "time", "end_time", "location")}
+    if shown["date"]:
+        shown["date"] = format_day(shown["date"])
+    return shown
 
 
 def _briefed(session: Session, event_id: int) -> set[int]:

@@ -77,16 +77,21 @@ def event_ics(
     organizer_email: str | None,
     organizer_name: str | None,
     now: datetime,
+    sequence: int = 0,
+    cancelled: bool = False,
 ) -> str:
-    """A VCALENDAR with one VEVENT, ``METHOD:PUBLISH``, times in UTC."""
+    """A VCALENDAR with one VEVENT, times in UTC: ``METHOD:PUBLISH``, or with ``cancelled``
+    ``METHOD:CANCEL`` and ``STATUS:CANCELLED``. A calendar replaces the entry of the same UID
+    it holds with one of a higher SEQUENCE, so a change or cancellation updates it in place."""
     lines = [
         "BEGIN:VCALENDAR",
         "VERSION:2.0",
         f"PRODID:{PRODID}",
         "CALSCALE:GREGORIAN",
-        "METHOD:PUBLISH",
+        f"METHOD:{'CANCEL' if cancelled else 'PUBLISH'}",
         "BEGIN:VEVENT",
         f"UID:{escape_text(uid)}",
+        f"SEQUENCE:{int(sequence)}",
         f"DTSTAMP:{format_utc(now)}",
         f"DTSTART:{format_utc(starts_at)}",
         f"DTEND:{format_utc(ends_at)}",
@@ -98,5 +103,6 @@ def event_ics(
     if address:
         cn = f";CN={_param_text(organizer_name)}" if organizer_name else ""
         lines.append(f"ORGANIZER{cn}:mailto:{address}")
-    lines += ["STATUS:CONFIRMED", "TRANSP:OPAQUE", "END:VEVENT", "END:VCALENDAR"]
+    status = "CANCELLED" if cancelled else "CONFIRMED"
+    lines += [f"STATUS:{status}", "TRANSP:OPAQUE", "END:VEVENT", "END:VCALENDAR"]
     return "".join(fold(line) for line in lines)

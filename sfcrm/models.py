@@ -255,8 +255,19 @@ class EventCrew(SQLModel, table=True):
                 return f"{written}; see `sfcrm mail list --unsent`"
             state, error = email
             return f"{written}: {EmailState.outlook(state, self.invitation_email_id, error)}"
-        if self.status in (CrewStatus.DECLINED, CrewStatus.COMPLETED):
+        if self.status in (CrewStatus.DECLINED, CrewStatus.COMPLETED, *CrewStatus.CLOSED):
             return f"assignment is {self.status}"
+        return None
+
+    def notice_refusal(self) -> str | None:
+        """Why this assignment is not told that its event changed or was cancelled, or that
+        it was removed, or None: only invited or confirmed crew who know of the event are."""
+        if self.status not in (CrewStatus.INVITED, CrewStatus.CONFIRMED):
+            return f"assignment is {self.status}"
+        if self.status == CrewStatus.INVITED and not (
+            self.invitation_sent or self.invitation_email_id is not None
+        ):
+            return "not invited yet"
         return None
 
     @classmethod

@@ -27,3 +27,7 @@ class CrewStatus:
     REMOVED = "removed"  # taken off the event by the office (`crew remove`)
 
     ALL = (INVITED, CONFIRMED, DECLINED, COMPLETED, CANCELLED, REMOVED)
+    # the assignment holds the person's time: another event at that time clashes with it
+    BOOKED = (INVITED, CONFIRMED, COMPLETED)
+    # the assignment is over before its event: no email, answer or reminder for it any more
+    CLOSED = (CANCELLED, REMOVED)

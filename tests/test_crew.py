@@ -70,7 +70,8 @@ def test_event_json_has_the_documented_fields() -> None:
                     "--details", "Black clothes")  # fmt: skip
     assert doc == {
         "id": 1, "name": "Gala", "date": "2030-05-01", "time": "18:00", "end_time": "23:30",
-        "location": "KICC, Nairobi", "details": "Black clothes",
+        "location": "KICC, Nairobi", "details": "Black clothes", "cancelled": False,
+        "cancel_reason": None,
     }  # fmt: skip
 
 

@@ -121,3 +121,15 @@ def test_times_in_any_zone_are_written_as_utc() -> None:
 
     assert "DTSTART:20250301T150000Z" in lines
     assert "DTEND:20250301T170000Z" in lines
+
+
+def test_an_update_carries_its_sequence_and_a_cancellation_says_cancel() -> None:
+    assert "SEQUENCE:0" in unfold(make())
+    update = unfold(make(sequence=3))
+    assert "SEQUENCE:3" in update and "METHOD:PUBLISH" in update
+
+    cancelled = unfold(make(sequence=4, cancelled=True))
+
+    assert "METHOD:CANCEL" in cancelled and "METHOD:PUBLISH" not in cancelled
+    assert "STATUS:CANCELLED" in cancelled and "STATUS:CONFIRMED" not in cancelled
+    assert "SEQUENCE:4" in cancelled and "UID:event-1-crew-2@sfcrm" in cancelled

@@ -15,7 +15,7 @@ from sfcrm.cli.runtime import (
 from sfcrm.errors import MailError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from sfcrm.cli.runtime import Runtime
     from sfcrm.crew import CrewRow
@@ -40,8 +40,16 @@ def crew_table(rt: "Runtime", rows: "Sequence[CrewRow]") -> None:
     rt.out.print(table)
 
 
-def report_mail_run(rt: "Runtime", what: str, run: "MailRun") -> None:
-    """Print a bulk send's result; exit non-zero when any email failed."""
+def report_mail_run(
+    rt: "Runtime",
+    what: str,
+    run: "MailRun",
+    *,
+    about: dict[str, Any] | None = None,
+    lead: "Callable[[], None] | None" = None,
+) -> None:
+    """Print a bulk send's result; exit non-zero when any email failed. ``about`` joins the
+    JSON document (what the emails were about), ``lead`` prints before the summary."""
     doc: dict[str, Any]
     if run.dry_run:
         doc = {
@@ -54,6 +62,7 @@ def report_mail_run(rt: "Runtime", what: str, run: "MailRun") -> None:
     report = run.report
     failed = report.failed if report else []
     doc = {
+        **(about or {}),
         "queued": run.queued,
         "sent": report.sent if report else [],
         "failed": [{"id": i, "error": rt.redact(e)} for i, e in failed],
@@ -64,6 +73,8 @@ def report_mail_run(rt: "Runtime", what: str, run: "MailRun") -> None:
     }
 
     def render() -> None:
+        if lead is not None:
+            lead()
         for email_id, error in failed:
             rt.say(f"email {email_id} failed: {error}")
         for assignment_id, reason in run.skipped:
@@ -145,7 +156,10 @@ def edit(
 def list_crew(
     event: Annotated[int | None, id_option("--event", "event id")] = None,
     status: Annotated[
-        str | None, typer.Option("--status", help="invited, confirmed, declined, completed")
+        str | None,
+        typer.Option(
+            "--status", help="invited, confirmed, declined, completed, cancelled, removed"
+        ),
     ] = None,
     search: Annotated[
         str | None, typer.Option("--search", help="name, email, event or role")
@@ -305,3 +319,27 @@ def brief(
         with rt.progress("Briefings") as progress:
             run = rt.crew_mail.brief(event, again=again, dry_run=dry_run, progress=progress)
         report_mail_run(rt, "Briefings", run)
+
+
+@app.command("remove")
+def remove(
+    assignment_id: Annotated[int, id_argument("assignment id")],
+    quiet: Annotated[
+        bool, typer.Option("--quiet", help="take them off without emailing them")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Take a crew member off their event (status: removed). One who was invited is told by
+    email, with a cancellation of their calendar entry, unless --quiet.
+
+    Example: sfcrm crew remove 12
+    """
+    with command(json_output) as rt:
+        from sfcrm.cli.events import report_notice
+
+        notice = rt.crew_mail.remove(assignment_id, quiet=quiet)
+        row = notice.assignment
+        assert row is not None
+        report_notice(
+            rt, notice, f"Removed {row.person.name} ({row.crew.role}) from {row.event.name}."
+        )

@@ -10,22 +10,69 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sfcrm.cli.runtime import Runtime
+    from sfcrm.crewmail import EventNotice
     from sfcrm.models import Event
 
-app = typer.Typer(help="Add, list and show events.", no_args_is_help=True)
+app = typer.Typer(help="Add, list, show, edit and cancel events.", no_args_is_help=True)
+Quiet = Annotated[bool, typer.Option("--quiet", help="make the change without emailing the crew")]
 
 
 def events_table(rt: "Runtime", events: "Sequence[Event]") -> None:
     from rich.table import Table
 
-    table = Table("id", "date", "time", "name", "location")
+    table = Table("id", "date", "time", "name", "location", "status")
     for e in events:
         when = (e.time or "") + (f"–{e.end_time}" if e.end_time else "")
         table.add_row(
             text_cell(e.id), text_cell(e.date), text_cell(when), text_cell(e.name),
-            text_cell(e.location),
+            text_cell(e.location), text_cell("CANCELLED" if e.cancelled_at else ""),
         )  # fmt: skip
     rt.out.print(table)
+
+
+def report_notice(rt: "Runtime", notice: "EventNotice", headline: str) -> None:
+    """A change to an event or its crew: what changed, the clashes it made, whom it told."""
+    from sfcrm.cli.crew import report_mail_run
+    from sfcrm.events import event_json
+
+    about = {
+        "event": event_json(notice.event),
+        "changes": {name: [before, after] for name, (before, after) in notice.changes.items()},
+        "clashes": [
+            {"assignment_id": mine.crew.id, "name": mine.person.name,
+             "other_assignment_id": other.crew.id, "other_event_id": other.event.id,
+             "other_event": other.event.name}
+            for mine, other in notice.clashes
+        ],
+        "emailed": notice.told is not None,
+    }  # fmt: skip
+    if notice.assignment is not None:  # as it is now
+        about["assignment"] = {
+            **notice.assignment.json(rt.tz),
+            "status": notice.changes["status"][1],
+        }
+
+    def lead() -> None:
+        rt.print(headline)
+        for mine, other in notice.clashes:
+            e = other.event
+            rt.say(
+                f"Warning: {mine.person.name} (assignment {mine.crew.id}) is also on {e.name}"
+                f" (event {e.id}, {e.date}{' ' + e.time if e.time else ''}), which now overlaps"
+                f" {notice.event.name}"
+            )
+        if notice.told is None:
+            if not notice.changes:
+                rt.print("Nothing changed.")
+            elif notice.quiet:
+                rt.print("Nobody was emailed (--quiet).")
+            else:
+                rt.print("Only the name or details changed: nobody was emailed.")
+
+    if notice.told is None:
+        rt.emit({**about, "queued": [], "sent": [], "failed": [], "skipped": []}, lead)
+    else:
+        report_mail_run(rt, "Crew told", notice.told, about=about, lead=lead)
 
 
 @app.command("add")
@@ -51,6 +98,61 @@ def add(
         event = rt.events.add(name, date, location, time=time, end_time=end_time, details=details)
         rt.emit(event_json(event), lambda: events_table(rt, [event]))
         rt.say(f"Added event {event.id}.")
+
+
+@app.command("edit")
+def edit(
+    event_id: Annotated[int, id_argument("event id")],
+    name: Annotated[str | None, typer.Option("--name", help="event name")] = None,
+    date: Annotated[str | None, typer.Option("--date", help="YYYY-MM-DD")] = None,
+    time: Annotated[str | None, typer.Option("--time", help='start, HH:MM ("" clears)')] = None,
+    end_time: Annotated[
+        str | None, typer.Option("--end-time", help='end, HH:MM ("" clears)')
+    ] = None,
+    location: Annotated[str | None, typer.Option("--location", help="venue")] = None,
+    details: Annotated[
+        str | None, typer.Option("--details", help='what the crew needs to know ("" clears)')
+    ] = None,
+    quiet: Quiet = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Correct an event. A change of date, time or place emails every invited or confirmed
+    crew member the new details with an updated calendar entry (unless --quiet), re-arms
+    their reminders and warns of each confirmed crew member it makes clash with another event.
+
+    Example: sfcrm events edit 3 --date 2026-12-13 --time 19:00
+    """
+    with command(json_output) as rt:
+        changes = rt.events.changes(
+            name=name, date=date, time=time, end_time=end_time, location=location,
+            details=details,
+        )  # fmt: skip
+        notice = rt.crew_mail.edit_event(event_id, changes, quiet=quiet)
+        parts = [
+            "details" if field == "details" else f"{field} {before or '—'} → {after or '—'}"
+            for field, (before, after) in notice.changes.items()
+        ]
+        report_notice(rt, notice, f"Event {event_id}: {'; '.join(parts) or 'no change'}.")
+
+
+@app.command("cancel")
+def cancel(
+    event_id: Annotated[int, id_argument("event id")],
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="why (kept in the history, not emailed)")
+    ] = None,
+    quiet: Quiet = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Cancel an event: every assignment on it is cancelled, and every invited or confirmed
+    crew member gets a cancellation email that removes it from their calendar (unless --quiet).
+    No reminder or briefing goes out for it, and its RSVP links answer that it was cancelled.
+
+    Example: sfcrm events cancel 3 --reason "client postponed to March"
+    """
+    with command(json_output) as rt:
+        notice = rt.crew_mail.cancel_event(event_id, reason=reason, quiet=quiet)
+        report_notice(rt, notice, f"Cancelled event {event_id} ({notice.event.name}).")
 
 
 @app.command("list")

@@ -63,6 +63,8 @@ class RsvpPages:
             )
         context = self.crew.context(row)
         method = environ.get("REQUEST_METHOD")
+        if _closed(row):
+            return self._closed_page(start_response, row, method)
         if method in ("GET", "HEAD"):
             return self._page(
                 start_response, "200 OK", "rsvp_page.html.j2", status=row.crew.status, **context
@@ -89,6 +91,9 @@ class RsvpPages:
                 reason="Please use the Confirm or Decline button.",
             )  # fmt: skip
         except ConflictError as exc:
+            row = self.crew.get(assignment_id)
+            if _closed(row):  # cancelled or removed since it was read above
+                return self._closed_page(start_response, row, method)
             return self._page(
                 start_response, "409 Conflict", "rsvp_denied.html.j2", org=org, reason=exc.message
             )
@@ -100,6 +105,19 @@ class RsvpPages:
             status=row.crew.status,
             **self.crew.context(row),
         )
+
+    def _closed_page(
+        self, start_response: StartResponse, row: CrewRow, method: str | None
+    ) -> list[bytes]:
+        """The event was cancelled, or the crew member taken off it: nothing to answer."""
+        from sfcrm.status import CrewStatus
+
+        cancelled = row.event.cancelled_at is not None or row.crew.status == CrewStatus.CANCELLED
+        http_status = "200 OK" if method in ("GET", "HEAD") else "409 Conflict"
+        return self._page(
+            start_response, http_status, "rsvp_closed.html.j2", cancelled=cancelled,
+            **self.crew.context(row),
+        )  # fmt: skip
 
     def _assignment(self, token: str) -> CrewRow:
         """The assignment a genuine, unexpired link was made for: InvalidToken or
@@ -144,3 +162,9 @@ class RsvpPages:
             ],
         )
         return [body]
+
+
+def _closed(row: CrewRow) -> bool:
+    from sfcrm.crew import answer_refusal
+
+    return answer_refusal(row.crew, row.event) is not None
