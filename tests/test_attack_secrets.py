@@ -790,6 +790,25 @@ def run_everything(  # one long, flat script of what the office does
         for args in (("db", "current"), ("db", "upgrade", "--json"), ("backup", "copy.db")):
             cli(*args, label="[corrupted db]", SFCRM_DATABASE_URL=str(broken))
 
+        # -- corrections: an event moved, then cancelled; one crew member taken off ---------
+        def listed(*args: str) -> Any:
+            return json.loads(runner.invoke(app, [*args, "--json"], env=office.env).stdout)
+
+        date3, at3 = day(timedelta(days=9))
+        cli("events", "add", "--name", "Workshop", "--date", date3, "--time", at3,
+            "--location", "Westlands")  # fmt: skip
+        workshop = str(listed("events", "list")[-1]["id"])
+        for person in (3, 5):
+            cli("crew", "assign", "--event", workshop, "--person", str(person), "--role", "Usher")
+        first = str(listed("crew", "list", "--event", workshop)[0]["id"])
+        cli("crew", "invite", "--event", workshop)
+        cli("events", "edit", workshop, "--time", "10:00")
+        cli("events", "edit", workshop, "--location", "Karen", "--quiet", "--json")
+        cli("crew", "remove", first)
+        cli("crew", "remove", first, "--json")  # removed already: refused
+        cli("events", "cancel", workshop, "--reason", "venue flooded")
+        cli("events", "cancel", workshop, "--json")  # cancelled already: refused
+
         # -- the database's schema and its backup, then a PostgreSQL server that is down ------
         cli("db", "current")
         cli("db", "current", "--json")
