@@ -19,7 +19,7 @@ app = typer.Typer(help="Add, list, show and import people.", no_args_is_help=Tru
 def _table(rt: "Runtime", people: "Sequence[Person]") -> None:
     from rich.table import Table
 
-    from sfcrm.money import format_cents
+    from sfcrm.money import balance_words
 
     table = Table("id", "name", "phone", "email", "balance (KES)")
     for p in people:
@@ -28,7 +28,7 @@ def _table(rt: "Runtime", people: "Sequence[Person]") -> None:
             text_cell(p.name),
             text_cell(p.phone),
             text_cell(p.email or ""),
-            text_cell(format_cents(p.balance_cents)),
+            text_cell(balance_words(p.balance_cents)),
         )
     rt.out.print(table)
 
@@ -117,13 +117,14 @@ def import_csv(
 
 
 def _adjusted(rt: "Runtime", person: "Person", entry: "BalanceEntry") -> None:
+    from sfcrm.money import owes_words
     from sfcrm.people import entry_json, person_json
 
     rt.emit(
         {**person_json(person), "entry": entry_json(entry, rt.tz)},
         lambda: rt.print(
             f"{person.name}: {entry.kind} of KES {entry_json(entry, rt.tz)['amount'].lstrip('-')}"
-            f"; now owes KES {person_json(person)['balance']}."
+            f"; now {owes_words(person.balance_cents)}."
         ),
     )
 
@@ -172,13 +173,14 @@ def history(
     with command(json_output) as rt:
         from rich.table import Table
 
+        from sfcrm.money import owes_words
         from sfcrm.people import entry_json, person_json
 
         person, entries = rt.people.history(ref)
         docs = [entry_json(e, rt.tz) for e in entries]
 
         def render() -> None:
-            rt.print(f"{person.name} owes KES {person_json(person)['balance']}")
+            rt.print(f"{person.name} {owes_words(person.balance_cents)}")
             table = Table("when", "kind", "amount", "balance", "reason")
             for d in docs:
                 table.add_row(
