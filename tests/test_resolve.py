@@ -9,6 +9,8 @@ through the listener's own entry (``Payments.receive``).
 from __future__ import annotations
 
 import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +20,7 @@ from sqlmodel import col, select
 from support import daraja_env, run, run_json, services_for, utcnow
 
 from sfcrm.db import Database
+from sfcrm.errors import ConflictError
 from sfcrm.models import (
     BalanceEntry,
     CallbackOutcome,
@@ -155,6 +158,31 @@ def test_resolve_completed_checks_daraja_moves_the_balance_once_and_a_second_run
     checkout_id = office.get(pid).checkout_request_id
     assert checkout_id is not None
     assert deliver(office, callback_body(checkout_id)) == CallbackOutcome.DUPLICATE
+    assert balance(db) == "1000.00"
+    assert len(ledger_entries(db, pid)) == 1
+    assert len(history(pid)) == 1
+
+
+def test_two_resolves_at_once_move_the_balance_once(
+    office: Payments, owes_1500: dict[str, Any], fake: FakeDaraja, db: Database
+) -> None:
+    pid = stale_pending(db)
+    fake.configure(query_answer="paid")
+    start = threading.Barrier(2)
+
+    def resolve() -> str:
+        start.wait(5)
+        try:
+            office.resolve(pid, outcome="completed", receipt="TH3AB7XY9K", reason="statement")
+        except ConflictError as exc:
+            return exc.message
+        return "resolved"
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(lambda _: resolve(), range(2)))
+
+    assert outcomes[1] == "resolved"
+    assert outcomes[0].startswith(f"payment {pid} ")  # changed meanwhile, or already moved
     assert balance(db) == "1000.00"
     assert len(ledger_entries(db, pid)) == 1
     assert len(history(pid)) == 1
