@@ -443,7 +443,10 @@ def test_refund_done_clears_the_refund_and_reconcile_stops_naming_it(
     office: Payments, owes_1500: dict[str, Any], db: Database
 ) -> None:
     pid = paid_twice(db, office)
-    assert not_settled(pid) == ["paid twice (by two pushes): a refund is due"]
+    assert not_settled(pid) == [
+        "paid twice (by two pushes): a refund is due; once it is made, "
+        f"`sfcrm mpesa refund-done {pid} --reason ...`"
+    ]
     assert "completed by callback (refund due)" in run("mpesa", "status").stdout
     resolve = run("mpesa", "resolve", str(pid), "--as", "completed", "--reason", "x")
     assert resolve.exit_code == 6
