@@ -62,3 +62,18 @@ def format_cents(cents: int) -> str:
 
 def format_kes(shillings: int) -> str:
     return format_cents(shillings * 100)
+
+
+def balance_words(cents: int) -> str:
+    """A balance as people read it: ``"1500.00"`` owed, or ``"in credit KES 200.00"`` when
+    they paid more than they owed (a negative balance). JSON keeps the number as it is."""
+    if cents < 0:
+        return f"in credit KES {format_cents(-cents)}"
+    return format_cents(cents)
+
+
+def owes_words(cents: int) -> str:
+    """``"owes KES 1500.00"``, ``"owes nothing"`` or ``"is in credit KES 200.00"``."""
+    if cents < 0:
+        return f"is {balance_words(cents)}"
+    return f"owes KES {format_cents(cents)}" if cents else "owes nothing"

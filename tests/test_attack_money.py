@@ -1046,7 +1046,7 @@ def test_amount_forms_of_500_complete_and_1_goes_to_review_over_the_socket(
 ) -> None:
     start = balances(db)[person_with_balance.id or 0]
     forms = ["500", "500.0", '"500.00"']
-    requested = [payments.request("1", 500, "Deposit") for _ in forms]
+    requested = [payments.request("1", 500, "Deposit", allow_credit=True) for _ in forms]
     for payment, form in zip(requested, forms, strict=True):
         body = paid_body(payment.checkout_request_id or "", form)
         assert form.encode() in body
@@ -1054,7 +1054,7 @@ def test_amount_forms_of_500_complete_and_1_goes_to_review_over_the_socket(
         assert payments.get(payment.id or 0).status == PaymentStatus.COMPLETED
     assert balances(db)[person_with_balance.id or 0] == start - 3 * 500_00
 
-    short = payments.request("1", 500, "Deposit")
+    short = payments.request("1", 500, "Deposit", allow_credit=True)
     assert listener.post(paid_body(short.checkout_request_id or "", "1")).status_code == 200
     review = payments.get(short.id or 0)
     assert review.status == PaymentStatus.NEEDS_REVIEW

@@ -617,6 +617,9 @@ def run_everything(  # one long, flat script of what the office does
         cli("mpesa", "reconcile", "--older-than", "1")
         cli("mpesa", "callbacks")
         cli("mpesa", "callbacks", "--unmatched", "--json")
+        cli("mpesa", "resolve", "2", "--as", "failed", "--reason", "no answer")  # prompt: refused
+        cli("mpesa", "refund-done", "1", "--reason", "none due", "--json")  # refused
+        cli("history")
 
         # -- Daraja faults -------------------------------------------------------------------
         faults = [
@@ -984,7 +987,9 @@ def test_daraja_echoing_the_consumer_key_in_another_case_shows_it_nowhere(
         "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
         "MPESA_BASE_URL": fake_daraja.url,
     }
-    runner.invoke(app, ["people", "add", "--name", "P", "--phone", "0708374149"], env=env)
+    runner.invoke(
+        app, ["people", "add", "--name", "P", "--phone", "0708374149", "--balance", "100"], env=env
+    )
     args = ["mpesa", "request", "--person", "1", "--amount", "10", "--purpose", "X"]
 
     results = [runner.invoke(app, args, env=env), runner.invoke(app, [*args, "--json"], env=env)]
@@ -1028,7 +1033,9 @@ def test_traceback_mode_masks_secrets_in_the_traceback_and_exits_70(
     }
     assert (
         runner.invoke(
-            app, ["people", "add", "--name", "P", "--phone", "0708374149"], env=env
+            app,
+            ["people", "add", "--name", "P", "--phone", "0708374149", "--balance", "100"],
+            env=env,
         ).exit_code
         == 0
     )
@@ -1066,7 +1073,9 @@ def test_daraja_error_message_quoting_the_request_is_neither_stored_nor_shown(
         "MPESA_BUSINESS_SHORT_CODE": SANDBOX_SHORTCODE,
         "MPESA_BASE_URL": fake_daraja.url,
     }
-    runner.invoke(app, ["people", "add", "--name", "P", "--phone", "0708374149"], env=env)
+    runner.invoke(
+        app, ["people", "add", "--name", "P", "--phone", "0708374149", "--balance", "100"], env=env
+    )
 
     pushed = runner.invoke(
         app, ["mpesa", "request", "--person", "1", "--amount", "10", "--purpose", "X"], env=env

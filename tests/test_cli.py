@@ -255,7 +255,7 @@ def test_request_for_an_unknown_person_exits_5(payer: dict[str, Any]) -> None:
 
 
 def test_a_refused_push_prints_daraja_hint_and_keeps_a_failed_row(cli_env: dict[str, str]) -> None:
-    run_json("people", "add", "--name", "Busy", "--phone", "0700000500")
+    run_json("people", "add", "--name", "Busy", "--phone", "0700000500", "--balance", "10")
     result = run("mpesa", "request", "--person", "1", "--amount", "10", "--purpose", "x")
     assert result.exit_code == 7
     lines = result.stderr.splitlines()
@@ -276,7 +276,7 @@ def test_resend_of_a_completed_payment_is_refused(
 
 
 def test_resend_after_a_cancelled_prompt_pushes_again(cli_env: dict[str, str]) -> None:
-    run_json("people", "add", "--name", "Cancels", "--phone", "0700000032")
+    run_json("people", "add", "--name", "Cancels", "--phone", "0700000032", "--balance", "20")
     run_json("mpesa", "request", "--person", "1", "--amount", "20", "--purpose", "Deposit")
     wait_for(lambda: run_json("mpesa", "status", "1")["status"] == "cancelled")
     doc = run_json("mpesa", "resend", "1")

@@ -677,9 +677,22 @@ def test_amount_mismatch_needs_review_and_no_later_success_reduces_the_balance(
 
     assert apply(db, paid("ws_CO_B", amount="500.00")).outcome == CallbackOutcome.DUPLICATE
     assert apply(db, paid("ws_CO_B"), source="query").outcome == CallbackOutcome.DUPLICATE
-    assert apply(db, paid("ws_CO_A")).outcome == CallbackOutcome.REFUND
+    assert apply(db, paid("ws_CO_A", receipt="SFOTHER001")).outcome == CallbackOutcome.REFUND
     assert get_payment(db, pid).status == PaymentStatus.NEEDS_REVIEW
     assert balance(db, person_with_balance.id) == START_BALANCE
+
+
+def test_a_paid_of_another_push_with_the_receipt_already_recorded_is_no_second_payment(
+    db: Database, person_with_balance: Person
+) -> None:
+    # One M-Pesa receipt is one transaction: the same receipt on another push of the payment
+    # (a payment resolved by hand on its receipt, then its push's callback) is not paid twice.
+    pid = add_payment(db, person_with_balance, "ws_CO_A", "ws_CO_B")
+    assert apply(db, paid("ws_CO_B", receipt="SFSAME0001")).outcome == CallbackOutcome.APPLIED
+    again = apply(db, paid("ws_CO_A", receipt="SFSAME0001"))
+    assert again.outcome == CallbackOutcome.DUPLICATE
+    assert not get_payment(db, pid).refund_due
+    assert balance(db, person_with_balance.id) == START_BALANCE - 500_00
 
 
 def test_amount_written_with_decimals_is_not_a_mismatch(

@@ -66,12 +66,27 @@ def _payments_table(rt: "Runtime", payments: "Sequence[MpesaPayment]") -> None:
             text_cell(p.person_id),
             text_cell(p.phone_number),
             text_cell(format_kes(p.amount)),
-            text_cell(p.status + (" (refund due)" if p.refund_due else "")),
+            text_cell(status_words(p)),
             text_cell(p.receipt_number or ""),
             text_cell(p.initiated_at.astimezone(rt.tz).strftime("%Y-%m-%d %H:%M")),
             text_cell(p.payment_purpose),
         )
     rt.out.print(table)
+
+
+_SETTLED_BY = {"callback": "by callback", "query": "by query", "manual": "by hand"}
+
+
+def status_words(payment: "MpesaPayment") -> str:
+    """``completed by query``, ``unknown``, ``completed by callback (refund due)``."""
+    text = payment.status
+    if payment.settled_by:
+        text += " " + _SETTLED_BY.get(payment.settled_by, f"by {payment.settled_by}")
+    if payment.refund_due:
+        text += " (refund due)"
+    elif payment.refund_done_at is not None:
+        text += " (refunded)"
+    return text
 
 
 def _payment_detail(rt: "Runtime", payment: "MpesaPayment") -> None:
@@ -93,14 +108,23 @@ def request(
     phone: Annotated[
         str | None, typer.Option("--phone", help="phone to prompt (default: the person's)")
     ] = None,
+    allow_credit: Annotated[
+        bool,
+        typer.Option(
+            "--allow-credit", help="ask for more than the person owes (the rest is their credit)"
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Send an STK Push: the person gets an M-Pesa PIN prompt on their phone.
 
+    More than the person owes is refused unless --allow-credit; an archived person is never
+    asked.
+
     Example: sfcrm mpesa request --person 0712345678 --amount 500 --purpose "Crew deposit"
     """
     with command(json_output) as rt:
-        payment = rt.payments.request(person, amount, purpose, phone)
+        payment = rt.payments.request(person, amount, purpose, phone, allow_credit=allow_credit)
         warn_if_not_safaricom(rt, payment.phone_number)
         doc = {
             "success": True,
@@ -279,6 +303,88 @@ def reconcile(
         rt.emit(doc, render)
         if report.errors:
             raise BatchError(f"{len(report.errors)} payments could not be checked")
+
+
+@app.command("resolve")
+def resolve(
+    payment_id: Annotated[int, id_argument("the payment's id")],
+    outcome: Annotated[
+        str, typer.Option("--as", help="completed, failed or cancelled", show_default=False)
+    ],
+    reason: Annotated[
+        str, typer.Option("--reason", help="why, for the audit log", show_default=False)
+    ],
+    receipt: Annotated[
+        str | None,
+        typer.Option("--receipt", help="the M-Pesa receipt number (with --as completed)"),
+    ] = None,
+    accept_paid_amount: Annotated[
+        bool,
+        typer.Option(
+            "--accept-paid-amount",
+            help="for a payment in review: credit what was actually paid, not what was asked",
+        ),
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Settle by hand a payment no callback or query can: unknown, pending past its prompt,
+    or in review. Daraja is asked first (STK Push Query) and a resolution it contradicts is
+    refused; --as completed takes the amount off the balance once.
+
+    Example: sfcrm mpesa resolve 7 --as completed --receipt TH3AB7XY9K --reason "on the statement"
+    """
+    with command(json_output) as rt:
+        from sfcrm.money import format_cents
+        from sfcrm.payments import payment_json
+
+        done = rt.payments.resolve(
+            payment_id, outcome=outcome.strip().lower(), reason=reason, receipt=receipt,
+            accept_paid_amount=accept_paid_amount,
+        )  # fmt: skip
+        credited = None if done.credited_cents is None else format_cents(done.credited_cents)
+        doc = {
+            **payment_json(done.payment, rt.tz),
+            "resolved_from": done.before,
+            "amount_credited": credited,
+            "balance_after": (
+                None if done.balance_after_cents is None else format_cents(done.balance_after_cents)
+            ),
+            "daraja": rt.redact(done.daraja),
+        }
+
+        def render() -> None:
+            from sfcrm.money import balance_words
+
+            p = done.payment
+            line = f"Payment {p.id}: {done.before} -> {p.status}, resolved by hand"
+            if p.receipt_number and credited is not None:
+                line += f" (receipt {p.receipt_number}); KES {credited} credited"
+                if done.balance_after_cents is not None:
+                    line += f", balance now {balance_words(done.balance_after_cents)}"
+            rt.print(line + ".")
+            rt.say(f"Checked with Daraja: {done.daraja}")
+
+        rt.emit(doc, render)
+
+
+@app.command("refund-done")
+def refund_done(
+    payment_id: Annotated[int, id_argument("the payment's id")],
+    reason: Annotated[str, typer.Option("--reason", help="how it was refunded, for the audit log")],
+    json_output: JsonOption = False,
+) -> None:
+    """Record a refund made outside sfcrm for a payment paid twice (flagged refund due).
+
+    Example: sfcrm mpesa refund-done 7 --reason "KES 500 sent back by M-Pesa, ref TK1AB2CD3E"
+    """
+    with command(json_output) as rt:
+        from sfcrm.payments import payment_json
+
+        payment = rt.payments.refund_done(payment_id, reason=reason)
+        rt.emit(
+            payment_json(payment, rt.tz),
+            lambda: rt.print(f"Payment {payment.id}: refund recorded as done; no refund is due."),
+        )
 
 
 @app.command("callbacks")

@@ -21,14 +21,14 @@ RefArgument = Annotated[str, typer.Argument(help="id, phone number or email")]
 def _table(rt: "Runtime", people: "Sequence[Person]") -> None:
     from rich.table import Table
 
-    from sfcrm.money import format_cents
+    from sfcrm.money import balance_words
     from sfcrm.times import iso_in
 
     archived = any(p.archived_at for p in people)  # the column shows only when it says something
     columns = ["id", "name", "phone", "email", "balance (KES)"]
     table = Table(*columns, *(["archived"] if archived else []))
     for p in people:
-        cells = [p.id, p.name, p.phone, p.email or "", format_cents(p.balance_cents)]
+        cells = [p.id, p.name, p.phone, p.email or "", balance_words(p.balance_cents)]
         if archived:
             cells.append(iso_in(p.archived_at, rt.tz) or "")
         table.add_row(*map(text_cell, cells))
@@ -200,13 +200,14 @@ def import_csv(
 
 
 def _adjusted(rt: "Runtime", person: "Person", entry: "BalanceEntry") -> None:
+    from sfcrm.money import owes_words
     from sfcrm.people import entry_json, person_json
 
     rt.emit(
         {**person_json(person, rt.tz), "entry": entry_json(entry, rt.tz)},
         lambda: rt.print(
             f"{person.name}: {entry.kind} of KES {entry_json(entry, rt.tz)['amount'].lstrip('-')}"
-            f"; now owes KES {person_json(person, rt.tz)['balance']}."
+            f"; now {owes_words(person.balance_cents)}."
         ),
     )
 
@@ -255,13 +256,14 @@ def history(
     with command(json_output) as rt:
         from rich.table import Table
 
+        from sfcrm.money import owes_words
         from sfcrm.people import entry_json, person_json
 
         person, entries = rt.people.history(ref)
         docs = [entry_json(e, rt.tz) for e in entries]
 
         def render() -> None:
-            rt.print(f"{person.name} owes KES {person_json(person, rt.tz)['balance']}")
+            rt.print(f"{person.name} {owes_words(person.balance_cents)}")
             table = Table("when", "kind", "amount", "balance", "reason")
             for d in docs:
                 table.add_row(

@@ -14,7 +14,8 @@ The rules that keep money right live here once, and the CLI, the callback listen
 
 One module per concern: ``outcome`` (applying a result, matching a "paid" to a push that got no
 answer), ``inbox`` (storing, acting on and confirming callbacks), ``pushes`` (request and
-resend), ``reconcile``, ``client`` (the Daraja client and its token cache), ``views`` (JSON).
+resend), ``reconcile``, ``resolve`` (settling by hand), ``client`` (the Daraja client and its
+token cache), ``views`` (JSON).
 """
 
 from sfcrm.payments.client import DatabaseTokenCache, build_daraja_client
@@ -30,6 +31,7 @@ from sfcrm.payments.outcome import (
 )
 from sfcrm.payments.pushes import MAX_PURPOSE, PROMPT_LIFETIME, PushInterrupted, PushReport
 from sfcrm.payments.reconcile import DEFAULT_RECONCILE_AGE, ReconcileReport
+from sfcrm.payments.resolve import RESOLVED_AS, Resolution
 from sfcrm.payments.service import Payments
 from sfcrm.payments.views import callback_json, payment_json
 
@@ -42,12 +44,14 @@ __all__ = [
     "MAX_PURPOSE",
     "MIN_SHOWN_DIGITS",
     "PROMPT_LIFETIME",
+    "RESOLVED_AS",
     "Applied",
     "DatabaseTokenCache",
     "Payments",
     "PushInterrupted",
     "PushReport",
     "ReconcileReport",
+    "Resolution",
     "apply_result",
     "build_daraja_client",
     "callback_json",

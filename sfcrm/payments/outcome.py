@@ -134,6 +134,7 @@ def _apply(
         _update_payment(
             conn, pid,
             status=new_status, result_code=result.result_code, result_desc=result.result_desc,
+            settled_by=source,
         )  # fmt: skip
         log.info(
             "payment %s %s: code %s %s (%s)",
@@ -148,6 +149,10 @@ def _apply(
         why = "sender not trusted" if prior is None else f"outcome {prior} recorded before"
         return Applied(CallbackOutcome.NEEDS_QUERY, f"paid; to be confirmed by query ({why})", pid)
     _record(conn, found.checkout_id, result, source, now)
+    if found.settled and result.receipt_number and result.receipt_number == found.receipt_number:
+        # the very M-Pesa transaction that settled it (a push resolved by hand on its receipt
+        # before its callback came): paid once, not twice
+        return Applied(CallbackOutcome.DUPLICATE, "its receipt is already recorded", pid)
     if found.settled:
         _update_payment(conn, pid, refund_due=True)
         log.warning(
@@ -162,6 +167,7 @@ def _apply(
         "receipt_number": receipt,
         "transaction_date": result.transaction_date,
         "result_code": "0",
+        "settled_by": source,
     }
     if found.current != cid:
         # An older push was paid. Only then is the unique column named: setting it to the

@@ -28,8 +28,8 @@ from sfcrm.errors import (
     ValidationError,
 )
 from sfcrm.logs import mask_phone
-from sfcrm.models import CallbackOutcome, MpesaCheckout, MpesaPayment, PaymentStatus
-from sfcrm.money import parse_stk_amount
+from sfcrm.models import CallbackOutcome, MpesaCheckout, MpesaPayment, PaymentStatus, Person
+from sfcrm.money import balance_words, format_cents, parse_stk_amount
 from sfcrm.payments.base import inserting_unique
 from sfcrm.payments.inbox import Inbox
 from sfcrm.payments.outcome import apply_result, query_as_result
@@ -71,9 +71,28 @@ def _after_push_hint(pid: int) -> str:
 
 
 def _never_again(payment: MpesaPayment) -> ConflictError:
+    how = " (resolved by hand)" if payment.resolved_at is not None else ""
     return ConflictError(
-        f"payment {payment.id} is {payment.status}; it is never pushed again",
+        f"payment {payment.id} is {payment.status}{how}; it is never pushed again",
         hint="request a new payment if more is owed",
+    )
+
+
+def _refuse_archived(person: Person) -> None:
+    if person.archived_at is not None:
+        raise ConflictError(
+            f"{person.name} (person {person.id}) is archived; an archived person is never asked "
+            "for money",
+            hint=f"`sfcrm people unarchive {person.id}` first if they really owe it",
+        )
+
+
+def _more_than_owed(person: Person, shillings: int) -> ValidationError:
+    cents = person.balance_cents
+    return ValidationError(
+        f"KES {shillings} is more than {person.name} owes",
+        value=balance_words(cents) if cents < 0 else f"KES {format_cents(cents)}",
+        hint="add --allow-credit to ask for it anyway (what is paid over becomes their credit)",
     )
 
 
@@ -104,9 +123,19 @@ class Pushes(Inbox):
     # -- request ---------------------------------------------------------------------------
 
     def request(
-        self, person_ref: str, amount: str | int, purpose: str, phone: str | None = None
+        self,
+        person_ref: str,
+        amount: str | int,
+        purpose: str,
+        phone: str | None = None,
+        *,
+        allow_credit: bool = False,
     ) -> MpesaPayment:
-        """Write the payment row, then push. Bad input is refused before any row or request."""
+        """Write the payment row, then push. Bad input is refused before any row or request.
+
+        Asking for more than the person owes is refused unless ``allow_credit`` (the rest is
+        then their credit, and ``notify`` says so); an archived person is never asked.
+        """
         shillings = parse_stk_amount(amount)
         purpose_text = printable_line(purpose)
         if not purpose_text:
@@ -119,6 +148,12 @@ class Pushes(Inbox):
         with self.db.write() as session:
             person = find_person(session, person_ref)
             assert person.id is not None
+            _refuse_archived(person)
+            if shillings * 100 > person.balance_cents:
+                if not allow_credit:
+                    raise _more_than_owed(person, shillings)
+                over = _more_than_owed(person, shillings)
+                self.notify(f"Note: {over}; what is paid over it becomes their credit.")
             payment = MpesaPayment(
                 person_id=person.id,
                 phone_number=number or person.phone,
@@ -309,8 +344,11 @@ class Pushes(Inbox):
 
         def claim(session: Session) -> MpesaPayment:
             payment = _locked_payment(session, payment_id)
-            if payment.settled:
+            if payment.settled or payment.resolved_at is not None:
                 raise _never_again(payment)
+            person = session.get(Person, payment.person_id)
+            if person is not None:
+                _refuse_archived(person)
             if payment.resend_claimed_until and payment.resend_claimed_until > now:
                 raise ConflictError(
                     f"payment {payment_id} is being resent by another sfcrm right now"

@@ -135,9 +135,15 @@ class Reconcile(Inbox):
         for p in rows:
             assert p.id is not None
             if p.refund_due:
-                why = "paid twice (by two pushes): a refund is due"
+                why = (
+                    "paid twice (by two pushes): a refund is due; once it is made, "
+                    f"`sfcrm mpesa refund-done {p.id} --reason ...`"
+                )
             elif p.status == PaymentStatus.NEEDS_REVIEW:
-                why = f"needs review: {p.result_desc}"
+                why = (
+                    f"needs review: {p.result_desc}; `sfcrm mpesa resolve {p.id} --as completed "
+                    "[--accept-paid-amount] --reason ...` settles it"
+                )
             elif p.status == PaymentStatus.INITIATED:
                 why = (
                     "never pushed (the command stopped before the push); "
@@ -153,7 +159,8 @@ class Reconcile(Inbox):
             else:
                 why = (
                     "pushed, but Daraja's answer never came and no 'paid' callback matches it: "
-                    f"check the M-Pesa statement for account SF-{p.id}; "
+                    f"check the M-Pesa statement for account SF-{p.id}; if it was paid, "
+                    f"`sfcrm mpesa resolve {p.id} --as completed --receipt R --reason ...`; "
                     f"`sfcrm mpesa resend {p.id} --force` only if it was not paid"
                 )
             found.append((p.id, why))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from sfcrm.payments.pushes import Pushes
 from sfcrm.payments.reconcile import Reconcile
+from sfcrm.payments.resolve import Resolve
 
 
-class Payments(Pushes, Reconcile):
+class Payments(Pushes, Reconcile, Resolve):
     """Everything the office does with M-Pesa payments: request and resend (``pushes``), the
-    callback inbox (``inbox``), reconcile (``reconcile``), reading payments (``base``), each
-    applying outcomes through :func:`~sfcrm.payments.outcome.apply_result`. Dependencies are
-    passed in (see :class:`~sfcrm.payments.base.PaymentsBase`)."""
+    callback inbox (``inbox``), reconcile (``reconcile``), resolving by hand (``resolve``),
+    reading payments (``base``), each applying outcomes through
+    :func:`~sfcrm.payments.outcome.apply_result`. Dependencies are passed in (see
+    :class:`~sfcrm.payments.base.PaymentsBase`)."""

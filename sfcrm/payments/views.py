@@ -32,6 +32,10 @@ def payment_json(payment: MpesaPayment, tz: ZoneInfo) -> dict[str, Any]:
         "initiated_at": iso_in(payment.initiated_at, tz),
         "push_count": payment.push_count,
         "refund_due": payment.refund_due,
+        "settled_by": payment.settled_by,
+        "resolved_at": iso_in(payment.resolved_at, tz),
+        "resolution": payment.resolution,
+        "refund_done_at": iso_in(payment.refund_done_at, tz),
     }
 
 
