@@ -33,14 +33,7 @@ def outbox_folder(settings: Settings) -> Path:
 
 def backend_from_settings(settings: Settings, *, stream: TextIO | None = None) -> Backend:
     """The backend EMAIL_BACKEND names; with none set, ``.eml`` files in ``outbox/``."""
-    raw = settings.email_backend
-    kind = "file" if raw is None else _BACKENDS.get(str(raw).strip().lower())
-    if kind is None:
-        raise ConfigError(
-            "EMAIL_BACKEND is not one sfcrm knows",
-            value=str(raw),
-            hint="use smtp, console or file (Django's smtp, console and filebased names work)",
-        )
+    kind = backend_kind(settings)
     if kind == "console":
         return ConsoleBackend(stream if stream is not None else sys.stderr)
     if kind == "file":
