@@ -119,9 +119,10 @@ class Mailer:
             raise ValueError("the clock must give aware datetimes")
         return now
 
-    @property
+    @cached_property
     def envelope_sender(self) -> str:
-        """The bare address of DEFAULT_FROM_EMAIL, for SMTP's MAIL FROM."""
+        """The bare address of DEFAULT_FROM_EMAIL, for SMTP's MAIL FROM (checked once: every
+        email of a batch asks for it)."""
         from email.utils import parseaddr
 
         if "\r" in self.sender or "\n" in self.sender:
