@@ -13,9 +13,10 @@ from sfcrm.cli.runtime import (
     host_option,
     id_argument,
     port_option,
+    started,
     text_cell,
 )
-from sfcrm.errors import BatchError, SfcrmError, ValidationError
+from sfcrm.errors import BatchError, ExitCode, SfcrmError, ValidationError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -459,7 +460,7 @@ def emulator(
         except ValueError as exc:
             raise ValidationError(str(exc)) from None
         rt.emit(
-            {"url": server.url, "shortcode": SANDBOX_SHORTCODE},
+            started("emulator", server.url, shortcode=SANDBOX_SHORTCODE),
             lambda: rt.say(
                 f"Daraja emulator on {server.url} (shortcode 174379, sandbox passkey). "
                 "Ctrl-C stops it."
@@ -470,5 +471,10 @@ def emulator(
             server.serve_forever()
         except KeyboardInterrupt:
             rt.say("Stopped.")
+            stopped = True
+        else:
+            stopped = False
         finally:
             server.stop()
+        if stopped:
+            raise typer.Exit(int(ExitCode.INTERRUPTED))

@@ -388,3 +388,9 @@ def text_cell(value: object) -> Any:
     from rich.text import Text
 
     return Text(clean_text(value))
+
+
+def started(service: str, url: str, **details: object) -> dict[str, object]:
+    """What a server (``serve-callback``, the emulator) prints under --json once it listens:
+    one shape for each."""
+    return {"service": service, "listening": url, "pid": os.getpid(), "details": details}

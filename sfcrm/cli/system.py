@@ -1,11 +1,12 @@
 """Top-level commands: ``init``, ``doctor``, ``serve-callback``, ``demo``, ``backup`` and ``db``."""
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, host_option, port_option
+from sfcrm.cli.runtime import JsonOption, command, host_option, port_option, started
 from sfcrm.errors import ConfigError, ExitCode, ValidationError
 
 if TYPE_CHECKING:
@@ -165,19 +166,22 @@ def serve_callback(
                 )
             address = f"http://{host}:{server.effective_port}"
             rt.emit(
-                {"listening": address, "threads": settings.listener_threads},
+                started("serve-callback", address, threads=settings.listener_threads),
                 lambda: rt.say(
                     f"Listening on {address}/******** (the path of MPESA_CALLBACK_URL). "
                     "Ctrl-C stops."
                 ),
                 now=True,
             )
-            server.run()
-        except KeyboardInterrupt:
+            # waitress takes Ctrl-C's KeyboardInterrupt and returns; one outside its loop too
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run()
             rt.say("Stopping.")
         finally:
             server.close()
             app.stop()
+        # The only way a listener ends is Ctrl-C: 130, as for any command it stops.
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
 
 
 def _remove_handler(handler: "logging.Handler", *names: str) -> None:
