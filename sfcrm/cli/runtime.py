@@ -52,6 +52,7 @@ CsvOption = Annotated[
 # SQLite cannot hold, or one that means nothing, is a usage error (exit 2) naming the option.
 # SQLite's INTEGER is a signed 64-bit number: no id, count or offset can be larger.
 MAX_INT = 2**63 - 1
+WRAP_MIN = 12  # a table's wrapping column (a name, a purpose) is never narrower than this
 MAX_PORT = 65535
 
 
@@ -334,12 +335,18 @@ class Runtime:
             self.print(empty)
             return
         table = Table()
+        needed = 1  # the left border; each column adds its padding and a border
         for i, header in enumerate(columns):
-            if header in wrap:  # (its header whole: the text under it is what wraps)
-                table.add_column(header, overflow="fold", min_width=cell_len(header))
+            widest = max(cell_len(header), *(cell_len(row[i]) for row in cells))
+            if header in wrap:  # at least its header, and a few words a line
+                least = min(widest, max(cell_len(header), WRAP_MIN))
+                table.add_column(header, overflow="fold", min_width=least)
             else:
-                widest = max(len(header), *(cell_len(row[i]) for row in cells))
-                table.add_column(header, no_wrap=True, min_width=widest)
+                least = widest
+                table.add_column(header, no_wrap=True, min_width=least)
+            needed += least + 3
+        if needed > self.out.width:  # too narrow even so: wider than the terminal, not cut
+            table.width = needed
         for row in cells:
             table.add_row(*map(text_cell, row))
         self.out.print(table)
