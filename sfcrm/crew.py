@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, Integer, Update, and_, bindparam, func, or_, update
+from sqlalchemy import ColumnElement, Integer, Update, and_, bindparam, or_, update
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import Select
 
@@ -29,7 +29,7 @@ from sfcrm.models import (
     UTCDateTime,
     table,
 )
-from sfcrm.people import find_person
+from sfcrm.people import find_person, search_condition
 from sfcrm.rsvp import binding
 from sfcrm.times import iso_in
 
@@ -445,15 +445,8 @@ class Crew:
         if status is not None:
             query = query.where(EventCrew.status == status)
         if search:
-            pattern = f"%{search.lower()}%"
-            query = query.where(
-                or_(
-                    func.lower(Person.name).like(pattern),
-                    func.lower(Person.email).like(pattern),
-                    func.lower(Event.name).like(pattern),
-                    func.lower(EventCrew.role).like(pattern),
-                )
-            )
+            texts = (Person.name, Person.email, Event.name, EventCrew.role)
+            query = query.where(search_condition(search, *texts, phone=Person.phone))
         with self.db.read() as session:
             if event_id is not None and session.get(Event, event_id) is None:
                 raise NotFoundError("no such event", value=str(event_id))

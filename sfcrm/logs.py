@@ -172,8 +172,26 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def configure_logging(log_file: Path | None, redact: Redactor) -> None:
-    """Send sfcrm's log lines to log_file (when set); idempotent."""
+class LocalTimeFormatter(logging.Formatter):
+    """Log lines stamped in the office's time zone (SFCRM_TIMEZONE), with its offset:
+    ``2026-12-01T09:00:00+03:00 INFO sfcrm.payments ...``, whatever the machine's own zone."""
+
+    def __init__(
+        self, tz: str = "UTC", fmt: str = "%(asctime)s %(levelname)s %(name)s %(message)s"
+    ) -> None:
+        from zoneinfo import ZoneInfo
+
+        super().__init__(fmt)
+        self.tz = ZoneInfo(tz)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        from datetime import datetime
+
+        return datetime.fromtimestamp(record.created, self.tz).isoformat(timespec="seconds")
+
+
+def configure_logging(log_file: Path | None, redact: Redactor, *, tz: str = "UTC") -> None:
+    """Send sfcrm's log lines to log_file (when set), stamped in ``tz``; idempotent."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(logging.INFO)
     for handler in list(logger.handlers):
@@ -187,9 +205,7 @@ def configure_logging(log_file: Path | None, redact: Redactor) -> None:
         return
     handler = logging.FileHandler(log_file, encoding="utf-8")
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
-    )
+    handler.setFormatter(LocalTimeFormatter(tz))
     handler.addFilter(RedactingFilter(redact))
     logger.addHandler(handler)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
@@ -71,6 +72,31 @@ def entry_json(entry: BalanceEntry, tz: Any) -> dict[str, Any]:
         "payment_id": entry.payment_id,
         "created_at": entry.created_at.astimezone(tz).isoformat(timespec="seconds"),
     }
+
+
+# What staff type inside a phone number: 0722 111 002, +254 722-111-002, (0722) 111002.
+_PHONE_TYPING = re.compile(r"[\s\-().+]")
+
+
+def phone_digits(search: str) -> str | None:
+    """The digits a search typed as a phone number looks for in a stored ``2547XXXXXXXX``:
+    ``0722 111 002`` -> ``722111002``, ``+254 722-111-002`` -> ``254722111002``; None when
+    the search is not a phone number (letters, or no digits)."""
+    cleaned = _PHONE_TYPING.sub("", search)
+    if not cleaned.isascii() or not cleaned.isdigit():
+        return None
+    return cleaned.removeprefix("0") or None  # the trunk 0 is never stored
+
+
+def search_condition(search: str, *texts: Any, phone: Any = None) -> Any:
+    """The rows whose ``texts`` hold ``search`` (any case, ``%`` and ``_`` meaning
+    themselves), or whose ``phone`` holds the number typed in any form staff type."""
+    search = search.strip()
+    conditions = [col(c).icontains(search, autoescape=True) for c in texts]
+    digits = phone_digits(search) if phone is not None else None
+    if digits is not None:
+        conditions.append(col(phone).contains(digits, autoescape=True))
+    return or_(*conditions)
 
 
 def printable_line(text: str) -> str:
@@ -372,15 +398,20 @@ class People:
                 .limit(limit)
             )
             if search:
-                pattern = f"%{search.lower()}%"
                 query = query.where(
-                    or_(
-                        func.lower(Person.name).like(pattern),
-                        col(Person.phone).like(pattern),
-                        func.lower(Person.email).like(pattern),
-                    )
+                    search_condition(search, Person.name, Person.email, phone=Person.phone)
                 )
             return session.exec(query).all()
+
+    def names(self, ids: Iterable[int | None]) -> dict[int, str]:
+        """The names of the people with these ids (archived or not), for tables that show
+        whose a row is."""
+        wanted = {i for i in ids if i is not None}
+        if not wanted:
+            return {}
+        with self.db.read() as session:
+            rows = session.exec(select(Person.id, Person.name).where(col(Person.id).in_(wanted)))
+            return {pid: name for pid, name in rows if pid is not None}
 
     def import_csv(self, path: Path) -> ImportedPeople:
         """All rows or none: every bad row is reported by its line number.

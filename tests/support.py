@@ -9,6 +9,7 @@ import email.policy
 import itertools
 import json
 import os
+import re
 import secrets
 import socket
 import threading
@@ -307,6 +308,16 @@ class SmtpSink:
 
 
 # -- the CLI as staff and cron use it ----------------------------------------------------------
+
+
+# The time a cron summary starts with: SFCRM_TIMEZONE's wall clock, with its offset.
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d ", re.MULTILINE)
+
+
+def unstamped(text: str) -> str:
+    """Output whose summary line starts with a timestamp, without it (it must be there)."""
+    assert STAMP.search(text), f"no line starts with a timestamp: {text!r}"
+    return STAMP.sub("", text)
 
 
 def run(*args: str) -> Any:

@@ -9,6 +9,7 @@ push's answer, and the customer's "paid" callback has already reached the listen
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -227,8 +228,9 @@ def test_request_stopped_mid_push_without_a_callback_is_listed_by_reconcile_with
     # ...and lists it once it is, with what the office can do.
     report = sfcrm(env, "mpesa", "reconcile", "--older-than", "0s")
     assert report.returncode == 0, report.stderr
-    line = next(x for x in report.stdout.splitlines() if x.startswith(f"payment {pid}:"))
-    assert line.startswith(f"payment {pid}: not settled: pushed, but Daraja's answer never came")
+    line = next(x for x in report.stdout.splitlines() if x.startswith(f"payment {pid} ("))
+    named = rf"payment {pid} \(.+\): not settled: pushed, but Daraja's answer never came"
+    assert re.match(named, line)
     assert f"account SF-{pid}" in line
     assert "1 not settled" in report.stdout.splitlines()[-1]
     # a plain resend refuses; it is --force only, and only once the prompt cannot be on the phone

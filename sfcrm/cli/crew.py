@@ -5,11 +5,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sfcrm.cli.runtime import (
+    CsvOption,
     JsonOption,
     command,
     id_argument,
     id_option,
-    text_cell,
     usage_error,
 )
 from sfcrm.errors import MailError
@@ -26,18 +26,22 @@ app = typer.Typer(help="Assign crew, invite, remind and brief them.", no_args_is
 DryRun = Annotated[bool, typer.Option("--dry-run", help="show what would be sent; send nothing")]
 
 
-def crew_table(rt: "Runtime", rows: "Sequence[CrewRow]") -> None:
-    from rich.table import Table
+CREW_CSV = (
+    "id", "event_id", "event", "person_id", "name", "email", "role", "status",
+    "invitation_sent_at", "reminder_sent_at", "notes",
+)  # fmt: skip
 
-    table = Table("id", "event", "name", "role", "status", "invited", "reminded")
-    for r in rows:
-        table.add_row(
-            text_cell(r.crew.id), text_cell(r.event.name), text_cell(r.person.name),
-            text_cell(r.crew.role), text_cell(r.crew.status),
-            text_cell("yes" if r.crew.invitation_sent else ""),
-            text_cell("yes" if r.crew.reminder_sent else ""),
-        )  # fmt: skip
-    rt.out.print(table)
+
+def crew_table(rt: "Runtime", rows: "Sequence[CrewRow]", *, empty: str = "No crew found.") -> None:
+    rt.table(
+        ["id", "event", "name", "role", "status", "invited", "reminded"],
+        [
+            [r.crew.id, r.event.name, r.person.name, r.crew.role, r.crew.status,
+             "yes" if r.crew.invitation_sent else "", "yes" if r.crew.reminder_sent else ""]
+            for r in rows
+        ],
+        wrap={"event", "name", "role"}, empty=empty,
+    )  # fmt: skip
 
 
 def report_mail_run(
@@ -83,7 +87,7 @@ def report_mail_run(
             for email_id in report.skipped:  # written, then taken or tried by another sfcrm
                 rt.say(f"email {email_id} not sent here: {report.reasons[email_id]}")
         done = report.delivered if report else "0 sent"
-        rt.print(f"{what}: {done}, {len(failed)} failed, {len(run.skipped)} skipped.")
+        rt.summary(f"{what}: {done}, {len(failed)} failed, {len(run.skipped)} skipped.")
 
     rt.emit(doc, render)
     if failed:
@@ -162,17 +166,18 @@ def list_crew(
         ),
     ] = None,
     search: Annotated[
-        str | None, typer.Option("--search", help="name, email, event or role")
+        str | None, typer.Option("--search", help="name, phone, email, event or role")
     ] = None,
+    csv_output: CsvOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """List crew assignments.
 
     Example: sfcrm crew list --event 3 --status confirmed
     """
-    with command(json_output) as rt:
+    with command(json_output, csv_output) as rt:
         rows = rt.crew.find(event_id=event, status=status, search=search)
-        rt.emit([r.json(rt.tz) for r in rows], lambda: crew_table(rt, rows))
+        rt.emit([r.json(rt.tz) for r in rows], lambda: crew_table(rt, rows), csv=CREW_CSV)
 
 
 def _respond(assignment_id: int, answer: str, json_output: bool) -> None:
@@ -230,13 +235,14 @@ def complete(
 @app.command("assignments")
 def assignments(
     person: Annotated[str, typer.Option("--person", help="id, phone or email")],
+    csv_output: CsvOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """A crew member's own view: pending invitations, confirmed, completed, declined.
 
     Example: sfcrm crew assignments --person 0712345678
     """
-    with command(json_output) as rt:
+    with command(json_output, csv_output) as rt:
         from sfcrm.people import person_json
 
         who, groups = rt.crew.assignments_of(person)
@@ -250,6 +256,9 @@ def assignments(
                 "pending": "Pending invitations", "confirmed": "Confirmed",
                 "completed": "Completed", "declined": "Declined",
             }  # fmt: skip
+            if not any(groups.values()):
+                rt.print(f"No assignments found for {who.name}.")
+                return
             for name, rows in groups.items():
                 rt.print(f"{titles[name]} ({len(rows)})")
                 for r in rows:
@@ -258,7 +267,8 @@ def assignments(
                         f" as {r.crew.role}"
                     )
 
-        rt.emit(doc, render)
+        rows = [{**r.json(rt.tz), "group": name} for name, rs in groups.items() for r in rs]
+        rt.emit(doc, render, csv=("group", *CREW_CSV), csv_rows=rows)
 
 
 @app.command("invite")

@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, id_argument, text_cell
+from sfcrm.cli.runtime import CsvOption, JsonOption, command, id_argument
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -17,17 +17,20 @@ app = typer.Typer(help="Add, list, show, edit and cancel events.", no_args_is_he
 Quiet = Annotated[bool, typer.Option("--quiet", help="make the change without emailing the crew")]
 
 
-def events_table(rt: "Runtime", events: "Sequence[Event]") -> None:
-    from rich.table import Table
+EVENT_CSV = ("id", "name", "date", "time", "end_time", "location", "details", "cancelled",
+             "cancel_reason")  # fmt: skip
 
-    table = Table("id", "date", "time", "name", "location", "status")
-    for e in events:
-        when = (e.time or "") + (f"–{e.end_time}" if e.end_time else "")
-        table.add_row(
-            text_cell(e.id), text_cell(e.date), text_cell(when), text_cell(e.name),
-            text_cell(e.location), text_cell("CANCELLED" if e.cancelled_at else ""),
-        )  # fmt: skip
-    rt.out.print(table)
+
+def events_table(rt: "Runtime", events: "Sequence[Event]") -> None:
+    rt.table(
+        ["id", "date", "time", "name", "location", "status"],
+        [
+            [e.id, e.date, (e.time or "") + (f"–{e.end_time}" if e.end_time else ""), e.name,
+             e.location, "CANCELLED" if e.cancelled_at else ""]
+            for e in events
+        ],
+        wrap={"name", "location"}, empty="No events found.",
+    )  # fmt: skip
 
 
 def report_notice(rt: "Runtime", notice: "EventNotice", headline: str) -> None:
@@ -160,17 +163,18 @@ def list_events(
     upcoming: Annotated[
         bool, typer.Option("--upcoming", help="only events that have not ended")
     ] = False,
+    csv_output: CsvOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """List events by date.
 
     Example: sfcrm events list --upcoming
     """
-    with command(json_output) as rt:
+    with command(json_output, csv_output) as rt:
         from sfcrm.events import event_json
 
         events = rt.events.find(upcoming=upcoming)
-        rt.emit([event_json(e) for e in events], lambda: events_table(rt, events))
+        rt.emit([event_json(e) for e in events], lambda: events_table(rt, events), csv=EVENT_CSV)
 
 
 @app.command("show")
@@ -194,6 +198,6 @@ def show(
             events_table(rt, [event])
             if event.details:
                 rt.print(event.details)
-            crew_table(rt, crew)
+            crew_table(rt, crew, empty="No crew on this event yet.")
 
         rt.emit(doc, render)

@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, id_option, text_cell
+from sfcrm.cli.runtime import CsvOption, JsonOption, command, id_option
 
 
 def history(
@@ -16,6 +16,7 @@ def history(
     limit: Annotated[
         int, typer.Option("--limit", help="at most this many entries", min=1, max=100_000)
     ] = 200,
+    csv_output: CsvOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """List what was changed by hand, newest first: who changed what (before and after), when,
@@ -23,9 +24,7 @@ def history(
 
     Example: sfcrm history --person 0712345678
     """
-    with command(json_output) as rt:
-        from rich.table import Table
-
+    with command(json_output, csv_output) as rt:
         from sfcrm.audit import entry_json
         from sfcrm.people import find_person
 
@@ -39,10 +38,7 @@ def history(
         docs = [entry_json(e, rt.tz) for e in entries]
 
         def render() -> None:
-            if not docs:
-                rt.print("No changes found.")
-                return
-            table = Table("when", "who", "what", "about", "changes", "reason")
+            rows = []
             for d in docs:
                 about = ", ".join(
                     f"{name} {d[name + '_id']}" for name in _SUBJECTS if d[name + "_id"] is not None
@@ -51,13 +47,14 @@ def history(
                     f"{field}: {_shown(before)} → {_shown(after)}"
                     for field, (before, after) in d["changes"].items()
                 )
-                table.add_row(
-                    text_cell(d["at"]), text_cell(d["actor"]), text_cell(d["action"]),
-                    text_cell(about), text_cell(changes), text_cell(d["reason"] or ""),
-                )  # fmt: skip
-            rt.out.print(table)
+                rows.append([d["at"], d["actor"], d["action"], about, changes, d["reason"] or ""])
+            rt.table(
+                ["when", "who", "what", "about", "changes", "reason"], rows,
+                wrap={"who", "about", "changes", "reason"}, empty="No changes found.",
+            )  # fmt: skip
 
-        rt.emit(docs, render)
+        rt.emit(docs, render, csv=("id", "at", "actor", "action", *(f"{n}_id" for n in _SUBJECTS),
+                                   "changes", "reason"))  # fmt: skip
 
 
 _SUBJECTS = ("person", "event", "assignment", "payment")

@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from sfcrm.cli.runtime import MAX_INT, JsonOption, clean_text, command, id_argument, text_cell
+from sfcrm.cli.runtime import MAX_INT, CsvOption, JsonOption, clean_text, command, id_argument
 from sfcrm.errors import MailError
 
 app = typer.Typer(help="The mail log: list, show and retry failed emails.", no_args_is_help=True)
@@ -25,6 +25,7 @@ def list_mail(
     limit: Annotated[
         int, typer.Option("--limit", min=1, max=10000, help="at most this many")
     ] = 200,
+    csv_output: CsvOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """List logged emails, newest first, each with its state: queued (written, never tried, no
@@ -33,7 +34,7 @@ def list_mail(
 
     Example: sfcrm mail list --unsent
     """
-    with command(json_output) as rt:
+    with command(json_output, csv_output) as rt:
         from datetime import datetime
 
         from sfcrm.events import parse_date
@@ -52,19 +53,19 @@ def list_mail(
         docs = [notification_json(n, rt.tz, states.get(n.id or 0, ("sent", None))[0]) for n in rows]
 
         def render() -> None:
-            from rich.table import Table
+            rt.table(
+                ["id", "to", "type", "subject", "state", "sent", "attempts", "last error"],
+                [
+                    [d["id"], d["recipient"], d["notification_type"], d["subject"], d["state"],
+                     d["sent_at"] or "", d["failed_attempts"], d["last_error"] or ""]
+                    for d in docs
+                ],
+                wrap={"to", "subject", "last error"}, empty="No emails found.",
+            )  # fmt: skip
 
-            table = Table("id", "to", "type", "subject", "state", "sent", "attempts", "last error")
-            for d in docs:
-                table.add_row(
-                    text_cell(d["id"]), text_cell(d["recipient"]),
-                    text_cell(d["notification_type"]), text_cell(d["subject"]),
-                    text_cell(d["state"]), text_cell(d["sent_at"] or ""),
-                    text_cell(d["failed_attempts"]), text_cell(d["last_error"] or ""),
-                )  # fmt: skip
-            rt.out.print(table)
-
-        rt.emit(docs, render)
+        rt.emit(docs, render, csv=("id", "recipient", "person_id", "notification_type",
+                                   "subject", "state", "sent_at", "failed_attempts",
+                                   "last_error"))  # fmt: skip
 
 
 @app.command("show")
@@ -137,7 +138,7 @@ def retry(
         def render() -> None:
             for email_id, error in report.failed:
                 rt.say(f"email {email_id} failed: {error}")
-            rt.print(
+            rt.summary(
                 f"Retry: {report.delivered}, {len(report.failed)} failed, "
                 f"{len(report.skipped)} not retried."
             )

@@ -8,6 +8,7 @@ import typer
 
 from sfcrm.cli.runtime import (
     MAX_INT,
+    CsvOption,
     JsonOption,
     command,
     host_option,
@@ -55,24 +56,35 @@ def warn_if_not_safaricom(rt: "Runtime", phone: str) -> None:
         )
 
 
-def _payments_table(rt: "Runtime", payments: "Sequence[MpesaPayment]") -> None:
-    from rich.table import Table
+PAYMENT_CSV = (
+    "payment_id", "person_id", "person", "phone_number", "amount", "status", "settled_by",
+    "receipt_number", "initiated_at", "completed_at", "payment_purpose", "account_reference",
+    "refund_due", "resolution",
+)  # fmt: skip
 
+
+def _payments_table(
+    rt: "Runtime", payments: "Sequence[MpesaPayment]", names: dict[int, str]
+) -> None:
     from sfcrm.money import format_kes
+    from sfcrm.times import iso_in
 
-    table = Table("id", "person", "phone", "amount", "status", "receipt", "initiated", "purpose")
-    for p in payments:
-        table.add_row(
-            text_cell(p.id),
-            text_cell(p.person_id),
-            text_cell(p.phone_number),
-            text_cell(format_kes(p.amount)),
-            text_cell(status_words(p)),
-            text_cell(p.receipt_number or ""),
-            text_cell(p.initiated_at.astimezone(rt.tz).strftime("%Y-%m-%d %H:%M")),
-            text_cell(p.payment_purpose),
-        )
-    rt.out.print(table)
+    rt.table(
+        ["id", "person", "name", "phone", "amount", "status", "receipt", "initiated", "purpose"],
+        [
+            [p.id, p.person_id, names.get(p.person_id, ""), p.phone_number, format_kes(p.amount),
+             status_words(p), p.receipt_number or "", iso_in(p.initiated_at, rt.tz),
+             p.payment_purpose]
+            for p in payments
+        ],
+        wrap={"name", "purpose"}, empty="No payments found.",
+    )  # fmt: skip
+
+
+def _whose(payment_id: object, names: dict[int, str], person_ids: dict[int, int]) -> str:
+    """``payment 7 (Achieng Otieno)``: a payment named with whose it is."""
+    name = names.get(person_ids.get(payment_id, 0), "") if isinstance(payment_id, int) else ""
+    return f"payment {payment_id} ({name})" if name else f"payment {payment_id}"
 
 
 _SETTLED_BY = {"callback": "by callback", "query": "by query", "manual": "by hand"}
@@ -96,8 +108,13 @@ def _payment_detail(rt: "Runtime", payment: "MpesaPayment") -> None:
     from sfcrm.payments import payment_json
 
     table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    name = rt.people.names([payment.person_id]).get(payment.person_id or 0)
     for key, value in payment_json(payment, rt.tz).items():
         table.add_row(text_cell(key), text_cell("" if value is None else value))
+        if key == "person_id" and name:
+            table.add_row(text_cell("person"), text_cell(name))
     rt.out.print(table)
 
 
@@ -189,8 +206,9 @@ def resend(
         rt.emit(
             {"results": results, "pushed": sum(1 for r in results if r.get("pushed")),
              "failed": failed},
-            lambda: rt.print(
-                f"{sum(1 for r in results if r.get('pushed'))} pushed, {failed} not pushed."
+            lambda: rt.summary(
+                f"Resend: {sum(1 for r in results if r.get('pushed'))} pushed, "
+                f"{failed} not pushed."
             ),
         )  # fmt: skip
         if failed and len(ids) == 1:
@@ -221,13 +239,14 @@ def status(
     ] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="rows to show")] = 50,
     offset: Annotated[int, typer.Option("--offset", min=0, max=MAX_INT, help="rows to skip")] = 0,
+    csv_output: CsvOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Show one payment, or a filtered list (newest first).
 
     Example: sfcrm mpesa status --status pending --refresh
     """
-    with command(json_output) as rt:
+    with command(json_output, csv_output) as rt:
         from sfcrm.payments import payment_json
 
         if payment_id is not None:
@@ -235,7 +254,12 @@ def status(
                 for problem in rt.payments.refresh([payment_id]):
                     rt.say(f"refresh: {problem}")
             payment = rt.payments.get(payment_id)
-            rt.emit(payment_json(payment, rt.tz), lambda: _payment_detail(rt, payment))
+            one = payment_json(payment, rt.tz)
+            rt.emit(
+                one, lambda: _payment_detail(rt, payment), csv=PAYMENT_CSV,
+                csv_rows=[{**one, "person": rt.people.names([payment.person_id]).get(
+                    payment.person_id or 0)}],
+            )  # fmt: skip
             return
         payments = rt.payments.find(
             status=status_filter, person_ref=person, limit=limit, offset=offset
@@ -246,7 +270,12 @@ def status(
             payments = rt.payments.find(
                 status=status_filter, person_ref=person, limit=limit, offset=offset
             )
-        rt.emit([payment_json(p, rt.tz) for p in payments], lambda: _payments_table(rt, payments))
+        names = rt.people.names(p.person_id for p in payments)
+        docs = [payment_json(p, rt.tz) for p in payments]
+        rt.emit(
+            docs, lambda: _payments_table(rt, payments, names), csv=PAYMENT_CSV,
+            csv_rows=[{**d, "person": names.get(d["person_id"])} for d in docs],
+        )  # fmt: skip
 
 
 @app.command("reconcile")
@@ -280,11 +309,15 @@ def reconcile(
             "errors": [rt.redact(e) for e in report.errors],
         }
 
+        person_ids = {p.id: p.person_id for p in report.settled if p.id is not None}
+        person_ids.update(rt.payments.person_ids([pid for pid, _ in report.unsettled]))
+        names = rt.people.names(person_ids.values())
+
         def render() -> None:
             for p in report.settled:
-                rt.print(f"payment {p.id}: {p.status}")
+                rt.print(f"{_whose(p.id, names, person_ids)}: {p.status}")
             for pid, why in report.unsettled:
-                rt.print(f"payment {pid}: not settled: {why}")
+                rt.print(f"{_whose(pid, names, person_ids)}: not settled: {why}")
             for e in report.errors:
                 rt.say(f"error: {e}")
             if report.unmatched_paid:
@@ -292,8 +325,8 @@ def reconcile(
                     "'paid' callbacks no payment has taken (see `sfcrm mpesa callbacks "
                     "--unmatched`): " + ", ".join(str(i) for i in report.unmatched_paid)
                 )
-            rt.print(
-                f"{report.checked} checked, {len(report.settled)} settled, "
+            rt.summary(
+                f"Reconcile: {report.checked} checked, {len(report.settled)} settled, "
                 f"{len(report.still_pending)} still pending, "
                 f"{len(report.unsettled)} not settled, "
                 f"{report.callbacks_applied} stored callbacks applied, "
@@ -396,14 +429,15 @@ def callbacks(
     outcome: Annotated[
         str | None, typer.Option("--outcome", help="applied, duplicate, rejected, ...")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="rows to show")] = 50,
+    csv_output: CsvOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """List stored callbacks (the inbox), newest first.
 
     Example: sfcrm mpesa callbacks --unmatched
     """
-    with command(json_output) as rt:
+    with command(json_output, csv_output) as rt:
         from sfcrm.models import CallbackOutcome
         from sfcrm.payments import callback_json
 
@@ -412,19 +446,17 @@ def callbacks(
         )
         docs = [callback_json(r, rt.tz) for r in rows]
 
+        keys = ("id", "received_at", "source_addr", "checkout_request_id", "result_code",
+                "outcome", "detail")  # fmt: skip
+
         def render() -> None:
-            from rich.table import Table
+            rt.table(
+                ["id", "received", "from", "checkout", "code", "outcome", "detail"],
+                [["" if d[k] is None else d[k] for k in keys] for d in docs],
+                wrap={"detail"}, empty="No callbacks found.",
+            )  # fmt: skip
 
-            table = Table("id", "received", "from", "checkout", "code", "outcome", "detail")
-            for d in docs:
-                table.add_row(
-                    *(text_cell(d[k]) for k in ("id", "received_at", "source_addr",
-                                                "checkout_request_id", "result_code", "outcome",
-                                                "detail"))
-                )  # fmt: skip
-            rt.out.print(table)
-
-        rt.emit(docs, render)
+        rt.emit(docs, render, csv=(*keys, "payment_id", "size"))
 
 
 @app.command("emulator")

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sfcrm.cli.runtime import JsonOption, command, text_cell, usage_error
+from sfcrm.cli.runtime import CsvOption, JsonOption, command, usage_error
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -18,21 +18,22 @@ app = typer.Typer(help="Add, list, show, import, correct and archive people.", n
 RefArgument = Annotated[str, typer.Argument(help="id, phone number or email")]
 
 
-def _table(rt: "Runtime", people: "Sequence[Person]") -> None:
-    from rich.table import Table
+PERSON_CSV = ("id", "name", "phone", "email", "balance", "archived_at")
 
+
+def _table(rt: "Runtime", people: "Sequence[Person]") -> None:
     from sfcrm.money import balance_words
     from sfcrm.times import iso_in
 
     archived = any(p.archived_at for p in people)  # the column shows only when it says something
-    columns = ["id", "name", "phone", "email", "balance (KES)"]
-    table = Table(*columns, *(["archived"] if archived else []))
+    columns = ["id", "name", "phone", "email", "balance (KES)", *(["archived"] * archived)]
+    rows = []
     for p in people:
         cells = [p.id, p.name, p.phone, p.email or "", balance_words(p.balance_cents)]
         if archived:
             cells.append(iso_in(p.archived_at, rt.tz) or "")
-        table.add_row(*map(text_cell, cells))
-    rt.out.print(table)
+        rows.append(cells)
+    rt.table(columns, rows, wrap={"name", "email"}, empty="No people found.")
 
 
 @app.command("add")
@@ -68,17 +69,20 @@ def list_people(
     archived: Annotated[
         bool, typer.Option("--archived", help="list the archived people instead")
     ] = False,
+    csv_output: CsvOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """List people, by name. Archived people are left out unless --archived.
+    """List people, by name. Archived people are left out unless --archived. A phone number
+    is found however it is typed (0722 111 002, +254 722-111-002, 722111002).
 
     Example: sfcrm people list --search achieng
     """
-    with command(json_output) as rt:
+    with command(json_output, csv_output) as rt:
         from sfcrm.people import person_json
 
         people = rt.people.find(search, archived=archived)
-        rt.emit([person_json(p, rt.tz) for p in people], lambda: _table(rt, people))
+        docs = [person_json(p, rt.tz) for p in people]
+        rt.emit(docs, lambda: _table(rt, people), csv=PERSON_CSV)
 
 
 @app.command("show")
@@ -247,15 +251,14 @@ def credit(
 @app.command("history")
 def history(
     ref: Annotated[str, typer.Argument(help="id, phone number or email")],
+    csv_output: CsvOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Show a person's balance ledger, newest first: every charge, credit and payment.
 
     Example: sfcrm people history 0712345678
     """
-    with command(json_output) as rt:
-        from rich.table import Table
-
+    with command(json_output, csv_output) as rt:
         from sfcrm.money import owes_words
         from sfcrm.people import entry_json, person_json
 
@@ -264,12 +267,18 @@ def history(
 
         def render() -> None:
             rt.print(f"{person.name} {owes_words(person.balance_cents)}")
-            table = Table("when", "kind", "amount", "balance", "reason")
-            for d in docs:
-                table.add_row(
-                    text_cell(d["created_at"]), text_cell(d["kind"]), text_cell(d["amount"]),
-                    text_cell(d["balance_after"]), text_cell(d["reason"] or ""),
-                )  # fmt: skip
-            rt.out.print(table)
+            rt.table(
+                ["when", "kind", "amount", "balance", "payment", "reason"],
+                [
+                    [d["created_at"], d["kind"], d["amount"], d["balance_after"],
+                     d["payment_id"] or "", d["reason"] or ""]
+                    for d in docs
+                ],
+                wrap={"reason"}, empty="No ledger entries found.",
+            )  # fmt: skip
 
-        rt.emit({"person": person_json(person, rt.tz), "entries": docs}, render)
+        rt.emit(
+            {"person": person_json(person, rt.tz), "entries": docs}, render, csv_rows=docs,
+            csv=("id", "created_at", "person_id", "kind", "amount", "balance_after",
+                 "payment_id", "reason"),
+        )  # fmt: skip

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,11 +41,18 @@ if TYPE_CHECKING:
 JsonOption = Annotated[
     bool, typer.Option("--json", help="print one JSON document on stdout instead of text")
 ]
+CsvOption = Annotated[
+    bool,
+    typer.Option(
+        "--csv", help="print the rows as CSV on stdout (one header row), for a spreadsheet"
+    ),
+]
 
 # The bounds every whole-number option and argument declares (``min=``/``max=``), so a value
 # SQLite cannot hold, or one that means nothing, is a usage error (exit 2) naming the option.
 # SQLite's INTEGER is a signed 64-bit number: no id, count or offset can be larger.
 MAX_INT = 2**63 - 1
+WRAP_MIN = 12  # a table's wrapping column (a name, a purpose) is never narrower than this
 MAX_PORT = 65535
 
 
@@ -166,9 +173,10 @@ class Runtime:
     """Built per command; settings, database and services load on first use, inside the
     error boundary, so a bad config is reported like any other error."""
 
-    def __init__(self, options: RootOptions, json_output: bool) -> None:
+    def __init__(self, options: RootOptions, json_output: bool, csv_output: bool = False) -> None:
         self.options = options
         self.json = json_output
+        self.csv = csv_output
         self.clock: Callable[[], datetime] = utcnow
         self._redactor: Redactor | None = None
         self._pending: Any = None  # the --json document, printed when the command ends
@@ -182,7 +190,7 @@ class Runtime:
         settings = load_settings(self.options.config)
         self._redactor = Redactor(settings.secret_values())
         try:
-            configure_logging(settings.log_file, self._redactor)
+            configure_logging(settings.log_file, self._redactor, tz=settings.timezone)
         except OSError as exc:
             from sfcrm.errors import ConfigError
 
@@ -256,14 +264,27 @@ class Runtime:
                 _ = self.settings
         return self.redact(text)
 
-    def emit(self, doc: Any, render: Callable[[], None], *, now: bool = False) -> None:
-        """Data: JSON on stdout under --json, else whatever ``render`` prints.
+    def emit(
+        self,
+        doc: Any,
+        render: Callable[[], None],
+        *,
+        now: bool = False,
+        csv: Sequence[str] | None = None,
+        csv_rows: Iterable[Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Data: JSON on stdout under --json, CSV under --csv, else whatever ``render`` prints.
 
         Under --json the document is printed when the command ends, so an error raised after
         it (a batch with failures) joins the same document: stdout holds exactly one. ``now``
         prints at once, for servers that announce themselves and keep running.
+
+        ``csv`` names the fields of each row (keys of the JSON rows: the JSON's ISO times and
+        plain decimals); the rows are ``doc`` itself (a list) unless ``csv_rows`` gives them.
         """
-        if not self.json:
+        if self.csv and csv is not None:
+            write_csv(csv, doc if csv_rows is None else csv_rows)
+        elif not self.json:
             render()
         elif now:
             self._write(doc)
@@ -284,6 +305,51 @@ class Runtime:
         """A message for the person at the terminal (stderr, never under --json)."""
         if not self.json:
             self.err.print(clean_text(self.redact(text), lines=True), markup=False)
+
+    def summary(self, text: str) -> None:
+        """A batch command's last line (what cron mails or logs), stamped with the time in
+        SFCRM_TIMEZONE: ``2026-12-01T09:00:00+03:00 Reminders: 3 sent, 0 failed.``"""
+        from sfcrm.times import iso_in
+
+        self.print(f"{iso_in(self.clock(), self.tz)} {text}")
+
+    def table(
+        self,
+        columns: Sequence[str],
+        rows: Iterable[Sequence[object]],
+        *,
+        wrap: Collection[str] = (),
+        empty: str,
+    ) -> None:
+        """Print ``rows`` as a table, or ``empty`` ("No people found.") when there are none.
+
+        The ``wrap`` columns (names, purposes, subjects, locations, details, errors) wrap on a
+        narrow terminal; every other column (ids, phones, amounts, statuses, receipts, times)
+        keeps its full width and is never cut. Into a pipe or a file nothing wraps (see
+        ``out``).
+        """
+        from rich.table import Table
+
+        cells = [[clean_text(value) for value in row] for row in rows]
+        if not cells:
+            self.print(empty)
+            return
+        table = Table()
+        needed = 1  # the left border; each column adds its padding and a border
+        for i, header in enumerate(columns):
+            widest = max(cell_len(header), *(cell_len(row[i]) for row in cells))
+            if header in wrap:  # at least its header, and a few words a line
+                least = min(widest, max(cell_len(header), WRAP_MIN))
+                table.add_column(header, overflow="fold", min_width=least)
+            else:
+                least = widest
+                table.add_column(header, no_wrap=True, min_width=least)
+            needed += least + 3
+        if needed > self.out.width:  # too narrow even so: wider than the terminal, not cut
+            table.width = needed
+        for row in cells:
+            table.add_row(*map(text_cell, row))
+        self.out.print(table)
 
     def print(self, text: str) -> None:
         """A line of plain text output on stdout (control sequences removed)."""
@@ -342,11 +408,22 @@ class Runtime:
         return typer.Exit(int(ExitCode.OUTPUT))
 
 
+def _current_context() -> Any:
+    """The Typer context of the command running (for a usage error that names it)."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # (a Typer that moved it: the error then names no command)
+        return None
+    return get_current_context(silent=True)
+
+
 @contextmanager
-def command(json_output: bool = False) -> Iterator[Runtime]:
+def command(json_output: bool = False, csv_output: bool = False) -> Iterator[Runtime]:
     """The one error boundary: SfcrmError becomes a line and its exit code."""
+    if json_output and csv_output:
+        raise usage_error(_current_context(), "--csv and --json cannot be given together")
     options = current_options
-    rt = Runtime(options, json_output)
+    rt = Runtime(options, json_output, csv_output)
     try:
         try:
             yield rt
@@ -394,3 +471,43 @@ def started(service: str, url: str, **details: object) -> dict[str, object]:
     """What a server (``serve-callback``, the emulator) prints under --json once it listens:
     one shape for each."""
     return {"service": service, "listening": url, "pid": os.getpid(), "details": details}
+
+
+def cell_len(text: str) -> int:
+    """The columns ``text`` takes on a terminal (wide characters take two)."""
+    from rich.cells import cell_len as length
+
+    return length(text)
+
+
+# A cell a spreadsheet would run as a formula (=, +, -, @, or a tab or return first) unless it
+# is a plain number: it is written with a leading apostrophe, which spreadsheets show as text.
+_FORMULA = re.compile(r"[=+\-@\t\r]")
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def csv_value(value: object) -> str:
+    """One CSV cell: text as JSON gives it (ISO times, plain decimals), ``true``/``false``, an
+    empty cell for null, nested data as JSON; no terminal control sequences."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value, ensure_ascii=False, default=str)
+    text = clean_text(value, lines=True)
+    if _FORMULA.match(text) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def write_csv(fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """The rows as CSV on stdout: one header row, then each row's ``fields``."""
+    import csv
+
+    out = _Stdout()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(fields)
+    for row in rows:
+        writer.writerow([csv_value(row.get(field)) for field in fields])
+    out.flush()

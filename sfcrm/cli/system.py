@@ -123,7 +123,7 @@ def serve_callback(
         import logging
 
         from sfcrm.config import callback_secret_guessable
-        from sfcrm.logs import RedactingFilter, Redactor
+        from sfcrm.logs import LocalTimeFormatter, RedactingFilter, Redactor
         from sfcrm.server import make_server
 
         settings = rt.settings
@@ -140,7 +140,7 @@ def serve_callback(
         app = rt.services.callback_app()
         limits = rt.services.listener_limits()
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+        handler.setFormatter(LocalTimeFormatter(settings.timezone, "%(asctime)s %(message)s"))
         handler.addFilter(RedactingFilter(Redactor(settings.secret_values())))
         # waitress warns "Task queue depth is N" on every request of a burst: noise here.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)

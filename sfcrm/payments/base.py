@@ -96,6 +96,18 @@ class PaymentsBase:
             ).all()
             return [r for r in rows if r is not None]
 
+    def person_ids(self, payment_ids: list[int]) -> dict[int, int]:
+        """Whose each of these payments is: payment id -> person id."""
+        if not payment_ids:
+            return {}
+        with self.db.read() as session:
+            rows = session.exec(
+                select(MpesaPayment.id, MpesaPayment.person_id).where(
+                    col(MpesaPayment.id).in_(payment_ids)
+                )
+            ).all()
+            return {pid: person for pid, person in rows if pid is not None}
+
 
 @contextmanager
 def inserting_unique() -> Iterator[None]:
