@@ -18,7 +18,7 @@ from sqlmodel.sql.expression import Select
 
 from sfcrm import audit
 from sfcrm.db import Database
-from sfcrm.errors import ConflictError, NotFoundError, ValidationError
+from sfcrm.errors import ClashError, ConflictError, NotFoundError, ValidationError
 from sfcrm.events import _one_line, next_sequence
 from sfcrm.models import (
     CrewStatus,
@@ -407,16 +407,19 @@ class Crew:
                 log.info("assignment %s edited: %s", assignment_id, ", ".join(changes))
         return self.get(assignment_id), changes
 
-    def _refuse_clash(self, session: Session, person: Person, event: Event) -> None:
+    def _refuse_clash(
+        self, session: Session, person: Person, event: Event, *, hint: str | None = None
+    ) -> None:
         clash = self._clash(session, person, event)
         if clash is not None:
-            raise ConflictError(
-                f"{person.name} is already on {clash.name} ({clash.date}"
-                + (f" {clash.time}" if clash.time else "")
-                + f"), which overlaps {event.name}",
-                value=f"event {clash.id}",
-                hint="use --allow-overlap if that is intended",
-            )
+            when = f"{clash.date}" + (f" {clash.time}" if clash.time else "")
+            raise ClashError(
+                f"{person.name} is already on {clash.name} (event {clash.id}, {when}),"
+                f" which overlaps {event.name} (event {event.id})",
+                other={"id": clash.id, "name": clash.name, "date": format_day(clash.date),
+                       "time": clash.time},
+                hint=hint or "use --allow-overlap if that is intended",
+            )  # fmt: skip
 
     def _clash(self, session: Session, person: Person, event: Event) -> Event | None:
         return session.exec(
@@ -473,8 +476,11 @@ class Crew:
         *,
         via: str = "office",
         bound_to: str | None = None,
+        allow_overlap: bool = False,
     ) -> CrewRow:
         """Record a confirm or decline. Allowed until the event ends; completed is final.
+        A declined assignment confirmed again is refused (:class:`ClashError`) when the
+        person has since been booked on an overlapping event, unless ``allow_overlap``.
         With ``bound_to`` (an RSVP link's binding), only if the row at that id is still the
         assignment the link was made for."""
         target = {"confirm": CrewStatus.CONFIRMED, "decline": CrewStatus.DECLINED}.get(answer)
@@ -496,6 +502,11 @@ class Crew:
                 raise ConflictError(refusal, value=f"assignment {assignment_id}")
             if event.ends_at <= self.clock():
                 raise ConflictError(f"{event.name} is over; the answer can no longer change")
+            if crew.status == CrewStatus.DECLINED and target == CrewStatus.CONFIRMED:
+                person = session.get(Person, crew.person_id, with_for_update=True)
+                assert person is not None
+                if not allow_overlap:
+                    self._refuse_clash(session, person, event)
             if crew.status != target:
                 crew.status = target
                 crew.responded_at = self.clock()
