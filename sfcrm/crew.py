@@ -408,9 +408,7 @@ class Crew:
                 log.info("assignment %s edited: %s", assignment_id, ", ".join(changes))
         return self.get(assignment_id), changes
 
-    def _refuse_clash(
-        self, session: Session, person: Person, event: Event, *, hint: str | None = None
-    ) -> None:
+    def _refuse_clash(self, session: Session, person: Person, event: Event) -> None:
         clash = self._clash(session, person, event)
         if clash is not None:
             when = f"{clash.date}" + (f" {clash.time}" if clash.time else "")
@@ -419,7 +417,7 @@ class Crew:
                 f" which overlaps {event.name} (event {event.id})",
                 other={"id": clash.id, "name": clash.name, "date": format_day(clash.date),
                        "time": clash.time},
-                hint=hint or "use --allow-overlap if that is intended",
+                hint="use --allow-overlap if that is intended",
             )  # fmt: skip
 
     def _clash(self, session: Session, person: Person, event: Event) -> Event | None:

@@ -221,7 +221,8 @@ def edit_event(session: Session, event_id: int, changes: EventChanges, now: date
             hint="a cancelled event cannot be changed",
         )
     edit = EventEdit(event, changes.apply(event))
-    if edit.rescheduled and not changes.past:
+    moved = any(name in edit.changes for name in ("date", "time", "end_time"))
+    if moved and not changes.past:
         refuse_past(event, now)
     if edit.changes:
         if edit.rescheduled:

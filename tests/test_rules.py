@@ -199,10 +199,13 @@ def test_events_edit_moving_an_event_into_the_past_needs_past(office: SmtpSink) 
     assert run_json("events", "show", str(event))["date"] == day(5)
     doc = run_json("events", "edit", str(event), "--date", day(-2), "--past", "--quiet")
     assert doc["event"]["date"] == day(-2)
-    # an event that is over already keeps its other corrections
+    # an event that is over already takes other corrections without --past
     assert run_json("events", "edit", str(event), "--name", "Gala 2026")["event"]["name"] == (
         "Gala 2026"
     )
+    doc = run_json("events", "edit", str(event), "--location", "Safari Park", "--quiet")
+    assert doc["event"]["location"] == "Safari Park"
+    assert run("events", "edit", str(event), "--time", "19:00").exit_code == 4
 
 
 def test_no_invitation_goes_out_for_an_event_that_is_over_and_attendance_stays_recordable(
