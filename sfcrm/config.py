@@ -171,6 +171,8 @@ class Settings:
     base_dir: Path
     dotenv_path: Path | None = None  # the .env read, when there was one
     found_by: str | None = None  # how config_path was found: see CONFIG_FOUND_BY
+    # what is wrong but harmless, for stderr: keys of sfcrm.toml that mean nothing to sfcrm
+    warnings: tuple[str, ...] = ()
 
     @property
     def office(self) -> bool:
@@ -424,6 +426,38 @@ def _check_toml_has_no_secrets(data: Mapping[str, Any], path: Path) -> None:
         )
 
 
+def unknown_toml_keys(data: Mapping[str, Any], path: Path) -> list[str]:
+    """A warning for each key and section of sfcrm.toml that no setting reads (a typo keeps
+    the default silently otherwise), naming the nearest known key when one is close."""
+    import difflib
+
+    known = {spec.toml for spec in SPECS if spec.toml}
+    sections = {key.split(".")[0] for key in known if "." in key}
+    found: list[str] = []
+
+    def nearest(name: str, choices: set[str], shown: str = "{}") -> str:
+        leaf = name.rsplit(".", 1)[-1]
+        same_leaf = sorted(c for c in choices if c.rsplit(".", 1)[-1] == leaf)
+        close = same_leaf or difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.75)
+        return f" (did you mean {shown.format(close[0])}?)" if close else ""
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if dotted in known:
+                continue
+            if isinstance(value, Mapping) and dotted in sections:
+                walk(value, f"{dotted}.")
+            elif isinstance(value, Mapping) and not prefix:
+                hint = nearest(dotted, sections, "[{}]")
+                found.append(f"{path.name}: unknown section [{dotted}], ignored{hint}")
+            else:
+                found.append(f"{path.name}: unknown key {dotted}, ignored{nearest(dotted, known)}")
+
+    walk(data, "")
+    return found
+
+
 _WHOLE = re.compile(r"[+-]?[0-9]+")
 _DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
 
@@ -605,8 +639,10 @@ def load_settings(
     found = find_config_file(config_path, env) if files else None
     path, found_by = found if found else (None, None)
     toml_data = _read_toml(path) if path else {}
+    warnings: tuple[str, ...] = ()
     if path:
         _check_toml_has_no_secrets(toml_data, path)
+        warnings = tuple(unknown_toml_keys(toml_data, path))
     dotenv: dict[str, str] = {}
     if dotenv_path is None:  # the office's .env: beside its sfcrm.toml, else here
         dotenv_path = path.parent / ".env" if path else Path(".env")
@@ -656,6 +692,7 @@ def load_settings(
         base_dir=toml_base,
         dotenv_path=dotenv_file,
         found_by=found_by,
+        warnings=warnings,
     )
 
 

@@ -18,7 +18,7 @@ from sqlmodel.sql.expression import Select
 
 from sfcrm import audit
 from sfcrm.db import Database
-from sfcrm.errors import ConflictError, NotFoundError, ValidationError
+from sfcrm.errors import ClashError, ConflictError, NotFoundError, ValidationError
 from sfcrm.events import _one_line, next_sequence
 from sfcrm.models import (
     CrewStatus,
@@ -42,6 +42,7 @@ BRIEFING = "crew_briefing"
 CHANGE = "crew_change"  # the event's time or place changed
 CANCELLATION = "crew_cancellation"  # the event was cancelled
 REMOVAL = "crew_removed"  # taken off the event
+KINDS = (INVITATION, REMINDER, BRIEFING, CHANGE, CANCELLATION, REMOVAL)
 
 # The assignment's columns that follow an email of each kind: the email written (set when it
 # is queued, so two runs at once cannot both queue one), then sent and when.
@@ -410,13 +411,14 @@ class Crew:
     def _refuse_clash(self, session: Session, person: Person, event: Event) -> None:
         clash = self._clash(session, person, event)
         if clash is not None:
-            raise ConflictError(
-                f"{person.name} is already on {clash.name} ({clash.date}"
-                + (f" {clash.time}" if clash.time else "")
-                + f"), which overlaps {event.name}",
-                value=f"event {clash.id}",
+            when = f"{clash.date}" + (f" {clash.time}" if clash.time else "")
+            raise ClashError(
+                f"{person.name} is already on {clash.name} (event {clash.id}, {when}),"
+                f" which overlaps {event.name} (event {event.id})",
+                other={"id": clash.id, "name": clash.name, "date": format_day(clash.date),
+                       "time": clash.time},
                 hint="use --allow-overlap if that is intended",
-            )
+            )  # fmt: skip
 
     def _clash(self, session: Session, person: Person, event: Event) -> Event | None:
         return session.exec(
@@ -466,8 +468,11 @@ class Crew:
         *,
         via: str = "office",
         bound_to: str | None = None,
+        allow_overlap: bool = False,
     ) -> CrewRow:
         """Record a confirm or decline. Allowed until the event ends; completed is final.
+        A declined assignment confirmed again is refused (:class:`ClashError`) when the
+        person has since been booked on an overlapping event, unless ``allow_overlap``.
         With ``bound_to`` (an RSVP link's binding), only if the row at that id is still the
         assignment the link was made for."""
         target = {"confirm": CrewStatus.CONFIRMED, "decline": CrewStatus.DECLINED}.get(answer)
@@ -489,6 +494,11 @@ class Crew:
                 raise ConflictError(refusal, value=f"assignment {assignment_id}")
             if event.ends_at <= self.clock():
                 raise ConflictError(f"{event.name} is over; the answer can no longer change")
+            if crew.status == CrewStatus.DECLINED and target == CrewStatus.CONFIRMED:
+                person = session.get(Person, crew.person_id, with_for_update=True)
+                assert person is not None
+                if not allow_overlap:
+                    self._refuse_clash(session, person, event)
             if crew.status != target:
                 crew.status = target
                 crew.responded_at = self.clock()

@@ -140,11 +140,14 @@ class CrewMail:
 
         def plan(session: Session, rows: list[CrewRow]) -> _Plan:
             ids = [r.crew.invitation_email_id for r in rows]
-            written = _email_states(session, ids, self.clock())
+            now = self.clock()
+            written = _email_states(session, ids, now)
             return _Plan(
                 subject=lambda row: f"You are invited to work on: {row.event.name}",
-                refusal=lambda row: row.crew.invitation_refusal(
-                    written.get(row.crew.invitation_email_id or 0)
+                refusal=lambda row: (
+                    "the event is over"
+                    if row.event.ends_at <= now
+                    else row.crew.invitation_refusal(written.get(row.crew.invitation_email_id or 0))
                 ),
                 variables=lambda row: {"rsvp_url": self._rsvp_of(row)},
                 calendar="publish",
@@ -248,7 +251,7 @@ class CrewMail:
         def write(session: Session) -> MailRun:
             run = MailRun(dry_run=dry_run)
             if check_event is not None:
-                _refuse_cancelled(session, check_event, kind)
+                _refuse_cancelled(session, check_event, kind, self.clock())
             rows = crew_rows(session, query)
             missing = sorted(set(expected_ids) - {_id(r) for r in rows})
             if missing:
@@ -473,14 +476,18 @@ def _email_states(
     return states(session, [i for i in ids if i is not None], now)
 
 
-def _refuse_cancelled(session: Session, event_id: int, kind: str) -> None:
-    """An event named for a bulk send exists; a briefing is refused for a cancelled one."""
+def _refuse_cancelled(session: Session, event_id: int, kind: str, now: datetime) -> None:
+    """An event named for a bulk send exists; a briefing is refused for a cancelled one, an
+    invitation for one that is over."""
     event = session.get(Event, event_id)
     if event is None:
         raise NotFoundError("no such event", value=str(event_id))
     if event.cancelled_at is not None and kind == BRIEFING:
         raise ConflictError(f"{event.name} is cancelled", value=f"event {event_id}",
                             hint="no briefing goes out for a cancelled event")  # fmt: skip
+    if kind == INVITATION and event.ends_at <= now:
+        raise ConflictError(f"{event.name} is over", value=f"event {event_id}",
+                            hint="no invitation goes out for an event that took place")  # fmt: skip
 
 
 def _shown_before(was: dict[str, Any]) -> dict[str, Any]:

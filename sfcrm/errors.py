@@ -67,6 +67,18 @@ class ConflictError(SfcrmError):
     code = "CONFLICT"
 
 
+class ClashError(ConflictError):
+    """The person is already booked on another event at that time: ``other`` names it
+    (its id, name and date), for the pages that explain it to the crew member."""
+
+    def __init__(
+        self, message: str, *, other: dict[str, object], value: str | None = None,
+        hint: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message, value=value, hint=hint)
+        self.other = other
+
+
 class DatabaseError(SfcrmError):
     exit_code = ExitCode.DATABASE
     code = "DATABASE_ERROR"

@@ -9,6 +9,7 @@ means the event runs past midnight.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date as Date
@@ -66,11 +67,21 @@ def clean_details(text: str | None) -> str | None:
     return cleaned.strip()
 
 
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+
+
 def parse_date(text: str) -> Date:
+    """A date as typed for every date option: ``YYYY-MM-DD`` exactly (not the other forms ISO
+    allows, 20261212 or 2026-W50-1, which read as typos)."""
     try:
+        if not _DATE.fullmatch(text.strip()):
+            raise ValueError(text)
         day = Date.fromisoformat(text.strip())
     except ValueError:
-        raise ValidationError("date must be YYYY-MM-DD", value=text) from None
+        raise ValidationError(
+            "date must be YYYY-MM-DD", value=text, hint="e.g. 2026-12-05: four-digit year, "
+            "two-digit month and day, with dashes"
+        ) from None  # fmt: skip
     if not FIRST_DATE <= day <= LAST_DATE:
         raise ValidationError(
             f"date must be from {FIRST_DATE.isoformat()} to {LAST_DATE.isoformat()}", value=text
@@ -126,6 +137,7 @@ class EventChanges:
     location: str | None = None
     details: str | None = None
     clear_details: bool = False
+    past: bool = False  # the event may be moved to a time already over (recording history)
 
     @property
     def empty(self) -> bool:
@@ -209,12 +221,26 @@ def edit_event(session: Session, event_id: int, changes: EventChanges, now: date
             hint="a cancelled event cannot be changed",
         )
     edit = EventEdit(event, changes.apply(event))
+    moved = any(name in edit.changes for name in ("date", "time", "end_time"))
+    if moved and not changes.past:
+        refuse_past(event, now)
     if edit.changes:
         if edit.rescheduled:
             next_sequence(session, event)
         session.add(event)
         audit.record(session, "event.edit", now=now, changes=edit.changes, event_id=event_id)
     return edit
+
+
+def refuse_past(event: Event, now: datetime) -> None:
+    """An event is put at a time already over only when asked to (``--past``): a date typed in
+    the past is far more often a typo than history being recorded."""
+    if event.ends_at <= now:
+        raise ValidationError(
+            f"{event.name} would be over already", value=event.date + (
+                f" {event.time}" if event.time else ""),
+            hint="check the date; add --past to record an event that took place",
+        )  # fmt: skip
 
 
 def cancel_event(session: Session, event_id: int, reason: str | None, now: datetime) -> Event:
@@ -261,7 +287,9 @@ class Events:
         time: str | None = None,
         end_time: str | None = None,
         details: str | None = None,
+        past: bool = False,
     ) -> Event:
+        """Add an event; one already over is refused unless ``past`` (recording history)."""
         day = parse_date(date)
         start = parse_time(time)
         end = parse_time(end_time, "end time")
@@ -279,6 +307,8 @@ class Events:
             ends_at=ends,
             created_at=self.clock(),
         )
+        if not past:
+            refuse_past(event, self.clock())
         with self.db.write() as session:
             session.add(event)
             session.flush()
@@ -293,9 +323,11 @@ class Events:
         end_time: str | None = None,
         location: str | None = None,
         details: str | None = None,
+        past: bool = False,
     ) -> EventChanges:
         """The changes asked for, checked as :meth:`add` checks them (``""`` clears a time or
-        the details); apply them with :meth:`sfcrm.crewmail.CrewMail.edit_event`."""
+        the details; ``past`` allows moving the event to a time already over); apply them
+        with :meth:`sfcrm.crewmail.CrewMail.edit_event`."""
         changes = EventChanges(
             self.tz,
             name=None if name is None else _one_line(name, "name"),
@@ -307,6 +339,7 @@ class Events:
             location=None if location is None else _one_line(location, "location"),
             details=clean_details(details),
             clear_details=details is not None and not details.strip(),
+            past=past,
         )
         if changes.empty:
             raise ValidationError(

@@ -161,6 +161,10 @@ class CallbackOutcome:
     REJECTED = "rejected"  # not a Daraja callback
     ERROR = "error"  # acting on it failed; reconcile retries
 
+    ALL = (
+        RECEIVED, APPLIED, DUPLICATE, IGNORED, UNMATCHED, NEEDS_QUERY, REVIEW, REFUND, REJECTED,
+        ERROR,
+    )  # fmt: skip
     RETRYABLE = (RECEIVED, UNMATCHED, NEEDS_QUERY, ERROR)
 
 

@@ -120,6 +120,7 @@ class Services:
 
     @cached_property
     def mailer(self) -> Mailer:
+        from sfcrm.crew import KINDS
         from sfcrm.mail import Mailer, backend_from_settings
 
         return Mailer(
@@ -128,6 +129,7 @@ class Services:
             sender=self.settings.default_from_email,
             clock=self.clock,
             reply_to=self.settings.org_email,  # replies go to the office
+            kinds=KINDS,
         )
 
     @cached_property

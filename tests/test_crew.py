@@ -94,7 +94,7 @@ def test_events_add_refuses_bad_dates_and_times(args: list[str], message: str) -
 
 
 def test_events_list_upcoming_leaves_out_past_events() -> None:
-    add_event("Past", day(-3))
+    add_event("Past", day(-3), "--past")
     add_event("Future", day(3))
     assert [e["name"] for e in run_json("events", "list")] == ["Past", "Future"]
     assert [e["name"] for e in run_json("events", "list", "--upcoming")] == ["Future"]
@@ -147,7 +147,10 @@ def test_overlapping_events_are_refused_with_the_clash_named() -> None:
     run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
     result = run("crew", "assign", "--event", "2", "--person", "1", "--role", "Sound")
     assert result.exit_code == 6
-    assert f"Achieng is already on Wedding ({date} 14:00), which overlaps Concert" in result.stderr
+    assert (
+        f"Achieng is already on Wedding (event 1, {date} 14:00), which overlaps Concert (event 2)"
+        in result.stderr
+    )
     run_json("crew", "assign", "--event", "3", "--person", "1", "--role", "Sound")  # no overlap
     run_json("crew", "assign", "--event", "2", "--person", "1", "--role", "Sound",
              "--allow-overlap")  # fmt: skip
@@ -211,7 +214,7 @@ def test_crew_list_filters_and_searches() -> None:
 def test_confirm_decline_and_the_crew_members_own_view() -> None:
     add_event("Gala", day(5))
     add_event("Rally", day(9))
-    add_event("Old show", day(-9))
+    add_event("Old show", day(-9), "--past")
     add_person("Achieng", "0712000001")
     for event in ("1", "2", "3"):
         run_json("crew", "assign", "--event", event, "--person", "1", "--role", "Sound")
@@ -225,7 +228,7 @@ def test_confirm_decline_and_the_crew_members_own_view() -> None:
 
 
 def test_complete_after_the_event_moves_confirmed_crew_only() -> None:
-    add_event("Old show", day(-2))
+    add_event("Old show", day(-2), "--past")
     add_event("Next show", day(4))
     add_person("Achieng", "0712000001")
     add_person("Baraka", "0712000002")

@@ -180,9 +180,11 @@ def list_crew(
         rt.emit([r.json(rt.tz) for r in rows], lambda: crew_table(rt, rows), csv=CREW_CSV)
 
 
-def _respond(assignment_id: int, answer: str, json_output: bool) -> None:
+def _respond(
+    assignment_id: int, answer: str, json_output: bool, *, allow_overlap: bool = False
+) -> None:
     with command(json_output) as rt:
-        row = rt.crew.respond(assignment_id, answer)
+        row = rt.crew.respond(assignment_id, answer, allow_overlap=allow_overlap)
         rt.emit(
             row.json(rt.tz),
             lambda: rt.print(
@@ -194,13 +196,23 @@ def _respond(assignment_id: int, answer: str, json_output: bool) -> None:
 @app.command("confirm")
 def confirm(
     assignment_id: Annotated[int, id_argument("assignment id")],
+    allow_overlap: Annotated[
+        bool,
+        typer.Option(
+            "--allow-overlap",
+            help="confirm a declined one even if it now clashes with another event",
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Record that a crew member confirmed.
 
+    A declined assignment confirmed again is refused when the person is now on another
+    event at that time (named in the error), unless --allow-overlap.
+
     Example: sfcrm crew confirm 12
     """
-    _respond(assignment_id, "confirm", json_output)
+    _respond(assignment_id, "confirm", json_output, allow_overlap=allow_overlap)
 
 
 @app.command("decline")

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Add, list, show, edit and cancel events.", no_args_is_help=True)
 Quiet = Annotated[bool, typer.Option("--quiet", help="make the change without emailing the crew")]
+Past = Annotated[
+    bool,
+    typer.Option("--past", help="allow a date already over (to record an event that took place)"),
+]
 
 
 EVENT_CSV = ("id", "name", "date", "time", "end_time", "location", "details", "cancelled",
@@ -88,9 +92,11 @@ def add(
     details: Annotated[
         str | None, typer.Option("--details", help="what the crew needs to know")
     ] = None,
+    past: Past = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Add an event. Dates and times are wall-clock in SFCRM_TIMEZONE.
+    """Add an event. Dates and times are wall-clock in SFCRM_TIMEZONE. An event already over
+    is refused (a typo, most often) unless --past.
 
     Example: sfcrm events add --name "Safari Rally Gala" --date 2026-12-12 --time 18:00
     --end-time 23:30 --location "KICC, Nairobi"
@@ -98,7 +104,9 @@ def add(
     with command(json_output) as rt:
         from sfcrm.events import event_json
 
-        event = rt.events.add(name, date, location, time=time, end_time=end_time, details=details)
+        event = rt.events.add(
+            name, date, location, time=time, end_time=end_time, details=details, past=past
+        )
         rt.emit(event_json(event), lambda: events_table(rt, [event]))
         rt.say(f"Added event {event.id}.")
 
@@ -117,18 +125,20 @@ def edit(
         str | None, typer.Option("--details", help='what the crew needs to know ("" clears)')
     ] = None,
     quiet: Quiet = False,
+    past: Past = False,
     json_output: JsonOption = False,
 ) -> None:
     """Correct an event. A change of date, time or place emails every invited or confirmed
     crew member the new details with an updated calendar entry (unless --quiet), re-arms
     their reminders and warns of each confirmed crew member it makes clash with another event.
+    Moving it to a time already over is refused unless --past.
 
     Example: sfcrm events edit 3 --date 2026-12-13 --time 19:00
     """
     with command(json_output) as rt:
         changes = rt.events.changes(
             name=name, date=date, time=time, end_time=end_time, location=location,
-            details=details,
+            details=details, past=past,
         )  # fmt: skip
         notice = rt.crew_mail.edit_event(event_id, changes, quiet=quiet)
         parts = [

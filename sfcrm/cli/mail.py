@@ -19,7 +19,12 @@ def list_mail(
         bool, typer.Option("--unsent", help="everything not sent: queued, sending, failed, …")
     ] = False,
     notification_type: Annotated[
-        str | None, typer.Option("--type", help="crew_invitation, crew_reminder, crew_briefing")
+        str | None,
+        typer.Option(
+            "--type",
+            help="crew_invitation, crew_reminder, crew_briefing, crew_change, crew_cancellation"
+            " or crew_removed",
+        ),
     ] = None,
     since: Annotated[str | None, typer.Option("--since", help="YYYY-MM-DD")] = None,
     limit: Annotated[

@@ -427,7 +427,12 @@ def callbacks(
         bool, typer.Option("--unmatched", help="only callbacks no payment claims")
     ] = False,
     outcome: Annotated[
-        str | None, typer.Option("--outcome", help="applied, duplicate, rejected, ...")
+        str | None,
+        typer.Option(
+            "--outcome",
+            help="received, applied, duplicate, ignored, unmatched, needs_query, needs_review,"
+            " refund_due, rejected or error",
+        ),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="rows to show")] = 50,
     csv_output: CsvOption = False,

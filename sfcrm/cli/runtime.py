@@ -189,6 +189,8 @@ class Runtime:
 
         settings = load_settings(self.options.config)
         self._redactor = Redactor(settings.secret_values())
+        for warning in settings.warnings:  # on stderr, under --json too
+            self.err.print(f"Warning: {clean_text(warning)}", markup=False)
         try:
             configure_logging(settings.log_file, self._redactor, tz=settings.timezone)
         except OSError as exc:

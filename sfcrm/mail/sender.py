@@ -100,8 +100,10 @@ class Mailer:
         clock: Callable[[], datetime],
         lease: timedelta = DEFAULT_LEASE,
         reply_to: str | None = None,
+        kinds: Sequence[str] = (),  # the kinds of email written, for `list`'s filter
     ) -> None:
         self.db = db
+        self.kinds = tuple(kinds)
         self._backend_factory = backend_factory
         self.sender = sender
         self.clock = clock
@@ -480,7 +482,14 @@ class Mailer:
         limit: int = 200,
     ) -> Sequence[EmailNotification]:
         """Logged emails, newest first (their states: :meth:`states`); ``failed``: not sent
-        and tried at least once; ``unsent``: everything not sent, queued and sending too."""
+        and tried at least once; ``unsent``: everything not sent, queued and sending too;
+        ``notification_type``: one of the kinds this mailer was given, when given any."""
+        if notification_type is not None and self.kinds and notification_type not in self.kinds:
+            raise ValidationError(
+                "unknown email type",
+                value=notification_type,
+                hint="one of " + ", ".join(self.kinds),
+            )
         self._settle_interrupted()
         e = EmailNotification
         query = select(e)

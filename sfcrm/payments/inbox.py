@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Executable, bindparam, insert, or_, update
 from sqlmodel import Session, col, select
 
 from sfcrm.daraja import StkResult, parse_stk_callback
-from sfcrm.errors import CallbackFormatError, DarajaRequestError, NotFoundError
+from sfcrm.errors import CallbackFormatError, DarajaRequestError, NotFoundError, ValidationError
 from sfcrm.models import CallbackOutcome, MpesaCallback, MpesaCheckout, MpesaPayment
 from sfcrm.payments.base import PaymentsBase
 from sfcrm.payments.outcome import ADOPT_SKEW, Applied, apply_result, query_as_result, same_phone
@@ -315,6 +315,11 @@ class Inbox(PaymentsBase):
         return changed
 
     def callbacks(self, *, outcome: str | None = None, limit: int = 50) -> Sequence[MpesaCallback]:
+        """Stored callbacks, newest first; ``outcome`` one of :attr:`CallbackOutcome.ALL`."""
+        if outcome is not None and outcome not in CallbackOutcome.ALL:
+            raise ValidationError(
+                "unknown outcome", value=outcome, hint="one of " + ", ".join(CallbackOutcome.ALL)
+            )
         with self.db.read() as session:
             query = select(MpesaCallback).order_by(col(MpesaCallback.id).desc()).limit(limit)
             if outcome:

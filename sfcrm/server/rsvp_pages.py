@@ -43,7 +43,7 @@ class RsvpPages:
     def __call__(
         self, environ: dict[str, Any], start_response: StartResponse, token: str
     ) -> Iterable[bytes]:
-        from sfcrm.errors import ConflictError, NotFoundError, ValidationError
+        from sfcrm.errors import ClashError, ConflictError, NotFoundError, ValidationError
         from sfcrm.rsvp import InvalidToken
 
         org = {
@@ -89,6 +89,11 @@ class RsvpPages:
             return self._page(
                 start_response, "400 Bad Request", "rsvp_denied.html.j2", org=org,
                 reason="Please use the Confirm or Decline button.",
+            )  # fmt: skip
+        except ClashError as exc:  # declined, then booked elsewhere at that time
+            return self._page(
+                start_response, "409 Conflict", "rsvp_clash.html.j2", other=exc.other,
+                **self.crew.context(row),
             )  # fmt: skip
         except ConflictError as exc:
             row = self.crew.get(assignment_id)
