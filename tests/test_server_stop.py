@@ -28,14 +28,19 @@ def start(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.P
     )
     assert process.stdout is not None
     text = ""
-    while True:  # one JSON document, printed once it listens
-        line = process.stdout.readline()
-        assert line, process.stderr.read() if process.stderr else "no output"
-        text += line
-        try:
-            return process, json.loads(text)
-        except json.JSONDecodeError:
-            continue
+    try:
+        while True:  # one JSON document, printed once it listens
+            line = process.stdout.readline()
+            assert line, process.stderr.read() if process.stderr else "no output"
+            text += line
+            try:
+                return process, json.loads(text)
+            except json.JSONDecodeError:
+                continue
+    except BaseException:  # it never listened: leave no server behind
+        process.kill()
+        process.wait()
+        raise
 
 
 @pytest.mark.parametrize("which", ["serve-callback", "emulator"])

@@ -98,7 +98,7 @@ def add(
     """Add an event. Dates and times are wall-clock in SFCRM_TIMEZONE. An event already over
     is refused (a typo, most often) unless --past.
 
-    Example: sfcrm events add --name "Safari Rally Gala" --date 2026-12-12 --time 18:00
+    Example: sfcrm events add --name "Safari Rally Gala" --date 2027-03-12 --time 18:00
     --end-time 23:30 --location "KICC, Nairobi"
     """
     with command(json_output) as rt:
@@ -133,7 +133,7 @@ def edit(
     their reminders and warns of each confirmed crew member it makes clash with another event.
     Moving it to a time already over is refused unless --past.
 
-    Example: sfcrm events edit 3 --date 2026-12-13 --time 19:00
+    Example: sfcrm events edit 3 --date 2027-03-13 --time 19:00
     """
     with command(json_output) as rt:
         changes = rt.events.changes(
