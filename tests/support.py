@@ -14,7 +14,8 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -437,3 +438,37 @@ def paid_callback(checkout_id: str, amount: Any = 500, receipt: str = "TH3AB7XY9
             }
         }
     }
+
+
+# -- the crew's RSVP pages -----------------------------------------------------------------------
+
+
+@contextmanager
+def rsvp_server(monkeypatch: Any) -> Iterator[str]:
+    """The listener with crew links on, on a loopback socket, for the office the environment
+    names; yields its base URL (also set as SFCRM_PUBLIC_URL, so emails link to it)."""
+    from sfcrm.cli.runtime import RootOptions, Runtime
+    from sfcrm.server import RsvpPages
+
+    monkeypatch.setenv("SFCRM_SECRET_KEY", "rsvp-test-secret-key")
+    rt = Runtime(RootOptions(), json_output=False)
+    pages = RsvpPages(rt.crew, rt.renderer, secret_key="rsvp-test-secret-key", clock=rt.clock)
+    server = make_server(
+        CallbackApp(rt.payments, callback_path=None, rsvp=pages), "127.0.0.1", 0, 4
+    )
+    threading.Thread(target=server.run, daemon=True).start()
+    base = f"http://127.0.0.1:{server.effective_port}"
+    monkeypatch.setenv("SFCRM_PUBLIC_URL", base)
+    try:
+        yield base
+    finally:
+        server.close()
+        rt.close()
+
+
+def rsvp_link_in(message: email.message.EmailMessage) -> str:
+    """The RSVP link in an email's plain text."""
+    text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    match = re.search(r"(http://\S+/crew/rsvp/\S+)", text)
+    assert match, text
+    return match.group(1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -17,7 +16,7 @@ import pytest
 import requests
 from sqlalchemy import delete, func, update
 from sqlmodel import col
-from support import SmtpSink, run, run_json, unstamped
+from support import SmtpSink, rsvp_link_in, rsvp_server, run, run_json, unstamped
 
 from sfcrm.db import Database
 from sfcrm.models import EmailNotification, EventCrew
@@ -331,30 +330,12 @@ def test_hostile_names_are_escaped_in_html_and_cannot_add_headers(smtp_env: Smtp
 @pytest.fixture
 def rsvp_listener(monkeypatch: pytest.MonkeyPatch, smtp_env: SmtpSink, tmp_path: Path) -> Any:
     """The listener with crew links on, on a loopback socket; yields its base URL."""
-    import threading
-
-    from sfcrm.cli.runtime import RootOptions, Runtime
-    from sfcrm.server import CallbackApp, RsvpPages, make_server
-
-    monkeypatch.setenv("SFCRM_SECRET_KEY", "rsvp-test-secret-key")
-    rt = Runtime(RootOptions(), json_output=False)
-    pages = RsvpPages(rt.crew, rt.renderer, secret_key="rsvp-test-secret-key", clock=rt.clock)
-    server = make_server(
-        CallbackApp(rt.payments, callback_path=None, rsvp=pages), "127.0.0.1", 0, 4
-    )
-    threading.Thread(target=server.run, daemon=True).start()
-    base = f"http://127.0.0.1:{server.effective_port}"
-    monkeypatch.setenv("SFCRM_PUBLIC_URL", base)
-    yield base
-    server.close()
-    rt.close()
+    with rsvp_server(monkeypatch) as base:
+        yield base
 
 
 def rsvp_link(smtp: SmtpSink) -> str:
-    text = smtp.handler.messages[-1].message.get_body(("plain",)).get_content()
-    match = re.search(r"(http://\S+/crew/rsvp/\S+)", text)
-    assert match, text
-    return match.group(1)
+    return rsvp_link_in(smtp.handler.messages[-1].message)
 
 
 def test_rsvp_link_page_shows_the_event_and_changes_nothing_until_posted(

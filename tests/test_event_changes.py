@@ -5,7 +5,6 @@ the office does it through the CLI, with every email landing in a real SMTP serv
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 from sqlalchemy import update
-from support import SmtpSink, run, run_json
+from support import SmtpSink, rsvp_server, run, run_json
 
 from sfcrm.db import Database
 from sfcrm.models import Person
@@ -353,21 +352,8 @@ def test_a_cancelled_event_cannot_be_edited(office: SmtpSink) -> None:
 @pytest.fixture
 def rsvp_listener(monkeypatch: pytest.MonkeyPatch, office: SmtpSink) -> Iterator[str]:
     """The listener with crew links on, on a loopback socket; yields its base URL."""
-    from sfcrm.cli.runtime import RootOptions, Runtime
-    from sfcrm.server import CallbackApp, RsvpPages, make_server
-
-    monkeypatch.setenv("SFCRM_SECRET_KEY", "rsvp-test-secret-key")
-    rt = Runtime(RootOptions(), json_output=False)
-    pages = RsvpPages(rt.crew, rt.renderer, secret_key="rsvp-test-secret-key", clock=rt.clock)
-    server = make_server(
-        CallbackApp(rt.payments, callback_path=None, rsvp=pages), "127.0.0.1", 0, 4
-    )
-    threading.Thread(target=server.run, daemon=True).start()
-    base = f"http://127.0.0.1:{server.effective_port}"
-    monkeypatch.setenv("SFCRM_PUBLIC_URL", base)
-    yield base
-    server.close()
-    rt.close()
+    with rsvp_server(monkeypatch) as base:
+        yield base
 
 
 def rsvp_link(received: Any) -> str:

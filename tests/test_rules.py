@@ -6,7 +6,6 @@ the RSVP pages through the real listener, mail to a real SMTP server on 127.0.0.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import requests
-from support import SmtpSink, run, run_json
+from support import SmtpSink, rsvp_link_in, rsvp_server, run, run_json
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 
@@ -64,28 +63,12 @@ def office(monkeypatch: pytest.MonkeyPatch, database_url: str, smtp_sink: SmtpSi
 @pytest.fixture
 def rsvp_listener(monkeypatch: pytest.MonkeyPatch, office: SmtpSink) -> Iterator[str]:
     """The listener with crew links on, on a loopback socket; yields its base URL."""
-    from sfcrm.cli.runtime import RootOptions, Runtime
-    from sfcrm.server import CallbackApp, RsvpPages, make_server
-
-    monkeypatch.setenv("SFCRM_SECRET_KEY", "rsvp-test-secret-key")
-    rt = Runtime(RootOptions(), json_output=False)
-    pages = RsvpPages(rt.crew, rt.renderer, secret_key="rsvp-test-secret-key", clock=rt.clock)
-    server = make_server(
-        CallbackApp(rt.payments, callback_path=None, rsvp=pages), "127.0.0.1", 0, 4
-    )
-    threading.Thread(target=server.run, daemon=True).start()
-    base = f"http://127.0.0.1:{server.effective_port}"
-    monkeypatch.setenv("SFCRM_PUBLIC_URL", base)
-    yield base
-    server.close()
-    rt.close()
+    with rsvp_server(monkeypatch) as base:
+        yield base
 
 
 def rsvp_link(received: Any) -> str:
-    text = received.message.get_body(("plain",)).get_content()
-    match = re.search(r"(http://\S+/crew/rsvp/\S+)", text)
-    assert match, text
-    return match.group(1)
+    return rsvp_link_in(received.message)
 
 
 # -- a declined assignment confirmed again ------------------------------------------------------
