@@ -70,6 +70,8 @@ class Person(SQLModel, table=True):
     created_at: datetime = _ts(nullable=False)
     # archived: out of lists, searches and every email, never asked for money; history kept
     archived_at: datetime | None = _ts()
+    # signs the person's own page link (`crew link`); a new key kills the old link at once
+    link_key: str | None = None
 
 
 class MpesaPayment(SQLModel, table=True):
@@ -220,6 +222,18 @@ class Event(SQLModel, table=True):
     sequence: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
+class RoleNeed(SQLModel, table=True):
+    """How many people an event needs in one role (`events needs`)."""
+
+    __tablename__ = "role_need"
+    __table_args__ = (Index("ux_role_need_event_role", "event_id", "role", unique=True),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: int = Field(foreign_key="event.id")
+    role: str
+    count: int
+
+
 class EventCrew(SQLModel, table=True):
     """One person on one event, in one role."""
 
@@ -246,6 +260,7 @@ class EventCrew(SQLModel, table=True):
     reminder_email_id: int | None = Field(default=None, foreign_key="email_notification.id")
     responded_at: datetime | None = _ts()
     created_at: datetime = _ts(nullable=False)
+    checked_in_at: datetime | None = _ts()  # arrival at the event (`crew checkin`)
 
     def invitation_refusal(self, email: tuple[str, str | None] | None = None) -> str | None:
         """Why this assignment gets no invitation now, or None. ``email``: the state and last

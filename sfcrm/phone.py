@@ -36,3 +36,11 @@ def normalise_phone(text: str) -> str:
 def is_safaricom(phone: str) -> bool:
     """True when a normalised number carries a Safaricom prefix."""
     return bool(_SAFARICOM.match(phone))
+
+
+def display(phone: str) -> str:
+    """A stored number as people read it: ``254722111002`` is ``0722 111 002``."""
+    if len(phone) == 12 and phone.startswith("254") and phone.isdigit():
+        local = "0" + phone[3:]
+        return f"{local[:4]} {local[4:7]} {local[7:]}"
+    return phone

@@ -103,3 +103,8 @@ class Renderer:
             ) from None
         except jinja2.TemplateError as exc:
             raise TemplateError(f"template {name}: {exc.message or exc}") from None
+
+
+def plural(count: int, one: str, many: str | None = None) -> str:
+    """``1 person``, ``2 people``; ``many`` defaults to ``one`` + "s"."""
+    return f"{count} {one if count == 1 else (many or one + 's')}"

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from sfcrm.people import People
     from sfcrm.render import Renderer
     from sfcrm.server import CallbackApp, ConnectionLimits, RsvpPages
+    from sfcrm.staffing import Staffing
 
 
 def utcnow() -> datetime:
@@ -111,6 +112,12 @@ class Services:
         from sfcrm.events import Events
 
         return Events(self.db, self.clock, self.tz)
+
+    @cached_property
+    def staffing(self) -> Staffing:
+        from sfcrm.staffing import Staffing
+
+        return Staffing(self.db, self.clock, self.tz)
 
     @cached_property
     def renderer(self) -> Renderer:

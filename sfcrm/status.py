@@ -25,8 +25,9 @@ class CrewStatus:
     COMPLETED = "completed"
     CANCELLED = "cancelled"  # the event was cancelled
     REMOVED = "removed"  # taken off the event by the office (`crew remove`)
+    NO_SHOW = "no_show"  # confirmed, and did not turn up (`crew complete --no-show`)
 
-    ALL = (INVITED, CONFIRMED, DECLINED, COMPLETED, CANCELLED, REMOVED)
+    ALL = (INVITED, CONFIRMED, DECLINED, COMPLETED, CANCELLED, REMOVED, NO_SHOW)
     # the assignment holds the person's time: another event at that time clashes with it
     BOOKED = (INVITED, CONFIRMED, COMPLETED)
     # the assignment is over before its event: no email, answer or reminder for it any more

@@ -25,15 +25,20 @@ EVENT_CSV = ("id", "name", "date", "time", "end_time", "location", "details", "c
              "cancel_reason")  # fmt: skip
 
 
-def events_table(rt: "Runtime", events: "Sequence[Event]") -> None:
+def events_table(
+    rt: "Runtime", events: "Sequence[Event]", *, staffing: "dict[int, str] | None" = None
+) -> None:
+    """The events, with a ``staffing`` column (each role: confirmed/needed, invited) when given."""
+    extra = ["staffing"] if staffing is not None else []
     rt.table(
-        ["id", "date", "time", "name", "location", "status"],
+        ["id", "date", "time", "name", "location", "status", *extra],
         [
             [e.id, e.date, (e.time or "") + (f"–{e.end_time}" if e.end_time else ""), e.name,
-             e.location, "CANCELLED" if e.cancelled_at else ""]
+             e.location, "CANCELLED" if e.cancelled_at else "",
+             *([staffing.get(e.id or 0, "")] if staffing is not None else [])]
             for e in events
         ],
-        wrap={"name", "location"}, empty="No events found.",
+        wrap={"name", "location", "staffing"}, empty="No events found.",
     )  # fmt: skip
 
 
@@ -184,7 +189,23 @@ def list_events(
         from sfcrm.events import event_json
 
         events = rt.events.find(upcoming=upcoming)
-        rt.emit([event_json(e) for e in events], lambda: events_table(rt, events), csv=EVENT_CSV)
+        if not upcoming:
+            rt.emit([event_json(e) for e in events], lambda: events_table(rt, events),
+                    csv=EVENT_CSV)  # fmt: skip
+            return
+        # what is coming up shows its staffing too: needed / confirmed / invited per role
+        roles = rt.staffing.roles([e.id for e in events if e.id is not None])
+        docs = [{**event_json(e), "roles": [r.json() for r in roles.get(e.id or 0, [])]}
+                for e in events]  # fmt: skip
+        rt.emit(
+            docs,
+            lambda: events_table(rt, events, staffing={
+                e.id or 0: "; ".join(r.text() for r in roles.get(e.id or 0, [])) for e in events
+            }),
+            csv=(*EVENT_CSV, "staffing"),
+            csv_rows=[{**d, "staffing": "; ".join(r.text() for r in roles.get(d["id"], []))}
+                      for d in docs],
+        )  # fmt: skip
 
 
 @app.command("show")
@@ -198,16 +219,21 @@ def show(
     """
     with command(json_output) as rt:
         from sfcrm.cli.crew import crew_table
+        from sfcrm.cli.staffing import roles_table
         from sfcrm.events import event_json
 
         event = rt.events.get(event_id)
         crew = rt.crew.find(event_id=event_id)
-        doc = {**event_json(event), "crew": [row.json(rt.tz) for row in crew]}
+        roles = rt.staffing.roles([event_id]).get(event_id, [])
+        doc = {**event_json(event), "roles": [r.json() for r in roles],
+               "crew": [row.json(rt.tz) for row in crew]}  # fmt: skip
 
         def render() -> None:
             events_table(rt, [event])
             if event.details:
                 rt.print(event.details)
+            if roles:
+                roles_table(rt, roles, empty="")
             crew_table(rt, crew, empty="No crew on this event yet.")
 
         rt.emit(doc, render)

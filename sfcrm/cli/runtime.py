@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from sfcrm.people import People
     from sfcrm.render import Renderer
     from sfcrm.services import Services
+    from sfcrm.staffing import Staffing
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="print one JSON document on stdout instead of text")
@@ -216,6 +217,7 @@ class Runtime:
     people: People = _service("people")
     payments: Payments = _service("payments")
     events: Events = _service("events")
+    staffing: Staffing = _service("staffing")
     renderer: Renderer = _service("renderer")
     mailer: Mailer = _service("mailer")
     crew: Crew = _service("crew")
