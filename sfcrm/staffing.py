@@ -88,7 +88,7 @@ class RoleCount:
             "missing": self.missing,
         }
 
-    def text(self) -> str:
+    def shown(self) -> str:
         """``Sound Engineer: 1/2 confirmed, 1 invited``"""
         asked = f", {self.invited} invited" if self.invited else ""
         return f"{self.role}: {self.confirmed}/{self.needed} confirmed{asked}"

@@ -807,6 +807,11 @@ def run_everything(  # one long, flat script of what the office does
         cli("crew", "invite", "--event", workshop)
         cli("events", "edit", workshop, "--time", "10:00")
         cli("events", "edit", workshop, "--location", "Karen", "--quiet", "--json")
+        cli("events", "needs", workshop, "Usher=3", "Stagehand=1")
+        cli("crew", "gaps", "--days", "30")
+        cli("crew", "gaps", "--json")
+        cli("crew", "suggest", "--event", workshop, "--role", "Usher")
+        cli("crew", "suggest", "--event", workshop, "--role", "Usher", "--csv")
         cli("crew", "remove", first)
         cli("crew", "remove", first, "--json")  # removed already: refused
         cli("events", "cancel", workshop, "--reason", "venue flooded")

@@ -200,10 +200,10 @@ def list_events(
         rt.emit(
             docs,
             lambda: events_table(rt, events, staffing={
-                e.id or 0: "; ".join(r.text() for r in roles.get(e.id or 0, [])) for e in events
+                e.id or 0: "; ".join(r.shown() for r in roles.get(e.id or 0, [])) for e in events
             }),
             csv=(*EVENT_CSV, "staffing"),
-            csv_rows=[{**d, "staffing": "; ".join(r.text() for r in roles.get(d["id"], []))}
+            csv_rows=[{**d, "staffing": "; ".join(r.shown() for r in roles.get(d["id"], []))}
                       for d in docs],
         )  # fmt: skip
 
