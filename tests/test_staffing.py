@@ -68,8 +68,10 @@ def roles_of(doc: dict[str, Any]) -> dict[str, tuple[int, int, int, int]]:
 
 def test_needs_set_change_and_remove_roles_and_show_counts(office: str) -> None:
     gala = event("Gala", 5)
-    amos, beth, cate = person("Amos", "0722000001"), person("Beth", "0722000002"), person(
-        "Cate", "0722000003"
+    amos, beth, cate = (
+        person("Amos", "0722000001"),
+        person("Beth", "0722000002"),
+        person("Cate", "0722000003"),
     )
     assign(gala, amos, "Sound Engineer")
     confirmed = assign(gala, beth, "sound  engineer")  # the same role, typed differently
@@ -114,7 +116,7 @@ def test_events_list_upcoming_shows_staffing_per_role() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("Stagehand", 'Error: a need is written ROLE=COUNT (Stagehand)'),
+        ("Stagehand", "Error: a need is written ROLE=COUNT (Stagehand)"),
         ("=3", "Error: a need is written ROLE=COUNT (=3)"),
         ("Stagehand=-1", "Error: a need is written ROLE=COUNT (Stagehand=-1)"),
         ("Stagehand=501", "Error: a role's headcount is at most 500 (Stagehand=501)"),
@@ -232,7 +234,8 @@ def test_suggest_ranks_free_people_by_the_role_then_reliability(office: str) -> 
     text = run("crew", "suggest", "--event", str(gala), "--role", "Sound Engineer").stdout
     assert "0722 000 002" in text and "invited to Same night" in text
     assert "Fay" not in text and "Dan" not in text and "Amos" not in text
-    assert len(run_json("crew", "suggest", "--event", str(gala), "--role", "X", "--limit", "1")) == 1
+    one = run_json("crew", "suggest", "--event", str(gala), "--role", "X", "--limit", "1")
+    assert len(one) == 1
 
 
 def test_suggest_for_a_missing_or_cancelled_event_is_refused() -> None:
