@@ -552,7 +552,7 @@ class Crew:
                 .order_by(col(Event.starts_at), col(EventCrew.id)),
             )
         groups: dict[str, list[CrewRow]] = {
-            "pending": [], "confirmed": [], "completed": [], "declined": [],
+            "pending": [], "confirmed": [], "completed": [], "declined": [], "no_show": [],
         }  # fmt: skip
         key = {CrewStatus.INVITED: "pending"}
         for row in rows:

@@ -266,12 +266,14 @@ def assignments(
         def render() -> None:
             titles = {
                 "pending": "Pending invitations", "confirmed": "Confirmed",
-                "completed": "Completed", "declined": "Declined",
+                "completed": "Completed", "declined": "Declined", "no_show": "Did not turn up",
             }  # fmt: skip
             if not any(groups.values()):
                 rt.print(f"No assignments found for {who.name}.")
                 return
             for name, rows in groups.items():
+                if name == "no_show" and not rows:
+                    continue
                 rt.print(f"{titles[name]} ({len(rows)})")
                 for r in rows:
                     rt.print(
