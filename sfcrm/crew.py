@@ -500,10 +500,61 @@ class Crew:
                 if not allow_overlap:
                     self._refuse_clash(session, person, event)
             if crew.status != target:
+                changes = audit.changed({"status": crew.status}, {"status": target})
                 crew.status = target
                 crew.responded_at = self.clock()
                 session.add(crew)
+                session.flush()
+                audit.record(
+                    session, f"assignment.{answer}", now=crew.responded_at, changes=changes,
+                    reason=via, assignment_id=crew.id, event_id=crew.event_id,
+                    person_id=crew.person_id,
+                )  # fmt: skip
                 log.info("assignment %s %s (%s)", assignment_id, target, via)
+        return self.get(assignment_id)
+
+    def check_in(
+        self, assignment_id: int, *, via: str = "office", bound_to: str | None = None
+    ) -> CrewRow:
+        """Record that a confirmed crew member has arrived: from two hours before the call
+        time to the event's end; once (a second check-in keeps the first time)."""
+        from sfcrm.portal import CHECKIN_OPENS
+
+        with self.db.write() as session:
+            crew = session.get(EventCrew, assignment_id, with_for_update=True)
+            if crew is None or (
+                bound_to is not None
+                and binding(crew.event_id, crew.person_id, crew.created_at) != bound_to
+            ):
+                raise NotFoundError("no such assignment", value=str(assignment_id))
+            event = session.get(Event, crew.event_id)
+            assert event is not None
+            now = self.clock()
+            refusal = answer_refusal(crew, event)
+            if refusal is None and crew.status != CrewStatus.CONFIRMED:
+                refusal = f"only confirmed crew check in; this assignment is {crew.status}"
+            if refusal is not None:
+                raise ConflictError(refusal, value=f"assignment {assignment_id}")
+            opens = event.starts_at - CHECKIN_OPENS
+            if now < opens:
+                raise ConflictError(
+                    f"check-in for {event.name} opens two hours before the call time",
+                    value=iso_in(opens, self.tz),
+                )
+            if now >= event.ends_at:
+                raise ConflictError(
+                    f"{event.name} is over",
+                    hint=f"record attendance with `sfcrm crew complete --event {event.id}`",
+                )
+            if crew.checked_in_at is None:
+                crew.checked_in_at = now
+                session.add(crew)
+                session.flush()
+                audit.record(
+                    session, "assignment.check_in", now=now, reason=via,
+                    assignment_id=crew.id, event_id=crew.event_id, person_id=crew.person_id,
+                )  # fmt: skip
+                log.info("assignment %s checked in (%s)", assignment_id, via)
         return self.get(assignment_id)
 
     def invitation_carries(self, assignment_id: int, text: str) -> bool:

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from sfcrm.mail import Mailer
     from sfcrm.payments import Payments
     from sfcrm.people import People
+    from sfcrm.portal import LinkKeys
     from sfcrm.render import Renderer
-    from sfcrm.server import CallbackApp, ConnectionLimits, RsvpPages
+    from sfcrm.server import CallbackApp, ConnectionLimits, CrewPages, RsvpPages
     from sfcrm.staffing import Staffing
 
 
@@ -187,10 +188,29 @@ class Services:
 
         return RsvpPages(self.crew, self.renderer, secret_key=key, clock=self.clock)
 
+    @cached_property
+    def link_keys(self) -> LinkKeys:
+        """Each crew member's own page link (SFCRM_PUBLIC_URL, signed with SFCRM_SECRET_KEY)."""
+        from sfcrm.portal import LinkKeys
+
+        return LinkKeys(self.db, self.clock, self.settings.public_url, self.settings.secret_key)
+
+    @cached_property
+    def crew_pages(self) -> CrewPages | None:
+        """Each crew member's own page and calendar feed, when SFCRM_SECRET_KEY is set."""
+        if not self.settings.secret_key:
+            return None
+        from sfcrm.server import CrewPages
+
+        return CrewPages(
+            self.crew, self.link_keys, self.renderer, clock=self.clock,
+            show_phones=bool(self.settings.show_crew_phones),
+        )  # fmt: skip
+
     def callback_app(self) -> CallbackApp:
         """The listener's WSGI app: the path of MPESA_CALLBACK_URL, and the RSVP pages."""
         from sfcrm.config import allowlist
-        from sfcrm.server import CallbackApp
+        from sfcrm.server import CallbackApp, PageRate
 
         settings = self.settings
         return CallbackApp(
@@ -200,6 +220,8 @@ class Services:
             allowlist=allowlist(settings),
             trusted_proxies=settings.listener_trusted_proxies or (),
             rsvp=self.rsvp_pages,
+            crew_pages=self.crew_pages,
+            page_rate=PageRate(settings.listener_page_rate),
         )
 
     def listener_limits(self) -> ConnectionLimits:

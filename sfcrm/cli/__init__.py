@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 from sfcrm import __version__
-from sfcrm.cli import config_cmd, crew, events, history, mail, mpesa, people, staffing, system
+from sfcrm.cli import (
+    config_cmd,
+    crew,
+    events,
+    history,
+    mail,
+    mpesa,
+    people,
+    portal,
+    staffing,
+    system,
+)
 from sfcrm.cli.runtime import RootOptions, set_root_options
 from sfcrm.errors import ExitCode
 
@@ -60,6 +71,7 @@ app.add_typer(crew.app, name="crew")
 app.add_typer(mail.app, name="mail")
 history.register(app)
 staffing.register(events.app, crew.app)
+portal.register(crew.app)
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ One route: POST on the path of MPESA_CALLBACK_URL (a secret, compared in constan
 body is stored before anything else and acted on by :meth:`Payments.receive`, through the same
 rules ``reconcile`` uses. Nothing a client sends can make it answer 500: a stored body is
 answered 200 even when acting on it fails (``reconcile`` retries it), and a body that is not a
-Daraja callback is stored and answered 400. Requests under /crew/rsvp/ go to the RSVP pages.
+Daraja callback is stored and answered 400. Requests under /crew/rsvp/ go to the RSVP pages
+and under /crew/me/ to each crew member's own page, each address within a rate of pages.
 """
 
 from __future__ import annotations
@@ -12,21 +13,25 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from sfcrm.models import CallbackOutcome
+from sfcrm.portal import PAGE_PREFIX
 from sfcrm.server.checkpoint import WalCheckpointer
 from sfcrm.server.networks import in_networks, parse_networks
+from sfcrm.server.rate import PageRate
 from sfcrm.server.rsvp_pages import RSVP_PREFIX
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse
 
     from sfcrm.payments import Payments
+    from sfcrm.server.crew_pages import CrewPages
     from sfcrm.server.rsvp_pages import RsvpPages
 
 log = logging.getLogger("sfcrm.listener")
@@ -92,9 +97,13 @@ class CallbackApp:
         worker: ConfirmWorker | None = None,
         rsvp: RsvpPages | None = None,
         checkpointer: WalCheckpointer | None = None,
+        crew_pages: CrewPages | None = None,
+        page_rate: PageRate | None = None,
     ) -> None:
         self.payments = payments
         self.rsvp = rsvp
+        self.crew_pages = crew_pages
+        self.page_rate = page_rate or PageRate(60)
         # None: no payment route (a listener serving crew links only); b"" matches no path
         self._path = self._normal(unquote(callback_path)).encode("utf-8") if callback_path else b""
         self.max_body = max_body
@@ -141,7 +150,11 @@ class CallbackApp:
             if self.rsvp is not None and text.startswith(RSVP_PREFIX):
                 token = text[len(RSVP_PREFIX) :]
                 if token and "/" not in token:
-                    return self.rsvp(environ, start_response, token)
+                    return self._page(environ, start_response, self.rsvp, token)
+            if self.crew_pages is not None and text.startswith(PAGE_PREFIX):
+                rest = text[len(PAGE_PREFIX) :]
+                if rest and rest.count("/") <= 1:
+                    return self._page(environ, start_response, self.crew_pages, rest)
             return _reply(start_response, "404 Not Found", {"error": "not found"})
         if environ.get("REQUEST_METHOD") != "POST":
             return _reply(
@@ -177,6 +190,26 @@ class CallbackApp:
             self.worker.submit(callback_id)
         start_response("200 OK", list(_ACCEPTED_HEADERS))
         return [_ACCEPTED_BODY]
+
+    def _page(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        pages: Callable[[dict[str, Any], StartResponse, str], Iterable[bytes]],
+        rest: str,
+    ) -> Iterable[bytes]:
+        """A crew page, within the rate one address may ask for pages."""
+        wait = self.page_rate.allow(self._source(environ))
+        if wait:
+            body = b"Too many requests: wait a minute, then open the link again.\n"
+            start_response(
+                "429 Too Many Requests",
+                [("Content-Type", "text/plain; charset=utf-8"),
+                 ("Content-Length", str(len(body))), ("Retry-After", str(math.ceil(wait))),
+                 ("Cache-Control", "no-store")],
+            )  # fmt: skip
+            return [body]
+        return pages(environ, start_response, rest)
 
     def _read_body(self, environ: dict[str, Any]) -> bytes | str | None:
         """The body, None when over the limit (unread), or an error text."""

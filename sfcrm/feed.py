@@ -1,0 +1,92 @@
+"""A crew member's calendar feed (``/crew/me/<token>/calendar.ics``): every event they are on,
+built with the ``icalendar`` package.
+
+Each assignment is one VEVENT with the UID of its invitation's attachment
+(``event-<event id>-crew-<assignment id>@sfcrm``), so a calendar holding both shows it once.
+STATUS is TENTATIVE while invited, CONFIRMED once confirmed (and after the event), CANCELLED for
+a declined assignment, a cancelled event or a crew member taken off it. SEQUENCE is the event's
+(raised by each change crew are told of) plus one once the crew member has answered and one
+more when they were taken off, so the feed's entry is never older than an email's.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+PRODID = "-//Sound Fusion//sfcrm crew feed//EN"
+HISTORY = timedelta(days=180)  # past events kept in the feed
+
+_STATUS = {
+    "invited": "TENTATIVE",
+    "confirmed": "CONFIRMED",
+    "completed": "CONFIRMED",
+    "no_show": "CONFIRMED",
+    "declined": "CANCELLED",
+    "cancelled": "CANCELLED",
+    "removed": "CANCELLED",
+}
+
+
+def uid_of(event_id: int, assignment_id: int) -> str:
+    """The UID of an assignment's calendar entry, in its emails and in the feed alike."""
+    return f"event-{event_id}-crew-{assignment_id}@sfcrm"
+
+
+def sequence_of(event_sequence: int, responded: bool, removed: bool) -> int:
+    return event_sequence + int(responded) + int(removed)
+
+
+def person_feed(session: Any, person: Any, org: Any, now: datetime) -> bytes:
+    """The person's feed as iCalendar bytes (CRLF lines, folded at 75 octets)."""
+    import icalendar
+    from sqlmodel import col
+
+    from sfcrm.crew import crew_rows, crew_select
+    from sfcrm.models import Event, EventCrew
+
+    rows = crew_rows(
+        session,
+        crew_select()
+        .where(EventCrew.person_id == person.id)
+        .where(col(Event.ends_at) > now - HISTORY)
+        .order_by(col(Event.starts_at), col(EventCrew.id)),
+    )
+    calendar = icalendar.Calendar()
+    calendar.add("prodid", PRODID)
+    calendar.add("version", "2.0")
+    calendar.add("calscale", "GREGORIAN")
+    calendar.add("method", "PUBLISH")
+    calendar.add("x-wr-calname", f"{org.name}: {person.name}")
+    calendar.add("refresh-interval", timedelta(hours=1), parameters={"VALUE": "DURATION"})
+    calendar.add("x-published-ttl", "PT1H")
+    for row in rows:
+        crew, event = row.crew, row.event
+        status = "CANCELLED" if event.cancelled_at is not None else _STATUS.get(crew.status)
+        if status is None:
+            continue
+        assert event.id is not None and crew.id is not None  # read from the tables
+        entry = icalendar.Event()
+        entry.add("uid", uid_of(event.id, crew.id))
+        entry.add(
+            "sequence",
+            sequence_of(event.sequence, crew.responded_at is not None, crew.status == "removed"),
+        )
+        entry.add("dtstamp", now)
+        entry.add("dtstart", event.starts_at)
+        entry.add("dtend", event.ends_at)
+        entry.add("summary", event.name)
+        entry.add("location", event.location)
+        description = f"Your role: {crew.role}"
+        if crew.notes:
+            description += f"\n{crew.notes}"
+        if event.details:
+            description += f"\n\n{event.details}"
+        entry.add("description", description)
+        entry.add("status", status)
+        entry.add("transp", "TRANSPARENT" if status == "CANCELLED" else "OPAQUE")
+        if org.email:
+            entry.add("organizer", f"mailto:{org.email}", parameters={"CN": org.name})
+        calendar.add_component(entry)
+    data: bytes = calendar.to_ical()
+    return data
