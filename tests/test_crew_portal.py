@@ -280,3 +280,53 @@ def test_crew_link_needs_the_public_address_and_key(
     amos = person("Amos", "0722111002")
     result = run("crew", "link", amos)
     assert result.exit_code == 3 and "SFCRM_PUBLIC_URL is not set" in result.stderr
+
+
+def test_every_route_answers_as_documented(site: Site) -> None:
+    amos = person("Amos", "0722111002")
+    link = site.link(amos)
+    head = requests.head(link, timeout=10)
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["Content-Length"]) > 0
+    assert requests.put(link, timeout=10).status_code == 405
+    assert site.get(link + "/other").status_code == 404
+    assert site.get(link + "/calendar.ics/more").status_code == 404
+    assert requests.post(link + "/calendar.ics", timeout=10).status_code == 405
+    assert site.get(site.base + "/crew/me/").status_code == 404
+    assert site.post(link, assignment="x", answer="confirm").status_code == 400
+    assert requests.post(link, data="a" * 5000, timeout=10).status_code == 400
+
+
+def test_html_in_names_and_notes_is_shown_as_text(site: Site) -> None:
+    amos = person("<b>Amos</b>", "0722111002")
+    gala = event("<script>alert(1)</script>", day(5))
+    assign(gala, amos, "Sound", "--notes", "<img src=x onerror=alert(1)>")
+    html = site.get(site.link(amos)).text
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;b&gt;Amos&lt;/b&gt;" in html
+
+
+def test_one_address_gets_a_bounded_rate_of_pages(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    from sfcrm.cli.runtime import RootOptions, Runtime
+
+    monkeypatch.setenv("SFCRM_LISTENER_PAGE_RATE", "5")
+    port = free_port()
+    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
+    monkeypatch.setenv("SFCRM_SECRET_KEY", SECRET)
+    monkeypatch.setenv("SFCRM_PUBLIC_URL", f"http://127.0.0.1:{port}")
+    amos = person("Amos", "0722111002")
+    link = str(run_json("crew", "link", amos)["page"])
+    rt = Runtime(RootOptions(), json_output=False)
+    server = make_server(rt.services.callback_app(), "127.0.0.1", port, 4)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        answers = [requests.get(link, timeout=10) for _ in range(7)]
+        assert [a.status_code for a in answers] == [200] * 5 + [429] * 2
+        assert 1 <= int(answers[-1].headers["Retry-After"]) <= 12
+        forged = requests.get(link[:-3] + "abc", timeout=10)
+        assert forged.status_code == 429  # guesses count too
+    finally:
+        server.close()
+        rt.close()
