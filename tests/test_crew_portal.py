@@ -330,3 +330,26 @@ def test_one_address_gets_a_bounded_rate_of_pages(
     finally:
         server.close()
         rt.close()
+
+
+def test_rsvp_pages_carry_the_same_policy(site: Site, database_url: str) -> None:
+    from sfcrm.crew import Crew, Org
+    from sfcrm.db import Database
+    from sfcrm.rsvp import make_token, rsvp_url
+
+    amos = person("Amos", "0722111002")
+    crew_id = int(assign(event("Gala", day(5)), amos))
+    db = Database(database_url)
+    try:
+        row = Crew(db, clock=lambda: datetime.now(UTC), tz=NAIROBI,
+                   org=Org("Sound Fusion", None, None)).get(crew_id)  # fmt: skip
+    finally:
+        db.close()
+    now = datetime.now(UTC)
+    url = rsvp_url(site.base, make_token(SECRET, crew_id, row.binding, row.event.ends_at, now))
+    page = site.get(url)
+    assert page.status_code == 200
+    csp = page.headers["Content-Security-Policy"]
+    nonce = re.search(r"'nonce-([^']+)'", csp)
+    assert nonce and f'<style nonce="{nonce.group(1)}">' in page.text
+    assert page.headers["X-Content-Type-Options"] == "nosniff"

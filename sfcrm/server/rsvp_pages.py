@@ -154,18 +154,13 @@ class RsvpPages:
     def _page(
         self, start_response: StartResponse, http_status: str, template: str, /, **context: Any
     ) -> list[bytes]:
-        body = self.renderer.render(template, **context).encode("utf-8")
-        start_response(
-            http_status,
-            [
-                ("Content-Type", "text/html; charset=utf-8"),
-                ("Content-Length", str(len(body))),
-                ("Cache-Control", "no-store"),
-                ("X-Robots-Tag", "noindex"),
-                ("Referrer-Policy", "no-referrer"),
-                ("X-Frame-Options", "DENY"),
-            ],
-        )
+        import secrets
+
+        from sfcrm.server.crew_pages import page_headers
+
+        nonce = secrets.token_urlsafe(12)
+        body = self.renderer.render(template, nonce=nonce, **context).encode("utf-8")
+        start_response(http_status, page_headers(body, nonce=nonce))
         return [body]
 
 
