@@ -252,8 +252,15 @@ def test_the_feed_lists_each_assignment_with_the_invitation_uid(site: Site) -> N
     assert feed.status_code == 200
     assert feed.headers["Content-Type"] == "text/calendar; charset=utf-8"
     assert b"\r\n" in feed.content and all(len(line) <= 75 for line in feed.content.split(b"\r\n"))
+    assert feed.content.startswith(b"BEGIN:VCALENDAR\r\n")
+    assert feed.content.endswith(b"END:VCALENDAR\r\n")
+    assert b"\n" not in feed.content.replace(b"\r\n", b"")  # no bare line feeds
     calendar = icalendar.Calendar.from_ical(feed.content)
     assert calendar["METHOD"] == "PUBLISH" and "PRODID" in calendar
+    assert calendar["VERSION"] == "2.0"
+    for entry in calendar.walk("VEVENT"):  # what RFC 5545 requires of each, and clients read
+        assert {"UID", "DTSTAMP", "DTSTART", "DTEND", "SUMMARY", "SEQUENCE", "STATUS"} <= set(entry)
+        assert entry.decoded("DTSTAMP").utcoffset() == timedelta(0)
     events = {str(e["UID"]): e for e in calendar.walk("VEVENT")}
     assert set(events) == {f"event-{gala}-crew-{invited}@sfcrm",
                            f"event-{rally}-crew-{confirmed}@sfcrm",
