@@ -3,7 +3,8 @@
 Every fenced ``sh``/``bash``/``console`` block of README.md is read top to bottom, and each of
 its ``sfcrm …`` lines (``$ sfcrm …`` too, ``\\``-continued lines joined) is run through the real
 CLI, in-process, in one office folder that starts empty, so ``sfcrm init`` must come first. Each
-must exit 0, or the code its comment names: ``sfcrm doctor   # … (exit 1 until all pass)``.
+must exit 0, or the code its comment names: ``sfcrm doctor   # … (exit 1 until all pass)``, and
+on PostgreSQL, when it differs, ``(on PostgreSQL: exit 3, …)``.
 What the README's lines do besides is honoured too: ``> FILE`` writes the output to FILE,
 ``export NAME=VALUE`` sets the environment of the commands after it, ``NAME=VALUE sfcrm …`` that
 of one server, and a block right after ``<!-- file: NAME -->`` is a file the office has (the
@@ -25,8 +26,8 @@ built-in emulator over real HTTP, callbacks come back to a ``serve-callback`` pr
 runs from the moment it exists (as a service would), mail goes to the file backend's
 ``outbox/``. After a command that pushes, the story waits, as staff would, until no payment is
 pending any more. The README's dates are static text: when an example event is no longer ahead
-the test fails saying so. The story runs on SQLite, the quick start's office (``sfcrm backup``
-copies that file); the commands' behaviour on PostgreSQL is tested in their own modules.
+the test fails saying so. The story runs on SQLite, and again on a new, empty PostgreSQL
+database when ``SFCRM_TEST_DATABASE_URL`` names a server.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -62,6 +64,7 @@ NOT_RUN_COMMANDS = {"demo", "db copy", "mpesa resolve", "mpesa refund-done"}
 CRONTAB = re.compile(r"^(@\w+|([-\d*/,]+\s+){5})\S")
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 EXPECTED_EXIT = re.compile(r"\s#.*\(exit (\d+)")
+EXPECTED_EXIT_ON_POSTGRESQL = re.compile(r"\s#.*\(on PostgreSQL: exit (\d+)")
 SHELL_OPERATORS = ("|", "||", "&&", ";", "<", ">>", "&", "2>&1")
 
 
@@ -126,6 +129,11 @@ class Command:
     env: dict[str, str] = field(default_factory=dict)
     stdout_to: str | None = None
     expected: int = 0
+    expected_on_postgresql: int | None = None  # when it differs
+
+    def expected_on(self, engine: str) -> int:
+        differs = self.expected_on_postgresql
+        return differs if engine == "postgresql" and differs is not None else self.expected
 
     def is_(self, *words: str) -> bool:
         return tuple(self.argv[: len(words)]) == words
@@ -166,6 +174,7 @@ def parse_line(line: int, text: str) -> Command | dict[str, str] | None:
             "command, or mark its block <!-- not run: why -->"
         )
     expected = EXPECTED_EXIT.search(stripped)
+    on_postgresql = EXPECTED_EXIT_ON_POSTGRESQL.search(stripped)
     return Command(
         line=line,
         text=stripped,
@@ -173,6 +182,7 @@ def parse_line(line: int, text: str) -> Command | dict[str, str] | None:
         env=env,
         stdout_to=stdout_to,
         expected=int(expected.group(1)) if expected else 0,
+        expected_on_postgresql=int(on_postgresql.group(1)) if on_postgresql else None,
     )
 
 
@@ -188,6 +198,7 @@ $ sfcrm events add --name "Gala" --date 2027-03-12 \\
     --location "KICC, Nairobi"   # a comment
 $ sfcrm doctor        # what is missing (exit 1 until all pass)
 $ sfcrm people list --csv > people.csv
+sfcrm backup copy.db   # the SQLite file (on PostgreSQL: exit 3, use pg_dump)
 export MPESA_BASE_URL=http://127.0.0.1:8900 MPESA_CONSUMER_KEY=x
 SFCRM_LISTENER_THREADS=4 sfcrm serve-callback --port 8000
 */5 * * * *  cd /srv/sfcrm && sfcrm mpesa reconcile
@@ -197,14 +208,16 @@ pip install . && sfcrm demo
     skipped, shown = readme_blocks(text)
     assert skipped.not_run == "needs a phone" and skipped.lines == [(4, "sfcrm crew remove 12")]
     assert shown.kind == "console" and shown.not_run is None
-    add, doctor, csv, export, serve, cron, pip = (parse_line(n, t) for n, t in shown.lines)
+    add, doctor, csv, backup, export, serve, cron, pip = (parse_line(n, t) for n, t in shown.lines)
     assert isinstance(add, Command) and add.line == 8 and add.expected == 0
     assert add.argv == [
         "events", "add", "--name", "Gala", "--date", "2027-03-12", "--location", "KICC, Nairobi"
     ]  # fmt: skip
     assert isinstance(doctor, Command) and doctor.argv == ["doctor"] and doctor.expected == 1
     assert isinstance(csv, Command) and csv.argv == ["people", "list", "--csv"]
-    assert csv.stdout_to == "people.csv"
+    assert csv.stdout_to == "people.csv" and csv.expected_on("postgresql") == 0
+    assert isinstance(backup, Command) and backup.expected_on("sqlite") == 0
+    assert backup.expected_on("postgresql") == 3
     assert export == {"MPESA_BASE_URL": "http://127.0.0.1:8900", "MPESA_CONSUMER_KEY": "x"}
     assert isinstance(serve, Command) and serve.long_running
     assert serve.env == {"SFCRM_LISTENER_THREADS": "4"}
@@ -354,21 +367,36 @@ def cli_commands() -> set[str]:
 
 
 @pytest.fixture
-def office(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, emulator: DarajaEmulator) -> Path:
+def office(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    emulator: DarajaEmulator,
+    engine_name: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[Path]:
     """An empty office folder, the current directory, with the settings its staff would put in
-    .env: Daraja is the emulator, and callbacks go to the listener the office will run."""
+    .env: Daraja is the emulator, and callbacks go to the listener the office will run. On
+    PostgreSQL its database is a new, empty one on the tests' server (``init`` makes the
+    tables); on SQLite, the ``sfcrm.db`` that ``init`` makes beside ``sfcrm.toml``."""
     folder = tmp_path / "office"
     folder.mkdir()
     monkeypatch.chdir(folder)
     callback_url = f"http://127.0.0.1:{free_port()}/cb/readme-examples-secret-path"
     for name, value in daraja_env(emulator.url, callback_url, timeout=10).items():
         monkeypatch.setenv(name, value)
-    return folder
+    if engine_name == "sqlite":
+        yield folder
+        return
+    server = request.getfixturevalue("postgres_server")
+    url = server.new_empty_database()
+    monkeypatch.setenv("SFCRM_DATABASE_URL", url)
+    yield folder
+    server.drop(url)
 
 
 @pytest.mark.slow
 def test_the_readme_examples_run_in_order_on_a_fresh_office(
-    office: Path, monkeypatch: pytest.MonkeyPatch, record_property: Any
+    office: Path, engine_name: str, monkeypatch: pytest.MonkeyPatch, record_property: Any
 ) -> None:
     blocks = readme_blocks(README.read_text())
     for block in blocks:
@@ -412,9 +440,10 @@ def test_the_readme_examples_run_in_order_on_a_fresh_office(
                 assert not item.env, f"{item.where}: NAME=VALUE is run only before a server"
                 result = run(*argv)
                 print(f"$ sfcrm {shlex.join(argv)}\n{result.stdout}{result.stderr}")
-                assert result.exit_code == item.expected, (
-                    f"{item.where}: exit {result.exit_code}, the README expects {item.expected}:"
-                    f"\n{result.stdout}{result.stderr}"
+                expected = item.expected_on(engine_name)
+                assert result.exit_code == expected, (
+                    f"{item.where}: exit {result.exit_code}, the README expects {expected} "
+                    f"on {engine_name}:\n{result.stdout}{result.stderr}"
                 )
                 if item.stdout_to is not None:
                     (office / item.stdout_to).write_text(result.stdout)
