@@ -366,6 +366,13 @@ def cli_commands() -> set[str]:
     return found
 
 
+@dataclass
+class Office:
+    folder: Path
+    engine: str
+    listener_port: int  # where the office's own listener takes Daraja's callbacks
+
+
 @pytest.fixture
 def office(
     tmp_path: Path,
@@ -373,7 +380,7 @@ def office(
     emulator: DarajaEmulator,
     engine_name: str,
     request: pytest.FixtureRequest,
-) -> Iterator[Path]:
+) -> Iterator[Office]:
     """An empty office folder, the current directory, with the settings its staff would put in
     .env: Daraja is the emulator, and callbacks go to the listener the office will run. On
     PostgreSQL its database is a new, empty one on the tests' server (``init`` makes the
@@ -381,96 +388,115 @@ def office(
     folder = tmp_path / "office"
     folder.mkdir()
     monkeypatch.chdir(folder)
-    callback_url = f"http://127.0.0.1:{free_port()}/cb/readme-examples-secret-path"
+    port = free_port()
+    callback_url = f"http://127.0.0.1:{port}/cb/readme-examples-secret-path"
     for name, value in daraja_env(emulator.url, callback_url, timeout=10).items():
         monkeypatch.setenv(name, value)
     if engine_name == "sqlite":
-        yield folder
+        yield Office(folder, engine_name, port)
         return
     server = request.getfixturevalue("postgres_server")
     url = server.new_empty_database()
     monkeypatch.setenv("SFCRM_DATABASE_URL", url)
-    yield folder
+    yield Office(folder, engine_name, port)
     server.drop(url)
+
+
+class Story:
+    """The README's examples, played in order in one office."""
+
+    def __init__(self, office: Office, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.office = office
+        self.monkeypatch = monkeypatch
+        self.ports = Ports()
+        self.today = date.today()
+        self.servers: list[Server] = []
+        self.ran: list[Command] = []
+        self.not_run: list[str] = []
+
+    def play(self, blocks: list[Block]) -> None:
+        for block in blocks:
+            if block.file is not None:
+                (self.office.folder / block.file).write_text(
+                    "".join(text + "\n" for _, text in block.lines)
+                )
+        try:
+            for block in blocks:
+                if block.kind in RUN_KINDS and block.file is None:
+                    self.block(block)
+            while self.servers:
+                self.servers.pop().stop()
+        finally:
+            for server in self.servers:
+                server.kill()
+
+    def block(self, block: Block) -> None:
+        items = [parse_line(n, text) for n, text in block.lines]
+        if not any(isinstance(item, Command) for item in items):
+            return
+        if block.not_run is not None:
+            self.not_run.append(f"README line {block.line}: {block.not_run}")
+            return
+        for item in items:
+            if isinstance(item, dict):
+                for name, value in item.items():
+                    self.monkeypatch.setenv(name, self.ports.in_url(value))
+            elif isinstance(item, Command):
+                assert self.ran or item.is_("init"), f"{item.where}: runs before `sfcrm init`"
+                check_dates_ahead(item, self.today)
+                if item.long_running:
+                    self.serve(item)
+                else:
+                    self.command(item)
+                self.ran.append(item)
+
+    def command(self, item: Command) -> None:
+        assert not item.env, f"{item.where}: NAME=VALUE is run only before a server"
+        argv = self.ports.in_argv(item.argv)
+        result = run(*argv)
+        print(f"$ sfcrm {shlex.join(argv)}\n{result.stdout}{result.stderr}")
+        expected = item.expected_on(self.office.engine)
+        assert result.exit_code == expected, (
+            f"{item.where}: exit {result.exit_code}, the README expects {expected} "
+            f"on {self.office.engine}:\n{result.stdout}{result.stderr}"
+        )
+        if item.stdout_to is not None:
+            (self.office.folder / item.stdout_to).write_text(result.stdout)
+        if item.is_("init") and not self.ran:
+            # the office's own listener, running as a service from now on
+            port = str(self.office.listener_port)
+            self.start("the office's listener", ["serve-callback", "--port", port], {})
+        if any(item.is_(*words) for words in PUSHING):
+            wait_for_pushes(item.where)
+
+    def serve(self, item: Command) -> None:
+        argv = self.ports.in_argv(item.argv)
+        assert "--port" in argv, f"{item.where}: name the port it listens on"
+        port = int(argv[argv.index("--port") + 1])
+        for replaced in [s for s in self.servers if s.port == port]:
+            replaced.stop()
+            self.servers.remove(replaced)
+        self.start(item.where, argv, {k: self.ports.in_url(v) for k, v in item.env.items()})
+
+    def start(self, where: str, argv: list[str], env: dict[str, str]) -> None:
+        log = self.office.folder.parent / f"server-{len(self.servers) + len(self.ran)}.log"
+        self.servers.append(Server.start(where, argv, {**os.environ, **env}, log))
 
 
 @pytest.mark.slow
 def test_the_readme_examples_run_in_order_on_a_fresh_office(
-    office: Path, engine_name: str, monkeypatch: pytest.MonkeyPatch, record_property: Any
+    office: Office, monkeypatch: pytest.MonkeyPatch, record_property: Any
 ) -> None:
-    blocks = readme_blocks(README.read_text())
-    for block in blocks:
-        if block.file is not None:
-            (office / block.file).write_text("".join(t + "\n" for _, t in block.lines))
-    ports = Ports()
-    today = date.today()
-    servers: list[Server] = []
-    ran: list[Command] = []
-    not_run: list[str] = []
-    try:
-        for block in blocks:
-            if block.kind not in RUN_KINDS or block.file is not None:
-                continue
-            lines = [(n, parse_line(n, t)) for n, t in block.lines]
-            if not any(isinstance(item, Command) for _, item in lines):
-                continue
-            if block.not_run is not None:
-                not_run.append(f"README line {block.line}: {block.not_run}")
-                continue
-            for _, item in lines:
-                if isinstance(item, dict):
-                    for name, value in item.items():
-                        monkeypatch.setenv(name, ports.in_url(value))
-                if not isinstance(item, Command):
-                    continue
-                assert ran or item.is_("init"), f"{item.where}: runs before `sfcrm init`"
-                check_dates_ahead(item, today)
-                argv = ports.in_argv(item.argv)
-                if item.long_running:
-                    assert "--port" in argv, f"{item.where}: name the port it listens on"
-                    port = int(argv[argv.index("--port") + 1])
-                    for replaced in [s for s in servers if s.port == port]:
-                        replaced.stop()
-                        servers.remove(replaced)
-                    env = {**os.environ, **{k: ports.in_url(v) for k, v in item.env.items()}}
-                    log = office.parent / f"server-{item.line}.log"
-                    servers.append(Server.start(item.where, argv, env, log))
-                    ran.append(item)
-                    continue
-                assert not item.env, f"{item.where}: NAME=VALUE is run only before a server"
-                result = run(*argv)
-                print(f"$ sfcrm {shlex.join(argv)}\n{result.stdout}{result.stderr}")
-                expected = item.expected_on(engine_name)
-                assert result.exit_code == expected, (
-                    f"{item.where}: exit {result.exit_code}, the README expects {expected} "
-                    f"on {engine_name}:\n{result.stdout}{result.stderr}"
-                )
-                if item.stdout_to is not None:
-                    (office / item.stdout_to).write_text(result.stdout)
-                ran.append(item)
-                if item.is_("init") and len(ran) == 1:
-                    # the office's own listener, running as a service from now on
-                    url = os.environ["MPESA_CALLBACK_URL"]
-                    port = url.split(":")[2].split("/")[0]
-                    listener = ["serve-callback", "--port", port]
-                    log = office.parent / "office-listener.log"
-                    env = {**os.environ}
-                    servers.append(Server.start("the office's listener", listener, env, log))
-                if any(item.is_(*words) for words in PUSHING):
-                    wait_for_pushes(item.where)
-        while servers:
-            servers.pop().stop()
-    finally:
-        for server in servers:
-            server.kill()
+    story = Story(office, monkeypatch)
+    story.play(readme_blocks(README.read_text()))
 
-    run_commands = {c for c in cli_commands() for item in ran if item.is_(*c.split())}
-    never_run = cli_commands() - run_commands
-    print(f"\n{len(ran)} README examples run; {len(not_run)} blocks not run:")
-    print("".join(f"  {reason}\n" for reason in not_run), end="")
+    every_command = cli_commands()
+    never_run = {c for c in every_command if not any(i.is_(*c.split()) for i in story.ran)}
+    print(f"\n{len(story.ran)} README examples run; {len(story.not_run)} blocks not run:")
+    print("".join(f"  {reason}\n" for reason in story.not_run), end="")
     print(f"commands no example runs: {', '.join(sorted(never_run))}")
-    record_property("readme_blocks_not_run", not_run)
-    assert ran, "no README example was run"
+    record_property("readme_blocks_not_run", story.not_run)
+    assert story.ran, "no README example was run"
     assert never_run == NOT_RUN_COMMANDS, (
         "every command needs an example the README's story runs; not run now: "
         f"{sorted(never_run)}, expected only {sorted(NOT_RUN_COMMANDS)}"
