@@ -59,15 +59,21 @@ def report_notice(rt: "Runtime", notice: "EventNotice", headline: str) -> None:
             "status": notice.changes["status"][1],
         }
 
-    def lead() -> None:
-        rt.print(headline)
+    def warn_of_clashes() -> None:
         for mine, other in notice.clashes:
             e = other.event
-            rt.say(
+            rt.warn(
                 f"Warning: {mine.person.name} (assignment {mine.crew.id}) is also on {e.name}"
                 f" (event {e.id}, {e.date}{' ' + e.time if e.time else ''}), which now overlaps"
                 f" {notice.event.name}"
             )
+
+    if rt.json:  # (the text's headline comes first, below)
+        warn_of_clashes()
+
+    def lead() -> None:
+        rt.print(headline)
+        warn_of_clashes()
         if notice.told is None:
             if not notice.changes:
                 rt.print("Nothing changed.")
