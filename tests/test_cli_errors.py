@@ -332,3 +332,20 @@ def test_an_edit_that_makes_a_clash_warns_on_stderr_under_json() -> None:
     assert result.exit_code == 0, result.output
     assert [c["other_event_id"] for c in json.loads(result.stdout)["clashes"]] == [1]
     assert "Warning: Achieng (assignment 2) is also on Gala (event 1" in result.stderr
+
+
+@pytest.mark.usefixtures("on_each_engine")
+def test_a_refresh_that_cannot_settle_a_payment_says_so_on_stderr_under_json(
+    fake: FakeDaraja, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_json("people", "add", "--name", "Achieng", "--phone", "0712345678", "--balance", "500")
+    for key, value in daraja_env(fake.url, GUESSABLE_FREE_CALLBACK).items():
+        monkeypatch.setenv(key, value)
+    run_json("mpesa", "request", "--person", "1", "--amount", "100", "--purpose", "Deposit")
+    monkeypatch.setenv("MPESA_BASE_URL", "http://127.0.0.1:9")  # Daraja out of reach now
+
+    result = run("mpesa", "status", "1", "--refresh", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["payment_id"] == 1
+    assert result.stderr.startswith("refresh: payment 1: "), result.stderr

@@ -180,6 +180,7 @@ class Runtime:
         self.clock: Callable[[], datetime] = utcnow
         self._redactor: Redactor | None = None
         self._pending: Any = None  # the --json document, printed when the command ends
+        self._wrote = False  # a --json document is on stdout already (a server's start-up)
         self._clean_ups: list[Callable[[], None]] = []
 
     @cached_property
@@ -294,6 +295,7 @@ class Runtime:
             self._pending = doc
 
     def _write(self, doc: Any) -> None:
+        self._wrote = True
         out = _Stdout()
         out.write(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
         out.flush()
@@ -380,7 +382,7 @@ class Runtime:
         message = self.redact_error(str(error))
         hint = self.redact(error.hint) if error.hint else None
         if self.json:
-            value = self.redact(error.value) if error.value is not None else None
+            value = self.redact(str(error.value)) if error.value is not None else None
             doc = error_document(message, error.code, hint=hint, value=value)
             pending, self._pending = self._pending, None
             if isinstance(pending, dict):
@@ -473,7 +475,7 @@ def command(json_output: bool = False, csv_output: bool = False) -> Iterator[Run
         except KeyboardInterrupt as exc:
             # (a push cut short says which payment may be on a phone, and what not to do)
             message = getattr(exc, "message", None) or "Interrupted."
-            if not rt.json:
+            if not rt.json or rt._wrote:  # (a server stopped: its one document is out)
                 rt.say(message)
                 raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
             interrupted = SfcrmError(message)
