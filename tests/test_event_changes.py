@@ -182,11 +182,18 @@ def test_edit_is_checked_as_add_is_and_changes_nothing_when_refused(office: Smtp
         (["--time", "25:00"], "Error: time must be HH:MM (24-hour) (25:00)"),
         (["--time", "", "--end-time", "23:00"], "Error: an end time needs a start time (--time)"),
         (["--name", "  "], "Error: name must not be empty"),
-        ([], "Error: nothing to change"),
     ):
         result = run("events", "edit", str(event), *args)
         assert result.exit_code == 4, (args, result.output)
         assert result.stderr.splitlines()[0] == message
+    for args in (
+        [],
+        ["--quiet"],
+        ["--past"],
+    ):  # nothing to change: a usage error, as a missing option
+        result = run("events", "edit", str(event), *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "give at least one of --name, --date" in result.stderr
     missing = run("events", "edit", "99", "--name", "X")
     assert missing.exit_code == 5 and missing.stderr.splitlines()[0] == "Error: no such event (99)"
     assert history() == []
