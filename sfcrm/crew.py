@@ -139,13 +139,37 @@ def note_emails_written(session: Session, kind: str, written: Sequence[tuple[int
         )
 
 
-def note_email_sent(session: Session, assignment_id: int, kind: str, now: datetime) -> None:
-    """The assignment's email of this kind went out at ``now`` (once per email sent: the
-    statement is built once, on the table)."""
+def note_email_sent(
+    session: Session, assignment_id: int, kind: str, email_id: int, now: datetime
+) -> None:
+    """Email ``email_id`` of this kind went out at ``now``: the assignment is marked only when
+    it is still the one the assignment keeps (an old reminder sent late, written before the
+    event moved and its reminders were re-armed, leaves the new one due). Once per email
+    sent: the statement is built once, on the table."""
     if kind in _SENT:
         session.connection().execute(
-            _sent_statement(kind), {"assignment": assignment_id, "at": now}
+            _sent_statement(kind), {"assignment": assignment_id, "email": email_id, "at": now}
         )
+
+
+def forget_superseded(session: Session, superseded: Sequence[tuple[int, int, str]]) -> set[int]:
+    """Each (email id, assignment id, kind) superseded: an assignment whose invitation or
+    reminder it was no longer has one written (so a new one can be). Returns the assignments
+    whose unsent invitation it was."""
+    c = table(EventCrew).c
+    uninvited: set[int] = set()
+    for email_id, assignment_id, kind in superseded:
+        if kind not in _WRITTEN:
+            continue
+        column = c[_WRITTEN[kind]]
+        moved = session.connection().execute(
+            update(table(EventCrew))
+            .where(c.id == assignment_id, column == email_id)
+            .values({column: None})
+        )
+        if moved.rowcount and kind == INVITATION:
+            uninvited.add(assignment_id)
+    return uninvited
 
 
 @functools.cache
@@ -165,6 +189,7 @@ def _sent_statement(kind: str) -> Update:
     return (
         update(table(EventCrew))
         .where(c.id == bindparam("assignment"))
+        .where(c[_WRITTEN[kind]] == bindparam("email", type_=Integer))
         .values({flag: True, at: bindparam("at", type_=UTCDateTime)})
     )
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import ColumnElement
 from sqlmodel import Session, col, select
@@ -42,6 +43,7 @@ from sfcrm.errors import ConflictError, NotFoundError, ValidationError
 from sfcrm.events import EventChanges, cancel_event, edit_event
 from sfcrm.models import EmailNotification, Event, EventCrew
 from sfcrm.status import CrewStatus
+from sfcrm.times import iso_in
 
 if TYPE_CHECKING:
     from sfcrm.mail import Attachment, Mailer, SendReport
@@ -57,6 +59,10 @@ log = logging.getLogger("sfcrm.crew")
 MAX_REMIND_HOURS = 24 * 366  # `crew remind --hours`: a (leap) year ahead at most
 
 Progress = Callable[[int, int], None]
+
+# The crew emails a change of the event makes untrue when they are not sent yet: they carry
+# its old time, place or roster, so they are superseded (never sent) rather than sent late.
+STALE = (INVITATION, REMINDER, BRIEFING, CHANGE)
 
 
 @dataclass
@@ -113,8 +119,10 @@ class CrewMail:
         org: Org,
         # (assignment id, its binding, expiry) -> the personal link, if links are on
         rsvp: Callable[[int, str, datetime], str | None] = lambda _id, _bound, _exp: None,
+        tz: ZoneInfo = ZoneInfo("UTC"),  # SFCRM_TIMEZONE, for the times emails are told of
     ) -> None:
         self.db = db
+        self.tz = tz
         self.clock = clock
         self._mailer = mailer
         self._renderer = renderer
@@ -138,25 +146,25 @@ class CrewMail:
             else col(EventCrew.id).in_(list(dict.fromkeys(assignment_ids)))
         )
 
-        def plan(session: Session, rows: list[CrewRow]) -> _Plan:
-            ids = [r.crew.invitation_email_id for r in rows]
-            now = self.clock()
-            written = _email_states(session, ids, now)
-            return _Plan(
-                subject=lambda row: f"You are invited to work on: {row.event.name}",
-                refusal=lambda row: (
-                    "the event is over"
-                    if row.event.ends_at <= now
-                    else row.crew.invitation_refusal(written.get(row.crew.invitation_email_id or 0))
-                ),
-                variables=lambda row: {"rsvp_url": self._rsvp_of(row)},
-                calendar="publish",
-            )
-
         return self._run(
-            INVITATION, chosen, plan, dry_run=dry_run, progress=progress, check_event=event_id,
-            expected_ids=assignment_ids,
+            INVITATION, chosen, self._invitation, dry_run=dry_run, progress=progress,
+            check_event=event_id, expected_ids=assignment_ids,
         )  # fmt: skip
+
+    def _invitation(self, session: Session, rows: list[CrewRow]) -> _Plan:
+        ids = [r.crew.invitation_email_id for r in rows]
+        now = self.clock()
+        written = _email_states(session, ids, now)
+        return _Plan(
+            subject=lambda row: f"You are invited to work on: {row.event.name}",
+            refusal=lambda row: (
+                "the event is over"
+                if row.event.ends_at <= now
+                else row.crew.invitation_refusal(written.get(row.crew.invitation_email_id or 0))
+            ),
+            variables=lambda row: {"rsvp_url": self._rsvp_of(row)},
+            calendar="publish",
+        )
 
     def remind(
         self,
@@ -330,6 +338,8 @@ class CrewMail:
             if not edit.rescheduled:
                 return notice
             crew.rearm_reminders(session, event_id)
+            # what was written before and not sent carries the old time or place
+            uninvited = self._supersede(session, _assignments_of(session, event_id), "change")
             notice.clashes = crew.confirmed_clashes(session, edit.event)
             if not quiet:
                 was = {name: before for name, (before, _after) in edit.changes.items()}
@@ -344,7 +354,13 @@ class CrewMail:
                 )
                 rows = self._locked_rows(session, col(EventCrew.event_id) == event_id)
                 notice.told = MailRun()
-                self._write(session, mailer, CHANGE, rows, plan, notice.told)
+                told = [r for r in rows if _id(r) not in uninvited]
+                self._write(session, mailer, CHANGE, told, plan, notice.told)
+                # an invitation never sent is written afresh, with the new time and place
+                again = [r for r in rows if _id(r) in uninvited]
+                if again:
+                    invitation = self._invitation(session, again)
+                    self._write(session, mailer, INVITATION, again, invitation, notice.told)
             return notice
 
         return self._change(work, quiet)
@@ -411,7 +427,18 @@ class CrewMail:
 
     def _locked_rows(self, session: Session, chosen: ColumnElement[bool]) -> list[CrewRow]:
         query = crew_select().where(chosen).order_by(col(EventCrew.id))
-        return crew_rows(session, query.with_for_update(of=EventCrew))
+        # as they are now, not as loaded earlier in the transaction (an email superseded)
+        query = query.with_for_update(of=EventCrew).execution_options(populate_existing=True)
+        return crew_rows(session, query)
+
+    def _supersede(self, session: Session, assignment_ids: Sequence[int], by: str) -> set[int]:
+        """The unsent crew emails of these assignments that ``by`` (a change, a cancellation, a
+        removal) makes untrue are never sent; the assignments whose unsent invitation it was."""
+        from sfcrm.mail.claims import supersede
+
+        now = self.clock()
+        why = f"superseded by the {by} of {iso_in(now, self.tz)}"
+        return crew.forget_superseded(session, supersede(session, assignment_ids, STALE, why, now))
 
     def _notice_refusal(self, row: CrewRow) -> str | None:
         if row.event.ends_at <= self.clock():
@@ -498,6 +525,11 @@ def _shown_before(was: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
+def _assignments_of(session: Session, event_id: int) -> list[int]:
+    ids = session.exec(select(EventCrew.id).where(EventCrew.event_id == event_id)).all()
+    return [i for i in ids if i is not None]
+
+
 def _briefed(session: Session, event_id: int) -> set[int]:
     """The assignments of the event a briefing was ever written for."""
     n = EmailNotification
@@ -507,6 +539,7 @@ def _briefed(session: Session, event_id: int) -> set[int]:
             select(n.assignment_id)
             .join(EventCrew, col(EventCrew.id) == col(n.assignment_id))
             .where(EventCrew.event_id == event_id, n.notification_type == BRIEFING)
+            .where(col(n.superseded_at).is_(None))
         )
         if assignment_id is not None
     }
