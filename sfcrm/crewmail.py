@@ -377,6 +377,9 @@ class CrewMail:
         def work(session: Session, mailer: Mailer | None) -> EventNotice:
             event = cancel_event(session, event_id, why, self.clock())
             notice = EventNotice(event, {"cancelled": (False, True)}, quiet=quiet)
+            # what was written and not sent never goes: then whoever never got an invitation
+            # is not told of a cancellation either
+            self._supersede(session, _assignments_of(session, event_id), "cancellation")
             if not quiet:
                 # told as they were before the cancellation (whom it reaches)
                 rows = self._locked_rows(session, col(EventCrew.event_id) == event_id)
@@ -397,6 +400,8 @@ class CrewMail:
         by email, with a cancellation of their calendar entry."""
 
         def work(session: Session, mailer: Mailer | None) -> EventNotice:
+            # (an invitation never sent is not sent now, and then there is nobody to tell)
+            self._supersede(session, [assignment_id], "removal")
             before = crew.remove_assignment(session, assignment_id, self.clock())
             notice = EventNotice(before.event, quiet=quiet, assignment=before)
             notice.changes = {"status": (before.crew.status, CrewStatus.REMOVED)}

@@ -546,3 +546,59 @@ def test_an_invitation_not_sent_before_the_event_moved_is_written_again_with_the
     assert len(sent_to(office, "baraka@example.co.ke")) == 1
     assert status_of(waiting)["invitation_sent"] is True
     assert status_of(told)["status"] == "confirmed"
+
+
+def test_an_invitation_not_sent_before_a_cancellation_never_goes_and_nor_does_a_cancellation(
+    office: SmtpSink,
+) -> None:
+    event = add_event("Gala", timedelta(days=5))
+    crew_member(event, "Achieng", 1, status="confirmed")
+    office.handler.temp_fail.add("baraka@example.co.ke")
+    waiting = crew_member(event, "Baraka", 2, invite=False)
+    assert run("crew", "invite", str(waiting)).exit_code == 10
+    [old] = [e["id"] for e in run_json("mail", "list", "--unsent")]
+    office.handler.temp_fail.clear()
+
+    doc = run_json("events", "cancel", str(event))
+
+    assert len(doc["sent"]) == 1
+    assert doc["skipped"] == [{"assignment_id": waiting, "reason": "not invited yet"}]
+    [_, cancellation] = sent_to(office, "achieng@example.co.ke")
+    assert cancellation.message["Subject"].startswith("Cancelled: Gala")
+    retried = run_json("mail", "retry")
+    assert retried["sent"] == [] and sent_to(office, "baraka@example.co.ke") == []
+    [(reason, ids, _)] = not_retried(retried)
+    assert reason.startswith("superseded by the cancellation of ") and ids == [old]
+    assert state_of(old) == "superseded"
+
+
+def test_a_quiet_cancellation_supersedes_the_unsent_invitations_too(office: SmtpSink) -> None:
+    event = add_event("Gala", timedelta(days=5))
+    office.handler.temp_fail.add("achieng@example.co.ke")
+    waiting = crew_member(event, "Achieng", 1, invite=False)
+    assert run("crew", "invite", str(waiting)).exit_code == 10
+    office.handler.temp_fail.clear()
+
+    run_json("events", "cancel", str(event), "--quiet")
+
+    assert run_json("mail", "retry")["sent"] == [] and office.handler.messages == []
+
+
+def test_removing_someone_whose_invitation_was_not_sent_emails_them_nothing(
+    office: SmtpSink,
+) -> None:
+    event = add_event("Gala", timedelta(days=5))
+    office.handler.temp_fail.add("achieng@example.co.ke")
+    waiting = crew_member(event, "Achieng", 1, invite=False)
+    assert run("crew", "invite", str(waiting)).exit_code == 10
+    [old] = [e["id"] for e in run_json("mail", "list", "--unsent")]
+    office.handler.temp_fail.clear()
+
+    doc = run_json("crew", "remove", str(waiting))
+
+    assert doc["sent"] == []
+    assert doc["skipped"] == [{"assignment_id": waiting, "reason": "not invited yet"}]
+    retried = run_json("mail", "retry")
+    assert retried["sent"] == [] and office.handler.messages == []
+    assert not_retried(retried)[0][0].startswith("superseded by the removal of ")
+    assert state_of(old) == "superseded"
