@@ -344,7 +344,9 @@ class Crew:
         role_text = _one_line(role, "role", 80)
         notes_text = clean_details(notes)
         with self.db.write() as session:
-            event = session.get(Event, event_id)
+            # Locked: a cancellation at the same moment either sees this assignment (and
+            # cancels it with the rest) or has cancelled the event before it is read here.
+            event = session.get(Event, event_id, with_for_update=True)
             if event is None:
                 raise NotFoundError("no such event", value=str(event_id))
             if event.cancelled_at is not None:

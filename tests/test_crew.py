@@ -590,3 +590,63 @@ def test_answer_by_link_is_not_recorded_on_an_assignment_that_replaced_the_linke
     finally:
         rt.close()
     assert run_json("crew", "list")[0]["status"] == "confirmed"
+
+
+# -- an assignment made while its event is cancelled ---------------------------------------------
+
+
+def test_an_assignment_made_while_its_event_is_being_cancelled_is_refused(
+    database_url: str, engine_name: str
+) -> None:
+    # PostgreSQL: the cancellation has cancelled the event and its crew but not committed yet
+    # when `crew assign` reads the event. Unlocked, the assignment read the event as it was
+    # and was added, invited, on a cancelled event.
+    if engine_name == "sqlite":
+        pytest.skip("SQLite locks the whole file: the two never run at the same time")
+    import threading
+
+    from sqlalchemy import create_engine, text
+    from support import services_for, wait_for
+
+    from sfcrm.crew import cancel_assignments
+    from sfcrm.errors import ConflictError
+    from sfcrm.events import cancel_event
+
+    add_event("Gala", day(5))
+    add_person("Achieng", "0712000001")
+    db = Database(database_url)
+    watcher = create_engine(database_url)
+    outcome: dict[str, Any] = {}
+
+    def assign() -> None:
+        try:
+            outcome["row"] = services_for(database_url, db).crew.assign(1, "1", "Sound")
+        except ConflictError as exc:
+            outcome["error"] = exc
+
+    def waiting_on_a_lock() -> bool:
+        with watcher.connect() as conn:
+            return bool(
+                conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock'"
+                    )
+                ).scalar_one()
+            )
+
+    thread = threading.Thread(target=assign)
+    try:
+        with db.write() as session:
+            cancel_event(session, 1, "client postponed", datetime.now(UTC))
+            cancel_assignments(session, 1)
+            thread.start()
+            wait_for(lambda: not thread.is_alive() or waiting_on_a_lock())
+        thread.join(30)
+    finally:
+        watcher.dispose()
+        db.close()
+
+    assert "row" not in outcome
+    assert str(outcome["error"]) == "Gala is cancelled (event 1)"
+    assert run_json("crew", "list") == []
