@@ -288,16 +288,24 @@ def remove_assignment(session: Session, assignment_id: int, now: datetime) -> Cr
 
 
 def _revive(
-    session: Session, crew: EventCrew, event: Event, role: str, notes: str | None, now: datetime
+    session: Session,
+    crew: EventCrew,
+    event: Event,
+    role: str,
+    notes: str | None,
+    now: datetime,
+    past: bool = False,
 ) -> EventCrew:
     """A removed assignment put back on its event: invited afresh (its old RSVP links stay
-    dead), under the same calendar entry, whose next update supersedes the cancellation."""
+    dead), under the same calendar entry, whose next update supersedes the cancellation; or,
+    ``past``, recorded as having worked it."""
     status = crew.status
     crew.sqlmodel_update(
-        {"status": CrewStatus.INVITED, "role": role, "notes": notes, "created_at": now,
+        {"status": CrewStatus.CONFIRMED if past else CrewStatus.INVITED, "role": role,
+         "notes": notes, "created_at": now,
          "invitation_sent": False, "invitation_sent_at": None, "invitation_email_id": None,
          "reminder_sent": False, "reminder_sent_at": None, "reminder_email_id": None,
-         "responded_at": None}
+         "responded_at": now if past else None}
     )  # fmt: skip
     session.add(crew)
     next_sequence(session, event)
@@ -338,7 +346,11 @@ class Crew:
         *,
         notes: str | None = None,
         allow_overlap: bool = False,
+        past: bool = False,
     ) -> CrewRow:
+        """Put a person on an event in a role: invited. An event that is over takes only
+        ``past`` assignments (recording who worked it): confirmed at once, never invited, so
+        that :meth:`complete` records their attendance."""
         from sfcrm.events import clean_details
 
         role_text = _one_line(role, "role", 80)
@@ -351,6 +363,18 @@ class Crew:
                 raise NotFoundError("no such event", value=str(event_id))
             if event.cancelled_at is not None:
                 raise ConflictError(f"{event.name} is cancelled", value=f"event {event_id}")
+            now = self.clock()
+            over = event.ends_at <= now
+            if over and not past:
+                raise ConflictError(
+                    f"{event.name} is over", value=f"event {event_id}",
+                    hint="add --past to record who worked it (they are never invited)",
+                )  # fmt: skip
+            if past and not over:
+                raise ValidationError(
+                    f"{event.name} is not over: --past records who worked an event that took"
+                    " place", value=f"event {event_id}", hint="leave out --past to invite them",
+                )  # fmt: skip
             person = find_person(session, person_ref)
             # One assignment of a person at a time: the duplicate and overlap checks below
             # must see any other being written for them (PostgreSQL has no file lock).
@@ -369,7 +393,7 @@ class Crew:
             if existing is not None and existing.status == CrewStatus.REMOVED:
                 if not allow_overlap:
                     self._refuse_clash(session, person, event)
-                existing = _revive(session, existing, event, role_text, notes_text, self.clock())
+                existing = _revive(session, existing, event, role_text, notes_text, now, past)
                 log.info("assignment %s: %s back on event %s", existing.id, person.id, event_id)
                 return CrewRow(existing, event, person)
             if existing is not None:
@@ -385,7 +409,10 @@ class Crew:
                 person_id=person.id,
                 role=role_text,
                 notes=notes_text,
-                created_at=self.clock(),
+                created_at=now,
+                # (recorded after the event: they worked it, and were never asked)
+                status=CrewStatus.CONFIRMED if past else CrewStatus.INVITED,
+                responded_at=now if past else None,
             )
             session.add(crew)
             session.flush()

@@ -510,16 +510,17 @@ def _email_states(
 
 def _refuse_cancelled(session: Session, event_id: int, kind: str, now: datetime) -> None:
     """An event named for a bulk send exists; a briefing is refused for a cancelled one, an
-    invitation for one that is over."""
+    invitation or a briefing for one that is over (its crew may be recorded there: --past)."""
     event = session.get(Event, event_id)
     if event is None:
         raise NotFoundError("no such event", value=str(event_id))
     if event.cancelled_at is not None and kind == BRIEFING:
         raise ConflictError(f"{event.name} is cancelled", value=f"event {event_id}",
                             hint="no briefing goes out for a cancelled event")  # fmt: skip
-    if kind == INVITATION and event.ends_at <= now:
+    if kind in (INVITATION, BRIEFING) and event.ends_at <= now:
+        what = "invitation" if kind == INVITATION else "briefing"
         raise ConflictError(f"{event.name} is over", value=f"event {event_id}",
-                            hint="no invitation goes out for an event that took place")  # fmt: skip
+                            hint=f"no {what} goes out for an event that took place")  # fmt: skip
 
 
 def _shown_before(was: dict[str, Any]) -> dict[str, Any]:
