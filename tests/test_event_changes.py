@@ -512,6 +512,7 @@ def test_an_old_reminder_not_sent_before_the_event_moved_is_superseded_and_never
     assert (ids, force) == ([old], None)  # not even by naming it
     assert named["skipped"] == [old]
     assert state_of(old) == "superseded"
+    assert f"next: never sent: {reason}" in run("mail", "show", str(old)).stdout
     assert len(office.handler.messages) == 1  # the invitation only
     assert status_of(assignment)["reminder_sent"] is False
     summary = run("mail", "retry").stdout
