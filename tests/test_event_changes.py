@@ -603,3 +603,22 @@ def test_removing_someone_whose_invitation_was_not_sent_emails_them_nothing(
     assert retried["sent"] == [] and office.handler.messages == []
     assert not_retried(retried)[0][0].startswith("superseded by the removal of ")
     assert state_of(old) == "superseded"
+
+
+def test_a_briefing_not_sent_before_the_event_moved_is_written_again_by_the_next_brief(
+    office: SmtpSink,
+) -> None:
+    event = add_event("Gala", timedelta(days=5))
+    crew_member(event, "Achieng", 1, status="confirmed")
+    office.handler.temp_fail.add("achieng@example.co.ke")
+    assert run("crew", "brief", "--event", str(event)).exit_code == 10
+    office.handler.temp_fail.clear()
+    run_json("events", "edit", str(event), "--time", "22:45", "--quiet")
+
+    doc = run_json("crew", "brief", "--event", str(event))  # no --again: it never went out
+
+    assert len(doc["sent"]) == 1
+    briefing = office.handler.messages[-1]
+    assert briefing.message["Subject"] == "Setup Briefing: Gala" and "22:45" in body(briefing)
+    assert run_json("mail", "retry")["sent"] == []
+    assert len(office.handler.messages) == 2  # the invitation, the new briefing
