@@ -139,13 +139,37 @@ def note_emails_written(session: Session, kind: str, written: Sequence[tuple[int
         )
 
 
-def note_email_sent(session: Session, assignment_id: int, kind: str, now: datetime) -> None:
-    """The assignment's email of this kind went out at ``now`` (once per email sent: the
-    statement is built once, on the table)."""
+def note_email_sent(
+    session: Session, assignment_id: int, kind: str, email_id: int, now: datetime
+) -> None:
+    """Email ``email_id`` of this kind went out at ``now``: the assignment is marked only when
+    it is still the one the assignment keeps (an old reminder sent late, written before the
+    event moved and its reminders were re-armed, leaves the new one due). Once per email
+    sent: the statement is built once, on the table."""
     if kind in _SENT:
         session.connection().execute(
-            _sent_statement(kind), {"assignment": assignment_id, "at": now}
+            _sent_statement(kind), {"assignment": assignment_id, "email": email_id, "at": now}
         )
+
+
+def forget_superseded(session: Session, superseded: Sequence[tuple[int, int, str]]) -> set[int]:
+    """Each (email id, assignment id, kind) superseded: an assignment whose invitation or
+    reminder it was no longer has one written (so a new one can be). Returns the assignments
+    whose unsent invitation it was."""
+    c = table(EventCrew).c
+    uninvited: set[int] = set()
+    for email_id, assignment_id, kind in superseded:
+        if kind not in _WRITTEN:
+            continue
+        column = c[_WRITTEN[kind]]
+        moved = session.connection().execute(
+            update(table(EventCrew))
+            .where(c.id == assignment_id, column == email_id)
+            .values({column: None})
+        )
+        if moved.rowcount and kind == INVITATION:
+            uninvited.add(assignment_id)
+    return uninvited
 
 
 @functools.cache
@@ -165,6 +189,7 @@ def _sent_statement(kind: str) -> Update:
     return (
         update(table(EventCrew))
         .where(c.id == bindparam("assignment"))
+        .where(c[_WRITTEN[kind]] == bindparam("email", type_=Integer))
         .values({flag: True, at: bindparam("at", type_=UTCDateTime)})
     )
 
@@ -263,16 +288,24 @@ def remove_assignment(session: Session, assignment_id: int, now: datetime) -> Cr
 
 
 def _revive(
-    session: Session, crew: EventCrew, event: Event, role: str, notes: str | None, now: datetime
+    session: Session,
+    crew: EventCrew,
+    event: Event,
+    role: str,
+    notes: str | None,
+    now: datetime,
+    past: bool = False,
 ) -> EventCrew:
     """A removed assignment put back on its event: invited afresh (its old RSVP links stay
-    dead), under the same calendar entry, whose next update supersedes the cancellation."""
+    dead), under the same calendar entry, whose next update supersedes the cancellation; or,
+    ``past``, recorded as having worked it."""
     status = crew.status
     crew.sqlmodel_update(
-        {"status": CrewStatus.INVITED, "role": role, "notes": notes, "created_at": now,
+        {"status": CrewStatus.CONFIRMED if past else CrewStatus.INVITED, "role": role,
+         "notes": notes, "created_at": now,
          "invitation_sent": False, "invitation_sent_at": None, "invitation_email_id": None,
          "reminder_sent": False, "reminder_sent_at": None, "reminder_email_id": None,
-         "responded_at": None}
+         "responded_at": now if past else None}
     )  # fmt: skip
     session.add(crew)
     next_sequence(session, event)
@@ -313,17 +346,35 @@ class Crew:
         *,
         notes: str | None = None,
         allow_overlap: bool = False,
+        past: bool = False,
     ) -> CrewRow:
+        """Put a person on an event in a role: invited. An event that is over takes only
+        ``past`` assignments (recording who worked it): confirmed at once, never invited, so
+        that :meth:`complete` records their attendance."""
         from sfcrm.events import clean_details
 
         role_text = _one_line(role, "role", 80)
         notes_text = clean_details(notes)
         with self.db.write() as session:
-            event = session.get(Event, event_id)
+            # Locked: a cancellation at the same moment either sees this assignment (and
+            # cancels it with the rest) or has cancelled the event before it is read here.
+            event = session.get(Event, event_id, with_for_update=True)
             if event is None:
                 raise NotFoundError("no such event", value=str(event_id))
             if event.cancelled_at is not None:
                 raise ConflictError(f"{event.name} is cancelled", value=f"event {event_id}")
+            now = self.clock()
+            over = event.ends_at <= now
+            if over and not past:
+                raise ConflictError(
+                    f"{event.name} is over", value=f"event {event_id}",
+                    hint="add --past to record who worked it (they are never invited)",
+                )  # fmt: skip
+            if past and not over:
+                raise ValidationError(
+                    f"{event.name} is not over: --past records who worked an event that took"
+                    " place", value=f"event {event_id}", hint="leave out --past to invite them",
+                )  # fmt: skip
             person = find_person(session, person_ref)
             # One assignment of a person at a time: the duplicate and overlap checks below
             # must see any other being written for them (PostgreSQL has no file lock).
@@ -342,7 +393,7 @@ class Crew:
             if existing is not None and existing.status == CrewStatus.REMOVED:
                 if not allow_overlap:
                     self._refuse_clash(session, person, event)
-                existing = _revive(session, existing, event, role_text, notes_text, self.clock())
+                existing = _revive(session, existing, event, role_text, notes_text, now, past)
                 log.info("assignment %s: %s back on event %s", existing.id, person.id, event_id)
                 return CrewRow(existing, event, person)
             if existing is not None:
@@ -358,7 +409,10 @@ class Crew:
                 person_id=person.id,
                 role=role_text,
                 notes=notes_text,
-                created_at=self.clock(),
+                created_at=now,
+                # (recorded after the event: they worked it, and were never asked)
+                status=CrewStatus.CONFIRMED if past else CrewStatus.INVITED,
+                responded_at=now if past else None,
             )
             session.add(crew)
             session.flush()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import ColumnElement
 from sqlmodel import Session, col, select
@@ -42,6 +43,7 @@ from sfcrm.errors import ConflictError, NotFoundError, ValidationError
 from sfcrm.events import EventChanges, cancel_event, edit_event
 from sfcrm.models import EmailNotification, Event, EventCrew
 from sfcrm.status import CrewStatus
+from sfcrm.times import iso_in
 
 if TYPE_CHECKING:
     from sfcrm.mail import Attachment, Mailer, SendReport
@@ -57,6 +59,10 @@ log = logging.getLogger("sfcrm.crew")
 MAX_REMIND_HOURS = 24 * 366  # `crew remind --hours`: a (leap) year ahead at most
 
 Progress = Callable[[int, int], None]
+
+# The crew emails a change of the event makes untrue when they are not sent yet: they carry
+# its old time, place or roster, so they are superseded (never sent) rather than sent late.
+STALE = (INVITATION, REMINDER, BRIEFING, CHANGE)
 
 
 @dataclass
@@ -113,8 +119,10 @@ class CrewMail:
         org: Org,
         # (assignment id, its binding, expiry) -> the personal link, if links are on
         rsvp: Callable[[int, str, datetime], str | None] = lambda _id, _bound, _exp: None,
+        tz: ZoneInfo = ZoneInfo("UTC"),  # SFCRM_TIMEZONE, for the times emails are told of
     ) -> None:
         self.db = db
+        self.tz = tz
         self.clock = clock
         self._mailer = mailer
         self._renderer = renderer
@@ -138,25 +146,25 @@ class CrewMail:
             else col(EventCrew.id).in_(list(dict.fromkeys(assignment_ids)))
         )
 
-        def plan(session: Session, rows: list[CrewRow]) -> _Plan:
-            ids = [r.crew.invitation_email_id for r in rows]
-            now = self.clock()
-            written = _email_states(session, ids, now)
-            return _Plan(
-                subject=lambda row: f"You are invited to work on: {row.event.name}",
-                refusal=lambda row: (
-                    "the event is over"
-                    if row.event.ends_at <= now
-                    else row.crew.invitation_refusal(written.get(row.crew.invitation_email_id or 0))
-                ),
-                variables=lambda row: {"rsvp_url": self._rsvp_of(row)},
-                calendar="publish",
-            )
-
         return self._run(
-            INVITATION, chosen, plan, dry_run=dry_run, progress=progress, check_event=event_id,
-            expected_ids=assignment_ids,
+            INVITATION, chosen, self._invitation, dry_run=dry_run, progress=progress,
+            check_event=event_id, expected_ids=assignment_ids,
         )  # fmt: skip
+
+    def _invitation(self, session: Session, rows: list[CrewRow]) -> _Plan:
+        ids = [r.crew.invitation_email_id for r in rows]
+        now = self.clock()
+        written = _email_states(session, ids, now)
+        return _Plan(
+            subject=lambda row: f"You are invited to work on: {row.event.name}",
+            refusal=lambda row: (
+                "the event is over"
+                if row.event.ends_at <= now
+                else row.crew.invitation_refusal(written.get(row.crew.invitation_email_id or 0))
+            ),
+            variables=lambda row: {"rsvp_url": self._rsvp_of(row)},
+            calendar="publish",
+        )
 
     def remind(
         self,
@@ -330,6 +338,8 @@ class CrewMail:
             if not edit.rescheduled:
                 return notice
             crew.rearm_reminders(session, event_id)
+            # what was written before and not sent carries the old time or place
+            uninvited = self._supersede(session, _assignments_of(session, event_id), "change")
             notice.clashes = crew.confirmed_clashes(session, edit.event)
             if not quiet:
                 was = {name: before for name, (before, _after) in edit.changes.items()}
@@ -344,7 +354,13 @@ class CrewMail:
                 )
                 rows = self._locked_rows(session, col(EventCrew.event_id) == event_id)
                 notice.told = MailRun()
-                self._write(session, mailer, CHANGE, rows, plan, notice.told)
+                told = [r for r in rows if _id(r) not in uninvited]
+                self._write(session, mailer, CHANGE, told, plan, notice.told)
+                # an invitation never sent is written afresh, with the new time and place
+                again = [r for r in rows if _id(r) in uninvited]
+                if again:
+                    invitation = self._invitation(session, again)
+                    self._write(session, mailer, INVITATION, again, invitation, notice.told)
             return notice
 
         return self._change(work, quiet)
@@ -361,6 +377,9 @@ class CrewMail:
         def work(session: Session, mailer: Mailer | None) -> EventNotice:
             event = cancel_event(session, event_id, why, self.clock())
             notice = EventNotice(event, {"cancelled": (False, True)}, quiet=quiet)
+            # what was written and not sent never goes: then whoever never got an invitation
+            # is not told of a cancellation either
+            self._supersede(session, _assignments_of(session, event_id), "cancellation")
             if not quiet:
                 # told as they were before the cancellation (whom it reaches)
                 rows = self._locked_rows(session, col(EventCrew.event_id) == event_id)
@@ -381,6 +400,8 @@ class CrewMail:
         by email, with a cancellation of their calendar entry."""
 
         def work(session: Session, mailer: Mailer | None) -> EventNotice:
+            # (an invitation never sent is not sent now, and then there is nobody to tell)
+            self._supersede(session, [assignment_id], "removal")
             before = crew.remove_assignment(session, assignment_id, self.clock())
             notice = EventNotice(before.event, quiet=quiet, assignment=before)
             notice.changes = {"status": (before.crew.status, CrewStatus.REMOVED)}
@@ -411,7 +432,18 @@ class CrewMail:
 
     def _locked_rows(self, session: Session, chosen: ColumnElement[bool]) -> list[CrewRow]:
         query = crew_select().where(chosen).order_by(col(EventCrew.id))
-        return crew_rows(session, query.with_for_update(of=EventCrew))
+        # as they are now, not as loaded earlier in the transaction (an email superseded)
+        query = query.with_for_update(of=EventCrew).execution_options(populate_existing=True)
+        return crew_rows(session, query)
+
+    def _supersede(self, session: Session, assignment_ids: Sequence[int], by: str) -> set[int]:
+        """The unsent crew emails of these assignments that ``by`` (a change, a cancellation, a
+        removal) makes untrue are never sent; the assignments whose unsent invitation it was."""
+        from sfcrm.mail.claims import supersede
+
+        now = self.clock()
+        why = f"superseded by the {by} of {iso_in(now, self.tz)}"
+        return crew.forget_superseded(session, supersede(session, assignment_ids, STALE, why, now))
 
     def _notice_refusal(self, row: CrewRow) -> str | None:
         if row.event.ends_at <= self.clock():
@@ -478,16 +510,17 @@ def _email_states(
 
 def _refuse_cancelled(session: Session, event_id: int, kind: str, now: datetime) -> None:
     """An event named for a bulk send exists; a briefing is refused for a cancelled one, an
-    invitation for one that is over."""
+    invitation or a briefing for one that is over (its crew may be recorded there: --past)."""
     event = session.get(Event, event_id)
     if event is None:
         raise NotFoundError("no such event", value=str(event_id))
     if event.cancelled_at is not None and kind == BRIEFING:
         raise ConflictError(f"{event.name} is cancelled", value=f"event {event_id}",
                             hint="no briefing goes out for a cancelled event")  # fmt: skip
-    if kind == INVITATION and event.ends_at <= now:
+    if kind in (INVITATION, BRIEFING) and event.ends_at <= now:
+        what = "invitation" if kind == INVITATION else "briefing"
         raise ConflictError(f"{event.name} is over", value=f"event {event_id}",
-                            hint="no invitation goes out for an event that took place")  # fmt: skip
+                            hint=f"no {what} goes out for an event that took place")  # fmt: skip
 
 
 def _shown_before(was: dict[str, Any]) -> dict[str, Any]:
@@ -496,6 +529,11 @@ def _shown_before(was: dict[str, Any]) -> dict[str, Any]:
     if shown["date"]:
         shown["date"] = format_day(shown["date"])
     return shown
+
+
+def _assignments_of(session: Session, event_id: int) -> list[int]:
+    ids = session.exec(select(EventCrew.id).where(EventCrew.event_id == event_id)).all()
+    return [i for i in ids if i is not None]
 
 
 def _briefed(session: Session, event_id: int) -> set[int]:
@@ -507,6 +545,7 @@ def _briefed(session: Session, event_id: int) -> set[int]:
             select(n.assignment_id)
             .join(EventCrew, col(EventCrew.id) == col(n.assignment_id))
             .where(EventCrew.event_id == event_id, n.notification_type == BRIEFING)
+            .where(col(n.superseded_at).is_(None))
         )
         if assignment_id is not None
     }

@@ -411,6 +411,7 @@ def check_unsent_emails(db: Database) -> Check:
         rows = session.exec(
             select(EmailNotification.id, EmailNotification.permanent_failure)
             .where(col(EmailNotification.is_sent).is_(False))
+            .where(col(EmailNotification.superseded_at).is_(None))  # never to be sent
             .order_by(col(EmailNotification.id))
         ).all()
     if not rows:

@@ -312,8 +312,11 @@ class EmailState:
     FAILED = "failed"  # tried and not delivered: `mail retry` tries again
     REFUSED = "refused"  # refused for good by the server (5xx): sent again only when named
     INTERRUPTED = "interrupted"  # stopped mid-send, may have been delivered: only when named
+    # never sent: the event changed, was cancelled or its crew member removed after it was
+    # written, so it says what is no longer true (its last error says by what)
+    SUPERSEDED = "superseded"
 
-    ALL = (QUEUED, SENDING, SENT, FAILED, REFUSED, INTERRUPTED)
+    ALL = (QUEUED, SENDING, SENT, FAILED, REFUSED, INTERRUPTED, SUPERSEDED)
 
     @staticmethod
     def outlook(state: str, email_id: int, error: str | None = None) -> str:
@@ -329,6 +332,7 @@ class EmailState:
             EmailState.REFUSED: f"the server refused it for good{because}; {retry} to force",
             EmailState.INTERRUPTED: "interrupted mid-send, it may have been delivered: ask them, "
             f"then {retry} to send it again",
+            EmailState.SUPERSEDED: f"never sent: {error or 'superseded'}",
         }.get(state, state)
 
 
@@ -361,6 +365,8 @@ class EmailNotification(SQLModel, table=True):
     permanent_failure: bool = False  # a 5xx refusal: not retried without being named
     claimed_until: datetime | None = _ts()  # a sender holds it until then
     claim_token: str | None = None
+    # written before a change that made it untrue: never sent (see EmailState.SUPERSEDED)
+    superseded_at: datetime | None = _ts()
 
     # Its sending state, as conditions on the table's columns, for the statements of
     # sfcrm.mail.claims (which makes the moves). Each is true or false, never NULL, so that its
@@ -397,6 +403,7 @@ class EmailNotification(SQLModel, table=True):
         c = table(cls).c
         return case(
             (c.is_sent.is_(True), EmailState.SENT),
+            (c.superseded_at.is_not(None), EmailState.SUPERSEDED),
             (cls.held(now), EmailState.SENDING),
             (c.claim_token.is_not(None), EmailState.INTERRUPTED),  # the claim lapsed mid-send
             (c.permanent_failure.is_(True), EmailState.REFUSED),

@@ -165,6 +165,7 @@ class Services:
             renderer=lambda: self.renderer,
             org=self.org,
             rsvp=self.rsvp_link,
+            tz=self.tz,
         )
 
     def rsvp_link(self, assignment_id: int, bound_to: str, expires: datetime) -> str | None:

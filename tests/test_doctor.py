@@ -317,12 +317,15 @@ def test_a_payment_left_pending_fails_with_reconcile_as_its_fix(
     assert "sfcrm mpesa reconcile" in failed["fix"]
 
 
-def add_email(db: Database, *, sent: bool, permanent: bool = False) -> int:
+def add_email(
+    db: Database, *, sent: bool, permanent: bool = False, superseded: bool = False
+) -> int:
     with db.write() as session:
         row = EmailNotification(
             recipient="crew@example.com", notification_type="crew_invitation", subject="Hi",
             message="Hi", mime=b"Subject: Hi\r\n\r\nHi\r\n", created_at=datetime.now(UTC),
             is_sent=sent, permanent_failure=permanent,
+            superseded_at=datetime.now(UTC) if superseded else None,
         )  # fmt: skip
         session.add(row)
         session.flush()
@@ -334,6 +337,7 @@ def test_unsent_emails_fail_with_retry_as_their_fix(
     ready_office: dict[str, str], db: Database
 ) -> None:
     add_email(db, sent=True)
+    add_email(db, sent=False, superseded=True)  # never to be sent: nothing to do about it
     assert doctor("--offline", code=0)["unsent emails"]["ok"]
     queued = add_email(db, sent=False)
     refused = add_email(db, sent=False, permanent=True)

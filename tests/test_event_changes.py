@@ -182,11 +182,18 @@ def test_edit_is_checked_as_add_is_and_changes_nothing_when_refused(office: Smtp
         (["--time", "25:00"], "Error: time must be HH:MM (24-hour) (25:00)"),
         (["--time", "", "--end-time", "23:00"], "Error: an end time needs a start time (--time)"),
         (["--name", "  "], "Error: name must not be empty"),
-        ([], "Error: nothing to change"),
     ):
         result = run("events", "edit", str(event), *args)
         assert result.exit_code == 4, (args, result.output)
         assert result.stderr.splitlines()[0] == message
+    for args in (
+        [],
+        ["--quiet"],
+        ["--past"],
+    ):  # nothing to change: a usage error, as a missing option
+        result = run("events", "edit", str(event), *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "give at least one of --name, --date" in result.stderr
     missing = run("events", "edit", "99", "--name", "X")
     assert missing.exit_code == 5 and missing.stderr.splitlines()[0] == "Error: no such event (99)"
     assert history() == []
@@ -477,3 +484,148 @@ def test_a_removed_assignment_or_a_cancelled_event_no_longer_holds_the_time(
     run_json("crew", "assign", "--event", str(gala), "--person", "1", "--role", "Lights")
     run_json("events", "cancel", str(gala), "--quiet")
     run_json("crew", "assign", "--event", str(party), "--person", "1", "--role", "Lights")
+
+
+# -- emails written before a change and not sent yet -----------------------------------------
+
+
+def not_retried(doc: dict[str, Any]) -> list[tuple[str, list[int], str | None]]:
+    return [(group["reason"], group["ids"], group["force"]) for group in doc["not_retried"]]
+
+
+def state_of(email_id: int) -> str:
+    [doc] = [e for e in run_json("mail", "list") if e["id"] == email_id]
+    return str(doc["state"])
+
+
+def test_an_old_reminder_not_sent_before_the_event_moved_is_superseded_and_never_sent(
+    office: SmtpSink,
+) -> None:
+    event = add_event("Gala", timedelta(hours=3))
+    assignment = crew_member(event, "Achieng", 1, status="confirmed")
+    office.handler.temp_fail.add("achieng@example.co.ke")
+    assert run("crew", "remind").exit_code == 10  # written, and its send failed
+    [old] = [e["id"] for e in run_json("mail", "list", "--unsent")]
+    office.handler.temp_fail.clear()
+    day, later = at(timedelta(hours=5))
+    run_json("events", "edit", str(event), "--date", day, "--time", later, "--quiet")
+
+    retried = run_json("mail", "retry")
+    named = run_json("mail", "retry", str(old))
+
+    assert retried["sent"] == [] and named["sent"] == []
+    [(reason, ids, force)] = not_retried(retried)
+    assert reason.startswith("superseded by the change of ") and "+03:00" in reason
+    assert (ids, force) == ([old], None)  # not even by naming it
+    assert named["skipped"] == [old]
+    assert state_of(old) == "superseded"
+    assert f"next: never sent: {reason}" in run("mail", "show", str(old)).stdout
+    assert len(office.handler.messages) == 1  # the invitation only
+    assert status_of(assignment)["reminder_sent"] is False
+    summary = run("mail", "retry").stdout
+    assert f"1 not retried: {reason} — email {old}" in summary
+    # the reminder of the new time goes out as ever
+    assert len(run_json("crew", "remind")["sent"]) == 1
+    assert later in body(office.handler.messages[-1])
+    assert status_of(assignment)["reminder_sent"] is True
+
+
+def test_an_invitation_not_sent_before_the_event_moved_is_written_again_with_the_new_time(
+    office: SmtpSink,
+) -> None:
+    event = add_event("Gala", timedelta(days=5))
+    told = crew_member(event, "Achieng", 1, status="confirmed")
+    office.handler.temp_fail.add("baraka@example.co.ke")
+    waiting = crew_member(event, "Baraka", 2, invite=False)
+    assert run("crew", "invite", str(waiting)).exit_code == 10
+    [old] = [e["id"] for e in run_json("mail", "list", "--unsent")]
+    office.handler.temp_fail.clear()
+
+    doc = run_json("events", "edit", str(event), "--time", "21:15")
+
+    assert len(doc["sent"]) == 2 and doc["skipped"] == []
+    [invitation] = sent_to(office, "baraka@example.co.ke")
+    assert invitation.message["Subject"] == "You are invited to work on: Gala"
+    assert "21:15" in body(invitation) and "It was:" not in body(invitation)
+    [_, change] = sent_to(office, "achieng@example.co.ke")
+    assert change.message["Subject"].startswith("Changed: Gala")
+    assert state_of(old) == "superseded"
+    assert run_json("mail", "retry")["sent"] == []
+    assert len(sent_to(office, "baraka@example.co.ke")) == 1
+    assert status_of(waiting)["invitation_sent"] is True
+    assert status_of(told)["status"] == "confirmed"
+
+
+def test_an_invitation_not_sent_before_a_cancellation_never_goes_and_nor_does_a_cancellation(
+    office: SmtpSink,
+) -> None:
+    event = add_event("Gala", timedelta(days=5))
+    crew_member(event, "Achieng", 1, status="confirmed")
+    office.handler.temp_fail.add("baraka@example.co.ke")
+    waiting = crew_member(event, "Baraka", 2, invite=False)
+    assert run("crew", "invite", str(waiting)).exit_code == 10
+    [old] = [e["id"] for e in run_json("mail", "list", "--unsent")]
+    office.handler.temp_fail.clear()
+
+    doc = run_json("events", "cancel", str(event))
+
+    assert len(doc["sent"]) == 1
+    assert doc["skipped"] == [{"assignment_id": waiting, "reason": "not invited yet"}]
+    [_, cancellation] = sent_to(office, "achieng@example.co.ke")
+    assert cancellation.message["Subject"].startswith("Cancelled: Gala")
+    retried = run_json("mail", "retry")
+    assert retried["sent"] == [] and sent_to(office, "baraka@example.co.ke") == []
+    [(reason, ids, _)] = not_retried(retried)
+    assert reason.startswith("superseded by the cancellation of ") and ids == [old]
+    assert state_of(old) == "superseded"
+
+
+def test_a_quiet_cancellation_supersedes_the_unsent_invitations_too(office: SmtpSink) -> None:
+    event = add_event("Gala", timedelta(days=5))
+    office.handler.temp_fail.add("achieng@example.co.ke")
+    waiting = crew_member(event, "Achieng", 1, invite=False)
+    assert run("crew", "invite", str(waiting)).exit_code == 10
+    office.handler.temp_fail.clear()
+
+    run_json("events", "cancel", str(event), "--quiet")
+
+    assert run_json("mail", "retry")["sent"] == [] and office.handler.messages == []
+
+
+def test_removing_someone_whose_invitation_was_not_sent_emails_them_nothing(
+    office: SmtpSink,
+) -> None:
+    event = add_event("Gala", timedelta(days=5))
+    office.handler.temp_fail.add("achieng@example.co.ke")
+    waiting = crew_member(event, "Achieng", 1, invite=False)
+    assert run("crew", "invite", str(waiting)).exit_code == 10
+    [old] = [e["id"] for e in run_json("mail", "list", "--unsent")]
+    office.handler.temp_fail.clear()
+
+    doc = run_json("crew", "remove", str(waiting))
+
+    assert doc["sent"] == []
+    assert doc["skipped"] == [{"assignment_id": waiting, "reason": "not invited yet"}]
+    retried = run_json("mail", "retry")
+    assert retried["sent"] == [] and office.handler.messages == []
+    assert not_retried(retried)[0][0].startswith("superseded by the removal of ")
+    assert state_of(old) == "superseded"
+
+
+def test_a_briefing_not_sent_before_the_event_moved_is_written_again_by_the_next_brief(
+    office: SmtpSink,
+) -> None:
+    event = add_event("Gala", timedelta(days=5))
+    crew_member(event, "Achieng", 1, status="confirmed")
+    office.handler.temp_fail.add("achieng@example.co.ke")
+    assert run("crew", "brief", "--event", str(event)).exit_code == 10
+    office.handler.temp_fail.clear()
+    run_json("events", "edit", str(event), "--time", "22:45", "--quiet")
+
+    doc = run_json("crew", "brief", "--event", str(event))  # no --again: it never went out
+
+    assert len(doc["sent"]) == 1
+    briefing = office.handler.messages[-1]
+    assert briefing.message["Subject"] == "Setup Briefing: Gala" and "22:45" in body(briefing)
+    assert run_json("mail", "retry")["sent"] == []
+    assert len(office.handler.messages) == 2  # the invitation, the new briefing

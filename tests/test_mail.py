@@ -28,6 +28,7 @@ from aiosmtpd.smtp import AuthResult
 from support import Recorder, SmtpSink, free_port, utcnow
 
 from sfcrm.config import load_settings
+from sfcrm.crew import note_emails_written
 from sfcrm.db import Database
 from sfcrm.errors import ConfigError, NotFoundError, ValidationError
 from sfcrm.mail import (
@@ -174,6 +175,8 @@ def test_queued_invitation_arrives_with_html_and_calendar_and_is_logged_sent(
             person_id=assignment.person_id,
             assignment_id=assignment.id,
         )
+        assert assignment.id is not None
+        note_emails_written(session, "crew_invitation", [(assignment.id, queued_id)])
     report = mailer.send([queued_id])
 
     assert report.sent == [queued_id] and report.failed == [] and report.skipped == []
@@ -213,6 +216,8 @@ def test_sent_reminder_marks_the_assignment_reminded(
             session, recipient="achieng@example.co.ke", notification_type="crew_reminder",
             subject="Reminder", text="Tomorrow!\n", assignment_id=assignment.id,
         )  # fmt: skip
+        assert assignment.id is not None
+        note_emails_written(session, "crew_reminder", [(assignment.id, email_id)])
 
     mailer.send([email_id])
 
@@ -221,6 +226,39 @@ def test_sent_reminder_marks_the_assignment_reminded(
         assert updated is not None
         assert updated.reminder_sent and updated.reminder_sent_at is not None
         assert not updated.invitation_sent
+
+
+def test_a_reminder_the_assignment_no_longer_keeps_does_not_mark_it_reminded(
+    db: Database, smtp_sink: SmtpSink, assignment: EventCrew
+) -> None:
+    # An old reminder sent late (its event moved since and the reminders were re-armed, so
+    # the assignment keeps no reminder, or a newer one) leaves the new reminder due.
+    mailer, _ = smtp_mailer(db, smtp_sink.port)
+    assert assignment.id is not None
+    with db.write() as session:
+        old, new = (
+            mailer.queue(
+                session,
+                recipient="achieng@example.co.ke",
+                notification_type="crew_reminder",
+                subject="Reminder",
+                text=f"{when}!\n",
+                assignment_id=assignment.id,
+            )
+            for when in ("Tomorrow at 18:00", "Tomorrow at 20:00")
+        )
+        note_emails_written(session, "crew_reminder", [(assignment.id, new)])
+
+    assert mailer.send([old]).sent == [old]
+
+    with db.read() as session:
+        updated = session.get(EventCrew, assignment.id)
+        assert updated is not None
+        assert (updated.reminder_sent, updated.reminder_sent_at) == (False, None)
+    assert mailer.send([new]).sent == [new]
+    with db.read() as session:
+        updated = session.get(EventCrew, assignment.id)
+        assert updated is not None and updated.reminder_sent
 
 
 def test_batch_of_twenty_uses_one_smtp_connection(db: Database, smtp_sink: SmtpSink) -> None:

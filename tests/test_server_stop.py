@@ -68,3 +68,23 @@ def test_a_server_prints_one_start_up_shape_and_ctrl_c_ends_it_with_130(
             process.wait()
     assert process.returncode == int(ExitCode.INTERRUPTED) == 130
     assert "Traceback" not in err
+
+
+def test_a_guessable_callback_path_is_warned_of_on_stderr_under_json(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        "SFCRM_DATABASE_URL": str(tmp_path / "office.db"),
+        "MPESA_CALLBACK_URL": f"http://127.0.0.1:{port}/callback/",
+    }
+    process, doc = start(["serve-callback", "--port", str(port)], env, tmp_path)
+    try:
+        assert doc["service"] == "serve-callback"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130
+    assert out == ""  # the start-up document was all of stdout
+    assert err.startswith("Warning: the path of MPESA_") and "looks guessable" in err

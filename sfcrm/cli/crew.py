@@ -115,16 +115,31 @@ def assign(
     allow_overlap: Annotated[
         bool, typer.Option("--allow-overlap", help="allow a clash with another event")
     ] = False,
+    past: Annotated[
+        bool,
+        typer.Option(
+            "--past", help="record who worked an event that is over (confirmed, never invited)"
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Put a person on an event in a role (status: invited).
+    """Put a person on an event in a role (status: invited). An event that is over takes
+    only --past, which records who worked it: confirmed, never invited.
 
     Example: sfcrm crew assign --event 3 --person 0712345678 --role "Sound Engineer"
     """
     with command(json_output) as rt:
-        row = rt.crew.assign(event, person, role, notes=notes, allow_overlap=allow_overlap)
+        row = rt.crew.assign(
+            event, person, role, notes=notes, allow_overlap=allow_overlap, past=past
+        )
         rt.emit(row.json(rt.tz), lambda: crew_table(rt, [row]))
-        rt.say(f"Assignment {row.crew.id}: invite with `sfcrm crew invite {row.crew.id}`.")
+        if past:
+            rt.say(
+                f"Assignment {row.crew.id}: recorded as confirmed; `sfcrm crew complete --event"
+                f" {event}` records the attendance."
+            )
+        else:
+            rt.say(f"Assignment {row.crew.id}: invite with `sfcrm crew invite {row.crew.id}`.")
 
 
 @app.command("edit")

@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sfcrm.cli.runtime import CsvOption, JsonOption, command, id_argument
+from sfcrm.cli.runtime import CsvOption, JsonOption, command, id_argument, usage_error
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -64,15 +64,21 @@ def report_notice(rt: "Runtime", notice: "EventNotice", headline: str) -> None:
             "status": notice.changes["status"][1],
         }
 
-    def lead() -> None:
-        rt.print(headline)
+    def warn_of_clashes() -> None:
         for mine, other in notice.clashes:
             e = other.event
-            rt.say(
+            rt.warn(
                 f"Warning: {mine.person.name} (assignment {mine.crew.id}) is also on {e.name}"
                 f" (event {e.id}, {e.date}{' ' + e.time if e.time else ''}), which now overlaps"
                 f" {notice.event.name}"
             )
+
+    if rt.json:  # (the text's headline comes first, below)
+        warn_of_clashes()
+
+    def lead() -> None:
+        rt.print(headline)
+        warn_of_clashes()
         if notice.told is None:
             if not notice.changes:
                 rt.print("Nothing changed.")
@@ -118,6 +124,7 @@ def add(
 
 @app.command("edit")
 def edit(
+    ctx: typer.Context,
     event_id: Annotated[int, id_argument("event id")],
     name: Annotated[str | None, typer.Option("--name", help="event name")] = None,
     date: Annotated[str | None, typer.Option("--date", help="YYYY-MM-DD")] = None,
@@ -140,6 +147,10 @@ def edit(
 
     Example: sfcrm events edit 3 --date 2027-03-13 --time 19:00
     """
+    if all(v is None for v in (name, date, time, end_time, location, details)):
+        raise usage_error(
+            ctx, "give at least one of --name, --date, --time, --end-time, --location, --details"
+        )
     with command(json_output) as rt:
         changes = rt.events.changes(
             name=name, date=date, time=time, end_time=end_time, location=location,

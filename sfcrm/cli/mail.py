@@ -168,6 +168,6 @@ def _force(reason: str, ids: list[int]) -> str | None:
     """The command that sends these anyway, when naming them would."""
     from sfcrm.mail.claims import HELD
 
-    if reason in (HELD, "already sent", "no such email"):
+    if reason in (HELD, "already sent", "no such email") or reason.startswith("superseded"):
         return None
     return "sfcrm mail retry " + " ".join(map(str, ids))

@@ -50,7 +50,7 @@ def warn_if_not_safaricom(rt: "Runtime", phone: str) -> None:
     from sfcrm.phone import is_safaricom
 
     if not is_safaricom(phone):
-        rt.say(
+        rt.warn(
             f"Note: {phone} does not have a Safaricom prefix; the prompt reaches it only if the "
             "number was moved to Safaricom."
         )
@@ -252,7 +252,7 @@ def status(
         if payment_id is not None:
             if refresh:
                 for problem in rt.payments.refresh([payment_id]):
-                    rt.say(f"refresh: {problem}")
+                    rt.warn(f"refresh: {problem}")
             payment = rt.payments.get(payment_id)
             one = payment_json(payment, rt.tz)
             rt.emit(
@@ -266,7 +266,7 @@ def status(
         )
         if refresh:
             for problem in rt.payments.refresh([p.id for p in payments if p.id is not None]):
-                rt.say(f"refresh: {problem}")
+                rt.warn(f"refresh: {problem}")
             payments = rt.payments.find(
                 status=status_filter, person_ref=person, limit=limit, offset=offset
             )

@@ -181,6 +181,7 @@ class Runtime:
         self.clock: Callable[[], datetime] = utcnow
         self._redactor: Redactor | None = None
         self._pending: Any = None  # the --json document, printed when the command ends
+        self._wrote = False  # a --json document is on stdout already (a server's start-up)
         self._clean_ups: list[Callable[[], None]] = []
 
     @cached_property
@@ -209,7 +210,7 @@ class Runtime:
         """Everything the command runs, built from the settings by sfcrm's composition root."""
         from sfcrm.services import Services
 
-        return Services(self.settings, clock=self.clock, notify=self.say)
+        return Services(self.settings, clock=self.clock, notify=self.warn)
 
     # The services, where commands (and tests) have always found them.
     db: Database = _service("db")
@@ -296,6 +297,7 @@ class Runtime:
             self._pending = doc
 
     def _write(self, doc: Any) -> None:
+        self._wrote = True
         out = _Stdout()
         out.write(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
         out.flush()
@@ -309,6 +311,12 @@ class Runtime:
         """A message for the person at the terminal (stderr, never under --json)."""
         if not self.json:
             self.err.print(clean_text(self.redact(text), lines=True), markup=False)
+
+    def warn(self, text: str) -> None:
+        """A warning or note the person must not miss (a guessable callback path, a number
+        that may not be Safaricom's, a push waiting on a busy database): stderr, under --json
+        too, where it leaves the document on stdout alone."""
+        self.err.print(clean_text(self.redact(text), lines=True), markup=False)
 
     def summary(self, text: str) -> None:
         """A batch command's last line (what cron mails or logs), stamped with the time in
@@ -376,9 +384,8 @@ class Runtime:
         message = self.redact_error(str(error))
         hint = self.redact(error.hint) if error.hint else None
         if self.json:
-            doc: dict[str, Any] = {"error": message, "status": "failed", "code": error.code}
-            if hint:
-                doc["hint"] = hint
+            value = self.redact(str(error.value)) if error.value is not None else None
+            doc = error_document(message, error.code, hint=hint, value=value)
             pending, self._pending = self._pending, None
             if isinstance(pending, dict):
                 doc = {**pending, **doc}
@@ -412,6 +419,38 @@ class Runtime:
         return typer.Exit(int(ExitCode.OUTPUT))
 
 
+# The keys of every JSON error, whatever raised it, in this order; ``hint`` and ``value`` are
+# null when the error has none. A batch that failed adds them to its own document.
+ERROR_KEYS = ("error", "status", "code", "hint", "value")
+
+
+def error_document(
+    message: str, code: str, *, hint: str | None = None, value: str | None = None
+) -> dict[str, Any]:
+    """The JSON of an error under --json: ``message`` is the line text mode prints after
+    ``Error:`` (the value in brackets included), ``value`` the offending value alone."""
+    return {"error": message, "status": "failed", "code": code, "hint": hint, "value": value}
+
+
+def json_requested(args: Sequence[str]) -> bool:
+    """Whether the command line asks for --json, wherever it stands (for an error raised
+    before Typer has parsed the options); nothing after ``--`` is an option."""
+    for arg in args:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
+
+
+def write_error_document(doc: dict[str, Any]) -> None:
+    """An error's JSON on stdout, outside a command's boundary (a usage error); a stdout that
+    is gone is let go: the error's line is on stderr."""
+    with suppress(OSError):
+        sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+
 def _current_context() -> Any:
     """The Typer context of the command running (for a usage error that names it)."""
     try:
@@ -437,8 +476,14 @@ def command(json_output: bool = False, csv_output: bool = False) -> Iterator[Run
             raise rt.fail(exc) from None
         except KeyboardInterrupt as exc:
             # (a push cut short says which payment may be on a phone, and what not to do)
-            rt.say(getattr(exc, "message", None) or "Interrupted.")
-            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+            message = getattr(exc, "message", None) or "Interrupted."
+            if not rt.json or rt._wrote:  # (a server stopped: its one document is out)
+                rt.say(message)
+                raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+            interrupted = SfcrmError(message)
+            interrupted.exit_code = ExitCode.INTERRUPTED
+            interrupted.code = "INTERRUPTED"
+            raise rt.fail(interrupted) from None
         except Exception as exc:
             if options.traceback or os.environ.get("SFCRM_TRACEBACK") == "1":
                 # The whole traceback, as Python prints it, but through the redactor: an

@@ -159,7 +159,7 @@ def serve_callback(
             ) from None
         try:
             if path is not None and callback_secret_guessable(path):
-                rt.say(
+                rt.warn(
                     "Warning: the path of MPESA_CALLBACK_URL looks guessable; anyone who "
                     "guesses it can post a fake payment. Put a long random secret in it "
                     "(see the README)."

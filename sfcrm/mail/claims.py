@@ -106,8 +106,8 @@ class Selection:
 
 @functools.cache
 def _sendable(mode: str) -> ColumnElement[bool]:
-    """The condition of an email a run in ``mode`` may send now."""
-    free = T.c.claim_token.is_(None)
+    """The condition of an email a run in ``mode`` may send now (never a superseded one)."""
+    free = and_(T.c.claim_token.is_(None), T.c.superseded_at.is_(None))
     if mode == WRITER:
         return and_(free, T.c.is_sent.is_(False), T.c.failed_attempts == 0)
     if mode == AUTO:
@@ -131,6 +131,8 @@ def left_alone(state: str, attempts: int, error: str | None, selection: Selectio
         return "already sent"
     if state == EmailState.SENDING:
         return HELD
+    if state == EmailState.SUPERSEDED:
+        return error or "superseded"
     if selection.mode == WRITER:
         return None if attempts == 0 else "already tried by another sfcrm; see `sfcrm mail list`"
     if selection.mode != AUTO:
@@ -328,7 +330,49 @@ def record_sent(session: Session, claim: Claim, now: datetime) -> None:
             return
         log.warning("email %s: its claim expired while sending; logged as sent", claim.id)
     if claim.assignment_id is not None:
-        note_email_sent(session, claim.assignment_id, claim.notification_type, now)
+        note_email_sent(session, claim.assignment_id, claim.notification_type, claim.id, now)
+
+
+def supersede(
+    session: Session,
+    assignment_ids: Sequence[int],
+    kinds: Sequence[str],
+    reason: str,
+    now: datetime,
+) -> list[tuple[int, int, str]]:
+    """The unsent emails of these kinds written for these assignments say what is no longer
+    true (``reason``: "superseded by ..."): they are never sent. Only those that surely did
+    not go out: one a sender is sending, or that was interrupted mid-send, may have been
+    delivered, and is left as it is. (email id, assignment id, kind) of each superseded."""
+    found: list[tuple[int, int, str]] = []
+    for start in range(0, len(assignment_ids), 500):
+        chunk = list(assignment_ids[start : start + 500])
+        found.extend(
+            (email_id, assignment_id, kind)
+            for email_id, assignment_id, kind in session.connection().execute(
+                select(T.c.id, T.c.assignment_id, T.c.notification_type)
+                .where(
+                    T.c.assignment_id.in_(chunk),
+                    T.c.notification_type.in_(list(kinds)),
+                    T.c.is_sent.is_(False),
+                    T.c.superseded_at.is_(None),
+                    T.c.claim_token.is_(None),
+                    T.c.last_error.is_distinct_from(INTERRUPTED),
+                )
+                .order_by(T.c.id)
+                .with_for_update()
+            )
+        )
+    ids = [email_id for email_id, _, _ in found]
+    for start in range(0, len(ids), 500):
+        session.connection().execute(
+            update(T)
+            .where(T.c.id.in_(ids[start : start + 500]))
+            .values(superseded_at=now, last_error=reason, claimed_until=None)
+        )
+    for email_id, _, kind in found:
+        log.info("email %s (%s): %s", email_id, kind, reason)
+    return found
 
 
 def record_failure(session: Session, claim: Claim, text: str, *, permanent: bool) -> int | None:

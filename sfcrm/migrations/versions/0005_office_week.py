@@ -28,6 +28,8 @@ def upgrade() -> None:
         ("refund_done_at", sa.DateTime),
     ):
         op.add_column("mpesa_payment", sa.Column(name, kind))
+    # an email written before a change that made it untrue is never sent
+    op.add_column("email_notification", sa.Column("superseded_at", sa.DateTime))
     op.create_table(
         "audit_entry",
         sa.Column("id", sa.Integer, primary_key=True),
