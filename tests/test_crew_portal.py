@@ -93,7 +93,7 @@ def test_the_page_shows_every_group_with_the_event_details(site: Site) -> None:
     pending = assign(gala, amos, "Sound Engineer", "--notes", "Bring the DI boxes")
     confirmed = assign(rally, amos, "Stagehand")
     declined = assign(wedding, amos, "Usher")
-    assign(old, amos, "Usher")
+    assign(old, amos, "Usher", "--past")  # worked, not yet marked completed by the office
     assign(dropped, amos, "Usher")
     run("crew", "confirm", confirmed)
     run("crew", "decline", declined)
@@ -112,7 +112,11 @@ def test_the_page_shows_every_group_with_the_event_details(site: Site) -> None:
     assert "Rally Night" in section(html, "confirmed")
     assert "Wedding" in section(html, "declined")
     assert "Dropped" in section(html, "cancelled") and "Cancelled" in section(html, "cancelled")
-    assert "Old Show" not in html  # invited, never answered, and over: nothing to show
+    assert "Old Show" in section(html, "confirmed")
+    assert section(html, "confirmed").index("Rally Night") < section(html, "confirmed").index(
+        "Old Show"
+    )  # what is ahead first
+    assert 'value="decline"' not in section(html, "confirmed").split("Old Show")[1]
     assert 'href="tel:+254711000111"' in html and "0711 000 111" in html
     assert 'href="mailto:office@soundfusion.test"' in html
     # safe to expose
@@ -175,8 +179,8 @@ def test_nobody_answers_for_someone_else_or_after_the_event(site: Site) -> None:
     assert answered.status_code == 404
     assert run_json("crew", "list", "--event", gala)[0]["status"] == "invited"
     old = event("Old", day(-3), "--past")
-    past = assign(old, amos, "Usher")
-    assert site.post(site.link(amos), assignment=past, answer="confirm").status_code == 409
+    past = assign(old, amos, "Usher", "--past")
+    assert site.post(site.link(amos), assignment=past, answer="decline").status_code == 409
     assert site.post(site.link(amos), assignment=past, answer="maybe").status_code == 400
 
 

@@ -59,7 +59,7 @@ PUSHING = (("mpesa", "request"), ("mpesa", "resend"))
 README_PORTS = (8000, 8900)
 # Commands no example can run on a fresh office, each in a block marked <!-- not run: … -->
 # (or, for demo, after `pip install . &&`: it makes an office of its own and is tested as such).
-NOT_RUN_COMMANDS = {"demo", "db copy", "mpesa resolve", "mpesa refund-done"}
+NOT_RUN_COMMANDS = {"demo", "db copy", "mpesa resolve", "mpesa refund-done", "crew checkin"}
 
 CRONTAB = re.compile(r"^(@\w+|([-\d*/,]+\s+){5})\S")
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")

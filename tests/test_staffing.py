@@ -219,7 +219,7 @@ def test_suggest_ranks_free_people_by_the_role_then_reliability(office: str) -> 
     ]):  # fmt: skip
         past = run_json("events", "add", "--name", f"Past {i}", "--date", day(-30 - i),
                         "--location", "X", "--past")["id"]  # fmt: skip
-        set_status(office, assign(past, ids[who], role, "--allow-overlap"), status)
+        set_status(office, assign(past, ids[who], role, "--past"), status)
     run("people", "archive", str(ids["Fay"]))  # her record stays, but she is never suggested
     set_status(office, assign(clash, ids["Dan"], "Stagehand"), "confirmed")  # busy that night
     assign(clash, ids["Eve"], "Stagehand")  # invited elsewhere: still free, but noted
