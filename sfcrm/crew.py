@@ -623,8 +623,15 @@ class Crew:
             ).first()
         return message is not None and text in message
 
-    def complete(self, event_id: int) -> list[CrewRow]:
-        """After the event: every confirmed crew member becomes completed."""
+    def complete(
+        self, event_id: int, *, no_show: Sequence[int] = (), everyone: bool = False
+    ) -> tuple[list[CrewRow], list[CrewRow]]:
+        """After the event, record who worked it: the ``no_show`` assignments did not turn up;
+        every other confirmed crew member who checked in is completed. When nobody on the event
+        checked in (check-in unused), or with ``everyone``, the rest are completed too;
+        otherwise they stay confirmed, to be named by a later run. Returns the assignments
+        changed, and those left confirmed (not checked in)."""
+        wanted = set(no_show)
         with self.db.write() as session:
             event = session.get(Event, event_id)
             if event is None:
@@ -635,16 +642,45 @@ class Crew:
                     hint="mark crew completed after the event",
                 )
             crews = session.exec(
-                select(EventCrew)
-                .where(EventCrew.event_id == event_id, EventCrew.status == CrewStatus.CONFIRMED)
-                .with_for_update()
+                select(EventCrew).where(EventCrew.event_id == event_id).with_for_update()
             ).all()
+            by_id = {c.id: c for c in crews}
+            for assignment_id in sorted(wanted):
+                crew = by_id.get(assignment_id)
+                if crew is None:
+                    raise NotFoundError(
+                        f"assignment {assignment_id} is not on {event.name}",
+                        value=f"event {event_id}", hint=f"see `sfcrm crew list --event {event_id}`",
+                    )  # fmt: skip
+                if crew.status not in (CrewStatus.CONFIRMED, CrewStatus.NO_SHOW):
+                    raise ConflictError(
+                        f"assignment {assignment_id} is {crew.status}: only confirmed crew can"
+                        " be marked as not turning up", value=f"event {event_id}",
+                    )  # fmt: skip
+            checked_in_used = any(c.checked_in_at is not None for c in crews)
+            changed: list[int] = []
+            left: list[int] = []
+            now = self.clock()
             for crew in crews:
-                crew.status = CrewStatus.COMPLETED
+                if crew.status != CrewStatus.CONFIRMED:
+                    continue
+                assert crew.id is not None
+                if crew.id in wanted:
+                    crew.status = CrewStatus.NO_SHOW
+                    audit.record(
+                        session, "assignment.no_show", now=now,
+                        changes={"status": (CrewStatus.CONFIRMED, CrewStatus.NO_SHOW)},
+                        assignment_id=crew.id, event_id=event_id, person_id=crew.person_id,
+                    )  # fmt: skip
+                elif crew.checked_in_at is not None or everyone or not checked_in_used:
+                    crew.status = CrewStatus.COMPLETED
+                else:
+                    left.append(crew.id)
+                    continue
                 session.add(crew)
-            ids = [c.id for c in crews]
-        log.info("event %s: %s crew completed", event_id, len(ids))
-        return [self.get(i) for i in ids if i is not None]
+                changed.append(crew.id)
+        log.info("event %s: %s crew recorded, %s not checked in", event_id, len(changed), len(left))
+        return [self.get(i) for i in changed], [self.get(i) for i in left]
 
     def assignments_of(self, person_ref: str) -> tuple[Person, dict[str, list[CrewRow]]]:
         """A crew member's own view: pending invitations, confirmed, completed, declined."""

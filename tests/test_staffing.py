@@ -243,3 +243,78 @@ def test_suggest_for_a_missing_or_cancelled_event_is_refused() -> None:
     gala = event("Gala", 5)
     run("events", "cancel", str(gala), "--quiet")
     assert run("crew", "suggest", "--event", str(gala), "--role", "Stagehand").exit_code == 6
+
+
+# -- attendance --------------------------------------------------------------------------------
+
+
+def checked_in(url: str, assignment_id: int) -> None:
+    """A check-in as `crew checkin` records it during the event (its window has its own test)."""
+    db = Database(url)
+    try:
+        with db.write() as session:
+            crew = session.get(EventCrew, assignment_id)
+            assert crew is not None
+            crew.checked_in_at = datetime.now(NAIROBI) - timedelta(days=2)
+            session.add(crew)
+    finally:
+        db.close()
+
+
+def past_crew(names: list[str]) -> tuple[int, list[int]]:
+    old = run_json("events", "add", "--name", "Expo", "--date", day(-2), "--location", "X",
+                   "--past")["id"]  # fmt: skip
+    ids = [assign(old, person(n, f"07220001{sum(map(ord, n)) % 100:02d}"), "Stagehand",
+                  "--past") for n in names]  # fmt: skip
+    return old, ids
+
+
+def test_complete_counts_those_who_checked_in_and_offers_the_rest(office: str) -> None:
+    event_id, (amos, beth, cate) = past_crew(["Amos", "Beth", "Cate"])
+    checked_in(office, amos)
+
+    result = run("crew", "complete", "--event", str(event_id))
+    assert result.exit_code == 0
+    assert result.stdout.strip() == "1 crew marked completed."
+    assert (
+        "2 confirmed crew did not check in: Beth (2), Cate (3). Mark them with "
+        f"`sfcrm crew complete --event {event_id} --no-show 2 3`, or count them as there with "
+        "`--all`."
+    ) in " ".join(result.stderr.split())
+    statuses = {r["id"]: r["status"] for r in run_json("crew", "list", "--event", str(event_id))}
+    assert statuses == {amos: "completed", beth: "confirmed", cate: "confirmed"}
+
+    named = run_json("crew", "complete", "--event", str(event_id), "--no-show", str(beth))
+    assert [(r["id"], r["status"]) for r in named] == [(beth, "no_show")]
+    everyone = run_json("crew", "complete", "--event", str(event_id), "--all")
+    assert [(r["id"], r["status"]) for r in everyone] == [(cate, "completed")]
+    view = run_json(
+        "crew", "assignments", "--person", str(run_json("crew", "list")[1]["person_id"])
+    )
+    assert [r["event"] for r in view["no_show"]] == ["Expo"]
+    entries = [e["action"] for e in run_json("history", "--event", str(event_id))]
+    assert "assignment.no_show" in entries
+
+
+def test_without_check_ins_every_confirmed_one_not_named_is_completed(office: str) -> None:
+    event_id, (amos, beth) = past_crew(["Amos", "Beth"])
+    done = run_json("crew", "complete", "--event", str(event_id), "--no-show", f"{beth}")
+    assert sorted((r["id"], r["status"]) for r in done) == [(amos, "completed"), (beth, "no_show")]
+
+
+@pytest.mark.parametrize("bad", ["x", "0", "2,,3"])
+def test_a_bad_no_show_id_is_a_usage_error(bad: str) -> None:
+    event_id, _ = past_crew(["Amos"])
+    result = run("crew", "complete", "--event", str(event_id), "--no-show", bad)
+    assert result.exit_code == 2 and "not an assignment id" in result.stderr
+
+
+def test_a_no_show_must_be_confirmed_crew_of_that_event(office: str) -> None:
+    event_id, (amos,) = past_crew(["Amos"])
+    other, (beth,) = past_crew(["Beth"])
+    result = run("crew", "complete", "--event", str(event_id), "--no-show", str(beth))
+    assert result.exit_code == 5 and f"assignment {beth} is not on Expo" in result.stderr
+    run("crew", "complete", "--event", str(event_id))
+    again = run("crew", "complete", "--event", str(event_id), "--no-show", str(amos))
+    assert again.exit_code == 6 and "is completed" in again.stderr
+    assert run_json("crew", "list", "--event", str(event_id))[0]["status"] == "completed"

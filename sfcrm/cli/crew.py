@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sfcrm.cli.runtime import (
+    MAX_INT,
     CsvOption,
     JsonOption,
     command,
@@ -245,18 +246,59 @@ def decline(
 @app.command("complete")
 def complete(
     event: Annotated[int, id_option("--event", "event id")],
+    no_show: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--no-show",
+            help="assignment ids of confirmed crew who did not turn up (repeat it, or 12,13)",
+            callback=lambda values: _ids(values or []),
+        ),
+    ] = None,
+    everyone: Annotated[
+        bool,
+        typer.Option("--all", help="count confirmed crew who did not check in as there too"),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """After the event: mark every confirmed crew member completed.
+    """After the event: record who worked it. Confirmed crew who checked in become completed,
+    those named by --no-show no_show (kept in their history).
 
-    Example: sfcrm crew complete --event 3
+    When check-in was used, the rest are listed to be named: as no-shows, or with --all as
+    there. When nobody checked in, every confirmed crew member not named is completed.
+
+    Example: sfcrm crew complete --event 3 --no-show 12
     """
     with command(json_output) as rt:
-        rows = rt.crew.complete(event)
+        ids = [int(i) for i in no_show or []]
+        rows, left = rt.crew.complete(event, no_show=ids, everyone=everyone)
+        done = sum(r.crew.status == "completed" for r in rows)
+        missed = len(rows) - done
         rt.emit(
             [r.json(rt.tz) for r in rows],
-            lambda: rt.print(f"{len(rows)} crew marked completed."),
+            lambda: rt.print(
+                f"{done} crew marked completed" + (f", {missed} as no-show." if missed else ".")
+            ),
         )
+        if left:
+            names = ", ".join(f"{r.person.name} ({r.crew.id})" for r in left)
+            ids_text = " ".join(str(r.crew.id) for r in left)
+            rt.warn(
+                f"{len(left)} confirmed crew did not check in: {names}. Mark them with"
+                f" `sfcrm crew complete --event {event} --no-show {ids_text}`, or count them as"
+                " there with `--all`."
+            )
+
+
+def _ids(values: list[str]) -> list[str]:
+    """Ids given as ``--no-show 12 --no-show 13`` or ``--no-show 12,13``, checked."""
+    ids = []
+    for value in values:
+        for part in value.split(","):
+            text = part.strip()
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_INT:
+                raise typer.BadParameter(f"not an assignment id: {text!r}")
+            ids.append(text)
+    return ids
 
 
 @app.command("assignments")
