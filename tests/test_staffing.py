@@ -311,7 +311,7 @@ def test_a_bad_no_show_id_is_a_usage_error(bad: str) -> None:
 
 def test_a_no_show_must_be_confirmed_crew_of_that_event(office: str) -> None:
     event_id, (amos,) = past_crew(["Amos"])
-    other, (beth,) = past_crew(["Beth"])
+    _other, (beth,) = past_crew(["Beth"])
     result = run("crew", "complete", "--event", str(event_id), "--no-show", str(beth))
     assert result.exit_code == 5 and f"assignment {beth} is not on Expo" in result.stderr
     run("crew", "complete", "--event", str(event_id))
