@@ -26,10 +26,6 @@ from typing import Any
 
 __all__ = ["BatchItem", "BatchResult"]
 
-# outcomes that mean an email or a push did not go where it was meant to (the batch's exit)
-FAILED = "failed"
-NOT_PUSHED = "not_pushed"
-
 
 @dataclass(frozen=True)
 class BatchItem:

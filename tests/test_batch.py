@@ -181,6 +181,9 @@ def test_resend_json_has_an_item_per_payment_and_exits_1_when_one_is_not_pushed(
     ]  # fmt: skip
     assert (doc["counts"], doc["total"]) == ({"pushed": 1, "not_pushed": 1}, 2)
     assert doc["code"] == "PARTIAL_FAILURE"
+    text = run("mpesa", "resend", "2")  # the same words in text; one payment: its own exit
+    assert text.exit_code == 6
+    assert unstamped(text.stdout) == "Resend: 0 pushed, 0 already paid, 1 not pushed.\n"
 
 
 def test_all_five_batch_commands_print_the_same_keys(
