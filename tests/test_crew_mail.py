@@ -717,7 +717,7 @@ def test_non_ascii_smtp_password_is_a_config_error_before_any_email_is_written(
     assert not any(c["invitation_sent"] for c in run_json("crew", "list"))
 
     monkeypatch.setenv("EMAIL_HOST_PASSWORD", OFFICE_PASSWORD)
-    assert len(outcome(run_json("crew", "invite", "--event", "1"), "written")) == 2
+    assert len(outcome(run_json("crew", "invite", "--event", "1"), "sent")) == 2
     assert sorted(recipients(smtp_requiring_login)) == [
         "crew0@example.co.ke",
         "crew1@example.co.ke",
