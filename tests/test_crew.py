@@ -16,7 +16,7 @@ import pytest
 import requests
 from sqlalchemy import delete, func, update
 from sqlmodel import col
-from support import SmtpSink, rsvp_link_in, rsvp_server, run, run_json, unstamped
+from support import SmtpSink, outcome, rsvp_link_in, rsvp_server, run, run_json, unstamped
 
 from sfcrm.db import Database
 from sfcrm.models import EmailNotification, EventCrew
@@ -312,7 +312,7 @@ def test_invite_sends_text_html_and_calendar_to_a_real_smtp_server(smtp_env: Smt
     run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound Engineer",
              "--notes", "Bring the DI boxes")  # fmt: skip
     doc = run_json("crew", "invite", "1")
-    assert len(doc["sent"]) == 1 and doc["failed"] == []
+    assert len(outcome(doc, "sent")) == 1 and outcome(doc, "failed") == []
     [received] = smtp_env.handler.messages
     message = received.message
     assert message["Subject"] == "You are invited to work on: Gala"
@@ -326,7 +326,7 @@ def test_invite_sends_text_html_and_calendar_to_a_real_smtp_server(smtp_env: Smt
     assert "SUMMARY:Gala" in ics and "DTSTART:" in ics and "END:VEVENT" in ics
     # invited once: a second run sends nothing
     again = run_json("crew", "invite", "--event", "1")
-    assert again["sent"] == [] and len(smtp_env.handler.messages) == 1
+    assert outcome(again, "sent") == [] and len(smtp_env.handler.messages) == 1
     assert run_json("mail", "list")[0]["notification_type"] == "crew_invitation"
 
 
@@ -335,8 +335,13 @@ def test_invite_dry_run_sends_and_records_nothing(smtp_env: SmtpSink) -> None:
     add_person("Achieng", "0712000001", "achieng@x.co.ke")
     run_json("crew", "assign", "--event", "1", "--person", "1", "--role", "Sound")
     doc = run_json("crew", "invite", "--event", "1", "--dry-run")
-    assert doc["dry_run"] is True
-    assert [e["subject"] for e in doc["emails"]] == ["You are invited to work on: Gala"]
+    assert doc == {
+        "results": [
+            {"assignment_id": 1, "email_id": None, "outcome": "would_send",
+             "message": "to achieng@x.co.ke: You are invited to work on: Gala"},
+        ],
+        "counts": {"would_send": 1}, "total": 1,
+    }  # fmt: skip
     assert smtp_env.handler.messages == []
     assert run_json("mail", "list") == []
     assert run_json("crew", "list")[0]["invitation_sent"] is False

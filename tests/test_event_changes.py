@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 from sqlalchemy import update
-from support import SmtpSink, rsvp_server, run, run_json
+from support import SmtpSink, outcome, reasons, rsvp_server, run, run_json, written
 
 from sfcrm.db import Database
 from sfcrm.models import Person
@@ -202,9 +202,9 @@ def test_edit_is_checked_as_add_is_and_changes_nothing_when_refused(office: Smtp
 def test_a_new_time_re_arms_the_reminders_so_crew_are_reminded_of_it(office: SmtpSink) -> None:
     event = add_event("Gala", timedelta(hours=3))
     assignment = crew_member(event, "Achieng", 1, status="confirmed")
-    assert len(run_json("crew", "remind")["sent"]) == 1
+    assert len(outcome(run_json("crew", "remind"), "sent")) == 1
     assert status_of(assignment)["reminder_sent"] is True
-    assert run_json("crew", "remind")["sent"] == []
+    assert outcome(run_json("crew", "remind"), "sent") == []
     day, later = at(timedelta(hours=5))  # (the date too: five hours on may be tomorrow)
 
     run_json("events", "edit", str(event), "--date", day, "--time", later)
@@ -212,7 +212,7 @@ def test_a_new_time_re_arms_the_reminders_so_crew_are_reminded_of_it(office: Smt
     assert (status_of(assignment)["reminder_sent"], status_of(assignment)["reminder_sent_at"]) == (
         False, None,
     )  # fmt: skip
-    assert len(run_json("crew", "remind")["sent"]) == 1
+    assert len(outcome(run_json("crew", "remind"), "sent")) == 1
     reminder = office.handler.messages[-1]
     assert reminder.message["Subject"].startswith("Reminder: Gala") and later in body(reminder)
 
@@ -274,7 +274,7 @@ def test_a_change_whose_email_fails_is_kept_exits_10_and_leaves_the_email_for_re
     assert run_json("events", "show", str(event))["time"] == "20:00"
     assert [e["action"] for e in history("--event", str(event))] == ["event.edit"]
     office.handler.temp_fail.clear()
-    assert len(run_json("mail", "retry")["sent"]) == 1
+    assert len(outcome(run_json("mail", "retry"), "sent")) == 1
     change = sent_to(office, "baraka@example.co.ke")[-1]
     assert change.message["Subject"].startswith("Changed: Gala")
 
@@ -315,13 +315,13 @@ def test_cancel_tells_invited_and_confirmed_crew_with_a_calendar_cancellation(
     assert listed["cancelled"] is True and listed["cancel_reason"] == "client postponed"
     assert "CANCELLED" in run("events", "list").stdout
     assert run_json("events", "show", str(event))["cancelled"] is True
-    assert run_json("crew", "remind", "--hours", "48")["queued"] == []
+    assert written(run_json("crew", "remind", "--hours", "48")) == []
     brief = run("crew", "brief", "--event", str(event))
     assert brief.exit_code == 6 and brief.stderr.splitlines()[0] == (
         f"Error: Gala is cancelled (event {event})"
     )
     invite = run_json("crew", "invite", "--event", str(event))
-    assert invite["queued"] == [] and {s["reason"] for s in invite["skipped"]} == {
+    assert written(invite) == [] and {why for _, why in reasons(invite, "skipped")} == {
         "invitation already sent", "assignment is cancelled",
     }  # fmt: skip
     confirm = run("crew", "confirm", str(invited))
@@ -462,7 +462,7 @@ def test_assigning_a_removed_crew_member_again_puts_the_same_assignment_back(
 
     assert (doc["id"], doc["status"], doc["role"]) == (assignment, "invited", "Lights")
     assert doc["invitation_sent"] is False
-    assert len(run_json("crew", "invite", str(assignment))["sent"]) == 1
+    assert len(outcome(run_json("crew", "invite", str(assignment)), "sent")) == 1
     invitation = calendar(office.handler.messages[-1])
     assert invitation["UID"] == cancelled["UID"] and invitation["METHOD"] == "PUBLISH"
     assert int(invitation["SEQUENCE"]) > int(cancelled["SEQUENCE"])

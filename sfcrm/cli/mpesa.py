@@ -178,53 +178,37 @@ def resend(
     Example: sfcrm mpesa resend 12 13
     """
     with command(json_output) as rt:
-        from sfcrm.payments import payment_json
+        from sfcrm.batch import BatchResult
 
         if bool(payment_ids) == all_pending:
             raise ValidationError("give payment ids or --all-pending (one of the two)")
         ids = rt.payments.pending_ids() if all_pending else list(payment_ids or [])
-        results: list[dict[str, object]] = []
-        failed = 0
+        result = BatchResult(("payment_id",))
+        errors: list[SfcrmError] = []
         for pid in ids:
             try:
                 report = rt.payments.resend(pid, force=force)
             except SfcrmError as exc:
-                failed += 1
-                results.append(
-                    {"payment_id": pid, "pushed": False, "error": rt.redact(str(exc)),
-                     "code": exc.code}
-                )  # fmt: skip
+                errors.append(exc)
+                result.add("not_pushed", str(exc), payment_id=pid)
                 rt.say(f"payment {pid}: {exc}")
                 if exc.hint:
                     rt.say(f"Hint: {exc.hint}")
                 continue
-            results.append(
-                {"payment_id": pid, "pushed": report.pushed, "message": report.message,
-                 "payment": payment_json(report.payment, rt.tz)}
-            )  # fmt: skip
+            result.add("pushed" if report.pushed else "already_paid", report.message,
+                       payment_id=pid)  # fmt: skip
             rt.say(f"payment {pid}: {report.message} (status {report.payment.status})")
         rt.emit(
-            {"results": results, "pushed": sum(1 for r in results if r.get("pushed")),
-             "failed": failed},
+            result.json(rt.redact),
             lambda: rt.summary(
-                f"Resend: {sum(1 for r in results if r.get('pushed'))} pushed, "
-                f"{failed} not pushed."
+                f"Resend: {result.count('pushed')} pushed, {result.count('already_paid')} "
+                f"already paid, {len(errors)} not pushed."
             ),
-        )  # fmt: skip
-        if failed and len(ids) == 1:
-            raise typer.Exit(int(_single_error_code(results[0])))
-        if failed:
-            raise BatchError(f"{failed} of {len(ids)} payments were not pushed")
-
-
-def _single_error_code(result: dict[str, object]) -> int:
-    from sfcrm import errors
-
-    code = str(result.get("code"))
-    for cls in vars(errors).values():
-        if isinstance(cls, type) and issubclass(cls, SfcrmError) and cls.code == code:
-            return int(cls.exit_code)
-    return int(errors.ExitCode.FAILED)
+        )
+        if len(errors) == 1 and len(ids) == 1:
+            raise typer.Exit(int(errors[0].exit_code))
+        if errors:
+            raise BatchError(f"{len(errors)} of {len(ids)} payments were not pushed")
 
 
 @app.command("status")
