@@ -16,7 +16,17 @@ import pytest
 import requests
 from sqlalchemy import delete, func, update
 from sqlmodel import col
-from support import SmtpSink, outcome, rsvp_link_in, rsvp_server, run, run_json, unstamped
+from support import (
+    SmtpSink,
+    outcome,
+    reasons,
+    rsvp_link_in,
+    rsvp_server,
+    run,
+    run_json,
+    unstamped,
+    written,
+)
 
 from sfcrm.db import Database
 from sfcrm.models import EmailNotification, EventCrew
@@ -270,10 +280,8 @@ def test_assigning_to_an_event_that_is_over_needs_past_and_records_who_worked_it
     assert (doc["status"], doc["invitation_sent"]) == ("confirmed", False)
     # never invited, reminded or briefed: nothing is written for it
     invite = run_json("crew", "invite", "1")
-    assert [(s["assignment_id"], s["reason"]) for s in invite["skipped"]] == [
-        (1, "the event is over")
-    ]
-    assert run_json("crew", "remind", "--hours", "48")["queued"] == []
+    assert reasons(invite, "skipped") == [(1, "the event is over")]
+    assert written(run_json("crew", "remind", "--hours", "48")) == []
     brief = run("crew", "brief", "--event", "1")
     assert brief.exit_code == 6
     assert brief.stderr.splitlines()[0] == "Error: Old show is over (event 1)"
