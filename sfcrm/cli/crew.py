@@ -303,6 +303,7 @@ def assignments(
 
 @app.command("invite")
 def invite(
+    ctx: typer.Context,
     assignment_ids: Annotated[list[int] | None, id_argument("assignment ids")] = None,
     event: Annotated[int | None, id_option("--event", "every assignment of it")] = None,
     dry_run: DryRun = False,
@@ -312,6 +313,8 @@ def invite(
 
     Example: sfcrm crew invite --event 3
     """
+    if (event is None) == (not assignment_ids):
+        raise usage_error(ctx, "give --event or assignment ids (one of the two)")
     with command(json_output) as rt:
         with rt.progress("Invitations") as progress:
             run = rt.crew_mail.invite(

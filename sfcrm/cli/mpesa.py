@@ -16,6 +16,7 @@ from sfcrm.cli.runtime import (
     port_option,
     started,
     text_cell,
+    usage_error,
 )
 from sfcrm.errors import BatchError, ExitCode, SfcrmError, ValidationError
 
@@ -162,6 +163,7 @@ def request(
 
 @app.command("resend")
 def resend(
+    ctx: typer.Context,
     payment_ids: Annotated[list[int] | None, id_argument("payment ids")] = None,
     all_pending: Annotated[
         bool, typer.Option("--all-pending", help="every payment still pending")
@@ -177,11 +179,11 @@ def resend(
 
     Example: sfcrm mpesa resend 12 13
     """
+    if bool(payment_ids) == all_pending:
+        raise usage_error(ctx, "give payment ids or --all-pending (one of the two)")
     with command(json_output) as rt:
         from sfcrm.batch import BatchResult
 
-        if bool(payment_ids) == all_pending:
-            raise ValidationError("give payment ids or --all-pending (one of the two)")
         ids = rt.payments.pending_ids() if all_pending else list(payment_ids or [])
         result = BatchResult(("payment_id",))
         errors: list[SfcrmError] = []
