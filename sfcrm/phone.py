@@ -7,6 +7,7 @@ import re
 from sfcrm.errors import ValidationError
 
 _SEPARATORS = re.compile(r"[\s\-]")
+_ONE_NUMBER = re.compile(r"^\+?[0-9][0-9 ()\-]*$")
 # Safaricom's prefixes; numbers port between networks, so others only earn a warning.
 _SAFARICOM = re.compile(r"^254(7[0-2]\d|74[0-35-68]|75[7-9]|76[89]|79\d|11[0-5])")
 
@@ -49,14 +50,17 @@ def display(phone: str | None) -> str:
     return f"0{digits[3:6]} {digits[6:9]} {digits[9:]}"
 
 
-def tel_uri(phone: str) -> str:
+def tel_uri(phone: str) -> str | None:
     """The ``tel:`` link that dials ``phone`` from a phone: ``tel:+254722111002`` for a Kenyan
-    mobile, else its digits (and a leading ``+``) as given."""
+    mobile, else its digits (and a leading ``+``) as given; None for text that is not one
+    number (``0711 000111 / 0722 000222``, ``ask for Achieng``)."""
     digits = _kenyan_mobile(phone)
     if digits is not None:
         return f"tel:+{digits}"
     text = phone.strip()
     kept = "".join(c for c in text if c.isascii() and c.isdigit())
+    if not kept or not _ONE_NUMBER.match(text):
+        return None
     return f"tel:{'+' if text.startswith('+') else ''}{kept}"
 
 

@@ -38,7 +38,10 @@ def tel_link(phone: str | None) -> Any:
 
     if not phone:
         return ""
-    return Markup('<a href="{}">{}</a>').format(tel_uri(phone), display(phone))
+    uri = tel_uri(phone)
+    if uri is None:  # not one number: shown as the office wrote it
+        return Markup("{}").format(display(phone))
+    return Markup('<a href="{}">{}</a>').format(uri, display(phone))
 
 
 class Renderer:

@@ -15,8 +15,6 @@ import requests
 from support import SmtpSink, rsvp_link_in, rsvp_server, run, run_json, wait_for
 
 from sfcrm.emulator import DarajaEmulator
-from sfcrm.phone import display, tel_uri
-from sfcrm.render import Renderer
 from sfcrm.wording import about, article, plural, with_article
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
@@ -77,49 +75,18 @@ def test_about_names_the_subject_once() -> None:
     assert about("payment 7", "payment 70 is completed") == "payment 7: payment 70 is completed"
 
 
-@pytest.mark.parametrize(
-    ("phone", "shown", "tel"),
-    [
-        ("254722111002", "0722 111 002", "tel:+254722111002"),
-        ("254110123456", "0110 123 456", "tel:+254110123456"),
-        ("0711000111", "0711 000 111", "tel:+254711000111"),
-        ("+254 711 000 111", "0711 000 111", "tel:+254711000111"),
-        ("020 2345678", "020 2345678", "tel:0202345678"),  # a landline: as given
-        ("+44 20 7946 0000", "+44 20 7946 0000", "tel:+442079460000"),
-    ],
-)
-def test_phones_show_as_people_write_them_and_dial_in_full(
-    phone: str, shown: str, tel: str
-) -> None:
-    assert display(phone) == shown
-    assert tel_uri(phone) == tel
-
-
-def test_templates_get_article_phone_and_tel_filters_and_tel_escapes(tmp_path: Path) -> None:
-    (tmp_path / "t.html.j2").write_text(
-        "{{ role | article }} {{ role }}; {{ p | phone }}; {{ p | tel }}; {{ bad | tel }}"
-    )
-    (tmp_path / "t.txt.j2").write_text("{{ role | article }} {{ role }}, {{ p | phone }}")
-    renderer = Renderer(tmp_path)
-    html = renderer.render("t.html.j2", role="Usher", p="254722111002", bad='"><b>0</b>')
-    assert html == (
-        'an Usher; 0722 111 002; <a href="tel:+254722111002">0722 111 002</a>; '
-        '<a href="tel:0">&#34;&gt;&lt;b&gt;0&lt;/b&gt;</a>'
-    )
-    assert renderer.render("t.txt.j2", role="Usher", p="254722111002") == "an Usher, 0722 111 002"
-
-
 # -- the office, as the CLI runs it -------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def office(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
+    """The office's database, for the CLI: each test that uses it runs on each engine."""
     monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
     return database_url
 
 
 @pytest.fixture
-def smtp_env(monkeypatch: pytest.MonkeyPatch, smtp_sink: SmtpSink) -> SmtpSink:
+def smtp_env(monkeypatch: pytest.MonkeyPatch, smtp_sink: SmtpSink, office: str) -> SmtpSink:
     monkeypatch.setenv("EMAIL_BACKEND", "smtp")
     monkeypatch.setenv("EMAIL_HOST", "127.0.0.1")
     monkeypatch.setenv("EMAIL_PORT", str(smtp_sink.port))
@@ -257,6 +224,7 @@ def test_rsvp_page_without_an_office_phone_or_email_names_the_office_only(
 # -- the CLI -------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("office")
 def test_people_table_shows_phones_spaced_while_json_and_csv_keep_the_stored_form() -> None:
     add_person("Achieng Otieno", "0722111002")
 
@@ -267,6 +235,7 @@ def test_people_table_shows_phones_spaced_while_json_and_csv_keep_the_stored_for
     assert "254722111002" in csv and "0722 111 002" not in csv
 
 
+@pytest.mark.usefixtures("office")
 def test_people_import_of_one_says_one_person(tmp_path: Path) -> None:
     file = tmp_path / "crew.csv"
     file.write_text("name,phone,email,balance\nAchieng,0712000001,a@x.co.ke,0\n")
@@ -290,6 +259,7 @@ def test_removed_crew_member_confirming_is_told_once_which_assignment(smtp_env: 
     )
 
 
+@pytest.mark.usefixtures("office")
 def test_resend_of_a_completed_payment_names_the_payment_once(
     cli_env: dict[str, str], emulator: DarajaEmulator
 ) -> None:
