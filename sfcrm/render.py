@@ -3,6 +3,10 @@
 A variable a template uses but nobody passed is an error, never a blank line in an email sent to
 a crew member. HTML templates (``.html.j2``, ``.html``) are autoescaped, so a name like
 ``<script>`` shows as text; plain-text templates (``.txt.j2``) keep it literally.
+
+Every template has these filters: ``{{ role | article }}`` ("an" before "Usher"),
+``{{ phone | phone }}`` (``0722 111 002``) and, in HTML, ``{{ phone | tel }}`` (that phone as a
+tap-to-call link).
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sfcrm.errors import ExitCode, SfcrmError
+from sfcrm.phone import display, tel_uri
 from sfcrm.resources import templates_dir
+from sfcrm.wording import article
 
 if TYPE_CHECKING:
     import jinja2
@@ -24,6 +30,18 @@ class TemplateError(SfcrmError):
 
     exit_code = ExitCode.CONFIG
     code = "TEMPLATE_ERROR"
+
+
+def tel_link(phone: str | None) -> Any:
+    """``<a href="tel:+254722111002">0722 111 002</a>``: a phone to tap in an email or page."""
+    from markupsafe import Markup
+
+    if not phone:
+        return ""
+    uri = tel_uri(phone)
+    if uri is None:  # not one number: shown as the office wrote it
+        return Markup("{}").format(display(phone))
+    return Markup('<a href="{}">{}</a>').format(uri, display(phone))
 
 
 class Renderer:
@@ -58,6 +76,7 @@ class Renderer:
                 keep_trailing_newline=True,
                 auto_reload=False,
             )
+            self._env.filters.update(article=article, phone=display, tel=tel_link)
         return self._env
 
     def has(self, name: str) -> bool:

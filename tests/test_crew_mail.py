@@ -44,6 +44,7 @@ from sfcrm.cli.runtime import RootOptions, Runtime
 from sfcrm.db import Database
 from sfcrm.mail import DEFAULT_LEASE, INTERRUPTED, Mailer, SmtpBackend
 from sfcrm.models import EmailNotification, EventCrew
+from sfcrm.phone import display
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 CANARY = "CANARY-smtp-pw-7c41d0e2"
@@ -321,12 +322,12 @@ def test_brief_sends_each_confirmed_crew_member_the_roster_and_office_contacts_o
         lines = text.splitlines()
         for person, role in ((people[0], "Sound Engineer"), (people[1], "Lighting Tech")):
             assert any(
-                person["name"] in line and role in line and person["phone"] in line
+                person["name"] in line and role in line and display(person["phone"]) in line
                 for line in lines
             ), (person, text)
-        for absent in ("Chebet", "Rigger", "Daudi", "Runner", people[2]["phone"]):
+        for absent in ("Chebet", "Rigger", "Daudi", "Runner", display(people[2]["phone"])):
             assert absent not in text
-        for contact in ("Sound Fusion Events Ltd", "0711000111", "bookings@soundfusion.test"):
+        for contact in ("Sound Fusion Events Ltd", "0711 000 111", "bookings@soundfusion.test"):
             assert contact in text
         assert "Load-in from 14:00" in text
 
@@ -1138,6 +1139,6 @@ def test_invitation_from_a_no_reply_address_never_asks_crew_to_reply(
     assert received.message["Reply-To"] is None
     text = body(received)
     assert "reply" not in text.lower()
-    assert "Call the office on 0711000111 to confirm or decline." in text
+    assert "Call the office on 0711 000 111 to confirm or decline." in text
     html = received.message.get_body(("html",)).get_content()
     assert "reply" not in html.lower()

@@ -13,6 +13,7 @@ from sfcrm.cli.runtime import (
     usage_error,
 )
 from sfcrm.errors import MailError
+from sfcrm.wording import plural
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -80,7 +81,7 @@ def report_mail_run(
     rt.emit(doc, render)
     if failed:
         raise MailError(
-            f"{failed} of {len(run.queued)} emails failed",
+            f"{failed} of {plural(len(run.queued), 'email')} failed",
             hint="see `sfcrm mail list --failed`; `sfcrm mail retry` sends them again",
         )
 
@@ -258,7 +259,7 @@ def complete(
         rows = rt.crew.complete(event)
         rt.emit(
             [r.json(rt.tz) for r in rows],
-            lambda: rt.print(f"{len(rows)} crew marked completed."),
+            lambda: rt.print(f"{plural(len(rows), 'crew member')} marked completed."),
         )
 
 

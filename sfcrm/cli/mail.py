@@ -6,6 +6,7 @@ import typer
 
 from sfcrm.cli.runtime import MAX_INT, CsvOption, JsonOption, clean_text, command, id_argument
 from sfcrm.errors import MailError
+from sfcrm.wording import plural
 
 app = typer.Typer(help="The mail log: list, show and retry failed emails.", no_args_is_help=True)
 
@@ -147,7 +148,7 @@ def retry(
         rt.emit(result.json(rt.redact), render)
         if report.failed:
             raise MailError(
-                f"{len(report.failed)} emails failed again",
+                f"{plural(len(report.failed), 'email')} failed again",
                 hint="see `sfcrm mail list --failed`",
             )
 
