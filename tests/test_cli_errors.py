@@ -291,7 +291,7 @@ def test_a_warning_under_json_goes_to_stderr_and_the_document_stays_whole() -> N
     result = run("people", "add", "--name", "Baraka", "--phone", "0733000001", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["phone"] == "254733000001"
-    assert "254733000001 does not have a Safaricom prefix" in result.stderr
+    assert "0733 000 001 does not have a Safaricom prefix" in result.stderr
 
     edited = run("people", "edit", "1", "--phone", "0734000002", "--json")
     assert json.loads(edited.stdout)["phone"] == "254734000002"
