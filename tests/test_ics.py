@@ -11,13 +11,13 @@ import icalendar
 import pytest
 from support import Received, SmtpSink, run, run_json
 
-from sfcrm.ics import event_ics
+from sfcrm.ics import event_calendar, event_ics
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 
 
-def make(**overrides: Any) -> str:
-    fields: dict[str, Any] = {
+def make_fields() -> dict[str, Any]:
+    return {
         "uid": "event-1-crew-2@sfcrm",
         "summary": "Wedding at Safari Park",
         "starts_at": datetime(2025, 3, 1, 15, 0, tzinfo=NAIROBI),
@@ -28,8 +28,10 @@ def make(**overrides: Any) -> str:
         "organizer_name": "Sound Fusion",
         "now": datetime(2025, 2, 20, 9, 15, 30, tzinfo=UTC),
     }
-    fields.update(overrides)
-    return event_ics(**fields)
+
+
+def make(**overrides: Any) -> str:
+    return event_ics(**{**make_fields(), **overrides})
 
 
 def unfold(text: str) -> list[str]:
@@ -139,6 +141,25 @@ def test_an_update_carries_its_sequence_and_a_cancellation_says_cancel() -> None
     assert "METHOD:CANCEL" in cancelled and "METHOD:PUBLISH" not in cancelled
     assert "STATUS:CANCELLED" in cancelled and "STATUS:CONFIRMED" not in cancelled
     assert "SEQUENCE:4" in cancelled and "UID:event-1-crew-2@sfcrm" in cancelled
+
+
+def test_the_text_is_the_librarys_calendar_whatever_the_entries_before_it_shared() -> None:
+    # the lines an event's crew share are written once per event: each entry still says all
+    kinds = [
+        {},
+        {"uid": "event-1-crew-3@sfcrm", "description": "Your role: lights\nBring, cables"},
+        {"sequence": 2, "now": datetime(2025, 2, 21, 8, 0, tzinfo=UTC)},
+        {"cancelled": True, "sequence": 3},
+        {"summary": "Harusi ya 🎉 " * 9, "organizer_email": None},
+    ]
+    for overrides in kinds * 2:
+        text = make(**overrides)
+        fields = {**make_fields(), **overrides}
+        expected = event_calendar(**fields)
+        parsed = icalendar.Calendar.from_ical(text)
+
+        assert parsed.to_ical() == icalendar.Calendar.from_ical(expected.to_ical()).to_ical()
+        assert unfold(text).count("BEGIN:VEVENT") == 1
 
 
 # -- every kind of entry sfcrm sends, read back by the library as a calendar would -------------

@@ -104,7 +104,8 @@ def build_message(
         message["Reply-To"] = validate_address(reply_to)
     message["To"] = validate_address(recipient)
     message["Subject"] = clean_subject(subject)
-    message["Date"] = (date or datetime.now(UTC)).astimezone(UTC)
+    # whole seconds, as the header shows them: a batch's emails of one second share one header
+    message["Date"] = (date or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
     message["Message-ID"] = f"<{secrets.token_hex(16)}@{message_id_domain}>"
     message["MIME-Version"] = "1.0"
     parts = [_attachment(*attachment) for attachment in attachments]
