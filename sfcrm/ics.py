@@ -1,9 +1,9 @@
 """An event as an iCalendar (RFC 5545) entry, attached to crew emails, built with `icalendar`.
 
-The library escapes text values (``\\ ; ,`` and line breaks), quotes parameters, folds lines at
-75 octets without cutting a UTF-8 character in two and ends them in CRLF. Before it does, line
-breaks of every kind become one ``\\n`` and other control characters a space, so nothing typed
-into an event's name, location or notes can end a property and start another.
+The library escapes text values (``\\ ; ,`` and line breaks), quotes parameters, folds lines
+within 75 octets without cutting a UTF-8 character in two and ends them in CRLF. Before it
+does, line breaks of every kind become one ``\\n`` and other control characters a space, so
+nothing typed into an event's name, location or notes can end a property and start another.
 """
 
 from __future__ import annotations
