@@ -50,6 +50,7 @@ class Renderer:
     def __init__(self, override_dir: Path | None) -> None:
         self.override_dir = Path(override_dir) if override_dir is not None else None
         self._env: jinja2.Environment | None = None
+        self._found: dict[str, bool] = {}  # the folders are read once a run, as the templates are
 
     def __repr__(self) -> str:
         return f"Renderer(override_dir={self.override_dir!r})"
@@ -83,13 +84,17 @@ class Renderer:
         """Whether a template of this name exists in either folder."""
         import jinja2
 
+        if name in self._found:
+            return self._found[name]
         env = self.environment
         assert env.loader is not None
         try:
             env.loader.get_source(env, name)
         except jinja2.TemplateNotFound:
-            return False
-        return True
+            self._found[name] = False
+        else:
+            self._found[name] = True
+        return self._found[name]
 
     def render(self, name: str, /, **context: Any) -> str:
         """The template filled in; :class:`TemplateError` names the template and the problem.
