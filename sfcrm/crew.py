@@ -233,7 +233,7 @@ def answer_refusal(crew: EventCrew, event: Event) -> str | None:
     if event.cancelled_at is not None or crew.status == CrewStatus.CANCELLED:
         return f"{event.name} was cancelled"
     if crew.status == CrewStatus.REMOVED:
-        return f"assignment {crew.id} was removed from {event.name}"
+        return f"the crew member was removed from {event.name}"
     return None
 
 

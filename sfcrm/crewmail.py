@@ -23,6 +23,7 @@ from sqlalchemy import ColumnElement
 from sqlmodel import Session, col, select
 
 from sfcrm import crew
+from sfcrm.batch import BatchResult
 from sfcrm.crew import (
     BRIEFING,
     CANCELLATION,
@@ -74,6 +75,29 @@ class MailRun:
     previews: list[dict[str, Any]] = field(default_factory=list)  # --dry-run
     dry_run: bool = False
     report: SendReport | None = None
+    assignments: dict[int, int] = field(default_factory=dict)  # email id -> its assignment
+
+    def results(self) -> BatchResult:
+        """One item an assignment: the emails written (or, in a dry run, that would be), in
+        the order written, then the assignments passed over."""
+        result = BatchResult(("assignment_id",))
+        for preview in self.previews:
+            result.add(
+                "would_send",
+                f"to {preview['recipient']}: {preview['subject']}",
+                assignment_id=preview["assignment_id"],
+            )
+        fates = self.report.fates(left_alone="not_sent") if self.report else {}
+        for email_id in self.queued:
+            outcome, why = fates.get(
+                email_id, ("queued", "not tried yet: `sfcrm mail retry` sends it")
+            )
+            result.add(
+                outcome, why, assignment_id=self.assignments.get(email_id), email_id=email_id
+            )
+        for assignment_id, reason in self.skipped:
+            result.add("skipped", reason, assignment_id=assignment_id)
+        return result
 
     @property
     def failed(self) -> int:
@@ -320,6 +344,7 @@ class CrewMail:
                 assignment_id=row.crew.id,
             )
             run.queued.append(email_id)
+            run.assignments[email_id] = _id(row)
             written.append((_id(row), email_id))
         note_emails_written(session, kind, written)
 

@@ -24,6 +24,7 @@ from sfcrm.config import (
     callback_secret_guessable,
 )
 from sfcrm.errors import DarajaError, SfcrmError
+from sfcrm.wording import plural
 
 if TYPE_CHECKING:
     import requests
@@ -395,11 +396,11 @@ def check_pending_payments(db: Database, now: datetime) -> Check:
         return Check(
             "pending payments",
             False,
-            f"{len(ids)} open for more than {minutes} minutes: {_shown_ids(ids)}",
+            f"{len(ids)} open for more than {plural(minutes, 'minute')}: {_shown_ids(ids)}",
             "run `sfcrm mpesa reconcile` (and from cron every few minutes, see the "
             "README); it names what it cannot settle",
         )
-    return Check("pending payments", True, f"none open for more than {minutes} minutes")
+    return Check("pending payments", True, f"none open for more than {plural(minutes, 'minute')}")
 
 
 def check_unsent_emails(db: Database) -> Check:

@@ -7,6 +7,7 @@ import re
 from sfcrm.errors import ValidationError
 
 _SEPARATORS = re.compile(r"[\s\-]")
+_ONE_NUMBER = re.compile(r"^\+?[0-9][0-9 ()\-]*$")
 # Safaricom's prefixes; numbers port between networks, so others only earn a warning.
 _SAFARICOM = re.compile(r"^254(7[0-2]\d|74[0-35-68]|75[7-9]|76[89]|79\d|11[0-5])")
 
@@ -38,9 +39,33 @@ def is_safaricom(phone: str) -> bool:
     return bool(_SAFARICOM.match(phone))
 
 
-def display(phone: str) -> str:
-    """A stored number as people read it: ``254722111002`` is ``0722 111 002``."""
-    if len(phone) == 12 and phone.startswith("254") and phone.isdigit():
-        local = "0" + phone[3:]
-        return f"{local[:4]} {local[4:7]} {local[7:]}"
-    return phone
+def display(phone: str | None) -> str:
+    """A phone as people read it: ``254722111002`` is ``0722 111 002``. Any form of a Kenyan
+    mobile is shown that way; anything else (an office landline) as it was given."""
+    if not phone:
+        return ""
+    digits = _kenyan_mobile(phone)
+    if digits is None:
+        return phone.strip()
+    return f"0{digits[3:6]} {digits[6:9]} {digits[9:]}"
+
+
+def tel_uri(phone: str) -> str | None:
+    """The ``tel:`` link that dials ``phone`` from a phone: ``tel:+254722111002`` for a Kenyan
+    mobile, else its digits (and a leading ``+``) as given; None for text that is not one
+    number (``0711 000111 / 0722 000222``, ``ask for Achieng``)."""
+    digits = _kenyan_mobile(phone)
+    if digits is not None:
+        return f"tel:+{digits}"
+    text = phone.strip()
+    kept = "".join(c for c in text if c.isascii() and c.isdigit())
+    if not kept or not _ONE_NUMBER.match(text):
+        return None
+    return f"tel:{'+' if text.startswith('+') else ''}{kept}"
+
+
+def _kenyan_mobile(phone: str) -> str | None:
+    try:
+        return normalise_phone(phone)
+    except ValidationError:
+        return None

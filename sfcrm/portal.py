@@ -260,7 +260,6 @@ def cards_for(session: Any, person_id: int, now: datetime, *, show_phones: bool)
 
     from sfcrm.crew import answer_refusal, crew_rows, crew_select
     from sfcrm.models import Event, EventCrew
-    from sfcrm.phone import display
     from sfcrm.status import CrewStatus
 
     rows = crew_rows(
@@ -285,10 +284,9 @@ def cards_for(session: Any, person_id: int, now: datetime, *, show_phones: bool)
             .where(EventCrew.status == CrewStatus.CONFIRMED)
             .order_by(col(EventCrew.role), col(EventCrew.id)),
         ):
-            phone = display(mate.person.phone) if show_phones else None
             rosters.setdefault(mate.event.id or 0, []).append(
-                {"name": mate.person.name, "role": mate.crew.role, "phone": phone,
-                 "tel": f"+{mate.person.phone}" if show_phones else None,
+                {"name": mate.person.name, "role": mate.crew.role,
+                 "phone": mate.person.phone if show_phones else None,
                  "you": mate.person.id == person_id}
             )  # fmt: skip
     cards = []

@@ -3,6 +3,10 @@
 A variable a template uses but nobody passed is an error, never a blank line in an email sent to
 a crew member. HTML templates (``.html.j2``, ``.html``) are autoescaped, so a name like
 ``<script>`` shows as text; plain-text templates (``.txt.j2``) keep it literally.
+
+Every template has these filters: ``{{ role | article }}`` ("an" before "Usher"),
+``{{ phone | phone }}`` (``0722 111 002``) and, in HTML, ``{{ phone | tel }}`` (that phone as a
+tap-to-call link).
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sfcrm.errors import ExitCode, SfcrmError
+from sfcrm.phone import display, tel_uri
 from sfcrm.resources import templates_dir
+from sfcrm.wording import article
 
 if TYPE_CHECKING:
     import jinja2
@@ -26,12 +32,25 @@ class TemplateError(SfcrmError):
     code = "TEMPLATE_ERROR"
 
 
+def tel_link(phone: str | None) -> Any:
+    """``<a href="tel:+254722111002">0722 111 002</a>``: a phone to tap in an email or page."""
+    from markupsafe import Markup
+
+    if not phone:
+        return ""
+    uri = tel_uri(phone)
+    if uri is None:  # not one number: shown as the office wrote it
+        return Markup("{}").format(display(phone))
+    return Markup('<a href="{}">{}</a>').format(uri, display(phone))
+
+
 class Renderer:
     """Renders templates by name; the override folder wins over the built-in templates."""
 
     def __init__(self, override_dir: Path | None) -> None:
         self.override_dir = Path(override_dir) if override_dir is not None else None
         self._env: jinja2.Environment | None = None
+        self._found: dict[str, bool] = {}  # the folders are read once a run, as the templates are
 
     def __repr__(self) -> str:
         return f"Renderer(override_dir={self.override_dir!r})"
@@ -58,19 +77,24 @@ class Renderer:
                 keep_trailing_newline=True,
                 auto_reload=False,
             )
+            self._env.filters.update(article=article, phone=display, tel=tel_link)
         return self._env
 
     def has(self, name: str) -> bool:
         """Whether a template of this name exists in either folder."""
         import jinja2
 
+        if name in self._found:
+            return self._found[name]
         env = self.environment
         assert env.loader is not None
         try:
             env.loader.get_source(env, name)
         except jinja2.TemplateNotFound:
-            return False
-        return True
+            self._found[name] = False
+        else:
+            self._found[name] = True
+        return self._found[name]
 
     def render(self, name: str, /, **context: Any) -> str:
         """The template filled in; :class:`TemplateError` names the template and the problem.
@@ -103,8 +127,3 @@ class Renderer:
             ) from None
         except jinja2.TemplateError as exc:
             raise TemplateError(f"template {name}: {exc.message or exc}") from None
-
-
-def plural(count: int, one: str, many: str | None = None) -> str:
-    """``1 person``, ``2 people``; ``many`` defaults to ``one`` + "s"."""
-    return f"{count} {one if count == 1 else (many or one + 's')}"

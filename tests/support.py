@@ -337,6 +337,22 @@ def run_json(*args: str, code: int = 0) -> Any:
     return json.loads(result.stdout)
 
 
+def outcome(doc: dict[str, Any], word: str, key: str = "email_id") -> list[Any]:
+    """The ``key`` of each item of a batch command's JSON (``crew invite|remind|brief``,
+    ``mail retry``, ``mpesa resend``) whose outcome is ``word``, in order."""
+    return [item[key] for item in doc["results"] if item["outcome"] == word]
+
+
+def reasons(doc: dict[str, Any], word: str, key: str = "assignment_id") -> list[tuple[Any, str]]:
+    """(``key``, message) of each item of a batch command's JSON whose outcome is ``word``."""
+    return [(item[key], item["message"]) for item in doc["results"] if item["outcome"] == word]
+
+
+def written(doc: dict[str, Any]) -> list[int]:
+    """The emails a crew batch (``crew invite|remind|brief``) wrote, whatever became of them."""
+    return [item["email_id"] for item in doc["results"] if item["email_id"] is not None]
+
+
 def daraja_env(base_url: str, callback_url: str, timeout: float | None = None) -> dict[str, str]:
     """The settings of an sfcrm that pushes to the Daraja (emulator or fake) at ``base_url``
     with the sandbox's shortcode and passkey, and has its callbacks sent to ``callback_url``;

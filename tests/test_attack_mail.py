@@ -24,7 +24,18 @@ import pytest
 import requests
 from sqlalchemy import update
 from sqlmodel import col, select
-from support import Recorder, SmtpSink, finish, recipients, run, run_json, sfcrm_process, unstamped
+from support import (
+    Recorder,
+    SmtpSink,
+    finish,
+    outcome,
+    reasons,
+    recipients,
+    run,
+    run_json,
+    sfcrm_process,
+    unstamped,
+)
 from typer.testing import CliRunner
 
 from sfcrm.cli import app
@@ -175,8 +186,8 @@ def test_row15_server_down_for_a_batch_of_50_then_retry_delivers_each_exactly_on
     retried = run_json("mail", "retry")
     retry_run = time.monotonic() - started
 
-    assert sorted(retried["sent"]) == sorted(f["id"] for f in failed)
-    assert retried["failed"] == [] and retried["skipped"] == []
+    assert sorted(outcome(retried, "sent")) == sorted(f["id"] for f in failed)
+    assert outcome(retried, "failed") == [] and outcome(retried, "not_retried") == []
     message_ids = smtp_env.handler.message_ids()
     assert len(smtp_env.handler.messages) == 50
     assert len(set(message_ids)) == 50
@@ -184,7 +195,7 @@ def test_row15_server_down_for_a_batch_of_50_then_retry_delivers_each_exactly_on
     assert all(len(m.recipients) == 1 for m in smtp_env.handler.messages)
     # cron runs it again: nothing left, nothing sent twice
     again = run_json("mail", "retry")
-    assert again["sent"] == again["failed"] == again["skipped"] == again["not_retried"] == []
+    assert again == {"results": [], "counts": {}, "total": 0}
     assert len(smtp_env.handler.messages) == 50
     assert run_json("mail", "list", "--failed") == []
     crew = run_json("crew", "list")
@@ -217,7 +228,7 @@ def test_row16_451_is_retried_later_550_never_on_plain_retries_nothing_delivered
 
     first = run_json("crew", "invite", "--event", "1", code=10)
 
-    assert len(first["sent"]) == 10 and len(first["failed"]) == 30
+    assert len(outcome(first, "sent")) == 10 and len(outcome(first, "failed")) == 30
     assert sorted(recipients(counting_smtp)) == sorted(fine)
     by_address = {m["recipient"]: m for m in run_json("mail", "list", "--failed")}
     assert sorted(by_address) == sorted(temporary + permanent)
@@ -231,26 +242,24 @@ def test_row16_451_is_retried_later_550_never_on_plain_retries_nothing_delivered
     plain_retries = 3
     for _ in range(plain_retries):
         during = run_json("mail", "retry", code=10)
-        assert sorted(f["id"] for f in during["failed"]) == sorted(
-            by_address[a]["id"] for a in temporary
-        )
-        assert during["sent"] == []
+        assert sorted(outcome(during, "failed")) == sorted(by_address[a]["id"] for a in temporary)
+        assert outcome(during, "sent") == []
     assert [handler.asked.count(a) for a in rcpt_451] == [1 + plain_retries] * 10
     assert [handler.asked.count(a) for a in data_451] == [1 + plain_retries] * 5
 
     handler.temp_fail.clear()
     handler.data_temp_fail.clear()  # the greylisting is over
     later = run_json("mail", "retry")
-    assert sorted(later["sent"]) == sorted(by_address[a]["id"] for a in temporary)
-    assert later["failed"] == []
+    assert sorted(outcome(later, "sent")) == sorted(by_address[a]["id"] for a in temporary)
+    assert outcome(later, "failed") == []
     final = run_json("mail", "retry")  # names the refusals it leaves alone, by their code
-    assert final["sent"] == final["failed"] == []
-    assert final["skipped"] == sorted(by_address[a]["id"] for a in permanent)
-    assert [(g["reason"], g["ids"], g["force"]) for g in final["not_retried"]] == [
-        (f"permanent refusal ({code})", ids, "sfcrm mail retry " + " ".join(map(str, ids)))
+    assert outcome(final, "sent") == outcome(final, "failed") == []
+    assert outcome(final, "not_retried") == sorted(by_address[a]["id"] for a in permanent)
+    assert reasons(final, "not_retried", "email_id") == sorted(
+        (i, f"permanent refusal ({code}) — `sfcrm mail retry {i}` to force")
         for code, group in (("550", rcpt_550), ("554", data_554))
-        for ids in [sorted(by_address[a]["id"] for a in group)]
-    ]
+        for i in (by_address[a]["id"] for a in group)
+    )
 
     rcpt_counts = [handler.asked.count(a) for a in permanent]
     assert rcpt_counts == [1] * 15  # never a second RCPT on plain retries
@@ -312,9 +321,9 @@ def test_row17_four_retry_processes_at_once_deliver_500_pending_emails_exactly_o
 
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outputs]
     reports = [json.loads(out) for out, _ in outputs]
-    sent = [i for r in reports for i in r["sent"]]
+    sent = [i for r in reports for i in outcome(r, "sent")]
     assert sorted(sent) == sorted(ids)  # each id sent by exactly one process
-    assert all(r["failed"] == [] for r in reports)
+    assert all(outcome(r, "failed") == [] for r in reports)
     messages = smtp_env.handler.messages
     assert len(messages) == 500
     assert len(set(smtp_env.handler.message_ids())) == 500
@@ -323,7 +332,7 @@ def test_row17_four_retry_processes_at_once_deliver_500_pending_emails_exactly_o
     figures(
         17, what="mail retry", processes=4, received=len(messages),
         distinct=len(set(smtp_env.handler.message_ids())),
-        per_process=[len(r["sent"]) for r in reports], seconds=f"{elapsed:.1f}",
+        per_process=[len(outcome(r, "sent")) for r in reports], seconds=f"{elapsed:.1f}",
     )  # fmt: skip
 
 
@@ -341,7 +350,7 @@ def test_row17_four_remind_processes_at_once_over_500_crew_send_500_distinct_rem
 
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outputs]
     reports = [json.loads(out) for out, _ in outputs]
-    sent = [i for r in reports for i in r["sent"]]
+    sent = [i for r in reports for i in outcome(r, "sent")]
     assert len(sent) == len(set(sent)) == 500
     messages = smtp_env.handler.messages
     assert len(messages) == 500
@@ -355,7 +364,7 @@ def test_row17_four_remind_processes_at_once_over_500_crew_send_500_distinct_rem
     figures(
         17, what="crew remind", processes=4, received=len(messages),
         distinct=len(set(smtp_env.handler.message_ids())),
-        per_process=[len(r["sent"]) for r in reports], seconds=f"{elapsed:.1f}",
+        per_process=[len(outcome(r, "sent")) for r in reports], seconds=f"{elapsed:.1f}",
     )  # fmt: skip
 
 
@@ -459,7 +468,8 @@ def test_row18_hostile_names_and_notes_are_escaped_add_no_header_and_leave_the_d
     invited = run_json("crew", "invite", "--event", "1")
     invited2 = run_json("crew", "invite", "--event", "2")
     briefed = run_json("crew", "brief", "--event", "1")
-    assert len(invited["sent"]) + len(invited2["sent"]) == 8 and len(briefed["sent"]) == 4
+    assert len(outcome(invited, "sent")) + len(outcome(invited2, "sent")) == 8
+    assert len(outcome(briefed, "sent")) == 4
 
     messages = smtp_env.handler.messages
     assert len(messages) == 12

@@ -291,7 +291,7 @@ def test_a_warning_under_json_goes_to_stderr_and_the_document_stays_whole() -> N
     result = run("people", "add", "--name", "Baraka", "--phone", "0733000001", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["phone"] == "254733000001"
-    assert "254733000001 does not have a Safaricom prefix" in result.stderr
+    assert "0733 000 001 does not have a Safaricom prefix" in result.stderr
 
     edited = run("people", "edit", "1", "--phone", "0734000002", "--json")
     assert json.loads(edited.stdout)["phone"] == "254734000002"
@@ -349,3 +349,23 @@ def test_a_refresh_that_cannot_settle_a_payment_says_so_on_stderr_under_json(
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["payment_id"] == 1
     assert result.stderr.startswith("refresh: payment 1: "), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("mpesa", "resend"), "give payment ids or --all-pending (one of the two)"),
+        (("mpesa", "resend", "1", "--all-pending"),
+         "give payment ids or --all-pending (one of the two)"),
+        (("crew", "invite"), "give --event or assignment ids (one of the two)"),
+        (("crew", "invite", "1", "--event", "1"),
+         "give --event or assignment ids (one of the two)"),
+    ],
+)  # fmt: skip
+def test_a_choice_of_two_options_given_neither_or_both_exits_2(
+    args: tuple[str, ...], message: str
+) -> None:
+    plain = sfcrm_main(*args)
+    assert plain.code == 2 and plain.stderr.startswith(f"Error: {message}\n"), plain
+    doc = assert_usage_error_json(sfcrm_main(*args, "--json"), "sfcrm " + " ".join(args[:2]))
+    assert doc["error"] == message

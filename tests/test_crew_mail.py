@@ -29,18 +29,22 @@ from support import (
     Recorder,
     SmtpSink,
     finish,
+    outcome,
+    reasons,
     recipients,
     run,
     run_json,
     sfcrm_process,
     unstamped,
     wait_for,
+    written,
 )
 
 from sfcrm.cli.runtime import RootOptions, Runtime
 from sfcrm.db import Database
 from sfcrm.mail import DEFAULT_LEASE, INTERRUPTED, Mailer, SmtpBackend
 from sfcrm.models import EmailNotification, EventCrew
+from sfcrm.phone import display
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 CANARY = "CANARY-smtp-pw-7c41d0e2"
@@ -181,7 +185,7 @@ def test_remind_emails_only_confirmed_crew_of_events_starting_within_the_window_
 
     doc = run_json("crew", "remind")
 
-    assert len(doc["sent"]) == 1 and doc["failed"] == []
+    assert len(outcome(doc, "sent")) == 1 and outcome(doc, "failed") == []
     [received] = smtp_env.handler.messages
     assert received.recipients == ["achieng@example.co.ke"]
     assert received.message["Subject"] == f"Reminder: Soon Gala - {soon['date']}"
@@ -192,12 +196,12 @@ def test_remind_emails_only_confirmed_crew_of_events_starting_within_the_window_
         assert (crew[name]["reminder_sent"], crew[name]["reminder_sent_at"]) == (False, None)
 
     again = run_json("crew", "remind")
-    assert again["queued"] == [] and again["sent"] == []
+    assert again == {"results": [], "counts": {}, "total": 0}
     assert len(smtp_env.handler.messages) == 1
 
     # a wider window takes in the event 30 h away, but never the one that has started
     wider = run_json("crew", "remind", "--hours", "48")
-    assert len(wider["sent"]) == 1
+    assert len(outcome(wider, "sent")) == 1
     assert recipients(smtp_env) == ["achieng@example.co.ke", "daudi@example.co.ke"]
 
 
@@ -209,11 +213,11 @@ def test_remind_event_option_reminds_that_event_only(smtp_env: SmtpSink) -> None
     assign(1, 1, "Sound", "confirmed")
     assign(2, 2, "Sound", "confirmed")
 
-    assert len(run_json("crew", "remind", "--event", "2")["sent"]) == 1
+    assert len(outcome(run_json("crew", "remind", "--event", "2"), "sent")) == 1
     assert recipients(smtp_env) == ["baraka@example.co.ke"]
     assert [c["reminder_sent"] for c in run_json("crew", "list")] == [False, True]
 
-    assert len(run_json("crew", "remind")["sent"]) == 1
+    assert len(outcome(run_json("crew", "remind"), "sent")) == 1
     assert recipients(smtp_env) == ["baraka@example.co.ke", "achieng@example.co.ke"]
 
 
@@ -224,15 +228,14 @@ def test_remind_dry_run_sends_and_records_nothing(smtp_env: SmtpSink) -> None:
 
     doc = run_json("crew", "remind", "--dry-run")
 
-    assert doc["dry_run"] is True
-    assert [(e["recipient"], e["subject"]) for e in doc["emails"]] == [
-        ("achieng@example.co.ke", f"Reminder: Gala - {soon['date']}")
+    assert reasons(doc, "would_send") == [
+        (1, f"to achieng@example.co.ke: Reminder: Gala - {soon['date']}")
     ]
     assert smtp_env.handler.messages == []
     assert run_json("mail", "list") == []
     assert run_json("crew", "list")[0]["reminder_sent"] is False
     # nothing was taken: the real run still sends it
-    assert len(run_json("crew", "remind")["sent"]) == 1
+    assert len(outcome(run_json("crew", "remind"), "sent")) == 1
 
 
 @pytest.mark.parametrize("hours", ["0", "-1"])
@@ -259,8 +262,8 @@ def test_two_remind_processes_at_once_send_one_reminder_per_person(smtp_env: Smt
 
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
     first, second = (json.loads(out) for out, _ in outputs)
-    assert set(first["sent"]).isdisjoint(second["sent"])
-    assert len(first["sent"]) + len(second["sent"]) == 30
+    assert set(outcome(first, "sent")).isdisjoint(outcome(second, "sent"))
+    assert len(outcome(first, "sent")) + len(outcome(second, "sent")) == 30
     assert sorted(recipients(smtp_env)) == sorted(addresses)
     assert len(set(smtp_env.handler.message_ids())) == 30
     assert all(c["reminder_sent"] for c in run_json("crew", "list"))
@@ -283,10 +286,10 @@ def test_remind_passes_over_an_assignment_another_run_holds_instead_of_waiting(
     finally:
         other.close()
 
-    assert len(doc["sent"]) == 1 and doc["skipped"] == []
+    assert len(outcome(doc, "sent")) == 1 and outcome(doc, "skipped") == []
     assert recipients(smtp_env) == addresses[1:]
     assert waited < 10  # not the minute a lock wait lasts
-    assert len(run_json("crew", "remind")["sent"]) == 1  # the next run finds it free
+    assert len(outcome(run_json("crew", "remind"), "sent")) == 1  # the next run finds it free
     assert sorted(recipients(smtp_env)) == sorted(addresses)
 
 
@@ -310,7 +313,7 @@ def test_brief_sends_each_confirmed_crew_member_the_roster_and_office_contacts_o
 
     doc = run_json("crew", "brief", "--event", "1")
 
-    assert len(doc["sent"]) == 2 and doc["failed"] == []
+    assert len(outcome(doc, "sent")) == 2 and outcome(doc, "failed") == []
     messages = smtp_env.handler.messages
     assert sorted(recipients(smtp_env)) == ["achieng@example.co.ke", "baraka@example.co.ke"]
     for received in messages:
@@ -319,22 +322,22 @@ def test_brief_sends_each_confirmed_crew_member_the_roster_and_office_contacts_o
         lines = text.splitlines()
         for person, role in ((people[0], "Sound Engineer"), (people[1], "Lighting Tech")):
             assert any(
-                person["name"] in line and role in line and person["phone"] in line
+                person["name"] in line and role in line and display(person["phone"]) in line
                 for line in lines
             ), (person, text)
-        for absent in ("Chebet", "Rigger", "Daudi", "Runner", people[2]["phone"]):
+        for absent in ("Chebet", "Rigger", "Daudi", "Runner", display(people[2]["phone"])):
             assert absent not in text
-        for contact in ("Sound Fusion Events Ltd", "0711000111", "bookings@soundfusion.test"):
+        for contact in ("Sound Fusion Events Ltd", "0711 000 111", "bookings@soundfusion.test"):
             assert contact in text
         assert "Load-in from 14:00" in text
 
     again = run_json("crew", "brief", "--event", "1")
-    assert again["sent"] == [] and len(again["skipped"]) == 2
-    assert all("--again" in s["reason"] for s in again["skipped"])
+    assert outcome(again, "sent") == [] and len(outcome(again, "skipped")) == 2
+    assert all("--again" in why for _, why in reasons(again, "skipped"))
     assert len(smtp_env.handler.messages) == 2
 
     once_more = run_json("crew", "brief", "--event", "1", "--again")
-    assert len(once_more["sent"]) == 2
+    assert len(outcome(once_more, "sent")) == 2
     assert (
         sorted(recipients(smtp_env)) == ["achieng@example.co.ke"] * 2 + ["baraka@example.co.ke"] * 2
     )
@@ -384,7 +387,7 @@ def test_mail_show_includes_the_message_text_and_unknown_id_exits_5(smtp_env: Sm
     add_event("Gala", timedelta(days=2))
     add_person("Achieng", "0712000001", "achieng@example.co.ke")
     assign(1, 1, "Sound Engineer")
-    [email_id] = run_json("crew", "invite", "1")["sent"]
+    [email_id] = outcome(run_json("crew", "invite", "1"), "sent")
 
     doc = run_json("mail", "show", str(email_id))
     assert doc["subject"] == "You are invited to work on: Gala"
@@ -425,8 +428,8 @@ def test_server_stopped_mid_batch_of_50_then_retry_delivers_the_40_left_each_onc
     smtp_env.start()
     retried = run_json("mail", "retry")
 
-    assert sorted(retried["sent"]) == sorted(f["id"] for f in failed)
-    assert retried["failed"] == []
+    assert sorted(outcome(retried, "sent")) == sorted(f["id"] for f in failed)
+    assert outcome(retried, "failed") == []
     assert sorted(recipients(smtp_env)) == sorted(addresses)
     assert len(set(smtp_env.handler.message_ids())) == 50
     assert run_json("mail", "list", "--failed") == []
@@ -444,7 +447,7 @@ def test_451_recipients_are_retried_and_550_ones_only_when_named(counting_smtp: 
 
     first = run_json("crew", "invite", "--event", "1", code=10)
 
-    assert len(first["sent"]) == 2 and len(first["failed"]) == 4
+    assert len(outcome(first, "sent")) == 2 and len(outcome(first, "failed")) == 4
     assert sorted(recipients(counting_smtp)) == fine
     by_address = {m["recipient"]: m for m in run_json("mail", "list", "--failed")}
     assert sorted(by_address) == later + refused
@@ -454,10 +457,10 @@ def test_451_recipients_are_retried_and_550_ones_only_when_named(counting_smtp: 
     handler.temp_fail.clear()  # the greylisting is over
     retried = run_json("mail", "retry")
 
-    assert sorted(retried["sent"]) == sorted(by_address[a]["id"] for a in later)
+    assert sorted(outcome(retried, "sent")) == sorted(by_address[a]["id"] for a in later)
     assert sorted(recipients(counting_smtp)) == fine + later
     assert [handler.asked.count(a) for a in refused] == [1, 1]  # not even tried
-    assert run_json("mail", "retry")["sent"] == []  # cron again: still left alone
+    assert outcome(run_json("mail", "retry"), "sent") == []  # cron again: still left alone
     assert [handler.asked.count(a) for a in refused] == [1, 1]
     still = run_json("mail", "list", "--failed")
     assert sorted(m["recipient"] for m in still) == refused
@@ -466,12 +469,12 @@ def test_451_recipients_are_retried_and_550_ones_only_when_named(counting_smtp: 
     # named, a refused one is tried again: still refused, the attempt counted
     named = by_address[refused[0]]["id"]
     again = run_json("mail", "retry", str(named), code=10)
-    assert [f["id"] for f in again["failed"]] == [named]
+    assert outcome(again, "failed") == [named]
     assert handler.asked.count(refused[0]) == 2
     assert run_json("mail", "show", str(named))["failed_attempts"] == 2
     # once the mailbox exists, naming it delivers it
     handler.perm_fail.discard(refused[1])
-    assert run_json("mail", "retry", str(by_address[refused[1]]["id"]))["sent"] == [
+    assert outcome(run_json("mail", "retry", str(by_address[refused[1]]["id"])), "sent") == [
         by_address[refused[1]]["id"]
     ]
 
@@ -497,9 +500,9 @@ def test_four_retry_processes_at_once_deliver_200_pending_emails_exactly_once(
 
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outputs]
     reports = [json.loads(out) for out, _ in outputs]
-    sent = [i for r in reports for i in r["sent"]]
+    sent = [i for r in reports for i in outcome(r, "sent")]
     assert len(sent) == len(set(sent)) == 200
-    assert all(r["failed"] == [] for r in reports)
+    assert all(outcome(r, "failed") == [] for r in reports)
     assert len(smtp_env.handler.messages) == 200
     assert len(set(smtp_env.handler.message_ids())) == 200
     assert sorted(recipients(smtp_env)) == sorted(addresses)
@@ -528,8 +531,10 @@ def test_cron_retry_during_an_invite_sends_the_old_failures_and_none_of_the_invi
 
     assert [invite.returncode, retry.returncode] == [0, 0], [err for _, err in outputs]
     invited, retried = (json.loads(out) for out, _ in outputs)
-    assert sorted(retried["sent"]) == failed  # the invitations in flight are not its to send
-    assert len(invited["sent"]) == 100 and set(invited["sent"]).isdisjoint(failed)
+    assert (
+        sorted(outcome(retried, "sent")) == failed
+    )  # the invitations in flight are not its to send
+    assert len(outcome(invited, "sent")) == 100 and set(outcome(invited, "sent")).isdisjoint(failed)
     assert sorted(recipients(smtp_env)) == sorted(earlier + later)  # each exactly once
     assert len(set(smtp_env.handler.message_ids())) == 130
     assert all(c["invitation_sent"] for c in run_json("crew", "list"))
@@ -551,9 +556,9 @@ def test_retry_naming_the_emails_an_invite_is_sending_delivers_each_once(
 
     assert [invite.returncode, retry.returncode] == [0, 0], [err for _, err in outputs]
     invited, retried = (json.loads(out) for out, _ in outputs)
-    assert set(invited["sent"]).isdisjoint(retried["sent"])
-    assert sorted(invited["sent"] + retried["sent"]) == sorted(map(int, ids))
-    assert invited["failed"] == retried["failed"] == []
+    assert set(outcome(invited, "sent")).isdisjoint(outcome(retried, "sent"))
+    assert sorted(outcome(invited, "sent") + outcome(retried, "sent")) == sorted(map(int, ids))
+    assert outcome(invited, "failed") == outcome(retried, "failed") == []
     assert sorted(recipients(smtp_env)) == sorted(addresses)  # each exactly once
     assert len(set(smtp_env.handler.message_ids())) == 100
     assert all(c["invitation_sent"] for c in run_json("crew", "list"))
@@ -601,11 +606,10 @@ def test_sender_killed_mid_batch_leaves_the_rest_to_retry_and_the_one_in_flight_
         # cron right away: the one in flight is still claimed, and the rest still held by
         # their writer (killed, so it could not let go: its hold lapses after a lease)
         held = run_json("mail", "retry")
-        assert held["sent"] == held["failed"] == []
+        assert outcome(held, "sent") == outcome(held, "failed") == []
         rest = sorted(logged[a]["id"] for a in addresses[10:])
-        assert held["skipped"] == rest
-        assert held["not_retried"] == [
-            {"reason": "being sent by another sfcrm right now", "ids": rest, "force": None}
+        assert reasons(held, "not_retried", "email_id") == [
+            (i, "being sent by another sfcrm right now") for i in rest
         ]
         assert {m["state"] for m in run_json("mail", "list", "--unsent")} == {"sending"}
 
@@ -625,7 +629,7 @@ def test_sender_killed_mid_batch_leaves_the_rest_to_retry_and_the_one_in_flight_
         assert (maybe["id"], maybe["last_error"]) == (in_flight, INTERRUPTED)
         assert cron.retry().sent == []  # it may have been delivered: only when named
 
-        assert run_json("mail", "retry", str(in_flight))["sent"] == [in_flight]
+        assert outcome(run_json("mail", "retry", str(in_flight)), "sent") == [in_flight]
         assert sorted(recipients(sink)) == sorted(addresses)
         assert all(c["invitation_sent"] for c in run_json("crew", "list"))
     finally:
@@ -637,10 +641,14 @@ def test_retry_never_resends_an_email_already_sent_even_when_named(smtp_env: Smt
     add_event("Gala", timedelta(days=2))
     add_person("Achieng", "0712000001", "achieng@example.co.ke")
     assign(1, 1, "Sound")
-    [email_id] = run_json("crew", "invite", "1")["sent"]
+    [email_id] = outcome(run_json("crew", "invite", "1"), "sent")
 
     doc = run_json("mail", "retry", str(email_id))
-    assert (doc["sent"], doc["failed"], doc["skipped"]) == ([], [], [email_id])
+    assert doc == {
+        "results": [{"email_id": email_id, "assignment_id": 1, "outcome": "not_retried",
+                     "message": "already sent"}],
+        "counts": {"not_retried": 1}, "total": 1,
+    }  # fmt: skip
     result = run("mail", "retry", str(email_id))
     assert result.exit_code == 0
     assert unstamped(result.stdout) == (
@@ -710,7 +718,7 @@ def test_non_ascii_smtp_password_is_a_config_error_before_any_email_is_written(
     assert not any(c["invitation_sent"] for c in run_json("crew", "list"))
 
     monkeypatch.setenv("EMAIL_HOST_PASSWORD", OFFICE_PASSWORD)
-    assert len(run_json("crew", "invite", "--event", "1")["sent"]) == 2
+    assert len(outcome(run_json("crew", "invite", "--event", "1"), "sent")) == 2
     assert sorted(recipients(smtp_requiring_login)) == [
         "crew0@example.co.ke",
         "crew1@example.co.ke",
@@ -743,8 +751,8 @@ def test_refused_login_leaves_the_emails_for_mail_retry_and_a_non_ascii_password
 
     refused = run_json("crew", "invite", "--event", "1", code=10)
 
-    assert len(refused["failed"]) == 3
-    assert all("refused the login" in f["error"] for f in refused["failed"])
+    assert len(outcome(refused, "failed")) == 3
+    assert all("refused the login" in why for _, why in reasons(refused, "failed"))
     before = run_json("mail", "list", "--failed")
     assert [m["failed_attempts"] for m in before] == [1, 1, 1]
     assert all("refused the login" in m["last_error"] for m in before)
@@ -761,9 +769,9 @@ def test_refused_login_leaves_the_emails_for_mail_retry_and_a_non_ascii_password
     monkeypatch.setenv("EMAIL_HOST_PASSWORD", OFFICE_PASSWORD)
     retried = run_json("mail", "retry")
 
-    assert sorted(retried["sent"]) == sorted(m["id"] for m in before)
+    assert sorted(outcome(retried, "sent")) == sorted(m["id"] for m in before)
     assert sorted(recipients(smtp_requiring_login)) == sorted(addresses)  # each exactly once
-    assert run_json("mail", "retry")["sent"] == []
+    assert outcome(run_json("mail", "retry"), "sent") == []
     assert len(smtp_requiring_login.handler.messages) == 3
 
 
@@ -798,7 +806,7 @@ def test_ctrl_c_while_connecting_leaves_the_email_for_mail_retry(
     monkeypatch.setenv("EMAIL_PORT", str(smtp_env.port))
     retried = run_json("mail", "retry")
 
-    assert retried["sent"] == [logged["id"]]
+    assert outcome(retried, "sent") == [logged["id"]]
     assert recipients(smtp_env) == ["crew0@example.co.ke"]
     assert run_json("crew", "list")[0]["invitation_sent"] is True
 
@@ -836,7 +844,7 @@ def test_ctrl_c_while_the_server_takes_the_message_leaves_it_maybe_delivered(
         assert time.monotonic() - stopping < 5  # no polite QUIT waiting on the silent server
         [logged] = run_json("mail", "list", "--failed")
         assert logged["last_error"] == INTERRUPTED
-        assert run_json("mail", "retry")["sent"] == []
+        assert outcome(run_json("mail", "retry"), "sent") == []
     finally:
         sink.stop()
 
@@ -854,18 +862,18 @@ def test_hang_up_after_the_message_data_is_maybe_delivered_and_never_resent_unle
         result = run("crew", "invite", "--event", "1", "--json")
 
         assert result.exit_code == 10, result.output
-        [failed] = json.loads(result.stdout)["failed"]
-        assert "may have been delivered" in failed["error"]
-        assert run_json("mail", "show", str(failed["id"]))["last_error"] == INTERRUPTED
+        [(failed, error)] = reasons(json.loads(result.stdout), "failed", "email_id")
+        assert "may have been delivered" in error
+        assert run_json("mail", "show", str(failed))["last_error"] == INTERRUPTED
         assert len(sink.handler.messages) == 1  # it did reach the server
 
         sink.handler.drop = False  # the server behaves again: cron's retry must not resend
         again = run_json("mail", "retry")
-        assert (again["sent"], again["failed"]) == ([], [])
+        assert (outcome(again, "sent"), outcome(again, "failed")) == ([], [])
         assert len(sink.handler.messages) == 1
 
-        named = run_json("mail", "retry", str(failed["id"]))  # checked with the crew member
-        assert named["sent"] == [failed["id"]]
+        named = run_json("mail", "retry", str(failed))  # checked with the crew member
+        assert outcome(named, "sent") == [failed]
         assert len(sink.handler.messages) == 2
     finally:
         sink.stop()
@@ -888,7 +896,7 @@ def test_batch_with_failures_under_json_is_one_document_on_stdout(
 
     assert result.exit_code == 10
     doc = json.loads(result.stdout)  # README: "one JSON document", so `| jq` works
-    assert [f["id"] for f in doc["failed"]] == [2]
+    assert outcome(doc, "failed") == [2]
 
 
 def test_bulk_send_without_a_terminal_prints_one_summary_line_and_no_progress_bar(
@@ -1011,22 +1019,22 @@ def test_ctrl_c_mid_batch_lets_go_of_the_rest_so_mail_retry_sends_them_at_once(
 
     # crew invite again: each one's reason says what will become of its email
     again = run_json("crew", "invite", "--event", "1")
-    reasons = {s["assignment_id"]: s["reason"] for s in again["skipped"]}
-    assert again["queued"] == []
-    assert reasons[2] == (
+    why = dict(reasons(again, "skipped"))
+    assert written(again) == []
+    assert why[2] == (
         f"invitation already written (email {ids[addresses[1]]}): not sent yet and no sfcrm is "
         "sending it: `sfcrm mail retry` sends it"
     )
-    assert reasons[1].startswith(
+    assert why[1].startswith(
         f"invitation already written (email {ids[addresses[0]]}): sending it failed ("
     )
-    assert reasons[1].endswith("; `sfcrm mail retry` tries again")
+    assert why[1].endswith("; `sfcrm mail retry` tries again")
 
     # no waiting for a lease: the run that wrote them is gone
     monkeypatch.setenv("EMAIL_PORT", str(smtp_env.port))
     retried = run_json("mail", "retry")
 
-    assert sorted(retried["sent"]) == sorted(ids.values())
+    assert sorted(outcome(retried, "sent")) == sorted(ids.values())
     assert sorted(recipients(smtp_env)) == sorted(addresses)
     assert run_json("mail", "list", "--unsent") == []
 
@@ -1045,12 +1053,13 @@ def test_mail_retry_leaves_an_invitation_run_still_sending_alone_and_says_so(
 
     assert [invite.returncode, retry.returncode] == [0, 0], [err for _, err in outputs]
     invited, retried = (json.loads(out) for out, _ in outputs)
-    assert retried["sent"] == [] and retried["failed"] == []
-    assert retried["skipped"]  # it named them instead of passing over in silence
-    assert [g["reason"] for g in retried["not_retried"]] == [
+    assert outcome(retried, "sent") == [] and outcome(retried, "failed") == []
+    # it named them instead of passing over in silence
+    assert retried["results"]
+    assert {why for _, why in reasons(retried, "not_retried")} == {
         "being sent by another sfcrm right now"
-    ]
-    assert len(invited["sent"]) == 40
+    }
+    assert len(outcome(invited, "sent")) == 40
     assert sorted(recipients(smtp_env)) == sorted(addresses)  # each exactly once
 
 
@@ -1072,7 +1081,7 @@ def test_bad_mail_folder_is_a_config_error_before_any_email_is_written(
     assert run_json("mail", "list") == []  # nothing written, so nothing stranded
 
     monkeypatch.setenv("EMAIL_FILE_PATH", str(tmp_path / "outbox"))
-    assert len(run_json("crew", "invite", "--event", "1")["sent"]) == 2
+    assert len(outcome(run_json("crew", "invite", "--event", "1"), "written")) == 2
 
 
 def test_file_backend_says_it_wrote_to_the_outbox_not_that_it_sent(
@@ -1084,7 +1093,7 @@ def test_file_backend_says_it_wrote_to_the_outbox_not_that_it_sent(
     seed_crew(1, 2, confirmed=False)
 
     doc = run_json("crew", "invite", "1")
-    assert (doc["outcome"], doc["outbox"]) == ("written", str(tmp_path / "outbox"))
+    assert reasons(doc, "written", "email_id") == [(1, f"written to {tmp_path / 'outbox'}")]
     result = run("crew", "invite", "2")
     assert unstamped(result.stdout) == "Invitations: 1 written to outbox/, 0 failed, 0 skipped.\n"
     assert len(list((tmp_path / "outbox").glob("*.eml"))) == 2
@@ -1130,6 +1139,6 @@ def test_invitation_from_a_no_reply_address_never_asks_crew_to_reply(
     assert received.message["Reply-To"] is None
     text = body(received)
     assert "reply" not in text.lower()
-    assert "Call the office on 0711000111 to confirm or decline." in text
+    assert "Call the office on 0711 000 111 to confirm or decline." in text
     html = received.message.get_body(("html",)).get_content()
     assert "reply" not in html.lower()

@@ -216,6 +216,6 @@ def test_listener_acts_on_callbacks_left_stored_when_it_starts(env: dict[str, st
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
-    assert "Applied 1 stored callbacks" in err
+    assert "Applied 1 stored callback left from the last run." in err
     assert status(env, "1")["status"] == "completed"
     assert json.loads(sfcrm(env, "people", "show", "1", "--json").stdout)["balance"] == "500.00"

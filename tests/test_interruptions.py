@@ -289,7 +289,10 @@ def test_resend_stopped_mid_push_never_pushes_again_while_its_paid_callback_wait
     settled = sfcrm(env, "mpesa", "resend", str(pid), "--force", "--json")
     assert settled.returncode == 0, settled.stdout + settled.stderr
     [result] = json.loads(settled.stdout)["results"]
-    assert (result["pushed"], result["message"]) == (False, "already paid: not pushed again")
+    assert (result["outcome"], result["message"]) == (
+        "already_paid",
+        "already paid: not pushed again",
+    )
     assert fake.snapshot().push == pushes
     assert payment_row(db, pid).status == PaymentStatus.COMPLETED
     assert callbacks(db)[1].outcome == CallbackOutcome.APPLIED

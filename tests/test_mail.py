@@ -1016,6 +1016,65 @@ def test_non_ascii_text_is_sent_7bit_safe_and_reads_back_intact() -> None:
     assert body is not None and body.get_content().replace("\r\n", "\n") == text
 
 
+def test_an_invitation_has_the_headers_and_parts_mail_clients_get() -> None:
+    calendar = b"BEGIN:VCALENDAR\r\nMETHOD:PUBLISH\r\nEND:VCALENDAR\r\n"
+    raw = build_message(
+        sender=SENDER, reply_to="bookings@soundfusion.co.ke", recipient="a@x.co.ke",
+        subject="You are invited to work on: Gala", text="Habari =_ --=_sfcrm\n",
+        html="<p>Habari</p>\n", attachments=[("event.ics", "text/calendar; method=PUBLISH",
+        calendar)], message_id_domain="soundfusion.co.ke",
+        date=datetime(2025, 3, 1, 9, 30, 15, 123456, tzinfo=UTC),
+    )  # fmt: skip
+
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii").split("\r\n")
+    assert [line.split(":", 1)[0] for line in head if not line.startswith(" ")] == [
+        "From", "Reply-To", "To", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type",
+    ]  # fmt: skip
+    assert "Date: Sat, 01 Mar 2025 09:30:15 +0000" in head
+    assert max(raw) < 128 and b"\n" not in raw.replace(b"\r\n", b"")
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/mixed"
+    body, attachment = msg.iter_parts()
+    assert body.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in body.iter_parts()] == ["text/plain", "text/html"]
+    assert all(p["Content-Transfer-Encoding"] == "quoted-printable" for p in body.iter_parts())
+    plain = msg.get_body(("plain",))
+    assert plain is not None and plain.get_content() == "Habari =_ --=_sfcrm\r\n"  # no boundary
+    assert attachment.get_content_type() == "text/calendar"
+    assert attachment.get_param("method") == "PUBLISH"
+    assert attachment.get_content_charset() == "utf-8"
+    assert attachment["Content-Transfer-Encoding"] == "base64"
+    assert attachment.get_content_disposition() == "attachment"
+    assert attachment.get_filename() == "event.ics"
+    assert attachment.get_content().encode() == calendar
+    assert msg["Reply-To"] == "bookings@soundfusion.co.ke"
+    for multipart in (msg, body):
+        assert "=_" in (multipart.get_boundary() or "")
+
+
+@pytest.mark.parametrize(
+    ("sender", "name"),
+    [
+        ('"Wanjirũ, Sound Fusion" <office@soundfusion.co.ke>', "Wanjirũ, Sound Fusion"),
+        ('"Sound Fusion, Nairobi" <office@soundfusion.co.ke>', "Sound Fusion, Nairobi"),
+        ("Sound Fusion — Kenya <office@soundfusion.co.ke>", "Sound Fusion — Kenya"),
+    ],
+)
+def test_a_sender_name_with_a_comma_or_non_ascii_reads_back_as_one_address(
+    sender: str, name: str
+) -> None:
+    raw = build_message(
+        sender=sender, recipient="a@x.co.ke", subject="Hi", text="Hello\n",
+        message_id_domain="soundfusion.co.ke",
+    )  # fmt: skip
+
+    assert max(raw) < 128
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    [address] = parsed["From"].addresses
+    assert (address.display_name, address.addr_spec) == (name, "office@soundfusion.co.ke")
+    assert not parsed["From"].defects
+
+
 # -- reading the log ---------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sfcrm.errors import ExitCode, ValidationError
-from sfcrm.phone import is_safaricom, normalise_phone
+from sfcrm.phone import display, is_safaricom, normalise_phone, tel_uri
 
 
 @pytest.mark.parametrize(
@@ -133,3 +133,23 @@ def test_is_safaricom_works_on_normalised_numbers() -> None:
     assert is_safaricom(normalise_phone("0712 345 678"))
     assert is_safaricom(normalise_phone("0110345678"))
     assert not is_safaricom(normalise_phone("0733345678"))
+
+
+@pytest.mark.parametrize(
+    ("phone", "shown", "tel"),
+    [
+        ("254722111002", "0722 111 002", "tel:+254722111002"),
+        ("254110123456", "0110 123 456", "tel:+254110123456"),
+        ("0711000111", "0711 000 111", "tel:+254711000111"),
+        ("+254 711 000 111", "0711 000 111", "tel:+254711000111"),
+        ("020 2345678", "020 2345678", "tel:0202345678"),  # a landline: as given
+        ("+44 20 7946 0000", "+44 20 7946 0000", "tel:+442079460000"),
+        ("0711 000111 / 0722 000222", "0711 000111 / 0722 000222", None),  # two: no link
+        ("ask for Achieng", "ask for Achieng", None),
+    ],
+)
+def test_phones_show_as_people_write_them_and_dial_in_full(
+    phone: str, shown: str, tel: str | None
+) -> None:
+    assert display(phone) == shown
+    assert tel_uri(phone) == tel

@@ -133,3 +133,19 @@ def test_template_variable_called_name_does_not_clash_with_the_template_name(
     write(builtin_dir, "t.txt.j2", "{{ name }}\n")
 
     assert Renderer(None).render("t.txt.j2", name="Wanjiru") == "Wanjiru\n"
+
+
+def test_templates_get_article_phone_and_tel_filters_and_tel_escapes(tmp_path: Path) -> None:
+    (tmp_path / "t.html.j2").write_text(
+        "{{ role | article }} {{ role }}; {{ p | phone }}; {{ p | tel }}; {{ bad | tel }}; "
+        "{{ two | tel }}"
+    )
+    (tmp_path / "t.txt.j2").write_text("{{ role | article }} {{ role }}, {{ p | phone }}")
+    renderer = Renderer(tmp_path)
+    html = renderer.render("t.html.j2", role="Usher", p="254722111002", bad="<b>0</b>",
+                           two="0711 000111 / 0722 <b>")  # fmt: skip
+    assert html == (
+        'an Usher; 0722 111 002; <a href="tel:+254722111002">0722 111 002</a>; '
+        "&lt;b&gt;0&lt;/b&gt;; 0711 000111 / 0722 &lt;b&gt;"
+    )
+    assert renderer.render("t.txt.j2", role="Usher", p="254722111002") == "an Usher, 0722 111 002"

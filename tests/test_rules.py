@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import requests
-from support import SmtpSink, rsvp_link_in, rsvp_server, run, run_json
+from support import SmtpSink, reasons, rsvp_link_in, rsvp_server, run, run_json, written
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 
@@ -151,8 +151,8 @@ def test_the_rsvp_page_refuses_a_confirm_that_now_clashes_and_says_to_call_the_o
     assert page.status_code == 409
     assert "Concert" in page.text and f"event {concert}" in page.text
     assert datetime.fromisoformat(day(5)).strftime("%A %d %B %Y") in page.text  # Concert's date
-    assert "call the Sound Fusion office" in page.text and "0711000111" in page.text
-    assert 'href="tel:0711000111"' in page.text
+    assert "call the Sound Fusion office" in page.text
+    assert '<a href="tel:+254711000111">0711 000 111</a>' in page.text
     assert "not valid" not in page.text
     assert status_of(first) == "declined" and status_of(second) == "confirmed"
 
@@ -202,10 +202,8 @@ def test_no_invitation_goes_out_for_an_event_that_is_over_and_attendance_stays_r
 
     doc = run_json("crew", "invite", str(waiting))
 
-    assert doc["queued"] == [] and doc["sent"] == []
-    assert [(s["assignment_id"], s["reason"]) for s in doc["skipped"]] == [
-        (waiting, "the event is over")
-    ]
+    assert written(doc) == []
+    assert reasons(doc, "skipped") == [(waiting, "the event is over")]
     assert office.handler.messages == []
     bulk = run("crew", "invite", "--event", str(event))
     assert bulk.exit_code == 6

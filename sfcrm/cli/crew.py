@@ -14,6 +14,7 @@ from sfcrm.cli.runtime import (
     usage_error,
 )
 from sfcrm.errors import MailError
+from sfcrm.wording import plural
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -53,49 +54,52 @@ def report_mail_run(
     about: dict[str, Any] | None = None,
     lead: "Callable[[], None] | None" = None,
 ) -> None:
-    """Print a bulk send's result; exit non-zero when any email failed. ``about`` joins the
-    JSON document (what the emails were about), ``lead`` prints before the summary."""
-    doc: dict[str, Any]
+    """Print a bulk send's result; exit non-zero when any email failed. Under --json it is the
+    batch document (``results``, ``counts``, ``total``); a change crew were told of gives
+    ``about`` (what changed) and its document keeps the emails' ``queued``, ``sent``,
+    ``failed`` and ``skipped`` lists beside it. ``lead`` prints before the summary."""
+    result = run.results()
     if run.dry_run:
-        doc = {
-            "dry_run": True,
-            "emails": run.previews,
-            "skipped": [{"assignment_id": a, "reason": r} for a, r in run.skipped],
-        }
-        rt.emit(doc, lambda: _render_preview(rt, what, run))
+        rt.emit(result.json(rt.redact), lambda: _render_preview(rt, what, run))
         return
     report = run.report
-    failed = report.failed if report else []
-    doc = {
-        **(about or {}),
+    failed = result.count("failed")
+    doc = result.json(rt.redact) if about is None else {**about, **_told(rt, run)}
+
+    def render() -> None:
+        if lead is not None:
+            lead()
+        for item in result.items:
+            if item.outcome == "failed":
+                rt.say(f"email {item.email_id} failed: {item.message}")
+            elif item.outcome == "skipped":
+                rt.say(f"assignment {item.assignment_id} skipped: {item.message}")
+            elif item.outcome == "not_sent":  # written, then taken or tried by another sfcrm
+                rt.say(f"email {item.email_id} not sent here: {item.message}")
+        done = report.delivered if report else "0 sent"
+        rt.summary(f"{what}: {done}, {failed} failed, {result.count('skipped')} skipped.")
+
+    rt.emit(doc, render)
+    if failed:
+        raise MailError(
+            f"{failed} of {plural(len(run.queued), 'email')} failed",
+            hint="see `sfcrm mail list --failed`; `sfcrm mail retry` sends them again",
+        )
+
+
+def _told(rt: "Runtime", run: "MailRun") -> dict[str, Any]:
+    """The emails of a change crew were told of, as `events edit|cancel` and `crew remove`
+    print them."""
+    report = run.report
+    return {
         "queued": run.queued,
         "sent": report.sent if report else [],
-        "failed": [{"id": i, "error": rt.redact(e)} for i, e in failed],
+        "failed": [{"id": i, "error": rt.redact(e)} for i, e in (report.failed if report else [])],
         "skipped": [{"assignment_id": a, "reason": r} for a, r in run.skipped],
         # what "sent" meant: "sent" (SMTP), "written" (files in outbox), "printed" (console)
         "outcome": report.outcome if report else None,
         "outbox": str(report.outbox) if report and report.outbox is not None else None,
     }
-
-    def render() -> None:
-        if lead is not None:
-            lead()
-        for email_id, error in failed:
-            rt.say(f"email {email_id} failed: {error}")
-        for assignment_id, reason in run.skipped:
-            rt.say(f"assignment {assignment_id} skipped: {reason}")
-        if report is not None:
-            for email_id in report.skipped:  # written, then taken or tried by another sfcrm
-                rt.say(f"email {email_id} not sent here: {report.reasons[email_id]}")
-        done = report.delivered if report else "0 sent"
-        rt.summary(f"{what}: {done}, {len(failed)} failed, {len(run.skipped)} skipped.")
-
-    rt.emit(doc, render)
-    if failed:
-        raise MailError(
-            f"{len(failed)} of {len(run.queued)} emails failed",
-            hint="see `sfcrm mail list --failed`; `sfcrm mail retry` sends them again",
-        )
 
 
 def _render_preview(rt: "Runtime", what: str, run: "MailRun") -> None:
@@ -276,7 +280,8 @@ def complete(
         rt.emit(
             [r.json(rt.tz) for r in rows],
             lambda: rt.print(
-                f"{done} crew marked completed" + (f", {missed} as no-show." if missed else ".")
+                f"{plural(done, 'crew member')} marked completed"
+                + (f", {missed} as no-show." if missed else ".")
             ),
         )
         if left:
@@ -344,6 +349,7 @@ def assignments(
 
 @app.command("invite")
 def invite(
+    ctx: typer.Context,
     assignment_ids: Annotated[list[int] | None, id_argument("assignment ids")] = None,
     event: Annotated[int | None, id_option("--event", "every assignment of it")] = None,
     dry_run: DryRun = False,
@@ -353,6 +359,8 @@ def invite(
 
     Example: sfcrm crew invite --event 3
     """
+    if (event is None) == (not assignment_ids):
+        raise usage_error(ctx, "give --event or assignment ids (one of the two)")
     with command(json_output) as rt:
         with rt.progress("Invitations") as progress:
             run = rt.crew_mail.invite(

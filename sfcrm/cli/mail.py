@@ -6,6 +6,7 @@ import typer
 
 from sfcrm.cli.runtime import MAX_INT, CsvOption, JsonOption, clean_text, command, id_argument
 from sfcrm.errors import MailError
+from sfcrm.wording import plural
 
 app = typer.Typer(help="The mail log: list, show and retry failed emails.", no_args_is_help=True)
 
@@ -123,22 +124,14 @@ def retry(
     Example: sfcrm mail retry --max-attempts 5
     """
     with command(json_output) as rt:
+        from sfcrm.mail.sender import force_command
+
         with rt.progress("Retrying") as progress:
             report = rt.mailer.retry(
                 email_ids or None, max_attempts=max_attempts, progress=progress
             )
         groups = report.left_alone()
-        doc = {
-            "sent": report.sent,
-            "failed": [{"id": i, "error": rt.redact(e)} for i, e in report.failed],
-            "skipped": report.skipped,
-            "not_retried": [
-                {"reason": reason, "ids": ids, "force": _force(reason, ids)}
-                for reason, ids in groups.items()
-            ],
-            "outcome": report.outcome,
-            "outbox": str(report.outbox) if report.outbox is not None else None,
-        }
+        result = report.results(rt.mailer.assignments(report.ids))
 
         def render() -> None:
             for email_id, error in report.failed:
@@ -148,26 +141,17 @@ def retry(
                 f"{len(report.skipped)} not retried."
             )
             for reason, ids in groups.items():
-                force = _force(reason, ids)
+                force = force_command(reason, ids)
                 told = f"`{force}` to force" if force else _ids(ids)
                 rt.print(f"{len(ids)} not retried: {reason} — {told}")
 
-        rt.emit(doc, render)
+        rt.emit(result.json(rt.redact), render)
         if report.failed:
             raise MailError(
-                f"{len(report.failed)} emails failed again",
+                f"{plural(len(report.failed), 'email')} failed again",
                 hint="see `sfcrm mail list --failed`",
             )
 
 
 def _ids(ids: list[int]) -> str:
     return f"email {ids[0]}" if len(ids) == 1 else "emails " + " ".join(map(str, ids))
-
-
-def _force(reason: str, ids: list[int]) -> str | None:
-    """The command that sends these anyway, when naming them would."""
-    from sfcrm.mail.claims import HELD
-
-    if reason in (HELD, "already sent", "no such email") or reason.startswith("superseded"):
-        return None
-    return "sfcrm mail retry " + " ".join(map(str, ids))

@@ -16,8 +16,10 @@ from sfcrm.cli.runtime import (
     port_option,
     started,
     text_cell,
+    usage_error,
 )
 from sfcrm.errors import BatchError, ExitCode, SfcrmError, ValidationError
+from sfcrm.wording import about, plural, verb
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -47,12 +49,12 @@ def parse_duration(text: str) -> timedelta:
 
 
 def warn_if_not_safaricom(rt: "Runtime", phone: str) -> None:
-    from sfcrm.phone import is_safaricom
+    from sfcrm.phone import display, is_safaricom
 
     if not is_safaricom(phone):
         rt.warn(
-            f"Note: {phone} does not have a Safaricom prefix; the prompt reaches it only if the "
-            "number was moved to Safaricom."
+            f"Note: {display(phone)} does not have a Safaricom prefix; the prompt reaches it only "
+            "if the number was moved to Safaricom."
         )
 
 
@@ -67,14 +69,15 @@ def _payments_table(
     rt: "Runtime", payments: "Sequence[MpesaPayment]", names: dict[int, str]
 ) -> None:
     from sfcrm.money import format_kes
+    from sfcrm.phone import display
     from sfcrm.times import iso_in
 
     rt.table(
         ["id", "person", "name", "phone", "amount", "status", "receipt", "initiated", "purpose"],
         [
-            [p.id, p.person_id, names.get(p.person_id, ""), p.phone_number, format_kes(p.amount),
-             status_words(p), p.receipt_number or "", iso_in(p.initiated_at, rt.tz),
-             p.payment_purpose]
+            [p.id, p.person_id, names.get(p.person_id, ""), display(p.phone_number),
+             format_kes(p.amount), status_words(p), p.receipt_number or "",
+             iso_in(p.initiated_at, rt.tz), p.payment_purpose]
             for p in payments
         ],
         wrap={"name", "purpose"}, empty="No payments found.",
@@ -106,12 +109,15 @@ def _payment_detail(rt: "Runtime", payment: "MpesaPayment") -> None:
     from rich.table import Table
 
     from sfcrm.payments import payment_json
+    from sfcrm.phone import display
 
     table = Table(show_header=False, box=None)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
     name = rt.people.names([payment.person_id]).get(payment.person_id or 0)
     for key, value in payment_json(payment, rt.tz).items():
+        if key == "phone_number" and isinstance(value, str):
+            value = display(value)
         table.add_row(text_cell(key), text_cell("" if value is None else value))
         if key == "person_id" and name:
             table.add_row(text_cell("person"), text_cell(name))
@@ -142,6 +148,8 @@ def request(
     Example: sfcrm mpesa request --person 0712345678 --amount 500 --purpose "Crew deposit"
     """
     with command(json_output) as rt:
+        from sfcrm.phone import display
+
         payment = rt.payments.request(person, amount, purpose, phone, allow_credit=allow_credit)
         warn_if_not_safaricom(rt, payment.phone_number)
         doc = {
@@ -153,7 +161,7 @@ def request(
         rt.emit(
             doc,
             lambda: rt.print(
-                f"Payment {payment.id}: STK push sent to {payment.phone_number} for KES "
+                f"Payment {payment.id}: STK push sent to {display(payment.phone_number)} for KES "
                 f"{payment.amount} (checkout {payment.checkout_request_id}); status "
                 f"{payment.status}. Check it with `sfcrm mpesa status {payment.id}`."
             ),
@@ -162,6 +170,7 @@ def request(
 
 @app.command("resend")
 def resend(
+    ctx: typer.Context,
     payment_ids: Annotated[list[int] | None, id_argument("payment ids")] = None,
     all_pending: Annotated[
         bool, typer.Option("--all-pending", help="every payment still pending")
@@ -177,54 +186,41 @@ def resend(
 
     Example: sfcrm mpesa resend 12 13
     """
+    if bool(payment_ids) == all_pending:
+        raise usage_error(ctx, "give payment ids or --all-pending (one of the two)")
     with command(json_output) as rt:
-        from sfcrm.payments import payment_json
+        from sfcrm.batch import BatchResult
 
-        if bool(payment_ids) == all_pending:
-            raise ValidationError("give payment ids or --all-pending (one of the two)")
         ids = rt.payments.pending_ids() if all_pending else list(payment_ids or [])
-        results: list[dict[str, object]] = []
-        failed = 0
+        result = BatchResult(("payment_id",))
+        errors: list[SfcrmError] = []
         for pid in ids:
             try:
                 report = rt.payments.resend(pid, force=force)
             except SfcrmError as exc:
-                failed += 1
-                results.append(
-                    {"payment_id": pid, "pushed": False, "error": rt.redact(str(exc)),
-                     "code": exc.code}
-                )  # fmt: skip
-                rt.say(f"payment {pid}: {exc}")
+                errors.append(exc)
+                result.add("not_pushed", str(exc), payment_id=pid)
+                rt.say(about(f"payment {pid}", str(exc)))
                 if exc.hint:
                     rt.say(f"Hint: {exc.hint}")
                 continue
-            results.append(
-                {"payment_id": pid, "pushed": report.pushed, "message": report.message,
-                 "payment": payment_json(report.payment, rt.tz)}
-            )  # fmt: skip
+            result.add("pushed" if report.pushed else "already_paid", report.message,
+                       payment_id=pid)  # fmt: skip
             rt.say(f"payment {pid}: {report.message} (status {report.payment.status})")
         rt.emit(
-            {"results": results, "pushed": sum(1 for r in results if r.get("pushed")),
-             "failed": failed},
+            result.json(rt.redact),
             lambda: rt.summary(
-                f"Resend: {sum(1 for r in results if r.get('pushed'))} pushed, "
-                f"{failed} not pushed."
+                f"Resend: {result.count('pushed')} pushed, {result.count('already_paid')} "
+                f"already paid, {len(errors)} not pushed."
             ),
-        )  # fmt: skip
-        if failed and len(ids) == 1:
-            raise typer.Exit(int(_single_error_code(results[0])))
-        if failed:
-            raise BatchError(f"{failed} of {len(ids)} payments were not pushed")
-
-
-def _single_error_code(result: dict[str, object]) -> int:
-    from sfcrm import errors
-
-    code = str(result.get("code"))
-    for cls in vars(errors).values():
-        if isinstance(cls, type) and issubclass(cls, SfcrmError) and cls.code == code:
-            return int(cls.exit_code)
-    return int(errors.ExitCode.FAILED)
+        )
+        if len(errors) == 1 and len(ids) == 1:
+            raise typer.Exit(int(errors[0].exit_code))
+        if errors:
+            raise BatchError(
+                f"{len(errors)} of {plural(len(ids), 'payment')} "
+                f"{verb(len(errors), 'was', 'were')} not pushed"
+            )
 
 
 @app.command("status")
@@ -329,14 +325,14 @@ def reconcile(
                 f"Reconcile: {report.checked} checked, {len(report.settled)} settled, "
                 f"{len(report.still_pending)} still pending, "
                 f"{len(report.unsettled)} not settled, "
-                f"{report.callbacks_applied} stored callbacks applied, "
-                f"{len(report.unmatched_paid)} unmatched paid callbacks, "
-                f"{len(report.errors)} errors."
+                f"{plural(report.callbacks_applied, 'stored callback')} applied, "
+                f"{plural(len(report.unmatched_paid), 'unmatched paid callback')}, "
+                f"{plural(len(report.errors), 'error')}."
             )
 
         rt.emit(doc, render)
         if report.errors:
-            raise BatchError(f"{len(report.errors)} payments could not be checked")
+            raise BatchError(f"{plural(len(report.errors), 'payment')} could not be checked")
 
 
 @app.command("resolve")

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sfcrm.cli.runtime import CsvOption, JsonOption, command, usage_error
+from sfcrm.wording import plural
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -23,13 +24,14 @@ PERSON_CSV = ("id", "name", "phone", "email", "balance", "archived_at")
 
 def _table(rt: "Runtime", people: "Sequence[Person]") -> None:
     from sfcrm.money import balance_words
+    from sfcrm.phone import display
     from sfcrm.times import iso_in
 
     archived = any(p.archived_at for p in people)  # the column shows only when it says something
     columns = ["id", "name", "phone", "email", "balance (KES)", *(["archived"] * archived)]
     rows = []
     for p in people:
-        cells = [p.id, p.name, p.phone, p.email or "", balance_words(p.balance_cents)]
+        cells = [p.id, p.name, display(p.phone), p.email or "", balance_words(p.balance_cents)]
         if archived:
             cells.append(iso_in(p.archived_at, rt.tz) or "")
         rows.append(cells)
@@ -200,7 +202,10 @@ def import_csv(
             if rt.json
             else None
         )
-        rt.emit(doc, lambda: rt.print(f"Imported {len(people)} people from {file}."))
+        rt.emit(
+            doc,
+            lambda: rt.print(f"Imported {plural(len(people), 'person', 'people')} from {file}."),
+        )
 
 
 def _adjusted(rt: "Runtime", person: "Person", entry: "BalanceEntry") -> None:

@@ -64,8 +64,8 @@ def gaps(
     Example: sfcrm crew gaps --days 14
     """
     with command(json_output, csv_output) as rt:
-        from sfcrm.render import plural
         from sfcrm.staffing import starts_in_text
+        from sfcrm.wording import plural
 
         found = rt.staffing.gaps(days)
         missing = sum(r.missing for g in found for r in g.roles)

@@ -8,6 +8,7 @@ import typer
 
 from sfcrm.cli.runtime import JsonOption, command, host_option, port_option, started
 from sfcrm.errors import ConfigError, ExitCode, ValidationError
+from sfcrm.wording import plural
 
 if TYPE_CHECKING:
     import logging
@@ -97,7 +98,9 @@ def doctor(
                     line += f" — fix: {row['fix']}"
                 rt.print(line)
             skipped = " (network checks skipped: --offline)" if offline else ""
-            rt.say(f"{len(checks) - len(failed)} of {len(checks)} checks passed{skipped}.")
+            rt.say(
+                f"{len(checks) - len(failed)} of {plural(len(checks), 'check')} passed{skipped}."
+            )
 
         rt.emit(doc, render)
         if failed:
@@ -136,7 +139,7 @@ def serve_callback(
         # Callbacks stored but not acted on when the listener last stopped: act on them now.
         replayed = rt.payments.replay_callbacks()
         if replayed:
-            rt.say(f"Applied {replayed} stored callbacks left from the last run.")
+            rt.say(f"Applied {plural(replayed, 'stored callback')} left from the last run.")
         app = rt.services.callback_app()
         limits = rt.services.listener_limits()
         handler = logging.StreamHandler()
@@ -214,6 +217,7 @@ def demo(
         from sfcrm.money import format_cents
         from sfcrm.payments import payment_json
         from sfcrm.people import person_json
+        from sfcrm.phone import display
 
         folder = Path(tempfile.mkdtemp(prefix="sfcrm-demo-"))
         try:
@@ -236,7 +240,7 @@ def demo(
                 p = result.payment
                 rt.print(
                     f"Payment {p.id}: {p.status}, receipt {p.receipt_number}, "
-                    f"KES {p.amount} from {p.phone_number}."
+                    f"KES {p.amount} from {display(p.phone_number)}."
                 )
                 rt.print(
                     f"{result.person_after.name} owed KES "
@@ -366,7 +370,7 @@ def db_copy(
         total = sum(copied.values())
         rt.emit(
             {"from": str(source), "to": rt.db.where, "rows": copied},
-            lambda: rt.print(f"Copied {total} rows from {source} into {rt.db.where}."),
+            lambda: rt.print(f"Copied {plural(total, 'row')} from {source} into {rt.db.where}."),
         )
 
 

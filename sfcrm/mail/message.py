@@ -6,10 +6,15 @@ from __future__ import annotations
 import functools
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from sfcrm.errors import ValidationError
+
+if TYPE_CHECKING:
+    from email.message import EmailMessage, MIMEPart
+    from email.policy import EmailPolicy
 
 Attachment = tuple[str, str, bytes]  # (filename, MIME type with parameters, content)
 
@@ -82,90 +87,153 @@ def build_message(
     bytes); the MIME type may carry parameters (``text/calendar; method=PUBLISH``). Every call
     makes a fresh Message-ID. ``reply_to``, a bare address, is where replies go (the office).
 
-    The MIME is written out here rather than by ``email.message``, which takes milliseconds a
-    message (a thousand invitations would spend seconds on it). Every header value is checked
-    or cleaned first, so nothing a name or subject holds can add a header; bodies are
-    quoted-printable and attachments base64, so no body line can look like a boundary, which
-    all contain ``=_``.
+    Built with the standard library's ``EmailMessage`` under ``email.policy.SMTP``, which
+    encodes non-ASCII headers (RFC 2047) and folds them. Every header value is checked or
+    cleaned first, so nothing a name or subject holds can add a header; bodies are
+    quoted-printable and attachments base64, so the message is 7-bit and no body line can look
+    like a boundary, which all contain ``=_``.
     """
-    from email.utils import format_datetime
+    from email.message import EmailMessage
 
     if not re.fullmatch(r"[A-Za-z0-9.-]+", message_id_domain):
         raise ValidationError("not a usable Message-ID domain", value=ascii(message_id_domain))
-    head = [
-        f"From: {_address_header(_header_text(sender, 'the sender'))}",
-        *([f"Reply-To: {validate_address(reply_to)}"] if reply_to else []),
-        f"To: {validate_address(recipient)}",
-        f"Subject: {_encoded_header(clean_subject(subject))}",
-        f"Date: {format_datetime((date or datetime.now(UTC)).astimezone(UTC))}",
-        f"Message-ID: <{secrets.token_hex(16)}@{message_id_domain}>",
-        "MIME-Version: 1.0",
-    ]
-    body = _text_part(text, "plain")
+    policy = _policy()
+    message = EmailMessage(policy=policy)
+    message["From"] = _sender_header(_header_text(sender, "the sender"))
+    if reply_to:
+        message["Reply-To"] = validate_address(reply_to)
+    message["To"] = validate_address(recipient)
+    message["Subject"] = clean_subject(subject)
+    # whole seconds, as the header shows them: a batch's emails of one second share one header
+    message["Date"] = (date or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    message["Message-ID"] = f"<{secrets.token_hex(16)}@{message_id_domain}>"
+    message["MIME-Version"] = "1.0"
+    parts = [_attachment(*attachment) for attachment in attachments]
     if html is not None:
-        body = _multipart("alternative", [body, _text_part(html, "html")])
-    parts = list(attachments)
+        content = _multipart(
+            _part() if parts else message,
+            "alternative",
+            [_text(_part(), text, "plain"), _text(_part(), html, "html")],
+        )
+    else:
+        content = _text(_part() if parts else message, text, "plain")
     if parts:
-        body = _multipart("mixed", [body, *(_attachment(*part) for part in parts)])
-    return ("\r\n".join(head) + "\r\n").encode("ascii") + body
+        _multipart(message, "mixed", [content, *parts])
+    return message.as_bytes()
+
+
+@functools.cache
+def _policy() -> EmailPolicy[EmailMessage]:
+    """``email.policy.SMTP`` (CRLF, 7-bit headers), cloned once with a header factory that
+    parses and folds each header value once: a batch repeats most of its headers."""
+    from email.policy import SMTP
+
+    return SMTP.clone(header_factory=_header_factory())
+
+
+def _header_factory() -> Callable[[str, Any], Any]:
+    from email.headerregistry import BaseHeader, HeaderRegistry
+
+    class FoldedOnce(BaseHeader):
+        """A header that remembers how it folds under the policy it was last folded with."""
+
+        def fold(self, *, policy: Any) -> str:
+            key = (policy.max_line_length, policy.linesep, policy.utf8)
+            known = self.__dict__.get("_sfcrm_folded")
+            if known is not None and known[0] == key:
+                return str(known[1])
+            folded = str(super().fold(policy=policy))
+            self.__dict__["_sfcrm_folded"] = (key, folded)
+            return folded
+
+    class Headers(HeaderRegistry):
+        """The registry, keeping the header classes it makes (the standard one makes a class
+        per header) and the last few hundred headers it parsed: they are immutable values."""
+
+        def __init__(self) -> None:
+            super().__init__(base_class=FoldedOnce)
+            self._classes: dict[str, Any] = {}
+            self._parsed: dict[tuple[str, Any], Any] = {}
+
+        def __getitem__(self, name: str) -> Any:
+            cls = self._classes.get(name.lower())
+            if cls is None:
+                cls = self._classes[name.lower()] = super().__getitem__(name)
+            return cls
+
+        def __call__(self, name: str, value: Any) -> Any:
+            if type(value) not in (str, datetime):
+                return super().__call__(name, value)
+            header = self._parsed.get((name, value))
+            if header is None:
+                if len(self._parsed) >= _PARSED_HEADERS:
+                    self._parsed.clear()
+                header = self._parsed[(name, value)] = super().__call__(name, value)
+            return header
+
+    return Headers()
+
+
+_PARSED_HEADERS = 512
 
 
 @functools.lru_cache(maxsize=16)  # one sender for a whole batch
-def _address_header(value: str) -> str:
-    from email.utils import formataddr, parseaddr
+def _sender_header(value: str) -> Any:
+    """The From header: the display name quoted or encoded as it needs, the address as is."""
+    from email.headerregistry import Address
+    from email.utils import parseaddr
 
     name, address = parseaddr(value)
-    if not address:
-        return value
-    return formataddr((name, address), charset="utf-8")
+    try:
+        shown: Any = Address(name, addr_spec=address) if address else value
+    except (ValueError, IndexError):
+        shown = value
+    return _policy().header_factory("From", shown)
 
 
-def _encoded_header(value: str) -> str:
-    if value.isascii():
-        return value
-    from email.header import Header
+@functools.cache
+def _boundary(kind: str) -> str:
+    """The boundary of each ``kind`` of multipart, drawn once a process.
 
-    return Header(value, "utf-8", header_name="Subject").encode(linesep="\r\n")
+    No part can hold it, since every body is quoted-printable (where ``=`` is ``=3D``) or base64
+    (which has no ``=_``): so it need not be new for every message, and the generator need not
+    search the parts for a free one. The same boundary lets the header be parsed once.
+    """
+    return f"=_sfcrm_{kind}_{secrets.token_hex(8)}"
 
 
-def _text_part(content: str, subtype: str) -> bytes:
-    import binascii
+def _part() -> MIMEPart:
+    from email.message import MIMEPart
 
+    return MIMEPart(policy=_policy())
+
+
+def _text(part: MIMEPart, content: str, subtype: str) -> MIMEPart:
     lines = content.replace("\r\n", "\n").replace("\r", "\n")
-    encoded = binascii.b2a_qp(lines.encode("utf-8"), istext=True).replace(b"\n", b"\r\n")
-    return (
-        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
-        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
-    ).encode("ascii") + encoded
+    part.set_content(lines, subtype=subtype, charset="utf-8", cte="quoted-printable")
+    return part
 
 
-def _attachment(filename: str, mimetype: str, data: bytes) -> bytes:
-    import base64
-
+def _attachment(filename: str, mimetype: str, data: bytes) -> MIMEPart:
     maintype, subtype, params = _parse_mimetype(mimetype)
     if maintype == "text":
         params.setdefault("charset", "utf-8")
-    extra = "".join(f'; {key}="{value}"' for key, value in params.items())
-    name = _safe_filename(filename).encode("ascii", "replace").decode("ascii")
-    encoded = base64.b64encode(bytes(data)).decode("ascii")
-    lines = "\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
-    return (
-        f"Content-Type: {maintype}/{subtype}{extra}\r\n"
-        "Content-Transfer-Encoding: base64\r\n"
-        f'Content-Disposition: attachment; filename="{name}"\r\n\r\n{lines}'
-    ).encode("ascii")
+    part = _part()
+    part.set_content(
+        bytes(data), maintype, subtype, cte="base64", disposition="attachment",
+        filename=_safe_filename(filename), params=params,
+    )  # fmt: skip
+    return part
 
 
-def _multipart(kind: str, parts: list[bytes]) -> bytes:
-    boundary = f"=_sfcrm_{secrets.token_hex(12)}"
-    out = [f'Content-Type: multipart/{kind}; boundary="{boundary}"\r\n\r\n'.encode("ascii")]
+def _multipart(whole: MIMEPart, kind: str, parts: list[MIMEPart]) -> MIMEPart:
+    if kind == "alternative":
+        whole.make_alternative(boundary=_boundary(kind))
+    else:
+        whole.make_mixed(boundary=_boundary(kind))
     for part in parts:
-        # the CRLF before a boundary belongs to the boundary, not to the part
-        out.append(f"--{boundary}\r\n".encode("ascii"))
-        out.append(part)
-        out.append(b"\r\n")
-    out.append(f"--{boundary}--\r\n".encode("ascii"))
-    return b"".join(out)
+        whole.attach(part)
+    return whole
 
 
 def clean_notification_type(text: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property, partial
@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 from sqlmodel import Session, col, select
 
+from sfcrm.batch import BatchResult
 from sfcrm.db import Database
 from sfcrm.errors import ConfigError, NotFoundError, ValidationError
 from sfcrm.mail import claims
@@ -62,6 +63,34 @@ class SendReport:
         if self.outcome == "written" and self.outbox is not None:
             return f"{count} written to {_shown(self.outbox)}/"
         return f"{count} {self.outcome}"
+
+    def fates(self, *, left_alone: str) -> dict[int, tuple[str, str | None]]:
+        """Each email's outcome word (``sent``/``written``/``printed``, ``failed``, or
+        ``left_alone`` for one skipped) and why, or None when the word says it all."""
+        # the folder in full: a script reading it may run from anywhere
+        done = f"written to {self.outbox}" if self.outcome == "written" and self.outbox else None
+        fates: dict[int, tuple[str, str | None]] = dict.fromkeys(self.sent, (self.outcome, done))
+        fates.update((email_id, ("failed", error)) for email_id, error in self.failed)
+        fates.update(
+            (email_id, (left_alone, self.reasons.get(email_id))) for email_id in self.skipped
+        )
+        return fates
+
+    @property
+    def ids(self) -> list[int]:
+        """Every email this report tells of, by id."""
+        return sorted({*self.sent, *(email_id for email_id, _ in self.failed), *self.skipped})
+
+    def results(self, assignments: Mapping[int, int | None]) -> BatchResult:
+        """A retry's result, one item an email by id (``assignments``: each one's assignment):
+        sent (or written, printed), failed, or not retried and why."""
+        result = BatchResult(("email_id", "assignment_id"))
+        for email_id, (outcome, why) in sorted(self.fates(left_alone="not_retried").items()):
+            force = force_command(why, [email_id]) if outcome == "not_retried" and why else None
+            if force is not None:
+                why = f"{why} — `{force}` to force"
+            result.add(outcome, why, email_id=email_id, assignment_id=assignments.get(email_id))
+        return result
 
     def left_alone(self) -> dict[str, list[int]]:
         """The skipped emails grouped by why, in order of first appearance."""
@@ -513,10 +542,34 @@ class Mailer:
                 raise NotFoundError("no such email", value=str(email_id))
             return row
 
+    def assignments(self, ids: Sequence[int]) -> dict[int, int | None]:
+        """The assignment each of these emails was written for (None: not a crew email)."""
+        e = EmailNotification
+        found: dict[int, int | None] = {}
+        with self.db.read() as session:
+            for start in range(0, len(ids), _IN_BATCH):
+                chunk = list(ids[start : start + _IN_BATCH])
+                found.update(
+                    (email_id, assignment_id)
+                    for email_id, assignment_id in session.exec(
+                        select(e.id, e.assignment_id).where(col(e.id).in_(chunk))
+                    )
+                    if email_id is not None
+                )
+        return found
+
     def states(self, ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
         """The state and last error of each of these emails (unknown ids left out)."""
         with self.db.read() as session:
             return claims.states(session, ids, self._now())
+
+
+def force_command(reason: str, ids: list[int]) -> str | None:
+    """The command that sends emails a retry left alone for ``reason`` anyway, when naming
+    them would (not one being sent, already sent, or superseded: it is never sent)."""
+    if reason in (claims.HELD, "already sent", "no such email") or reason.startswith("superseded"):
+        return None
+    return "sfcrm mail retry " + " ".join(map(str, ids))
 
 
 def _shown(folder: Path) -> str:

@@ -35,6 +35,7 @@ from sfcrm.payments.inbox import Inbox
 from sfcrm.payments.outcome import apply_result, query_as_result
 from sfcrm.people import find_person, printable_line
 from sfcrm.phone import normalise_phone
+from sfcrm.wording import about
 
 log = logging.getLogger("sfcrm.payments")
 
@@ -190,7 +191,7 @@ class Pushes(Inbox):
         except DarajaError as exc:
             self.db.transaction(partial(_fail_unpushed, pid, exc))
             log.warning("payment %s not pushed: %s", pid, exc)
-            exc.message = f"payment {pid}: {exc.message}"
+            exc.message = about(f"payment {pid}", exc.message)
             raise
         try:
             accepted = client.stk_push(
@@ -203,14 +204,14 @@ class Pushes(Inbox):
         except DarajaError as exc:
             self._patiently(pid, partial(_record_push_error, pid, exc, before, marked))
             log.warning("payment %s push failed: %s", pid, exc)
-            exc.message = f"payment {pid}: {exc.message}"
+            exc.message = about(f"payment {pid}", exc.message)
             if isinstance(exc, DarajaTimeoutError):
                 exc.hint = _after_push_hint(pid)
             raise
         except SfcrmError as exc:
             # (the token refreshed in the middle of the push could not be stored, say): the
             # payment stays "unknown", which is what it is
-            exc.message = f"payment {pid}: {exc.message}"
+            exc.message = about(f"payment {pid}", exc.message)
             exc.hint = _after_push_hint(pid)
             raise
         except KeyboardInterrupt:

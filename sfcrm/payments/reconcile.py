@@ -14,6 +14,7 @@ from sqlmodel import col, select
 from sfcrm.errors import DarajaError
 from sfcrm.models import CallbackOutcome, MpesaCallback, MpesaPayment, PaymentStatus
 from sfcrm.payments.inbox import Inbox
+from sfcrm.wording import about
 
 log = logging.getLogger("sfcrm.payments")
 
@@ -44,7 +45,7 @@ class Reconcile(Inbox):
             try:
                 self.settle_by_query(payment.checkout_request_id)
             except DarajaError as exc:
-                errors.append(f"payment {pid}: {exc}")
+                errors.append(about(f"payment {pid}", str(exc)))
         return errors
 
     def reconcile(self, older_than: timedelta = DEFAULT_RECONCILE_AGE) -> ReconcileReport:
@@ -73,7 +74,7 @@ class Reconcile(Inbox):
                 if self.confirm_callback(callback_id).outcome != CallbackOutcome.NEEDS_QUERY:
                     report.callbacks_applied += 1
             except DarajaError as exc:
-                report.errors.append(f"callback {callback_id}: {exc}")
+                report.errors.append(about(f"callback {callback_id}", str(exc)))
         now = self.clock()
         cutoff = now - older_than
         with self.db.read() as session:
@@ -92,7 +93,7 @@ class Reconcile(Inbox):
             try:
                 applied = self.settle_by_query(payment.checkout_request_id)
             except DarajaError as exc:
-                report.errors.append(f"payment {payment.id}: {exc}")
+                report.errors.append(about(f"payment {payment.id}", str(exc)))
                 report.unsettled.append((payment.id, f"Daraja could not be asked: {exc}"))
                 continue
             if applied is None:

@@ -58,19 +58,8 @@ def page_headers(
 
 
 def org_context(org: Any) -> dict[str, Any]:
-    """The office's contact as pages show it: the phone as people read it, and tap-to-call."""
-    from sfcrm.errors import ValidationError
-    from sfcrm.phone import display, normalise_phone
-
-    phone, tel, shown = org.phone, None, org.phone
-    if phone:
-        try:
-            number = normalise_phone(phone)
-            tel, shown = f"+{number}", display(number)
-        except ValidationError:
-            tel = "".join(c for c in phone if c.isdigit() or c == "+")
-    return {"name": org.name, "phone": shown, "phone_shown": shown, "tel": tel,
-            "email": org.email}  # fmt: skip
+    """The office's contact, as the page templates show it (``_office.html.j2``)."""
+    return {"name": org.name, "phone": org.phone, "email": org.email}
 
 
 class CrewPages:

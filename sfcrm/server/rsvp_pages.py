@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from datetime import datetime
     from wsgiref.types import StartResponse
+    from zoneinfo import ZoneInfo
 
     from sfcrm.crew import Crew, CrewRow
     from sfcrm.render import Renderer
@@ -67,8 +68,9 @@ class RsvpPages:
             return self._closed_page(start_response, row, method)
         if method in ("GET", "HEAD"):
             return self._page(
-                start_response, "200 OK", "rsvp_page.html.j2", status=row.crew.status, **context
-            )
+                start_response, "200 OK", "rsvp_page.html.j2", status=row.crew.status,
+                answer=answer_words(row, self.crew.tz), **context,
+            )  # fmt: skip
         if method != "POST":
             return self._page(
                 start_response, "405 Method Not Allowed", "rsvp_denied.html.j2", org=org,
@@ -162,6 +164,22 @@ class RsvpPages:
         body = self.renderer.render(template, nonce=nonce, **context).encode("utf-8")
         start_response(http_status, page_headers(body, nonce=nonce))
         return [body]
+
+
+def answer_words(row: CrewRow, tz: ZoneInfo) -> str:
+    """The crew member's answer so far, as they would say it: "You have not answered yet.",
+    "You confirmed on Tuesday 01 December 2026." (the day in SFCRM_TIMEZONE)."""
+    from sfcrm.status import CrewStatus
+
+    status, when = row.crew.status, row.crew.responded_at
+    on = f" on {when.astimezone(tz).strftime('%A %d %B %Y')}" if when is not None else ""
+    if status == CrewStatus.CONFIRMED:
+        return f"You confirmed{on}." if on else "You are confirmed."
+    if status == CrewStatus.DECLINED:
+        return f"You declined{on}."
+    if status == CrewStatus.COMPLETED:
+        return "You worked this event."
+    return "You have not answered yet."
 
 
 def _closed(row: CrewRow) -> bool:
