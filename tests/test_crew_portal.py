@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,9 +41,10 @@ class Site:
         return requests.post(url, data=form, timeout=10, allow_redirects=False)
 
 
-@pytest.fixture
-def site(monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[Site]:
-    """The listener the office runs (`sfcrm serve-callback`'s app), crew pages on."""
+@contextmanager
+def serving(monkeypatch: pytest.MonkeyPatch, database_url: str, **env: str) -> Iterator[Site]:
+    """The listener the office runs (`sfcrm serve-callback`'s app), crew pages on, with the
+    settings ``env`` adds."""
     from sfcrm.cli.runtime import RootOptions, Runtime
 
     port = free_port()
@@ -52,6 +54,8 @@ def site(monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[Site]:
     monkeypatch.setenv("SFCRM_PUBLIC_URL", base)
     monkeypatch.setenv("SFCRM_ORG_PHONE", "0711000111")
     monkeypatch.setenv("SFCRM_ORG_EMAIL", "office@soundfusion.test")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     rt = Runtime(RootOptions(), json_output=False)
     server = make_server(rt.services.callback_app(), "127.0.0.1", port, 4)
     threading.Thread(target=server.run, daemon=True).start()
@@ -60,6 +64,12 @@ def site(monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[Site]:
     finally:
         server.close()
         rt.close()
+
+
+@pytest.fixture
+def site(monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[Site]:
+    with serving(monkeypatch, database_url) as served:
+        yield served
 
 
 def person(name: str, phone: str) -> str:
@@ -238,6 +248,18 @@ def test_the_roster_of_a_confirmed_event_shows_names_and_roles(
     assert "0722 111 003" not in roster  # phones only when SFCRM_SHOW_CREW_PHONES allows
 
 
+def test_the_roster_shows_phones_to_tap_when_the_office_allows(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    with serving(monkeypatch, database_url, SFCRM_SHOW_CREW_PHONES="true") as shown:
+        amos, beth = person("Amos", "0722111002"), person("Beth", "0722111003")
+        gala = event("Gala", day(5))
+        run("crew", "confirm", assign(gala, amos))
+        run("crew", "confirm", assign(gala, beth, "Lighting Technician"))
+        roster = section(shown.get(shown.link(amos)).text, "confirmed")
+    assert '<a href="tel:+254722111003">0722 111 003</a>' in roster
+
+
 def test_the_feed_lists_each_assignment_with_the_invitation_uid(site: Site) -> None:
     amos = person("Amos", "0722111002")
     gala, rally, wedding = (
@@ -320,27 +342,14 @@ def test_html_in_names_and_notes_is_shown_as_text(site: Site) -> None:
 def test_one_address_gets_a_bounded_rate_of_pages(
     monkeypatch: pytest.MonkeyPatch, database_url: str
 ) -> None:
-    from sfcrm.cli.runtime import RootOptions, Runtime
-
-    monkeypatch.setenv("SFCRM_LISTENER_PAGE_RATE", "5")
-    port = free_port()
-    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
-    monkeypatch.setenv("SFCRM_SECRET_KEY", SECRET)
-    monkeypatch.setenv("SFCRM_PUBLIC_URL", f"http://127.0.0.1:{port}")
-    amos = person("Amos", "0722111002")
-    link = str(run_json("crew", "link", amos)["page"])
-    rt = Runtime(RootOptions(), json_output=False)
-    server = make_server(rt.services.callback_app(), "127.0.0.1", port, 4)
-    threading.Thread(target=server.run, daemon=True).start()
-    try:
+    with serving(monkeypatch, database_url, SFCRM_LISTENER_PAGE_RATE="5") as limited:
+        amos = person("Amos", "0722111002")
+        link = limited.link(amos)
         answers = [requests.get(link, timeout=10) for _ in range(7)]
         assert [a.status_code for a in answers] == [200] * 5 + [429] * 2
         assert 1 <= int(answers[-1].headers["Retry-After"]) <= 12
         forged = requests.get(link[:-3] + "abc", timeout=10)
         assert forged.status_code == 429  # guesses count too
-    finally:
-        server.close()
-        rt.close()
 
 
 def test_rsvp_pages_carry_the_same_policy(site: Site, database_url: str) -> None:

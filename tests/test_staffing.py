@@ -275,7 +275,7 @@ def test_complete_counts_those_who_checked_in_and_offers_the_rest(office: str) -
 
     result = run("crew", "complete", "--event", str(event_id))
     assert result.exit_code == 0
-    assert result.stdout.strip() == "1 crew marked completed."
+    assert result.stdout.strip() == "1 crew member marked completed."
     assert (
         "2 confirmed crew did not check in: Beth (2), Cate (3). Mark them with "
         f"`sfcrm crew complete --event {event_id} --no-show 2 3`, or count them as there with "
