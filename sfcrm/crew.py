@@ -42,7 +42,8 @@ BRIEFING = "crew_briefing"
 CHANGE = "crew_change"  # the event's time or place changed
 CANCELLATION = "crew_cancellation"  # the event was cancelled
 REMOVAL = "crew_removed"  # taken off the event
-KINDS = (INVITATION, REMINDER, BRIEFING, CHANGE, CANCELLATION, REMOVAL)
+PAGE_LINK = "crew_link"  # a crew member's own page link (`crew link --email`)
+KINDS = (INVITATION, REMINDER, BRIEFING, CHANGE, CANCELLATION, REMOVAL, PAGE_LINK)
 
 # The assignment's columns that follow an email of each kind: the email written (set when it
 # is queued, so two runs at once cannot both queue one), then sent and when.

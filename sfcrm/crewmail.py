@@ -57,6 +57,9 @@ __all__ = [
 
 log = logging.getLogger("sfcrm.crew")
 
+# The emails that carry the crew member's own page link as well as the assignment's one
+_CARRY_PAGE = (INVITATION, REMINDER, BRIEFING)
+
 MAX_REMIND_HOURS = 24 * 366  # `crew remind --hours`: a (leap) year ahead at most
 
 Progress = Callable[[int, int], None]
@@ -143,6 +146,8 @@ class CrewMail:
         org: Org,
         # (assignment id, its binding, expiry) -> the personal link, if links are on
         rsvp: Callable[[int, str, datetime], str | None] = lambda _id, _bound, _exp: None,
+        # (session, person id, whether a key may be made now) -> their own page's link
+        page: Callable[[Session, int, bool], str | None] = lambda _s, _id, _make: None,
         tz: ZoneInfo = ZoneInfo("UTC"),  # SFCRM_TIMEZONE, for the times emails are told of
     ) -> None:
         self.db = db
@@ -152,6 +157,7 @@ class CrewMail:
         self._renderer = renderer
         self.org = org
         self._rsvp = rsvp
+        self._page = page
 
     def invite(
         self,
@@ -322,7 +328,14 @@ class CrewMail:
             if reason is not None:
                 run.skipped.append((_id(row), reason))
                 continue
-            title, text, html = self._compose(row, kind, told.subject(row), **told.variables(row))
+            page_url = (
+                self._page(session, row.person.id, mailer is not None)
+                if kind in _CARRY_PAGE and row.person.id is not None
+                else None
+            )
+            title, text, html = self._compose(
+                row, kind, told.subject(row), page_url=page_url, **told.variables(row)
+            )
             if mailer is None:
                 run.previews.append(
                     {"assignment_id": row.crew.id, "recipient": row.person.email,

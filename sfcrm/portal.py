@@ -23,7 +23,7 @@ from typing import Any
 
 from sfcrm import audit
 from sfcrm.config import SECRET_RECIPE
-from sfcrm.errors import ConfigError, ConflictError, NotFoundError
+from sfcrm.errors import ConfigError, ConflictError, NotFoundError, ValidationError
 
 log = logging.getLogger("sfcrm.portal")
 
@@ -147,9 +147,11 @@ class LinkKeys:
         none yet; an email that carries the link is written in the same transaction."""
         from sfcrm.models import Person
 
-        person = session.get(Person, person_id, with_for_update=True)
+        person = session.get(Person, person_id)
         if person is None:
             raise NotFoundError("no such person", value=str(person_id))
+        if person.link_key is None:  # lock only to make one: two writers make the same one
+            session.refresh(person, with_for_update=True)
         if person.link_key is None:
             person.link_key = new_key()
             session.add(person)
@@ -157,9 +159,17 @@ class LinkKeys:
         key: str = person.link_key
         return key
 
-    def link(self, person_ref: str, *, reset: bool = False, reason: str | None = None) -> Links:
+    def link(
+        self,
+        person_ref: str,
+        *,
+        reset: bool = False,
+        reason: str | None = None,
+        need_email: bool = False,
+    ) -> Links:
         """The person's page and feed links; ``reset`` first gives them a new key, so every
-        link made before stops working at once (an audit entry ``person.link_reset``)."""
+        link made before stops working at once (an audit entry ``person.link_reset``).
+        ``need_email``: refused, changing nothing, when they have no email address."""
         from sfcrm.people import find_person
 
         self.require()
@@ -173,6 +183,12 @@ class LinkKeys:
                     hint=f"`sfcrm people unarchive {person.id}` first, if they are back",
                 )
             assert person.id is not None
+            if need_email and not person.email:
+                raise ValidationError(
+                    f"{person.name} has no email address",
+                    value=f"person {person.id}",
+                    hint=f"`sfcrm people edit {person.id} --email ADDRESS`, or give them the link",
+                )
             if reset or person.link_key is None:
                 had = person.link_key is not None
                 person.link_key = new_key()
@@ -313,3 +329,35 @@ def cards_for(session: Any, person_id: int, now: datetime, *, show_phones: bool)
     past = [c for c in cards if c.row.event.ends_at <= now]
     upcoming = [c for c in cards if c.row.event.ends_at > now]
     return upcoming + past[::-1]
+
+
+def email_link(db: Any, mailer: Any, renderer: Any, org: Any, links: Links, *, reset: bool) -> Any:
+    """Email a crew member their own page link (kind ``crew_link``): written to the mail log,
+    then sent; the mail report. Refused when they have no email address."""
+    from sfcrm.crew import PAGE_LINK
+
+    if not links.email:
+        raise ValidationError(
+            f"{links.name} has no email address",
+            value=f"person {links.person_id}",
+            hint=f"`sfcrm people edit {links.person_id} --email ADDRESS`, or give them the link",
+        )
+    mailer.check()
+    context = {
+        "person": {"name": links.name},
+        "org": {"name": org.name, "phone": org.phone, "email": org.email},
+        "page_url": links.page,
+        "feed_url": links.feed,
+        "webcal_url": webcal_url(links.feed),
+        "reset": reset,
+        "replies": mailer.replies_reach_the_office,
+    }
+    text = renderer.render(f"{PAGE_LINK}.txt.j2", **context)
+    html = renderer.render(f"{PAGE_LINK}.html.j2", **context)
+    with db.write() as session:
+        email_id = mailer.queue(
+            session, recipient=links.email, notification_type=PAGE_LINK,
+            subject=f"Your page with {org.name}", text=text, html=html,
+            person_id=links.person_id,
+        )  # fmt: skip
+    return mailer.send([email_id])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
@@ -165,8 +165,27 @@ class Services:
             renderer=lambda: self.renderer,
             org=self.org,
             rsvp=self.rsvp_link,
+            page=self.page_link,
             tz=self.tz,
         )
+
+    def page_link(self, session: Any, person_id: int, make: bool) -> str | None:
+        """A crew member's own page link for an email written in ``session``, when links are
+        on; their link key is made in that transaction when they have none (``make``), so the
+        email never carries a link that was not stored."""
+        keys = self.link_keys
+        if not keys.enabled:
+            return None
+        from sfcrm.models import Person
+
+        if make:
+            key: str | None = keys.ensure_key(session, person_id)
+        else:
+            person = session.get(Person, person_id)
+            key = person.link_key if person is not None else None
+        if key is None:
+            return None
+        return keys.links_for(person_id, "", None, key).page
 
     def rsvp_link(self, assignment_id: int, bound_to: str, expires: datetime) -> str | None:
         """The personal confirm/decline link, when SFCRM_PUBLIC_URL and the key are set."""

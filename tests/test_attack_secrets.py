@@ -812,6 +812,9 @@ def run_everything(  # one long, flat script of what the office does
         cli("crew", "gaps", "--json")
         cli("crew", "suggest", "--event", workshop, "--role", "Usher")
         cli("crew", "suggest", "--event", workshop, "--role", "Usher", "--csv")
+        cli("crew", "link", "3")
+        cli("crew", "link", "3", "--reset", "--reason", "lost phone", "--email", "--json")
+        cli("crew", "checkin", first)  # not within two hours of the call: refused
         cli("crew", "remove", first)
         cli("crew", "remove", first, "--json")  # removed already: refused
         cli("events", "cancel", workshop, "--reason", "venue flooded")

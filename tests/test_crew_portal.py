@@ -3,19 +3,22 @@ listener on a loopback socket, as `serve-callback` serves them, on each engine."
 
 from __future__ import annotations
 
+import email
+import email.policy
 import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import icalendar
 import pytest
 import requests
-from support import free_port, run, run_json
+from support import SmtpSink, free_port, run, run_json
 
 from sfcrm.server import make_server
 
@@ -373,3 +376,52 @@ def test_rsvp_pages_carry_the_same_policy(site: Site, database_url: str) -> None
     nonce = re.search(r"'nonce-([^']+)'", csp)
     assert nonce and f'<style nonce="{nonce.group(1)}">' in page.text
     assert page.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_invitations_reminders_and_briefings_carry_the_page_link(
+    site: Site, tmp_path: Path
+) -> None:
+    amos = person("Amos", "0722111002")
+    run("people", "edit", amos, "--email", "amos@example.co.ke")
+    soon = datetime.now(NAIROBI) + timedelta(hours=20)
+    gala = event("Gala", soon.date().isoformat(), "--time", soon.strftime("%H:%M"))
+    crew_id = assign(gala, amos)
+    assert run("crew", "invite", crew_id).exit_code == 0  # the person's key is made with it
+    run("crew", "confirm", crew_id)
+    assert run("crew", "remind").exit_code == 0
+    assert run("crew", "brief", "--event", gala).exit_code == 0
+    page = site.link(amos)  # the same link the emails carry: made once, kept
+    emails = sorted((tmp_path / "outbox").glob("*.eml"))
+    assert len(emails) == 3
+    for eml in emails:
+        message = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+        text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
+        assert f"your answers: {page}" in text, message["Subject"]
+        assert f'href="{page}"' in html
+    assert site.get(page).status_code == 200
+
+
+def test_crew_link_email_sends_the_link_logged_like_every_email(
+    site: Site, smtp_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMAIL_BACKEND", "smtp")
+    monkeypatch.setenv("EMAIL_HOST", "127.0.0.1")
+    monkeypatch.setenv("EMAIL_PORT", str(smtp_sink.port))
+    amos = person("Amos", "0722111002")
+    before = site.link(amos)
+    refused = run("crew", "link", amos, "--email", "--reset")
+    assert refused.exit_code == 4 and "Amos has no email address" in refused.stderr
+    assert run_json("mail", "list") == [] and site.link(amos) == before  # nothing changed
+    run("people", "edit", amos, "--email", "amos@example.co.ke")
+
+    doc = run_json("crew", "link", amos, "--email", "--reset")
+
+    [received] = smtp_sink.handler.messages
+    assert received.message["Subject"] == "Your page with Sound Fusion"
+    text = received.message.get_body(("plain",)).get_content()
+    assert doc["page"] in text and "the old one no longer works" in text
+    assert doc["webcal"] in text
+    [logged] = run_json("mail", "list", "--type", "crew_link")
+    assert (logged["id"], logged["state"]) == (doc["email_id"], "sent")
+    assert site.get(doc["page"]).status_code == 200

@@ -23,8 +23,8 @@ def list_mail(
         str | None,
         typer.Option(
             "--type",
-            help="crew_invitation, crew_reminder, crew_briefing, crew_change, crew_cancellation"
-            " or crew_removed",
+            help="crew_invitation, crew_reminder, crew_briefing, crew_change, crew_cancellation,"
+            " crew_removed or crew_link",
         ),
     ] = None,
     since: Annotated[str | None, typer.Option("--since", help="YYYY-MM-DD")] = None,

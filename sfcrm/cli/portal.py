@@ -19,6 +19,9 @@ def link(
     reason: Annotated[
         str | None, typer.Option("--reason", help="why the link was reset (kept in history)")
     ] = None,
+    send: Annotated[
+        bool, typer.Option("--email", help="email them the link (logged, like every email)")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Print a crew member's own page link (every event they are on, with Confirm and
@@ -27,13 +30,24 @@ def link(
     The link stays the same until --reset, which kills the old one at once (a lost phone, a
     forwarded email). Needs SFCRM_PUBLIC_URL and SFCRM_SECRET_KEY.
 
-    Example: sfcrm crew link 0712345678
+    Example: sfcrm crew link 0712345678 --email
     """
     with command(json_output) as rt:
-        from sfcrm.portal import webcal_url
+        from sfcrm.errors import MailError
+        from sfcrm.portal import email_link, webcal_url
 
-        links = rt.services.link_keys.link(person, reset=reset, reason=reason)
-        doc = {**links.json(), "reset": reset}
+        keys = rt.services.link_keys
+        keys.require()
+        if send:
+            rt.mailer.check()  # a setting that cannot work fails now, before any change
+        links = keys.link(person, reset=reset, reason=reason, need_email=send)
+        report = None
+        if send:
+            report = email_link(rt.db, rt.mailer, rt.renderer, rt.services.org, links,
+                                reset=reset)  # fmt: skip
+        doc = {**links.json(), "reset": reset,
+               "email_id": (report.sent + [i for i, _ in report.failed])[0] if report else None,
+               "emailed": report.outcome if report and report.sent else None}  # fmt: skip
 
         def render() -> None:
             rt.print(f"Page of {links.name}: {links.page}")
@@ -42,6 +56,13 @@ def link(
         rt.emit(doc, render)
         if reset:
             rt.say(f"The old link of {links.name} no longer works.")
+        if report is not None and report.sent:
+            rt.say(f"The link's email to {links.email}: {report.delivered}.")
+        if report is not None and report.failed:
+            raise MailError(
+                f"the email to {links.email} failed: {report.failed[0][1]}",
+                hint="`sfcrm mail retry` sends it again",
+            )
 
 
 def checkin(
