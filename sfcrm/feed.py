@@ -5,8 +5,9 @@ Each assignment is one VEVENT with the UID of its invitation's attachment
 (``event-<event id>-crew-<assignment id>@sfcrm``), so a calendar holding both shows it once.
 STATUS is TENTATIVE while invited, CONFIRMED once confirmed (and after the event), CANCELLED for
 a declined assignment, a cancelled event or a crew member taken off it. SEQUENCE is the event's
-(raised by each change crew are told of) plus one once the crew member has answered and one
-more when they were taken off, so the feed's entry is never older than an email's.
+(raised by each change crew are told of) plus the assignment's changes in the audit log (each
+answer, check-in, edit or removal), so the feed's entry is never older than an email's and
+grows with every change.
 """
 
 from __future__ import annotations
@@ -33,8 +34,28 @@ def uid_of(event_id: int, assignment_id: int) -> str:
     return f"event-{event_id}-crew-{assignment_id}@sfcrm"
 
 
-def sequence_of(event_sequence: int, responded: bool, removed: bool) -> int:
-    return event_sequence + int(responded) + int(removed)
+def sequence_of(event_sequence: int, changes: int) -> int:
+    """The event's SEQUENCE (what its emails carry) plus each change of the assignment since
+    (an answer, a check-in, an edit, a removal): never lower than an email's, and higher
+    after every change."""
+    return event_sequence + changes
+
+
+def assignment_changes(session: Any, assignment_ids: list[int]) -> dict[int, int]:
+    """How many changes the audit log holds for each assignment."""
+    from sqlalchemy import func
+    from sqlmodel import col, select
+
+    from sfcrm.models import AuditEntry
+
+    if not assignment_ids:
+        return {}
+    rows = session.exec(
+        select(AuditEntry.assignment_id, func.count())
+        .where(col(AuditEntry.assignment_id).in_(assignment_ids))
+        .group_by(col(AuditEntry.assignment_id))
+    ).all()
+    return {int(a): int(n) for a, n in rows if a is not None}
 
 
 def person_feed(session: Any, person: Any, org: Any, now: datetime) -> bytes:
@@ -52,6 +73,7 @@ def person_feed(session: Any, person: Any, org: Any, now: datetime) -> bytes:
         .where(col(Event.ends_at) > now - HISTORY)
         .order_by(col(Event.starts_at), col(EventCrew.id)),
     )
+    changes = assignment_changes(session, [r.crew.id for r in rows if r.crew.id is not None])
     calendar = icalendar.Calendar()
     calendar.add("prodid", PRODID)
     calendar.add("version", "2.0")
@@ -68,10 +90,7 @@ def person_feed(session: Any, person: Any, org: Any, now: datetime) -> bytes:
         assert event.id is not None and crew.id is not None  # read from the tables
         entry = icalendar.Event()
         entry.add("uid", uid_of(event.id, crew.id))
-        entry.add(
-            "sequence",
-            sequence_of(event.sequence, crew.responded_at is not None, crew.status == "removed"),
-        )
+        entry.add("sequence", sequence_of(event.sequence, changes.get(crew.id, 0)))
         entry.add("dtstamp", now)
         entry.add("dtstart", event.starts_at)
         entry.add("dtend", event.ends_at)

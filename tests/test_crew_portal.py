@@ -305,6 +305,17 @@ def test_the_feed_lists_each_assignment_with_the_invitation_uid(site: Site) -> N
     moved = {str(e["UID"]): e for e in again.walk("VEVENT")}[f"event-{gala}-crew-{invited}@sfcrm"]
     assert int(moved["SEQUENCE"]) > before
     assert moved.decoded("DTSTART").astimezone(UTC).hour == 14
+
+    def rally_entry() -> Any:
+        feed = icalendar.Calendar.from_ical(site.get(doc["feed"]).content)
+        [entry] = [e for e in feed.walk("VEVENT") if str(e["SUMMARY"]) == "Rally"]
+        return entry
+
+    confirmed_seq = int(rally_entry()["SEQUENCE"])
+    run("crew", "decline", confirmed)
+    declined_entry = rally_entry()
+    assert str(declined_entry["STATUS"]) == "CANCELLED"
+    assert int(declined_entry["SEQUENCE"]) > confirmed_seq  # each answer is a change
     assert calendar.to_ical() == icalendar.Calendar.from_ical(calendar.to_ical()).to_ical()
 
 
