@@ -323,6 +323,21 @@ def _revive(
     return crew
 
 
+def _locked_assignment(
+    session: Session, assignment_id: int, bound_to: str | None
+) -> tuple[EventCrew, Event]:
+    """The assignment (locked) and its event; with ``bound_to`` (a link's binding) only if the
+    row at that id is still the assignment the link was made for."""
+    crew = session.get(EventCrew, assignment_id, with_for_update=True)
+    if crew is None or (
+        bound_to is not None and binding(crew.event_id, crew.person_id, crew.created_at) != bound_to
+    ):
+        raise NotFoundError("no such assignment", value=str(assignment_id))
+    event = session.get(Event, crew.event_id)
+    assert event is not None
+    return crew, event
+
+
 class Crew:
     def __init__(
         self,
@@ -534,14 +549,7 @@ class Crew:
         if target is None:
             raise ValidationError("answer must be confirm or decline", value=answer)
         with self.db.write() as session:
-            crew = session.get(EventCrew, assignment_id, with_for_update=True)
-            if crew is None or (
-                bound_to is not None
-                and binding(crew.event_id, crew.person_id, crew.created_at) != bound_to
-            ):
-                raise NotFoundError("no such assignment", value=str(assignment_id))
-            event = session.get(Event, crew.event_id)
-            assert event is not None
+            crew, event = _locked_assignment(session, assignment_id, bound_to)
             if crew.status == CrewStatus.COMPLETED:
                 raise ConflictError(f"assignment {assignment_id} is already completed")
             refusal = answer_refusal(crew, event)
@@ -576,14 +584,7 @@ class Crew:
         from sfcrm.portal import CHECKIN_OPENS
 
         with self.db.write() as session:
-            crew = session.get(EventCrew, assignment_id, with_for_update=True)
-            if crew is None or (
-                bound_to is not None
-                and binding(crew.event_id, crew.person_id, crew.created_at) != bound_to
-            ):
-                raise NotFoundError("no such assignment", value=str(assignment_id))
-            event = session.get(Event, crew.event_id)
-            assert event is not None
+            crew, event = _locked_assignment(session, assignment_id, bound_to)
             now = self.clock()
             refusal = answer_refusal(crew, event)
             if refusal is None and crew.status != CrewStatus.CONFIRMED:

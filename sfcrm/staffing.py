@@ -23,7 +23,7 @@ from sfcrm import audit
 from sfcrm.crew import clashing_with
 from sfcrm.db import Database
 from sfcrm.errors import ConflictError, NotFoundError, ValidationError
-from sfcrm.events import _one_line
+from sfcrm.events import _one_line, locked_event
 from sfcrm.models import CrewStatus, Event, EventCrew, Person, RoleNeed
 from sfcrm.times import iso_in
 
@@ -215,9 +215,7 @@ class Staffing:
         needs stay. The change goes to the audit log in the same transaction."""
         wanted = parse_needs(specs)
         with self.db.write() as session:
-            event = session.get(Event, event_id, with_for_update=True)
-            if event is None:
-                raise NotFoundError("no such event", value=str(event_id))
+            event = locked_event(session, event_id)
             if event.cancelled_at is not None:
                 raise ConflictError(f"{event.name} is cancelled", value=f"event {event_id}")
             if event.ends_at <= self.clock():
