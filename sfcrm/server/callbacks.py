@@ -109,6 +109,7 @@ class CallbackApp:
         self.max_body = max_body
         self._allow = parse_networks(allowlist) if allowlist is not None else None
         self._proxies = parse_networks(trusted_proxies)
+        self._unseen = [*parse_networks(("127.0.0.1", "::1")), *self._proxies]
         self.worker = worker or ConfirmWorker(payments)
         # Only SQLite keeps a write-ahead log to copy back into the file.
         if checkpointer is None and payments.db.dialect == "sqlite":
@@ -198,8 +199,12 @@ class CallbackApp:
         pages: Callable[[dict[str, Any], StartResponse, str], Iterable[bytes]],
         rest: str,
     ) -> Iterable[bytes]:
-        """A crew page, within the rate one address may ask for pages."""
-        wait = self.page_rate.allow(self._source(environ))
+        """A crew page, within the rate one address may ask for pages. A request whose sender
+        cannot be told (it comes from this machine or a trusted proxy without a forwarded
+        address: a tunnel or proxy carrying everyone's) is not counted, as the connection caps
+        do not count them: one bucket would be shared by every crew member."""
+        source = self._source(environ)
+        wait = 0.0 if in_networks(source, self._unseen) else self.page_rate.allow(source)
         if wait:
             body = b"Too many requests: wait a minute, then open the link again.\n"
             start_response(
