@@ -210,7 +210,7 @@ def _statements() -> dict[str, Any]:
         "claim_token": None,
     }
     return {
-        "write": insert(T),
+        "write_all": insert(T).returning(T.c.id, sort_by_parameter_order=True),
         "exists": select(T.c.id).where(T.c.id == _EMAIL),
         "message": select(T.c.mime, T.c.recipient, T.c.notification_type, T.c.assignment_id).where(
             T.c.id == _EMAIL
@@ -283,14 +283,15 @@ def any_abandoned(session: Session, now: datetime) -> bool:
 # -- the moves -------------------------------------------------------------------------------
 
 
-def write(session: Session, **columns: Any) -> int:
-    """A new email in the log, in the caller's transaction (held by its writer when
-    ``claimed_until`` is given); its id."""
-    written = session.connection().execute(_statements()["write"], {**_QUEUED, **columns})
-    key = written.inserted_primary_key
-    assert key is not None
-    email_id: int = key[0]
-    return email_id
+def write_all(session: Session, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """New emails in the log, in the caller's transaction and one statement (held by their
+    writer when ``claimed_until`` is given): their ids, in order."""
+    if not rows:
+        return []
+    written = session.connection().execute(
+        _statements()["write_all"], [{**_QUEUED, **row} for row in rows]
+    )
+    return [email_id for (email_id,) in written]
 
 
 def hold(session: Session, ids: Sequence[int], until: datetime) -> None:

@@ -39,6 +39,20 @@ Progress = Callable[[int, int], None]
 _IN_BATCH = 500  # values per IN (...): SQLite before 3.32 takes at most 999 in one statement
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """One email for :meth:`Mailer.queue_all` to write."""
+
+    recipient: str
+    notification_type: str
+    subject: str
+    text: str
+    html: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    person_id: int | None = None
+    assignment_id: int | None = None
+
+
 @dataclass
 class SendReport:
     """What a send or retry did, by email id. ``outcome`` says what "sent" meant for the
@@ -217,30 +231,56 @@ class Mailer:
         """Write one email to the log inside the caller's write transaction (``session`` from
         :meth:`Database.write`) and return its id; send it later with :meth:`send`. A
         recipient that could add a header is refused (ValidationError)."""
+        [email_id] = self.queue_all(
+            session,
+            [
+                Outgoing(
+                    recipient=recipient, notification_type=notification_type, subject=subject,
+                    text=text, html=html, attachments=tuple(attachments), person_id=person_id,
+                    assignment_id=assignment_id,
+                )
+            ],
+        )  # fmt: skip
+        return email_id
+
+    def queue_all(self, session: Session, emails: Iterable[Outgoing]) -> list[int]:
+        """Write these emails to the log inside the caller's write transaction, in one
+        statement, and return their ids in order (see :meth:`queue`). Nothing is written when
+        one of them is refused."""
         if not self._checked:
             self.check()  # a path that forgot to check first still writes nothing it cannot send
-        kind = clean_notification_type(notification_type)
         now = self._now()
         domain = self.envelope_sender.rpartition("@")[2]
-        mime = build_message(
-            sender=self.sender,
-            reply_to=self.reply_to,
-            recipient=recipient,
-            subject=subject,
-            text=text,
-            html=html,
-            attachments=attachments,
-            message_id_domain=domain,
-            date=now,
-        )
-        # One INSERT, no ORM object: a batch writes a thousand of these in one transaction.
-        email_id = claims.write(
-            session, recipient=recipient, person_id=person_id, assignment_id=assignment_id,
-            notification_type=kind, subject=clean_subject(subject), message=text, mime=mime,
-            created_at=now, claimed_until=now + self.lease,  # held by this run: it sends it next
-        )  # fmt: skip
-        log.debug("email %s queued: %s to %s", email_id, kind, recipient)
-        return email_id
+        rows: list[dict[str, Any]] = []
+        for email in emails:
+            kind = clean_notification_type(email.notification_type)
+            mime = build_message(
+                sender=self.sender,
+                reply_to=self.reply_to,
+                recipient=email.recipient,
+                subject=email.subject,
+                text=email.text,
+                html=email.html,
+                attachments=email.attachments,
+                message_id_domain=domain,
+                date=now,
+            )
+            rows.append(
+                {
+                    "recipient": email.recipient, "person_id": email.person_id,
+                    "assignment_id": email.assignment_id, "notification_type": kind,
+                    "subject": clean_subject(email.subject), "message": email.text,
+                    "mime": mime, "created_at": now,
+                    "claimed_until": now + self.lease,  # held by this run: it sends them next
+                }
+            )  # fmt: skip
+        # One INSERT for the lot, no ORM objects: a batch writes a thousand of these.
+        ids = claims.write_all(session, rows)
+        for email_id, row in zip(ids, rows, strict=True):
+            log.debug(
+                "email %s queued: %s to %s", email_id, row["notification_type"], row["recipient"]
+            )
+        return ids
 
     # -- sending ---------------------------------------------------------------------------
 
