@@ -51,7 +51,7 @@ from sqlalchemy import (
 )
 from sqlmodel import Session
 
-from sfcrm.crew import note_email_sent
+from sfcrm.crew import note_emails_sent
 from sfcrm.models import INTERRUPTED, EmailNotification, EmailState, UTCDateTime, table
 
 log = logging.getLogger("sfcrm.mail")
@@ -216,6 +216,16 @@ def _statements() -> dict[str, Any]:
             T.c.id == _EMAIL
         ),
         "sent_mine": update(T).where(mine).values(sent),
+        "held": select(T.c.id, T.c.claim_token)
+        .where(T.c.id.in_(bindparam("ids", expanding=True)), T.c.is_sent.is_(False))
+        .with_for_update(),
+        "sent_all_mine": update(T)
+        .where(
+            T.c.id.in_(bindparam("ids", expanding=True)),
+            T.c.claim_token == bindparam("token"),
+            T.c.is_sent.is_(False),
+        )
+        .values(sent),
         "sent": update(T).where(T.c.id == _EMAIL).values(sent),
         "attempts": select(T.c.failed_attempts).where(T.c.id == _EMAIL),
         "release_failed": update(T).where(mine).values(_FAILURE),
@@ -322,16 +332,30 @@ def fail(session: Session, email_id: int, selection: Selection, text: str) -> st
     return _take(session, email_id, selection, "fail", error=text, permanent=False)
 
 
-def record_sent(session: Session, claim: Claim, now: datetime) -> None:
-    """The server took the message: sent, whatever became of the claim meanwhile, and the
-    assignment it was written for is told."""
-    mine = _run(session, "sent_mine", email_id=claim.id, token=claim.token, sent_at=now)
-    if not mine.rowcount:
-        if not _run(session, "sent", email_id=claim.id, sent_at=now).rowcount:
-            return
-        log.warning("email %s: its claim expired while sending; logged as sent", claim.id)
-    if claim.assignment_id is not None:
-        note_email_sent(session, claim.assignment_id, claim.notification_type, claim.id, now)
+def record_all_sent(session: Session, sent: Sequence[Claim], now: datetime) -> None:
+    """The server took each of these messages: sent, whatever became of each claim meanwhile,
+    and the assignments they were written for are told. Two statements for the lot when every
+    claim still holds: a run records its sent emails a few at a time."""
+    noted: list[Claim] = []
+    for start in range(0, len(sent), 500):
+        chunk = sent[start : start + 500]
+        held = {
+            (email_id, token)
+            for email_id, token in _run(session, "held", ids=[c.id for c in chunk])
+        }
+        mine = [c for c in chunk if (c.id, c.token) in held]
+        for token in {c.token for c in mine}:
+            ids = [c.id for c in mine if c.token == token]
+            _run(session, "sent_all_mine", ids=ids, token=token, sent_at=now)
+        noted.extend(mine)
+        for claim in chunk:
+            if (claim.id, claim.token) in held:
+                continue
+            if _run(session, "sent", email_id=claim.id, sent_at=now).rowcount:
+                log.warning("email %s: its claim expired while sending; logged as sent", claim.id)
+                noted.append(claim)
+    told = [(c.assignment_id, c.notification_type, c.id) for c in noted if c.assignment_id]
+    note_emails_sent(session, told, now)
 
 
 def supersede(

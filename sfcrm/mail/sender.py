@@ -37,6 +37,10 @@ log = logging.getLogger("sfcrm.mail")
 
 Progress = Callable[[int, int], None]
 _IN_BATCH = 500  # values per IN (...): SQLite before 3.32 takes at most 999 in one statement
+# A run records its sent emails in one statement every so many (or every so long): fewer
+# transactions, and a run killed meanwhile leaves at most these few to be named by id.
+_RECORD_EVERY = 20
+_RECORD_AFTER = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -369,7 +373,12 @@ class Mailer:
             raise
         report.outcome = backend.outcome
         report.outbox = backend.outbox
-        sent: Claim | None = None  # delivered, to be recorded with the next claim
+        # Delivered, not yet recorded: recorded with a later claim, a few at a time. Until
+        # then each stays claimed, so a run killed meanwhile leaves it "interrupted" (it may
+        # have been delivered: sent again only when named), never queued to be sent twice.
+        sent: list[Claim] = []
+        recorded_at = self._now()
+        token = secrets.token_hex(16)  # this run's claims
         renew_at = self._now() + self.lease / 2  # the writer's hold on the rest, renewed
         finished = False
         try:
@@ -377,8 +386,12 @@ class Mailer:
                 renew: list[int] = []
                 if mode == WRITER and self._now() >= renew_at:
                     renew, renew_at = ids[index + 1 :], self._now() + self.lease / 2
-                claim = self._claim(email_id, mode, max_attempts, after=sent, renew=renew)
-                sent = None
+                after: list[Claim] = []
+                if len(sent) >= _RECORD_EVERY or self._now() - recorded_at >= _RECORD_AFTER:
+                    after, sent, recorded_at = sent, [], self._now()
+                claim = self._claim(
+                    email_id, mode, max_attempts, token=token, after=after, renew=renew
+                )
                 if isinstance(claim, str):
                     report.skip(email_id, claim)
                 else:
@@ -406,14 +419,14 @@ class Mailer:
                             self._record_not_sent(claim, exc)
                         raise
                     else:
-                        sent = claim
+                        sent.append(claim)
                         report.sent.append(email_id)
                 if progress is not None:
                     progress(index + 1, total)
             finished = True
         finally:
             try:
-                if sent is not None:
+                if sent:
                     self._record_sent(sent)
             finally:
                 backend.close()
@@ -436,29 +449,29 @@ class Mailer:
         mode: str,
         max_attempts: int,
         *,
-        after: Claim | None,
+        token: str,
+        after: list[Claim],
         renew: list[int],
     ) -> Claim | str:
-        """Claim an email, in the transaction that records the one sent just before (one
-        transaction an email, not two), and renews the writer's hold on the rest when due."""
+        """Claim an email (committed before its message goes out), in the transaction that
+        records the ones sent before it when due, and renews the writer's hold on the rest."""
         selection = self._selection(mode=mode, max_attempts=max_attempts)
-        token = secrets.token_hex(16)
 
         def work(session: Session) -> Claim | str:
-            if after is not None:
-                claims.record_sent(session, after, selection.now)
+            claims.record_all_sent(session, after, selection.now)
             if renew:
                 claims.hold(session, renew, selection.now + self.lease)
             return claims.claim(session, email_id, selection, token)
 
         claim = self.db.transaction(work)
-        if after is not None:
-            _log_sent(after)
+        for done in after:
+            _log_sent(done)
         return claim
 
-    def _record_sent(self, claim: Claim) -> None:
-        self.db.transaction(partial(claims.record_sent, claim=claim, now=self._now()))
-        _log_sent(claim)
+    def _record_sent(self, sent: list[Claim]) -> None:
+        self.db.transaction(partial(claims.record_all_sent, sent=sent, now=self._now()))
+        for claim in sent:
+            _log_sent(claim)
 
     def _record_failure(self, claim: Claim, text: str, *, permanent: bool) -> None:
         attempts = self.db.transaction(
