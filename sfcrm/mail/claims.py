@@ -39,6 +39,7 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     Integer,
+    Row,
     Select,
     String,
     Update,
@@ -167,9 +168,13 @@ _MOVES: dict[str, dict[str, Any]] = {
 
 
 @functools.cache
-def _take_statement(mode: str, move: str) -> Update:
+def _take_statement(mode: str, move: str, returning: bool = False) -> Update:
     free = select(T.c.id).where(T.c.id == _EMAIL).with_for_update(skip_locked=True)
-    return update(T).where(T.c.id.in_(free), _sendable(mode)).values(_MOVES[move])
+    taken = update(T).where(T.c.id.in_(free), _sendable(mode)).values(_MOVES[move])
+    return taken.returning(*_MESSAGE) if returning else taken
+
+
+_MESSAGE = (T.c.mime, T.c.recipient, T.c.notification_type, T.c.assignment_id)
 
 
 @functools.cache
@@ -319,17 +324,23 @@ def let_go(session: Session, ids: Sequence[int]) -> None:
 def claim(session: Session, email_id: int, selection: Selection, token: str) -> Claim | str:
     """Hold the email for one lease under ``token``; why not, when it may not be sent now."""
     until = selection.now + selection.lease
-    reason = _take(session, email_id, selection, "claim", until=until, token=token)
-    if reason is not None:
-        return reason
-    mime, recipient, kind, assignment_id = _run(session, "message", email_id=email_id).one()
+    # the claim and the message in one statement where the engine can (one round trip)
+    returning = session.connection().dialect.update_returning
+    taken = _take(
+        session, email_id, selection, "claim", returning=returning, until=until, token=token
+    )
+    if isinstance(taken, str):
+        return taken
+    found: Any = taken or _run(session, "message", email_id=email_id).one()
+    mime, recipient, kind, assignment_id = found
     return Claim(email_id, token, mime, recipient, kind, assignment_id)
 
 
 def fail(session: Session, email_id: int, selection: Selection, text: str) -> str | None:
     """Log an email as failed without trying it (the server cannot be used): None, or why it
     was left as it is (sent, or held by another sender)."""
-    return _take(session, email_id, selection, "fail", error=text, permanent=False)
+    taken = _take(session, email_id, selection, "fail", error=text, permanent=False)
+    return taken if isinstance(taken, str) else None
 
 
 def record_all_sent(session: Session, sent: Sequence[Claim], now: datetime) -> None:
@@ -438,16 +449,29 @@ def log_interrupted(email_id: int, kind: str, recipient: str, detail: str | None
 
 
 def _take(
-    session: Session, email_id: int, selection: Selection, move: str, **values: Any
-) -> str | None:
-    """Make ``move`` on an email the selection may send now: None, or why it may not.
+    session: Session,
+    email_id: int,
+    selection: Selection,
+    move: str,
+    *,
+    returning: bool = False,
+    **values: Any,
+) -> str | Row[Any] | None:
+    """Make ``move`` on an email the selection may send now: None (or, ``returning``, the
+    email's message, recipient, kind and assignment), or why it may not.
 
     One statement when it may; when not, the reason is read with the same conditions. A claim
     that expired without a result is settled first (interrupted), then judged again.
     """
     params = {**selection.params, **values, "email_id": email_id}
+    statement = _take_statement(selection.mode, move, returning)
     for _ in range(3):
-        if session.connection().execute(_take_statement(selection.mode, move), params).rowcount:
+        result = session.connection().execute(statement, params)
+        if returning:
+            row = result.first()
+            if row is not None:
+                return row
+        elif result.rowcount:
             return None
         reason = _refusal(session, email_id, selection)
         if reason is not None:
