@@ -1177,3 +1177,32 @@ def test_a_batch_is_logged_in_one_insert_and_recorded_sent_a_few_emails_at_a_tim
     # one round trip on PostgreSQL; SQLite, in the same process, takes a row a statement
     assert len(logged) == (1 if engine_name == "postgresql" else 50)
     assert 1 <= len(recorded) <= 3  # every 20 (or every second), then the rest at the end
+
+
+def test_a_batch_larger_than_one_statement_is_logged_in_order_a_few_hundred_at_a_time(
+    smtp_env: SmtpSink, engine_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sfcrm.mail.sender
+
+    monkeypatch.setattr(sfcrm.mail.sender, "_WRITE_EVERY", 20)  # so 50 take three statements
+    add_event("Gala", timedelta(days=2))
+    addresses = seed_crew(1, 50, confirmed=False)
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        statements.append(statement)
+
+    with core() as rt:
+        event.listen(rt.db.engine, "before_cursor_execute", seen)
+        run = rt.crew_mail.invite(event_id=1)
+
+    assert run.sent == 50
+    logged = [s for s in statements if s.startswith("INSERT INTO email_notification")]
+    assert len(logged) == (3 if engine_name == "postgresql" else 50)
+    # each email id is its assignment's, and went to that assignment's crew member
+    emails = {m["id"]: m for m in run_json("mail", "list", "--limit", "100")}
+    assert len(emails) == 50
+    for email_id, assignment_id in run.assignments.items():
+        assert emails[email_id]["recipient"] == addresses[assignment_id - 1]
+    # marked only where the assignment's invitation is this very email (see note_emails_sent)
+    assert all(c["invitation_sent"] for c in run_json("crew", "list"))

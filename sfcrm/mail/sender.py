@@ -41,6 +41,7 @@ _IN_BATCH = 500  # values per IN (...): SQLite before 3.32 takes at most 999 in 
 # transactions, and a run killed meanwhile leaves at most these few to be named by id.
 _RECORD_EVERY = 20
 _RECORD_AFTER = timedelta(seconds=1)
+_WRITE_EVERY = 250  # emails a statement writes to the log: the built messages wait in memory
 
 
 @dataclass(frozen=True)
@@ -248,13 +249,14 @@ class Mailer:
         return email_id
 
     def queue_all(self, session: Session, emails: Iterable[Outgoing]) -> list[int]:
-        """Write these emails to the log inside the caller's write transaction, in one
-        statement, and return their ids in order (see :meth:`queue`). Nothing is written when
-        one of them is refused."""
+        """Write these emails to the log inside the caller's write transaction, one statement
+        for every few hundred, and return their ids in order (see :meth:`queue`). Nothing is
+        written when one of them is refused (the transaction is the caller's)."""
         if not self._checked:
             self.check()  # a path that forgot to check first still writes nothing it cannot send
         now = self._now()
         domain = self.envelope_sender.rpartition("@")[2]
+        ids: list[int] = []
         rows: list[dict[str, Any]] = []
         for email in emails:
             kind = clean_notification_type(email.notification_type)
@@ -278,7 +280,14 @@ class Mailer:
                     "claimed_until": now + self.lease,  # held by this run: it sends them next
                 }
             )  # fmt: skip
-        # One INSERT for the lot, no ORM objects: a batch writes a thousand of these.
+            if len(rows) == _WRITE_EVERY:
+                ids.extend(self._write_rows(session, rows))
+                rows = []
+        ids.extend(self._write_rows(session, rows))
+        return ids
+
+    def _write_rows(self, session: Session, rows: list[dict[str, Any]]) -> list[int]:
+        # One INSERT for a few hundred, no ORM objects: a batch writes a thousand of these.
         ids = claims.write_all(session, rows)
         for email_id, row in zip(ids, rows, strict=True):
             log.debug(
