@@ -140,17 +140,19 @@ def note_emails_written(session: Session, kind: str, written: Sequence[tuple[int
         )
 
 
-def note_email_sent(
-    session: Session, assignment_id: int, kind: str, email_id: int, now: datetime
-) -> None:
-    """Email ``email_id`` of this kind went out at ``now``: the assignment is marked only when
-    it is still the one the assignment keeps (an old reminder sent late, written before the
-    event moved and its reminders were re-armed, leaves the new one due). Once per email
-    sent: the statement is built once, on the table."""
-    if kind in _SENT:
-        session.connection().execute(
-            _sent_statement(kind), {"assignment": assignment_id, "email": email_id, "at": now}
-        )
+def note_emails_sent(session: Session, sent: Sequence[tuple[int, str, int]], now: datetime) -> None:
+    """Each (assignment id, kind, email id) went out at ``now``: each assignment is marked only
+    when it is still the email the assignment keeps (an old reminder sent late, written before
+    the event moved and its reminders were re-armed, leaves the new one due). One statement a
+    kind, each built once, on the table."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for assignment_id, kind, email_id in sent:
+        if kind in _SENT:
+            by_kind.setdefault(kind, []).append(
+                {"assignment": assignment_id, "email": email_id, "at": now}
+            )
+    for kind, params in by_kind.items():
+        session.connection().execute(_sent_statement(kind), params)
 
 
 def forget_superseded(session: Session, superseded: Sequence[tuple[int, int, str]]) -> set[int]:

@@ -318,7 +318,9 @@ class CrewMail:
     ) -> None:
         """Write the emails of ``kind`` to ``rows`` in the caller's transaction (previews
         without a mailer), noting whom it passes over and why."""
-        written: list[tuple[int, int]] = []
+        from sfcrm.mail import Outgoing
+
+        outgoing: list[Outgoing] = []
         for row in rows:
             reason = told.refusal(row)
             if reason is None and row.person.archived_at is not None:
@@ -343,22 +345,30 @@ class CrewMail:
                 )  # fmt: skip
                 continue
             assert row.person.email
-            email_id = mailer.queue(
-                session,
-                recipient=row.person.email,
-                notification_type=kind,
-                subject=title,
-                text=text,
-                html=html,
-                attachments=[self._ics(row, cancel=told.calendar == "cancel")]
-                if told.calendar
-                else [],
-                person_id=row.person.id,
-                assignment_id=row.crew.id,
+            outgoing.append(
+                Outgoing(
+                    recipient=row.person.email,
+                    notification_type=kind,
+                    subject=title,
+                    text=text,
+                    html=html,
+                    attachments=(self._ics(row, cancel=told.calendar == "cancel"),)
+                    if told.calendar
+                    else (),
+                    person_id=row.person.id,
+                    assignment_id=_id(row),
+                )
             )
+        if mailer is None or not outgoing:
+            return
+        # one INSERT for the whole batch, in this transaction
+        ids = mailer.queue_all(session, outgoing)
+        written: list[tuple[int, int]] = []
+        for email_id, email in zip(ids, outgoing, strict=True):
+            assert email.assignment_id is not None
             run.queued.append(email_id)
-            run.assignments[email_id] = _id(row)
-            written.append((_id(row), email_id))
+            run.assignments[email_id] = email.assignment_id
+            written.append((email.assignment_id, email_id))
         note_emails_written(session, kind, written)
 
     # -- changes the crew are told of --------------------------------------------------------

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
@@ -62,9 +63,32 @@ LEGACY_REVISIONS = {1: "0001", 2: "0002", 3: "0003", 4: "0004"}
 ALEMBIC_USER_VERSION = 100
 # A serialization failure or deadlock is tried this many times in all.
 CONFLICT_ATTEMPTS = 8
+# A PostgreSQL connection idle in the pool this long is checked before use (one round trip);
+# one handed back a moment ago is not: a send loop checks one out for every email.
+PING_AFTER_IDLE_SECONDS = 2.0
 
 
 POSTGRES_SCHEMES = ("postgresql+psycopg", "postgresql+psycopg2", "postgresql", "postgres")
+
+
+def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info["sfcrm_idle_since"] = time.monotonic()
+
+
+def _on_checkout(dialect: Any, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """The pool's pre-ping, for a connection that sat idle a while (the server may have
+    closed it): a dead one is replaced before any statement runs on it."""
+    from sqlalchemy.exc import DisconnectionError
+
+    since = record.info.get("sfcrm_idle_since")
+    if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+        return  # new, or handed back a moment ago
+    try:
+        alive = dialect.do_ping(dbapi_connection)
+    except Exception as exc:
+        raise DisconnectionError(str(exc)) from exc
+    if not alive:
+        raise DisconnectionError("the connection did not answer")
 
 
 def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
@@ -208,17 +232,19 @@ class Database:
 
         self._check_folder()
         if self.url is not None:
-            return create_engine(
+            server = create_engine(
                 self.url,
                 pool_size=10,
                 max_overflow=40,
-                pool_pre_ping=True,
                 connect_args={
                     "connect_timeout": 10,
                     # a lock held longer than SQLite's busy timeout is "busy" on both engines
                     "options": f"-c lock_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}",
                 },
             )
+            event.listen(server, "checkin", _on_checkin)
+            event.listen(server, "checkout", partial(_on_checkout, server.dialect))
+            return server
         engine = create_engine(
             # built, not formatted: a '%' or '?' in the path is part of the file's name
             URL.create("sqlite", database=str(self.path)),

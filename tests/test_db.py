@@ -817,3 +817,26 @@ def test_db_copy_moves_an_office_file_into_the_configured_database(
     assert "holds data already" in again.stderr
     missing = sfcrm("db", "copy", "--from", "nowhere.db")
     assert missing.returncode == 4 and not (tmp_path / "nowhere.db").exists()
+
+
+def test_a_postgresql_connection_the_server_closed_while_idle_is_replaced_before_use(
+    opened: Database, database_url: str, engine_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if engine_name != "postgresql":
+        pytest.skip("a SQLite file has no server to close a connection")
+    from sqlalchemy import func
+
+    import sfcrm.db
+
+    with opened.read() as session:
+        pid = session.exec(select(func.pg_backend_pid())).one()
+    other = Database(database_url)
+    try:
+        with other.read() as session:
+            assert session.exec(select(func.pg_terminate_backend(pid))).one()
+    finally:
+        other.close()
+    monkeypatch.setattr(sfcrm.db, "PING_AFTER_IDLE_SECONDS", 0.0)  # as after a long pause
+
+    with opened.read() as session:
+        assert session.exec(select(func.pg_backend_pid())).one() != pid

@@ -34,7 +34,14 @@ from sfcrm.mail.backends import Backend, ConsoleBackend, FileBackend
 from sfcrm.mail.claims import DEFAULT_LEASE, MAYBE_DELIVERED
 from sfcrm.mail.errors import MAX_ERROR, SendError, one_line
 from sfcrm.mail.message import Attachment, build_message, clean_subject, validate_address
-from sfcrm.mail.sender import Mailer, Progress, SendReport, looks_no_reply, notification_json
+from sfcrm.mail.sender import (
+    Mailer,
+    Outgoing,
+    Progress,
+    SendReport,
+    looks_no_reply,
+    notification_json,
+)
 from sfcrm.mail.settings import backend_from_settings, outbox_folder
 from sfcrm.mail.smtp import SmtpBackend, classify_smtp_error
 from sfcrm.models import INTERRUPTED
@@ -49,6 +56,7 @@ __all__ = [
     "ConsoleBackend",
     "FileBackend",
     "Mailer",
+    "Outgoing",
     "Progress",
     "SendError",
     "SendReport",

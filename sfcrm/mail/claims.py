@@ -39,6 +39,7 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     Integer,
+    Row,
     Select,
     String,
     Update,
@@ -51,7 +52,7 @@ from sqlalchemy import (
 )
 from sqlmodel import Session
 
-from sfcrm.crew import note_email_sent
+from sfcrm.crew import note_emails_sent
 from sfcrm.models import INTERRUPTED, EmailNotification, EmailState, UTCDateTime, table
 
 log = logging.getLogger("sfcrm.mail")
@@ -167,9 +168,13 @@ _MOVES: dict[str, dict[str, Any]] = {
 
 
 @functools.cache
-def _take_statement(mode: str, move: str) -> Update:
+def _take_statement(mode: str, move: str, returning: bool = False) -> Update:
     free = select(T.c.id).where(T.c.id == _EMAIL).with_for_update(skip_locked=True)
-    return update(T).where(T.c.id.in_(free), _sendable(mode)).values(_MOVES[move])
+    taken = update(T).where(T.c.id.in_(free), _sendable(mode)).values(_MOVES[move])
+    return taken.returning(*_MESSAGE) if returning else taken
+
+
+_MESSAGE = (T.c.mime, T.c.recipient, T.c.notification_type, T.c.assignment_id)
 
 
 @functools.cache
@@ -210,12 +215,22 @@ def _statements() -> dict[str, Any]:
         "claim_token": None,
     }
     return {
-        "write": insert(T),
+        "write_all": insert(T).returning(T.c.id, sort_by_parameter_order=True),
         "exists": select(T.c.id).where(T.c.id == _EMAIL),
         "message": select(T.c.mime, T.c.recipient, T.c.notification_type, T.c.assignment_id).where(
             T.c.id == _EMAIL
         ),
         "sent_mine": update(T).where(mine).values(sent),
+        "held": select(T.c.id, T.c.claim_token)
+        .where(T.c.id.in_(bindparam("ids", expanding=True)), T.c.is_sent.is_(False))
+        .with_for_update(),
+        "sent_all_mine": update(T)
+        .where(
+            T.c.id.in_(bindparam("ids", expanding=True)),
+            T.c.claim_token == bindparam("token"),
+            T.c.is_sent.is_(False),
+        )
+        .values(sent),
         "sent": update(T).where(T.c.id == _EMAIL).values(sent),
         "attempts": select(T.c.failed_attempts).where(T.c.id == _EMAIL),
         "release_failed": update(T).where(mine).values(_FAILURE),
@@ -283,14 +298,15 @@ def any_abandoned(session: Session, now: datetime) -> bool:
 # -- the moves -------------------------------------------------------------------------------
 
 
-def write(session: Session, **columns: Any) -> int:
-    """A new email in the log, in the caller's transaction (held by its writer when
-    ``claimed_until`` is given); its id."""
-    written = session.connection().execute(_statements()["write"], {**_QUEUED, **columns})
-    key = written.inserted_primary_key
-    assert key is not None
-    email_id: int = key[0]
-    return email_id
+def write_all(session: Session, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """New emails in the log, in the caller's transaction and one statement (held by their
+    writer when ``claimed_until`` is given): their ids, in order."""
+    if not rows:
+        return []
+    written = session.connection().execute(
+        _statements()["write_all"], [{**_QUEUED, **row} for row in rows]
+    )
+    return [email_id for (email_id,) in written]
 
 
 def hold(session: Session, ids: Sequence[int], until: datetime) -> None:
@@ -308,29 +324,49 @@ def let_go(session: Session, ids: Sequence[int]) -> None:
 def claim(session: Session, email_id: int, selection: Selection, token: str) -> Claim | str:
     """Hold the email for one lease under ``token``; why not, when it may not be sent now."""
     until = selection.now + selection.lease
-    reason = _take(session, email_id, selection, "claim", until=until, token=token)
-    if reason is not None:
-        return reason
-    mime, recipient, kind, assignment_id = _run(session, "message", email_id=email_id).one()
+    # the claim and the message in one statement where the engine can (one round trip)
+    returning = session.connection().dialect.update_returning
+    taken = _take(
+        session, email_id, selection, "claim", returning=returning, until=until, token=token
+    )
+    if isinstance(taken, str):
+        return taken
+    found: Any = taken or _run(session, "message", email_id=email_id).one()
+    mime, recipient, kind, assignment_id = found
     return Claim(email_id, token, mime, recipient, kind, assignment_id)
 
 
 def fail(session: Session, email_id: int, selection: Selection, text: str) -> str | None:
     """Log an email as failed without trying it (the server cannot be used): None, or why it
     was left as it is (sent, or held by another sender)."""
-    return _take(session, email_id, selection, "fail", error=text, permanent=False)
+    taken = _take(session, email_id, selection, "fail", error=text, permanent=False)
+    return taken if isinstance(taken, str) else None
 
 
-def record_sent(session: Session, claim: Claim, now: datetime) -> None:
-    """The server took the message: sent, whatever became of the claim meanwhile, and the
-    assignment it was written for is told."""
-    mine = _run(session, "sent_mine", email_id=claim.id, token=claim.token, sent_at=now)
-    if not mine.rowcount:
-        if not _run(session, "sent", email_id=claim.id, sent_at=now).rowcount:
-            return
-        log.warning("email %s: its claim expired while sending; logged as sent", claim.id)
-    if claim.assignment_id is not None:
-        note_email_sent(session, claim.assignment_id, claim.notification_type, claim.id, now)
+def record_all_sent(session: Session, sent: Sequence[Claim], now: datetime) -> None:
+    """The server took each of these messages: sent, whatever became of each claim meanwhile,
+    and the assignments they were written for are told. Two statements for the lot when every
+    claim still holds: a run records its sent emails a few at a time."""
+    noted: list[Claim] = []
+    for start in range(0, len(sent), 500):
+        chunk = sent[start : start + 500]
+        held = {
+            (email_id, token)
+            for email_id, token in _run(session, "held", ids=[c.id for c in chunk])
+        }
+        mine = [c for c in chunk if (c.id, c.token) in held]
+        for token in {c.token for c in mine}:
+            ids = [c.id for c in mine if c.token == token]
+            _run(session, "sent_all_mine", ids=ids, token=token, sent_at=now)
+        noted.extend(mine)
+        for claim in chunk:
+            if (claim.id, claim.token) in held:
+                continue
+            if _run(session, "sent", email_id=claim.id, sent_at=now).rowcount:
+                log.warning("email %s: its claim expired while sending; logged as sent", claim.id)
+                noted.append(claim)
+    told = [(c.assignment_id, c.notification_type, c.id) for c in noted if c.assignment_id]
+    note_emails_sent(session, told, now)
 
 
 def supersede(
@@ -413,16 +449,29 @@ def log_interrupted(email_id: int, kind: str, recipient: str, detail: str | None
 
 
 def _take(
-    session: Session, email_id: int, selection: Selection, move: str, **values: Any
-) -> str | None:
-    """Make ``move`` on an email the selection may send now: None, or why it may not.
+    session: Session,
+    email_id: int,
+    selection: Selection,
+    move: str,
+    *,
+    returning: bool = False,
+    **values: Any,
+) -> str | Row[Any] | None:
+    """Make ``move`` on an email the selection may send now: None (or, ``returning``, the
+    email's message, recipient, kind and assignment), or why it may not.
 
     One statement when it may; when not, the reason is read with the same conditions. A claim
     that expired without a result is settled first (interrupted), then judged again.
     """
     params = {**selection.params, **values, "email_id": email_id}
+    statement = _take_statement(selection.mode, move, returning)
     for _ in range(3):
-        if session.connection().execute(_take_statement(selection.mode, move), params).rowcount:
+        result = session.connection().execute(statement, params)
+        if returning:
+            row = result.first()
+            if row is not None:
+                return row
+        elif result.rowcount:
             return None
         reason = _refusal(session, email_id, selection)
         if reason is not None:

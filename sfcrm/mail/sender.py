@@ -37,6 +37,25 @@ log = logging.getLogger("sfcrm.mail")
 
 Progress = Callable[[int, int], None]
 _IN_BATCH = 500  # values per IN (...): SQLite before 3.32 takes at most 999 in one statement
+# A run records its sent emails in one statement every so many (or every so long): fewer
+# transactions, and a run killed meanwhile leaves at most these few to be named by id.
+_RECORD_EVERY = 20
+_RECORD_AFTER = timedelta(seconds=1)
+_WRITE_EVERY = 250  # emails a statement writes to the log: the built messages wait in memory
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One email for :meth:`Mailer.queue_all` to write."""
+
+    recipient: str
+    notification_type: str
+    subject: str
+    text: str
+    html: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    person_id: int | None = None
+    assignment_id: int | None = None
 
 
 @dataclass
@@ -217,30 +236,64 @@ class Mailer:
         """Write one email to the log inside the caller's write transaction (``session`` from
         :meth:`Database.write`) and return its id; send it later with :meth:`send`. A
         recipient that could add a header is refused (ValidationError)."""
+        [email_id] = self.queue_all(
+            session,
+            [
+                Outgoing(
+                    recipient=recipient, notification_type=notification_type, subject=subject,
+                    text=text, html=html, attachments=tuple(attachments), person_id=person_id,
+                    assignment_id=assignment_id,
+                )
+            ],
+        )  # fmt: skip
+        return email_id
+
+    def queue_all(self, session: Session, emails: Iterable[Outgoing]) -> list[int]:
+        """Write these emails to the log inside the caller's write transaction, one statement
+        for every few hundred, and return their ids in order (see :meth:`queue`). Nothing is
+        written when one of them is refused (the transaction is the caller's)."""
         if not self._checked:
             self.check()  # a path that forgot to check first still writes nothing it cannot send
-        kind = clean_notification_type(notification_type)
         now = self._now()
         domain = self.envelope_sender.rpartition("@")[2]
-        mime = build_message(
-            sender=self.sender,
-            reply_to=self.reply_to,
-            recipient=recipient,
-            subject=subject,
-            text=text,
-            html=html,
-            attachments=attachments,
-            message_id_domain=domain,
-            date=now,
-        )
-        # One INSERT, no ORM object: a batch writes a thousand of these in one transaction.
-        email_id = claims.write(
-            session, recipient=recipient, person_id=person_id, assignment_id=assignment_id,
-            notification_type=kind, subject=clean_subject(subject), message=text, mime=mime,
-            created_at=now, claimed_until=now + self.lease,  # held by this run: it sends it next
-        )  # fmt: skip
-        log.debug("email %s queued: %s to %s", email_id, kind, recipient)
-        return email_id
+        ids: list[int] = []
+        rows: list[dict[str, Any]] = []
+        for email in emails:
+            kind = clean_notification_type(email.notification_type)
+            mime = build_message(
+                sender=self.sender,
+                reply_to=self.reply_to,
+                recipient=email.recipient,
+                subject=email.subject,
+                text=email.text,
+                html=email.html,
+                attachments=email.attachments,
+                message_id_domain=domain,
+                date=now,
+            )
+            rows.append(
+                {
+                    "recipient": email.recipient, "person_id": email.person_id,
+                    "assignment_id": email.assignment_id, "notification_type": kind,
+                    "subject": clean_subject(email.subject), "message": email.text,
+                    "mime": mime, "created_at": now,
+                    "claimed_until": now + self.lease,  # held by this run: it sends them next
+                }
+            )  # fmt: skip
+            if len(rows) == _WRITE_EVERY:
+                ids.extend(self._write_rows(session, rows))
+                rows = []
+        ids.extend(self._write_rows(session, rows))
+        return ids
+
+    def _write_rows(self, session: Session, rows: list[dict[str, Any]]) -> list[int]:
+        # One INSERT for a few hundred, no ORM objects: a batch writes a thousand of these.
+        ids = claims.write_all(session, rows)
+        for email_id, row in zip(ids, rows, strict=True):
+            log.debug(
+                "email %s queued: %s to %s", email_id, row["notification_type"], row["recipient"]
+            )
+        return ids
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -329,7 +382,12 @@ class Mailer:
             raise
         report.outcome = backend.outcome
         report.outbox = backend.outbox
-        sent: Claim | None = None  # delivered, to be recorded with the next claim
+        # Delivered, not yet recorded: recorded with a later claim, a few at a time. Until
+        # then each stays claimed, so a run killed meanwhile leaves it "interrupted" (it may
+        # have been delivered: sent again only when named), never queued to be sent twice.
+        sent: list[Claim] = []
+        recorded_at = self._now()
+        token = secrets.token_hex(16)  # this run's claims
         renew_at = self._now() + self.lease / 2  # the writer's hold on the rest, renewed
         finished = False
         try:
@@ -337,8 +395,12 @@ class Mailer:
                 renew: list[int] = []
                 if mode == WRITER and self._now() >= renew_at:
                     renew, renew_at = ids[index + 1 :], self._now() + self.lease / 2
-                claim = self._claim(email_id, mode, max_attempts, after=sent, renew=renew)
-                sent = None
+                after: list[Claim] = []
+                if len(sent) >= _RECORD_EVERY or self._now() - recorded_at >= _RECORD_AFTER:
+                    after, sent, recorded_at = sent, [], self._now()
+                claim = self._claim(
+                    email_id, mode, max_attempts, token=token, after=after, renew=renew
+                )
                 if isinstance(claim, str):
                     report.skip(email_id, claim)
                 else:
@@ -366,14 +428,14 @@ class Mailer:
                             self._record_not_sent(claim, exc)
                         raise
                     else:
-                        sent = claim
+                        sent.append(claim)
                         report.sent.append(email_id)
                 if progress is not None:
                     progress(index + 1, total)
             finished = True
         finally:
             try:
-                if sent is not None:
+                if sent:
                     self._record_sent(sent)
             finally:
                 backend.close()
@@ -396,29 +458,29 @@ class Mailer:
         mode: str,
         max_attempts: int,
         *,
-        after: Claim | None,
+        token: str,
+        after: list[Claim],
         renew: list[int],
     ) -> Claim | str:
-        """Claim an email, in the transaction that records the one sent just before (one
-        transaction an email, not two), and renews the writer's hold on the rest when due."""
+        """Claim an email (committed before its message goes out), in the transaction that
+        records the ones sent before it when due, and renews the writer's hold on the rest."""
         selection = self._selection(mode=mode, max_attempts=max_attempts)
-        token = secrets.token_hex(16)
 
         def work(session: Session) -> Claim | str:
-            if after is not None:
-                claims.record_sent(session, after, selection.now)
+            claims.record_all_sent(session, after, selection.now)
             if renew:
                 claims.hold(session, renew, selection.now + self.lease)
             return claims.claim(session, email_id, selection, token)
 
         claim = self.db.transaction(work)
-        if after is not None:
-            _log_sent(after)
+        for done in after:
+            _log_sent(done)
         return claim
 
-    def _record_sent(self, claim: Claim) -> None:
-        self.db.transaction(partial(claims.record_sent, claim=claim, now=self._now()))
-        _log_sent(claim)
+    def _record_sent(self, sent: list[Claim]) -> None:
+        self.db.transaction(partial(claims.record_all_sent, sent=sent, now=self._now()))
+        for claim in sent:
+            _log_sent(claim)
 
     def _record_failure(self, claim: Claim, text: str, *, permanent: bool) -> None:
         attempts = self.db.transaction(
