@@ -517,21 +517,17 @@ class CrewMail:
         return subject, text, html
 
     def _ics(self, row: CrewRow, *, cancel: bool = False) -> Attachment:
-        from sfcrm.ics import event_ics
+        from sfcrm.ics import entry_description, entry_uid, event_ics
 
         event = row.event
-        description = f"Your role: {row.crew.role}"
-        if row.crew.notes:
-            description += f"\n{row.crew.notes}"
-        if event.details:
-            description += f"\n\n{event.details}"
+        assert event.id is not None
         text = event_ics(
-            uid=f"event-{event.id}-crew-{row.crew.id}@sfcrm",
+            uid=entry_uid(event.id, _id(row)),
             summary=event.name,
             starts_at=event.starts_at,
             ends_at=event.ends_at,
             location=event.location,
-            description=description,
+            description=entry_description(row.crew.role, row.crew.notes, event.details),
             organizer_email=self.org.email,
             organizer_name=self.org.name,
             now=self.clock(),

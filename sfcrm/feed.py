@@ -1,5 +1,6 @@
 """A crew member's calendar feed (``/crew/me/<token>/calendar.ics``): every event they are on,
-built with the ``icalendar`` package.
+built with the ``icalendar`` package through :mod:`sfcrm.ics`, which builds the emails'
+entries with the same checks.
 
 Each assignment is one VEVENT with the UID of its invitation's attachment
 (``event-<event id>-crew-<assignment id>@sfcrm``), so a calendar holding both shows it once.
@@ -27,11 +28,6 @@ _STATUS = {
     "cancelled": "CANCELLED",
     "removed": "CANCELLED",
 }
-
-
-def uid_of(event_id: int, assignment_id: int) -> str:
-    """The UID of an assignment's calendar entry, in its emails and in the feed alike."""
-    return f"event-{event_id}-crew-{assignment_id}@sfcrm"
 
 
 def sequence_of(event_sequence: int, changes: int) -> int:
@@ -64,6 +60,7 @@ def person_feed(session: Any, person: Any, org: Any, now: datetime) -> bytes:
     from sqlmodel import col
 
     from sfcrm.crew import crew_rows, crew_select
+    from sfcrm.ics import entry_description, entry_uid, feed_entry
     from sfcrm.models import Event, EventCrew
 
     rows = crew_rows(
@@ -88,24 +85,19 @@ def person_feed(session: Any, person: Any, org: Any, now: datetime) -> bytes:
         if status is None:
             continue
         assert event.id is not None and crew.id is not None  # read from the tables
-        entry = icalendar.Event()
-        entry.add("uid", uid_of(event.id, crew.id))
-        entry.add("sequence", sequence_of(event.sequence, changes.get(crew.id, 0)))
-        entry.add("dtstamp", now)
-        entry.add("dtstart", event.starts_at)
-        entry.add("dtend", event.ends_at)
-        entry.add("summary", event.name)
-        entry.add("location", event.location)
-        description = f"Your role: {crew.role}"
-        if crew.notes:
-            description += f"\n{crew.notes}"
-        if event.details:
-            description += f"\n\n{event.details}"
-        entry.add("description", description)
-        entry.add("status", status)
-        entry.add("transp", "TRANSPARENT" if status == "CANCELLED" else "OPAQUE")
-        if org.email:
-            entry.add("organizer", f"mailto:{org.email}", parameters={"CN": org.name})
+        entry = feed_entry(
+            uid=entry_uid(event.id, crew.id),
+            summary=event.name,
+            starts_at=event.starts_at,
+            ends_at=event.ends_at,
+            location=event.location,
+            description=entry_description(crew.role, crew.notes, event.details),
+            organizer_email=org.email,
+            organizer_name=org.name,
+            now=now,
+            sequence=sequence_of(event.sequence, changes.get(crew.id, 0)),
+            status=status,
+        )
         calendar.add_component(entry)
     data: bytes = calendar.to_ical()
     return data

@@ -45,6 +45,51 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
+def entry_uid(event_id: int, assignment_id: int) -> str:
+    """The UID of an assignment's calendar entry, in its emails and its person's feed alike,
+    so a calendar holding both shows it once."""
+    return f"event-{event_id}-crew-{assignment_id}@sfcrm"
+
+
+def entry_description(role: str, notes: str | None, details: str | None) -> str:
+    """What an assignment's calendar entry says: the role, the notes, the event's details."""
+    description = f"Your role: {role}"
+    if notes:
+        description += f"\n{notes}"
+    if details:
+        description += f"\n\n{details}"
+    return description
+
+
+def feed_entry(
+    *,
+    uid: str,
+    summary: str,
+    starts_at: datetime,
+    ends_at: datetime,
+    location: str,
+    description: str,
+    organizer_email: str | None,
+    organizer_name: str | None,
+    now: datetime,
+    sequence: int,
+    status: str,
+) -> Event:
+    """One VEVENT of a calendar feed, checked and cleaned as an email's entry is, with its
+    ``status`` (TENTATIVE, CONFIRMED or CANCELLED); a cancelled one holds no time."""
+    from icalendar import Event, vText
+
+    event = Event()
+    _own(event, uid=uid, description=description, now=now)
+    _shared(event, summary=summary, starts_at=starts_at, ends_at=ends_at, location=location,
+            organizer_email=organizer_email, organizer_name=organizer_name,
+            sequence=int(sequence), cancelled=status == "CANCELLED")  # fmt: skip
+    event["STATUS"] = vText(status)
+    if status == "CANCELLED":
+        event["TRANSP"] = vText("TRANSPARENT")
+    return event
+
+
 def event_ics(
     *,
     uid: str,

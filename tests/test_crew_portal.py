@@ -444,3 +444,15 @@ def test_crew_link_email_sends_the_link_logged_like_every_email(
     [logged] = run_json("mail", "list", "--type", "crew_link")
     assert (logged["id"], logged["state"]) == (doc["email_id"], "sent")
     assert site.get(doc["page"]).status_code == 200
+
+
+def test_text_typed_into_an_event_cannot_add_a_line_to_the_feed(site: Site) -> None:
+    amos = person("Amos", "0722111002")
+    gala = event("Gala", day(5), "--details", "Doors 18:00\rATTENDEE:mailto:x@evil.test\x0bend")
+    assign(gala, amos, "Sound", "--notes", "Bring\r\nSTATUS:CANCELLED cables")
+    feed = site.get(str(run_json("crew", "link", amos)["feed"])).content
+    lines = feed.replace(b"\r\n ", b"").split(b"\r\n")  # unfolded
+    assert not any(line.startswith((b"ATTENDEE", b"STATUS:CANCELLED")) for line in lines)
+    [entry] = icalendar.Calendar.from_ical(feed).walk("VEVENT")
+    assert str(entry["STATUS"]) == "TENTATIVE"
+    assert "ATTENDEE:mailto:x@evil.test" in str(entry["DESCRIPTION"])
