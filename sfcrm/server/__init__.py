@@ -17,7 +17,8 @@ Nothing here imports waitress until ``make_server`` is called.
 from sfcrm.server.callbacks import ACCEPTED, CallbackApp, ConfirmWorker
 from sfcrm.server.checkpoint import WalCheckpointer
 from sfcrm.server.crew_pages import CrewPages
-from sfcrm.server.listener import LOOPBACK, AddressGate, ConnectionLimits, make_server
+from sfcrm.server.listener import AddressGate, ConnectionLimits, make_server
+from sfcrm.server.networks import LOOPBACK
 from sfcrm.server.rate import PageRate
 from sfcrm.server.rsvp_pages import RSVP_MAX_BODY, RSVP_PREFIX, RsvpPages
 

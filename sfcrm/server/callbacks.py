@@ -23,7 +23,7 @@ from urllib.parse import unquote
 from sfcrm.models import CallbackOutcome
 from sfcrm.portal import PAGE_PREFIX
 from sfcrm.server.checkpoint import WalCheckpointer
-from sfcrm.server.networks import in_networks, parse_networks
+from sfcrm.server.networks import LOOPBACK, in_networks, parse_networks
 from sfcrm.server.rate import PageRate
 from sfcrm.server.rsvp_pages import RSVP_PREFIX
 
@@ -109,7 +109,7 @@ class CallbackApp:
         self.max_body = max_body
         self._allow = parse_networks(allowlist) if allowlist is not None else None
         self._proxies = parse_networks(trusted_proxies)
-        self._unseen = [*parse_networks(("127.0.0.1", "::1")), *self._proxies]
+        self._unseen = [*parse_networks(LOOPBACK), *self._proxies]
         self.worker = worker or ConfirmWorker(payments)
         # Only SQLite keeps a write-ahead log to copy back into the file.
         if checkpointer is None and payments.db.dialect == "sqlite":

@@ -10,15 +10,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sfcrm.server.networks import in_networks, parse_networks
+from sfcrm.server.networks import LOOPBACK, in_networks, parse_networks
 
 if TYPE_CHECKING:
     from sfcrm.server.callbacks import CallbackApp
     from sfcrm.server.waitress_fixes import ListenerServer
 
 log = logging.getLogger("sfcrm.listener")
-
-LOOPBACK = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ from collections.abc import Iterable
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# This machine: a proxy or tunnel in front of the listener carries everyone's requests from it.
+LOOPBACK = ("127.0.0.1", "::1")
+
 
 def parse_networks(items: Iterable[str]) -> list[Network]:
     """Each address or CIDR network of ``items`` (blank ones skipped); an address is a network
