@@ -488,3 +488,18 @@ def rsvp_link_in(message: email.message.EmailMessage) -> str:
     match = re.search(r"(http://\S+/crew/rsvp/\S+)", text)
     assert match, text
     return match.group(1)
+
+
+def mail_office(monkeypatch: Any, database_url: str, sink: SmtpSink, **settings: str) -> SmtpSink:
+    """The office, its database on the engine given, its mail going to the real SMTP server
+    ``sink``, with the office's contact set (and ``settings`` on top)."""
+    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
+    monkeypatch.setenv("EMAIL_BACKEND", "smtp")
+    monkeypatch.setenv("EMAIL_HOST", "127.0.0.1")
+    monkeypatch.setenv("EMAIL_PORT", str(sink.port))
+    monkeypatch.setenv("DEFAULT_FROM_EMAIL", "Sound Fusion <office@soundfusion.test>")
+    monkeypatch.setenv("SFCRM_ORG_PHONE", "0711000111")
+    monkeypatch.setenv("SFCRM_ORG_EMAIL", "bookings@soundfusion.test")
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    return sink

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 from sqlalchemy import update
-from support import SmtpSink, outcome, reasons, rsvp_server, run, run_json, written
+from support import SmtpSink, mail_office, outcome, reasons, rsvp_server, run, run_json, written
 
 from sfcrm.db import Database
 from sfcrm.models import Person
@@ -88,14 +88,7 @@ def history(*args: str) -> list[dict[str, Any]]:
 @pytest.fixture
 def office(monkeypatch: pytest.MonkeyPatch, database_url: str, smtp_sink: SmtpSink) -> SmtpSink:
     """The office, its database on each engine, its mail going to a real SMTP server."""
-    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
-    monkeypatch.setenv("EMAIL_BACKEND", "smtp")
-    monkeypatch.setenv("EMAIL_HOST", "127.0.0.1")
-    monkeypatch.setenv("EMAIL_PORT", str(smtp_sink.port))
-    monkeypatch.setenv("DEFAULT_FROM_EMAIL", "Sound Fusion <office@soundfusion.test>")
-    monkeypatch.setenv("SFCRM_ORG_PHONE", "0711000111")
-    monkeypatch.setenv("SFCRM_ORG_EMAIL", "bookings@soundfusion.test")
-    return smtp_sink
+    return mail_office(monkeypatch, database_url, smtp_sink)
 
 
 # -- events edit -------------------------------------------------------------------------------

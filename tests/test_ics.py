@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import icalendar
 import pytest
-from support import Received, SmtpSink, run, run_json
+from support import Received, SmtpSink, mail_office, run, run_json
 
 from sfcrm.ics import event_calendar, event_ics
 
@@ -168,13 +168,7 @@ def test_the_text_is_the_librarys_calendar_whatever_the_entries_before_it_shared
 @pytest.fixture
 def office(monkeypatch: pytest.MonkeyPatch, database_url: str, smtp_sink: SmtpSink) -> SmtpSink:
     """The office, its database on each engine, its mail going to a real SMTP server."""
-    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
-    monkeypatch.setenv("EMAIL_BACKEND", "smtp")
-    monkeypatch.setenv("EMAIL_HOST", "127.0.0.1")
-    monkeypatch.setenv("EMAIL_PORT", str(smtp_sink.port))
-    monkeypatch.setenv("DEFAULT_FROM_EMAIL", "Sound Fusion <office@soundfusion.test>")
-    monkeypatch.setenv("SFCRM_ORG_EMAIL", "bookings@soundfusion.test")
-    return smtp_sink
+    return mail_office(monkeypatch, database_url, smtp_sink)
 
 
 def entries(received: Received) -> list[tuple[str, icalendar.Calendar]]:

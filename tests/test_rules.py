@@ -14,7 +14,16 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import requests
-from support import SmtpSink, reasons, rsvp_link_in, rsvp_server, run, run_json, written
+from support import (
+    SmtpSink,
+    mail_office,
+    reasons,
+    rsvp_link_in,
+    rsvp_server,
+    run,
+    run_json,
+    written,
+)
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 
@@ -50,14 +59,7 @@ def status_of(assignment_id: int) -> str:
 @pytest.fixture
 def office(monkeypatch: pytest.MonkeyPatch, database_url: str, smtp_sink: SmtpSink) -> SmtpSink:
     """The office, its database on each engine, its mail going to a real SMTP server."""
-    monkeypatch.setenv("SFCRM_DATABASE_URL", database_url)
-    monkeypatch.setenv("EMAIL_BACKEND", "smtp")
-    monkeypatch.setenv("EMAIL_HOST", "127.0.0.1")
-    monkeypatch.setenv("EMAIL_PORT", str(smtp_sink.port))
-    monkeypatch.setenv("DEFAULT_FROM_EMAIL", "Sound Fusion <office@soundfusion.test>")
-    monkeypatch.setenv("SFCRM_ORG_PHONE", "0711000111")
-    monkeypatch.setenv("SFCRM_ORG_EMAIL", "bookings@soundfusion.test")
-    return smtp_sink
+    return mail_office(monkeypatch, database_url, smtp_sink)
 
 
 @pytest.fixture
