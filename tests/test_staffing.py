@@ -318,3 +318,9 @@ def test_a_no_show_must_be_confirmed_crew_of_that_event(office: str) -> None:
     again = run("crew", "complete", "--event", str(event_id), "--no-show", str(amos))
     assert again.exit_code == 6 and "is completed" in again.stderr
     assert run_json("crew", "list", "--event", str(event_id))[0]["status"] == "completed"
+
+
+@pytest.mark.parametrize("days", ["0", "367", "x"])
+def test_gaps_days_out_of_range_is_a_usage_error(days: str) -> None:
+    result = run("crew", "gaps", "--days", days)
+    assert result.exit_code == 2 and "--days" in result.stderr
